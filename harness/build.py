@@ -1,0 +1,285 @@
+"""Cached kernel builds: source + patches + config fragments -> bzImage, once per distinct input.
+
+Layout under the cache (default ~/.cache/nestpress, or $NESTPRESS_CACHE):
+  src/<source-key>/                 pristine tree (shared, never modified)
+  work/<work-key>/<patch-key>/      hard-linked copy of it with the variant's patches applied
+  work/<work-key>/<patch-key>/o/    out-of-tree build dir (a direct child, so kbuild uses srctree=..
+                                    and the dependency files hold relative paths)
+  builds/<build-key>/               finished artifacts: bzImage, config, System.map, build.log, metadata.json
+  ccache/                           compiler cache
+
+A variant built after another with the same config starts from a copy of that one's
+`o/` (timestamps kept): make then recompiles only what the patch touched.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import REPO_ROOT
+from .config import Experiment, Variant
+from .errors import BuildError, HarnessError, KconfigError
+from .patches import PatchVariant, apply, load_series, verify
+from .source import PreparedSource, prepare
+from .util import atomic_dir, console, default_cache, hash_file, hash_text, log, need_tool, read_json, run, write_json
+
+RECIPE = "nestpress-build-1"   # bump when the way we build changes what comes out
+BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "perl")
+
+
+@dataclass
+class BuildResult:
+    variant: str
+    key: str
+    dir: Path
+    bzimage: Path
+    metadata: dict
+    cached: bool
+
+
+def compiler_version() -> str:
+    need_tool("gcc")
+    return run(["gcc", "--version"], capture=True).stdout.splitlines()[0]
+
+
+def fragment_paths(exp: Experiment) -> list[Path]:
+    out = []
+    for frag in exp.kernel_config.fragments:
+        p = Path(frag).expanduser()
+        p = p if p.is_absolute() else REPO_ROOT / "configs" / frag
+        if not p.exists():
+            raise KconfigError(f"config fragment {frag} not found (looked at {p})")
+        out.append(p)
+    return out
+
+
+def base_identity(base: str) -> str:
+    p = Path(base).expanduser()
+    if p.is_file():
+        return "file:" + hash_file(p)
+    if not re.fullmatch(r"[a-z0-9_]*config", base):
+        raise KconfigError(f"kernel_config.base '{base}' is neither a file nor a *config make target")
+    return "target:" + base
+
+
+def requested_options(fragments: list[Path]) -> dict[str, str]:
+    """CONFIG_X -> value ('n' for '# CONFIG_X is not set') as the fragments ask, later ones winning."""
+    want: dict[str, str] = {}
+    for frag in fragments:
+        for line in frag.read_text().splitlines():
+            line = line.strip()
+            if m := re.fullmatch(r"(CONFIG_[A-Za-z0-9_]+)=(.*)", line):
+                want[m.group(1)] = m.group(2)
+            elif m := re.fullmatch(r"# (CONFIG_[A-Za-z0-9_]+) is not set", line):
+                want[m.group(1)] = "n"
+    return want
+
+
+def check_config(final: Path, want: dict[str, str]) -> None:
+    have: dict[str, str] = {}
+    for line in final.read_text().splitlines():
+        if m := re.fullmatch(r"(CONFIG_[A-Za-z0-9_]+)=(.*)", line):
+            have[m.group(1)] = m.group(2)
+    dropped = [f"{k}={v} (final: {have.get(k, 'not set')})" for k, v in want.items()
+               if (v == "n" and have.get(k, "n") not in ("n",)) or (v != "n" and have.get(k) != v)]
+    if dropped:
+        raise KconfigError(f"{len(dropped)} option(s) the fragments ask for are not in the final .config "
+                           f"(unknown in this kernel, or a dependency is missing):\n  " + "\n  ".join(dropped))
+
+
+class Builder:
+    """Builds the variants of one experiment, sharing the source tree and compiled objects."""
+
+    def __init__(self, exp: Experiment, cache: Path | None = None, jobs: int | None = None):
+        self.exp = exp
+        self.cache = (cache or default_cache()).resolve()
+        self.jobs = jobs or os.cpu_count() or 1
+        self._source: PreparedSource | None = None
+
+    @property
+    def source(self) -> PreparedSource:
+        if self._source is None:
+            self._source = prepare(self.exp.source, self.cache)
+        return self._source
+
+    def patch_variant(self, v: Variant) -> PatchVariant | None:
+        return load_series(v.series).select(self.source.version, v.patch_variant) if v.series else None
+
+    def inputs(self, v: Variant) -> dict:
+        pv = self.patch_variant(v)
+        frags = fragment_paths(self.exp)
+        return {
+            "recipe": RECIPE,
+            "source": self.source.identity,
+            "source_description": self.source.description,
+            "kernel_version": str(self.source.version),
+            "series": v.series,
+            "patch_variant": pv.name if pv else None,
+            "patches": pv.hashes() if pv else {},
+            "config_base": base_identity(self.exp.kernel_config.base),
+            "fragments": {str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f)
+                          for f in frags},
+            "compiler": compiler_version(),
+            "arch": "x86_64",
+        }
+
+    def build_all(self) -> dict[str, BuildResult]:
+        return {v.name: self.build(v) for v in self.exp.variants}
+
+    def build(self, v: Variant) -> BuildResult:
+        inputs = self.inputs(v)
+        key = hash_text(repr(sorted(inputs.items())))[:20]
+        out = self.cache / "builds" / key
+        if (out / "metadata.json").exists() and (out / "bzImage").exists():
+            meta = read_json(out / "metadata.json")
+            log(f"build {v.name}: cached ({meta['kernelrelease']}, built in {meta['duration_s']:.0f}s) -> {out}")
+            return BuildResult(v.name, key, out, out / "bzImage", meta, cached=True)
+        for tool in BUILD_TOOLS:
+            need_tool(tool)
+        for header, pkg in (("/usr/include/libelf.h", "libelf-dev"), ("/usr/include/openssl/ssl.h", "libssl-dev")):
+            if not Path(header).exists():
+                raise BuildError(f"missing {header}: install the Debian package '{pkg}'")
+        return self._build(v, inputs, key, out)
+
+    def _work_root(self, inputs: dict) -> Path:
+        return self.cache / "work" / hash_text(inputs["source"], inputs["config_base"],
+                                               repr(sorted(inputs["fragments"].items())), inputs["compiler"])[:16]
+
+    def _variant_tree(self, v: Variant, inputs: dict) -> Path:
+        """Hard-linked copy of the pristine tree with this variant's patches, made once."""
+        tree = self._work_root(inputs) / hash_text(repr(sorted(inputs["patches"].items())))[:12]
+        if (tree / ".nestpress-tree-ok").exists():
+            return tree
+        with atomic_dir(tree) as tmp:
+            run(["cp", "-al", str(self.source.tree) + "/.", str(tmp)])
+            pv = self.patch_variant(v)
+            if pv:
+                log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
+                apply(tmp, pv)
+                for line in verify(tmp, load_series(v.series)):
+                    log(f"build {v.name}: verified {line}")
+            (tmp / ".nestpress-tree-ok").write_text(repr(inputs["patches"]))
+        return tree
+
+    def _seed_objects(self, tree: Path) -> None:
+        """Start from a sibling variant's finished build dir (same source and config): reuse its objects."""
+        if (tree / "o").exists():
+            return
+        for sibling in sorted(tree.parent.iterdir()):
+            if sibling != tree and (sibling / "o" / ".nestpress-built").exists():
+                log(f"build: reusing compiled objects of {sibling.name} (only what the patch changed recompiles)")
+                run(["cp", "-a", str(sibling / "o"), str(tree / "o")])
+                (tree / "o" / ".nestpress-built").unlink(missing_ok=True)
+                return
+
+    def _make(self, tree: Path, *targets: str, env: dict) -> subprocess.CompletedProcess:
+        return run(["make", "-s", "-C", str(tree), "O=o", *targets], capture=True, env=env)
+
+    def _configure(self, tree: Path, env: dict) -> Path:
+        o = tree / "o"
+        o.mkdir(exist_ok=True)
+        cfg = o / ".config"
+        old = cfg.read_bytes() if cfg.exists() else None
+        old_mtime = cfg.stat().st_mtime_ns if cfg.exists() else None
+        base = self.exp.kernel_config.base
+        if Path(base).expanduser().is_file():
+            shutil.copy(Path(base).expanduser(), cfg)
+        else:
+            self._make(tree, base, env=env)
+        frags = fragment_paths(self.exp)
+        if frags:
+            run([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(o), str(cfg), *map(str, frags)],
+                cwd=tree, capture=True, env=env)
+        self._make(tree, "olddefconfig", env=env)
+        check_config(cfg, requested_options(frags))
+        if old is not None and cfg.read_bytes() == old:
+            os.utime(cfg, ns=(old_mtime, old_mtime))   # same config: keep make's view of it unchanged
+        return cfg
+
+    def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
+        tree = self._variant_tree(v, inputs)
+        self._seed_objects(tree)
+        env = dict(os.environ, KBUILD_BUILD_TIMESTAMP="nestpress", KBUILD_BUILD_USER="nestpress",
+                   KBUILD_BUILD_HOST="nestpress", LC_ALL="C")
+        cc = "gcc"
+        if shutil.which("ccache"):
+            cc = "ccache gcc"
+            env.update(CCACHE_DIR=str(self.cache / "ccache"), CCACHE_BASEDIR=str(self.cache / "work"),
+                       CCACHE_NOHASHDIR="true", CCACHE_SLOPPINESS="time_macros")
+        else:
+            log("build: ccache not found (apt-get install ccache): cold builds will not be cached across trees",
+                style="yellow")
+        make_cmd = ["make", "-C", str(tree), "O=o", f"-j{self.jobs}", f"CC={cc}", "bzImage"]
+        meta = {"status": "running", "variant": v.name, "key": key, "inputs": inputs, "started": time.time(),
+                "reproducer": " ".join(make_cmd), "tree": str(tree), "host": os.uname().nodename}
+        write_json(tree / "metadata.json", meta)
+        t0 = time.monotonic()
+        try:
+            cfg = self._configure(tree, env)
+            meta["config_sha256"] = hash_file(cfg)
+            write_json(tree / "metadata.json", meta)
+            compiles, log_path = self._run_make(v.name, make_cmd, tree, env)
+            release = run(["make", "-s", "-C", str(tree), "O=o", "kernelrelease"], capture=True,
+                          env=env).stdout.strip()
+        except BaseException as e:
+            meta.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                        error=str(e)[-2000:], duration_s=time.monotonic() - t0)
+            write_json(tree / "metadata.json", meta)
+            raise
+        (tree / "o" / ".nestpress-built").touch()
+        meta.update(status="complete", duration_s=time.monotonic() - t0, compiles=compiles, kernelrelease=release,
+                    finished=time.time(), ccache=self._ccache_stats(env))
+        with atomic_dir(out) as tmp:
+            for src, name in (("o/arch/x86/boot/bzImage", "bzImage"), ("o/.config", "config"),
+                              ("o/System.map", "System.map")):
+                shutil.copy2(tree / src, tmp / name)
+            shutil.copy2(log_path, tmp / "build.log")
+            meta["artifacts"] = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
+            write_json(tmp / "metadata.json", meta)
+        write_json(tree / "metadata.json", meta)
+        log(f"build {v.name}: {release} in {meta['duration_s']:.0f}s, {compiles} compile(s) -> {out}")
+        return BuildResult(v.name, key, out, out / "bzImage", meta, cached=False)
+
+    def _run_make(self, name: str, cmd: list[str], tree: Path, env: dict) -> tuple[int, Path]:
+        """Stream make's output to build.log with a live status line; the log tail on failure."""
+        log_path = tree / "build.log"
+        compiles = 0
+        with open(log_path, "w") as logf, console.status(f"build {name}: make bzImage") as status:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            try:
+                for line in proc.stdout:
+                    logf.write(line)
+                    if line.startswith("  CC "):
+                        compiles += 1
+                        status.update(f"build {name}: {compiles} compiled, {line.split()[-1]}")
+                rc = proc.wait()
+            except BaseException:
+                proc.terminate()
+                proc.wait()
+                raise
+        if rc != 0:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+            if "No space left on device" in tail:
+                raise BuildError(f"kernel build of {name} failed: disk full under {tree} "
+                                 f"({shutil.disk_usage(tree).free >> 20} MiB free); free space or set NESTPRESS_CACHE")
+            raise BuildError(f"kernel build of {name} failed (exit {rc}); log {log_path}; last lines:\n{tail}")
+        return compiles, log_path
+
+    def _ccache_stats(self, env: dict) -> str | None:
+        if "CCACHE_DIR" not in env:
+            return None
+        r = run(["ccache", "-s"], capture=True, check=False, env=env)
+        return " ".join(l.strip() for l in r.stdout.splitlines() if re.search(r"Hits|Misses", l))[:300] or None
+
+
+def build_experiment(exp: Experiment, cache: Path | None = None) -> dict[str, BuildResult]:
+    try:
+        return Builder(exp, cache).build_all()
+    except KeyboardInterrupt:
+        raise HarnessError("build interrupted (Ctrl-C): nothing half-built was kept in the cache") from None
+

@@ -1,0 +1,151 @@
+"""`python -m harness <command>`: the library as a program. fabfile.py runs these locally or on lab hosts."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import HarnessError
+from .util import SETUP_PACKAGES, console, default_cache, log
+
+
+def _plan(args):
+    from .config import load
+    return load(args.config, args.set)
+
+
+def cmd_doctor(args) -> int:
+    from .host import doctor
+    d = doctor(default_cache())
+    print(json.dumps(d.as_dict(), indent=2) if args.json else d.text())
+    return 0 if d.ready or not args.strict else 1
+
+
+def cmd_validate(args) -> int:
+    from .config import describe
+    from .host import decide_accel
+    from .pressure import check
+    from .qemu import resolve_topology
+    plan = _plan(args)
+    topology = resolve_topology(plan.experiment, decide_accel(plan.experiment.accel).accel)
+    for cell in plan.cells:
+        check(cell.config, cell.axes.get("pressure.mode", cell.config.pressure.mode), topology)
+    print(describe(plan))
+    print(f"  topology on this host: {topology}")
+    print("config OK")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .build import Builder
+    plan = _plan(args)
+    for name, b in Builder(plan.experiment, default_cache()).build_all().items():
+        print(f"{name}: {b.metadata.get('kernelrelease')} {'(cached)' if b.cached else ''}\n  {b.bzimage}\n"
+              f"  metadata: {b.dir / 'metadata.json'}")
+    return 0
+
+
+def _reproduce(args) -> str:
+    return "fab experiment --config " + shlex.quote(str(args.config)) + "".join(
+        f" --set {shlex.quote(s)}" for s in args.set or [])
+
+
+def cmd_run(args, report: bool = False) -> int:
+    from .report import generate
+    from .run import run_experiment
+    plan = _plan(args)
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        per_rep = len(plan.experiment.variants)     # whole repetitions per host: A and B stay interleaved
+        plan.cells = [c for c in plan.cells if (c.order // per_rep) % n == i]
+        log(f"shard {i}/{n}: {len(plan.cells)} cell(s) on this host")
+    run_dir = run_experiment(plan, run_id=args.run_id, resume=args.resume, cache=default_cache(),
+                             reproduce=_reproduce(args), output_root=Path(args.output) if args.output else None)
+    if report:
+        html = generate(run_dir)
+        console.print((run_dir / "report.md").read_text().split("## Verdict", 1)[1].split("## Evidence")[0],
+                      markup=False)
+        print(f"report: {html}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import generate
+    print(f"report: {generate(Path(args.run))}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report import compare_runs
+    out = Path(args.out or Path(args.run_a).parent / f"compare-{Path(args.run_a).name}-{Path(args.run_b).name}")
+    print(f"comparison: {compare_runs(Path(args.run_a), Path(args.run_b), out)}")
+    return 0
+
+
+def cmd_setup(args) -> int:
+    """Install what the harness needs on this host (Debian/Ubuntu): system packages and kernel sources."""
+    pkgs = SETUP_PACKAGES + list(args.extra or [])
+    if os.geteuid() != 0:
+        raise HarnessError("setup installs Debian packages: run it as root (or with sudo)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs], check=True, env=env)
+    print("installed: " + " ".join(pkgs))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nestpress", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", required=True, help="experiment YAML (path, or name under configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (YAML), e.g. repetitions=1 or phases.global.duration_s=5")
+        return sp
+
+    d = sub.add_parser("doctor", help="host readiness: accel decision and reasons, nested, QEMU, tools")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--strict", action="store_true", help="exit 1 when the host is not ready")
+    with_config(sub.add_parser("validate", help="validate a config and print the expanded plan"))
+    with_config(sub.add_parser("build", help="build every variant (cached)"))
+    for name, helptext in (("run", "run the cells of an experiment (builds first, cached)"),
+                           ("experiment", "build + run + report")):
+        r = with_config(sub.add_parser(name, help=helptext))
+        r.add_argument("--run-id", help="run directory name; an existing one is resumed")
+        r.add_argument("--resume", action="store_true", help="resume the newest run of this config")
+        r.add_argument("--shard", help="I/N: run only every N-th repetition block, starting at I (fleet runs)")
+        r.add_argument("--output", help="results root (default: the config's output)")
+    rp = sub.add_parser("report", help="regenerate tables, plots and report from a run directory")
+    rp.add_argument("--run", required=True)
+    c = sub.add_parser("compare", help="two runs side by side")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--out")
+    s = sub.add_parser("setup", help="apt-get install what the harness needs (root)")
+    s.add_argument("--extra", nargs="*", help="more packages, e.g. linux-source-6.1")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handlers = {"doctor": cmd_doctor, "validate": cmd_validate, "build": cmd_build, "run": cmd_run,
+                "experiment": lambda a: cmd_run(a, report=True), "report": cmd_report, "compare": cmd_compare,
+                "setup": cmd_setup}
+    try:
+        return handlers[args.cmd](args)
+    except HarnessError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Experiment configs: YAML -> validated model -> expanded matrix of cells.
+
+A field marked as an *axis* may hold one value or a list; every list-valued axis
+multiplies the plan (LKP-style), so `pressure.mode: [global, memcg-limit]` makes
+two cells per variant and repetition. Overrides (`--set a.b=value`) are applied
+to the raw YAML before validation, so they are checked exactly like the file.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import REPO_ROOT
+from .errors import ConfigError
+
+PressureMode = Literal["none", "global", "drop-caches", "root-reclaim", "shrinker-scan", "memcg-limit"]
+TopologyKind = Literal["auto", "nested", "shadow"]
+
+
+def axis(default: Any = ..., **kw: Any) -> Any:
+    """A field that may be given as a list, expanding the plan into a matrix."""
+    return Field(default, json_schema_extra={"axis": True}, **kw)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(Strict):
+    """Where the kernel comes from. The tree is never modified: the harness works on a copy."""
+    kind: Literal["tarball", "git", "local"] = Field(description="tarball file, git repository + ref, or local tree")
+    path: str | None = Field(None, description="tarball file or local tree (tarball/local)")
+    url: str | None = Field(None, description="git repository: URL or path (git)")
+    ref: str = Field("HEAD", description="git ref to build (git)")
+    package: str | None = Field(None, description="Debian package that provides the tarball (installed by `fab setup`)")
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "Source":
+        if self.kind in ("tarball", "local") and not self.path:
+            raise ValueError(f"source.kind={self.kind} needs source.path")
+        if self.kind == "git" and not self.url:
+            raise ValueError("source.kind=git needs source.url")
+        return self
+
+
+class KernelConfig(Strict):
+    base: str = Field("tinyconfig", description="make target (tinyconfig, defconfig, ...) or a config file path")
+    fragments: list[str] = Field(default_factory=lambda: ["kernel/kvm-host.config"],
+                                 description="fragments, relative to configs/ or absolute, merged in order")
+
+
+class Variant(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    series: str | None = Field(None, description="patch series under patches/ (none: the baseline)")
+    patch_variant: str = Field("auto", description="variant of the series, or auto to pick by kernel version")
+
+
+class LevelSpec(Strict):
+    count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
+    memory_mb: int = axis(ge=64, description="memory per guest")
+    cpus: int = Field(1, ge=1, le=64)
+
+
+class KutSpec(Strict):
+    memory_mb: int = Field(4096, ge=512, description="memory of the kernel under test")
+    cpus: int = Field(2, ge=1, le=64)
+    swap_mb: int = Field(1024, ge=0, description="virtio-blk swap disk, so global reclaim has something to do")
+
+
+class Topology(Strict):
+    kind: TopologyKind = axis("auto", description="auto: nested on KVM hosts, shadow under TCG")
+    kut: KutSpec = KutSpec()
+    l1: LevelSpec = LevelSpec(memory_mb=1600)
+    l2: LevelSpec = LevelSpec(memory_mb=384)
+
+
+class Probe(Strict):
+    size_mb: int = axis(1200, ge=1, description="working set touched by the latency probe")
+    access: Literal["write", "read"] = "write"
+    pattern: Literal["sequential", "random"] = "sequential"
+    stride: int = Field(4096, ge=8, description="bytes between touches (4096: one per page)")
+    interval_s: float = Field(1.0, gt=0, description="histogram interval")
+    levels: list[Literal["l1", "l2"]] = Field(default_factory=lambda: ["l2", "l1"],
+                                               description="where the probe runs (levels absent in the topology are skipped)")
+
+
+class Workload(Strict):
+    probe: Probe = Probe()
+    command: list[str] | None = Field(None, description="argv run in every guest that runs the probe; its stdout, "
+                                                        "stderr and exit status are kept apart in files")
+
+
+class GlobalPressure(Strict):
+    target_available_mb: int = Field(96, ge=16, description="hog grows until MemAvailable falls to this")
+    overshoot_mb: int = Field(384, ge=0, description="then grows this much further into swap")
+    chunk_mb: int = Field(32, ge=1)
+    ramp_s: float = Field(5.0, ge=0)
+
+
+class Pressure(Strict):
+    mode: PressureMode = axis("global", description="what makes the kernel under test reclaim")
+    global_: GlobalPressure = Field(GlobalPressure(), alias="global")
+    drop_caches_period_s: float = Field(3.0, gt=0)
+    root_reclaim_mb: int = Field(256, ge=1, description="bytes asked per write to the root memory.reclaim")
+    root_reclaim_period_s: float = Field(3.0, gt=0)
+    shrinker_scan_objects: int = Field(1024, ge=1, description="objects asked per debugfs scan write")
+    shrinker_scan_period_s: float = Field(3.0, gt=0)
+    memcg_limit_mb: int = Field(64, ge=8, description="memory.max of the control hog")
+    memcg_hog_mb: int = Field(512, ge=8, description="what the control hog tries to allocate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Phase(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    duration_s: float = Field(gt=0)
+    pressure: bool | PressureMode = Field(
+        False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone")
+
+    def mode(self, cell_mode: str) -> str:
+        if self.pressure is True:
+            return cell_mode
+        return self.pressure or "none"
+
+
+class Sampler(Strict):
+    interval_s: float = Field(0.5, gt=0)
+    trace_shrinker: bool = Field(True, description="count vmscan/mm_shrink_slab_start events of the KVM shrinker")
+
+
+class Boot(Strict):
+    timeout_s: dict[str, float] = Field(default_factory=lambda: {"kut": 120, "l1": 300, "l2": 900},
+                                        description="per level: QEMU start to agent ready")
+    retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
+    on_guest_failure: Literal["fail", "continue"] = "continue"
+
+
+class Experiment(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    source: Source
+    kernel_config: KernelConfig = KernelConfig()
+    variants: list[Variant] = Field(min_length=1)
+    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="auto: KVM when usable with vmx/svm, else TCG (said loudly)")
+    topology: Topology = Topology()
+    workload: Workload = Workload()
+    pressure: Pressure = Pressure()
+    phases: list[Phase] = Field(min_length=1)
+    sampler: Sampler = Sampler()
+    boot: Boot = Boot()
+    repetitions: int = Field(3, ge=1, le=100)
+    output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, v: list[Variant]) -> list[Variant]:
+        names = [x.name for x in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        return v
+
+    @field_validator("phases")
+    @classmethod
+    def _unique_phases(cls, v: list[Phase]) -> list[Phase]:
+        names = [p.name for p in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return v
+
+    def baseline(self) -> Variant:
+        """The variant others are compared against: the first one without patches."""
+        for v in self.variants:
+            if not v.series:
+                return v
+        return self.variants[0]
+
+
+def axis_paths(model: type[BaseModel] = Experiment, prefix: str = "") -> list[str]:
+    """Dotted paths of every axis field (by YAML name), found from the schema itself."""
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        ann = f.annotation
+        if extra.get("axis"):
+            out.append(prefix + key)
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(axis_paths(ann, prefix + key + "."))
+    return out
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _set(d: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(d, list):
+            d = _list_item(d, part, ".".join(parts[: i + 1]))
+            continue
+        d = d.setdefault(part, {})
+        if not isinstance(d, (dict, list)):
+            raise ConfigError(f"override {path}: {'.'.join(parts[:i + 1])} is not a mapping")
+    last = parts[-1]
+    if isinstance(d, list):
+        idx = _list_index(d, last, path)
+        d[idx] = value
+    else:
+        d[last] = value
+
+
+def _list_index(items: list, key: str, path: str) -> int:
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return i
+    raise ConfigError(f"override {path}: no list element named or numbered '{key}'")
+
+
+def _list_item(items: list, key: str, path: str) -> Any:
+    return items[_list_index(items, key, path)]
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings; values are YAML (`3`, `[a, b]`, `true`). List elements by name or index."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config named by path, or by bare name from configs/ (`shrinker-ab`)."""
+    p = Path(path)
+    if p.exists():
+        return p.resolve()
+    for cand in (REPO_ROOT / "configs" / p, REPO_ROOT / "configs" / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"{path}: no such config file (looked in . and {REPO_ROOT / 'configs'})")
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict]:
+    p = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    raw = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set(raw, key, value)
+    return p, raw
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid experiment config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
+    return "\n".join(lines)
+
+
+def _validate(path: Path, raw: dict) -> Experiment:
+    """Validate each axis value on its own (by expanding with the first of each list) and the whole."""
+    axes = axis_paths()
+    for combo in _combinations(raw, axes) or [raw]:
+        try:
+            Experiment.model_validate(combo)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(path, e)) from None
+    # the stored model keeps the first value of each axis; the matrix lives in expand()
+    return Experiment.model_validate(_combinations(raw, axes)[0])
+
+
+def _combinations(raw: dict, axes: list[str]) -> list[dict]:
+    lists = {a: v for a in axes if isinstance(v := _get(raw, a), list)}
+    if not lists:
+        return [raw]
+    out = []
+    for values in itertools.product(*lists.values()):
+        d = copy.deepcopy(raw)
+        for a, v in zip(lists, values):
+            _set(d, a, v)
+        out.append(d)
+    return out
+
+
+class Plan(BaseModel):
+    """The validated experiment and its expanded cells, in run order."""
+    config_path: str
+    raw: dict
+    experiment: Experiment
+    axes: dict[str, list[Any]]
+    cells: list["Cell"]
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Cell(BaseModel):
+    """One atomic run: a variant, a repetition, one value of every axis."""
+    id: str
+    variant: str
+    repetition: int
+    axes: dict[str, Any]
+    order: int
+    config: Experiment
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Plan:
+    p, raw = load_raw(path, overrides)
+    exp = _validate(p, raw)
+    axes_all = axis_paths()
+    lists = {a: v for a in axes_all if isinstance(v := _get(raw, a), list)}
+    combos = _combinations(raw, axes_all)
+    cells: list[Cell] = []
+    # repetitions outermost and variants innermost: baseline and patched interleave (A B A B ...)
+    for rep in range(1, exp.repetitions + 1):
+        for combo in combos:
+            cfg = Experiment.model_validate(combo)
+            axis_values = {a: _get(combo, a) for a in lists}
+            for var in exp.variants:
+                label = "-".join(f"{a.split('.')[-1]}={axis_values[a]}" for a in lists)
+                cid = f"{var.name}.r{rep}" + (f".{label}" if label else "")
+                cells.append(Cell(id=cid, variant=var.name, repetition=rep, axes=axis_values,
+                                  order=len(cells), config=cfg))
+    return Plan(config_path=str(p), raw=raw, experiment=exp, axes=lists, cells=cells)
+
+
+def describe(plan: Plan) -> str:
+    exp = plan.experiment
+    lines = [f"experiment {exp.name}: {len(plan.cells)} cell(s) from {plan.config_path}",
+             f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
+             + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
+             f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
+             "  variants: " + ", ".join(v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)")
+                                      for v in exp.variants),
+             f"  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
+                                          for p in exp.phases),
+             f"  repetitions: {exp.repetitions} (variants interleaved)"]
+    for a, vals in plan.axes.items():
+        lines.append(f"  axis {a}: {vals}")
+    lines.append("  cells:")
+    lines.extend(f"    {c.order + 1:3d}. {c.id}" for c in plan.cells)
+    return "\n".join(lines)
+
+
+def schema_reference() -> str:
+    """Markdown config reference generated from the schema (the README embeds it)."""
+    schema = Experiment.model_json_schema(by_alias=True)
+    defs = schema.get("$defs", {})
+    lines: list[str] = []
+
+    def walk(props: dict, required: list[str], prefix: str) -> None:
+        for name, spec in props.items():
+            ref = spec.get("$ref") or next((x.get("$ref") for x in spec.get("allOf", []) + spec.get("anyOf", [])
+                                            if "$ref" in x), None)
+            path = prefix + name
+            if ref and "properties" in defs[ref.split("/")[-1]]:
+                sub = defs[ref.split("/")[-1]]
+                walk(sub["properties"], sub.get("required", []), path + ".")
+                continue
+            kind = spec.get("type") or "/".join(x.get("type", "?") for x in spec.get("anyOf", []))
+            if "enum" in spec:
+                kind = " \\| ".join(map(str, spec["enum"]))
+            elif "anyOf" in spec and any("enum" in x for x in spec["anyOf"]):
+                kind = " \\| ".join(str(v) for x in spec["anyOf"] for v in x.get("enum", [])) + " (or a list)"
+            if spec.get("axis"):
+                kind += " (axis: a list expands the matrix)"
+            default = "required" if name in required else json.dumps(spec.get("default")) if "default" in spec else ""
+            lines.append(f"| `{path}` | {kind} | {default} | {spec.get('description', '')} |")
+
+    walk(schema["properties"], schema.get("required", []), "")
+    return "| field | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(lines)

@@ -1,0 +1,316 @@
+"""In-guest agent: PID 1 of every level (kernel under test, L1, L2). Standard library only.
+
+Started from the kernel command line (`init=<python> -- -E -s agent.py`), it mounts the
+basics, mounts its results export (9p tag `nestout`), reads `plan.json` there, records
+the facts of its level, says `ready.json`, starts its child guests and its probe, and -
+in the kernel under test - conducts the phase schedule with the sampler and the pressure
+modes. Everything goes to the export as it happens. It powers the guest off at the end,
+whatever happened; `exit.json` says how it ended.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pressure import PressureRun  # noqa: E402
+from supervise import Child, stop_all, tail  # noqa: E402
+
+OUT = "/run/nestpress/out"
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(src: str, target: str, fstype: str, data: str = "", flags: int = 0) -> None:
+    os.makedirs(target, exist_ok=True)
+    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
+        err = ctypes.get_errno()
+        if err != 16:  # EBUSY: already mounted
+            raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def early_mounts() -> None:
+    mount("proc", "/proc", "proc")
+    mount("sysfs", "/sys", "sysfs")
+    mount("devtmpfs", "/dev", "devtmpfs")
+    for d in ("/tmp", "/run", "/var/tmp", "/dev/shm"):
+        try:
+            mount("tmpfs", d, "tmpfs", "mode=1777")
+        except OSError:
+            pass  # a read-only root without that directory: not needed for the experiment
+    for src, target, fstype in (("debugfs", "/sys/kernel/debug", "debugfs"),
+                                ("tracefs", "/sys/kernel/tracing", "tracefs"),
+                                ("cgroup2", "/sys/fs/cgroup", "cgroup2")):
+        try:
+            mount(src, target, fstype)
+        except OSError as e:
+            print(f"agent: {e}", file=sys.stderr)
+    mount("nestout", OUT, "9p", "trans=virtio,version=9p2000.L,msize=262144")
+
+
+class Events:
+    """Append-only JSON lines, flushed per line: a crash keeps everything written so far."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "a", buffering=1)
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, **fields) -> None:
+        rec = {"t": time.time_ns(), "mono": time.monotonic_ns(), "kind": kind, **fields}
+        with self._lock:
+            self._f.write(json.dumps(rec) + "\n")
+
+
+def read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def copy_kmsg(dest: str) -> None:
+    """The kernel log, line by line, into its own file (apart from the agent's stdout/stderr)."""
+    def pump() -> None:
+        try:
+            fd = os.open("/dev/kmsg", os.O_RDONLY)
+        except OSError:
+            return
+        with open(dest, "a", buffering=1) as f:
+            while True:
+                try:
+                    rec = os.read(fd, 8192).decode(errors="replace")
+                except OSError:          # EPIPE: a record was overwritten; keep going
+                    continue
+                meta, _, msg = rec.partition(";")
+                usec = meta.split(",")[2] if meta.count(",") >= 2 else "0"
+                f.write(f"[{int(usec) / 1e6:12.6f}] {msg.rstrip()}\n")
+    threading.Thread(target=pump, daemon=True).start()
+
+
+def level_facts(plan: dict) -> dict:
+    """What makes this level's numbers mean what we say: KVM, nesting, TDP, and who runs us."""
+    kmsg = read(os.path.join(OUT, "kmsg.log"))
+    cpuinfo = read("/proc/cpuinfo")
+    flags = sorted({f for line in cpuinfo.splitlines() if line.startswith("flags")
+                    for f in line.split(":", 1)[1].split() if f in ("vmx", "svm", "hypervisor")})
+    params = {}
+    for p in glob.glob("/sys/module/kvm*/parameters/*"):
+        mod, name = p.split("/")[3], os.path.basename(p)
+        if name in ("nested", "npt", "ept", "tdp_mmu", "vgif", "vls", "avic", "enable_apicv", "mmio_caching"):
+            params[f"{mod}.{name}"] = read(p)
+    shrinkers = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
+    kallsyms = read("/proc/kallsyms")
+    mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
+    return {
+        "name": plan["name"], "level": plan["level"], "uname": os.uname().release,
+        "cpu_flags": flags, "kvm_device": os.path.exists("/dev/kvm"),
+        "kvm_vendor": next((v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")),
+                           None),
+        "kvm_params": params,
+        "runs_on_kvm": "Hypervisor detected: KVM" in kmsg,
+        "hypervisor_line": next((l for l in kmsg.splitlines() if "Hypervisor detected" in l), None),
+        "x86_mmu_shrinker_dirs": [os.path.basename(s) for s in shrinkers],
+        "mmu_shrink_scan_in_kallsyms": " mmu_shrink_scan" in kallsyms,
+        "mem_total_kb": int(mem.get("MemTotal", "0 kB").split()[0]),
+        "swap_total_kb": int(mem.get("SwapTotal", "0 kB").split()[0]),
+        "memory_reclaim_root": os.path.exists("/sys/fs/cgroup/memory.reclaim"),
+        "cmdline": read("/proc/cmdline"),
+    }
+
+
+def set_clock(ev: Events) -> None:
+    """Align CLOCK_REALTIME with the parent's (QEMU's RTC follows the parent's clock) to sub-second."""
+    r = subprocess.run(["hwclock", "--hctosys", "--utc"], capture_output=True, text=True, env={"PATH": PATH})
+    ev("clock", ok=r.returncode == 0, detail=(r.stderr or r.stdout).strip()[-200:])
+
+
+def enable_swap(dev: str, ev: Events) -> None:
+    env = {"PATH": PATH}
+    for cmd in (["mkswap", dev], ["swapon", dev]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    ev("swap", device=dev, total_kb=read("/proc/swaps"))
+
+
+def start_children(plan: dict, ev: Events) -> list[Child]:
+    kids = []
+    for spec in plan.get("children", []):
+        os.makedirs(spec["export"], exist_ok=True)
+        with open(os.path.join(spec["export"], "plan.json"), "w") as f:
+            json.dump(spec["plan"], f)
+        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"])
+        child.timeout = spec["timeout_s"]
+        child.start()
+        ev("boot_start", guest=spec["name"], level=spec["plan"]["level"])
+        kids.append(child)
+    alive = []
+    for child in kids:
+        try:
+            secs = child.wait_ready(child.timeout)
+            ev("boot_ready", guest=child.name, seconds=secs)
+            alive.append(child)
+        except RuntimeError as e:
+            ev("boot_failed", guest=child.name, error=str(e))
+            child.stop()
+            if plan.get("on_guest_failure") == "fail":
+                raise
+    return alive
+
+
+def start_probe(plan: dict, ev: Events) -> subprocess.Popen | None:
+    if not plan.get("probe"):
+        return None
+    cfg = dict(plan["probe"], out=os.path.join(OUT, "probe.jsonl"), status=os.path.join(OUT, "probe.status"),
+               stop=os.path.join(OUT, "stop"))
+    ev("probe_start", guest=plan["name"])
+    return subprocess.Popen([sys.executable, "-E", "-s", os.path.join(HERE, "probe.py"), json.dumps(cfg)],
+                            stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
+                            stderr=open(os.path.join(OUT, "probe.stderr"), "w"))
+
+
+def run_command(plan: dict, ev: Events) -> None:
+    """The plan's command, if any: stdout, stderr and exit status each in a file of their own."""
+    if not plan.get("command"):
+        return
+    with open(os.path.join(OUT, "command.stdout"), "w") as out, open(os.path.join(OUT, "command.stderr"), "w") as err:
+        r = subprocess.run(plan["command"], stdout=out, stderr=err)
+    with open(os.path.join(OUT, "command.exit"), "w") as f:
+        f.write(f"{r.returncode}\n")
+    ev("command_exit", status=r.returncode)
+
+
+def wait_probes_warm(expected: int, timeout: float, ev: Events) -> None:
+    """The phases start once every probe finished one pass: shadow pages are then in place."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        warm = [s for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)
+                if json.loads(read(s, "{}") or "{}").get("passes", 0) >= 1]
+        if len(warm) >= expected:
+            ev("probes_warm", count=len(warm))
+            return
+        time.sleep(0.5)
+    ev("probes_not_warm", expected=expected, timeout_s=timeout)
+
+
+def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
+    """Kernel under test only: sampler + phase schedule with the pressure each phase asks for."""
+    c = plan["conductor"]
+    wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], ev)
+    sampler = subprocess.Popen([sys.executable, "-E", "-s", os.path.join(HERE, "sampler.py"),
+                                json.dumps(dict(c["sampler"], out=OUT))],
+                               stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
+                               stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
+    time.sleep(max(1.0, 2 * c["sampler"]["interval_s"]))   # a baseline sample before the first phase
+    try:
+        for phase in c["phases"]:
+            mode = phase.get("mode") or "none"
+            ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
+            pr = PressureRun(mode, c["pressure"], f"{plan['run_id']}-{phase['name']}", OUT, ev)
+            try:
+                pr.start()
+                end = time.monotonic() + phase["duration_s"]
+                while time.monotonic() < end:
+                    for k in kids:
+                        why = k.problem()
+                        if why and not getattr(k, "reported", False):
+                            ev("guest_died", guest=k.name, error=why, console=tail(k.console))
+                            k.reported = True
+                    time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+            finally:
+                pr.stop()
+                ev("phase_end", phase=phase["name"], mode=mode)
+    finally:
+        sampler.terminate()
+        try:
+            sampler.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+
+
+def wait_for_stop(plan: dict, kids: list[Child]) -> None:
+    deadline = time.monotonic() + plan.get("max_s", 3600)
+    while not os.path.exists(os.path.join(OUT, "stop")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def finish(kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
+    if probe:
+        probe.terminate()
+        try:
+            probe.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+        ev("probe_exit", status=probe.returncode)
+    for k in kids:
+        open(os.path.join(k.export, "stop"), "w").close()
+    for k in kids:
+        status = k.wait_exit(60)
+        ev("guest_exit", guest=k.name, status=status, clean=status is not None)
+        k.stop()
+
+
+def main() -> int:
+    early_mounts()
+    for fd, name in ((1, "agent.stdout"), (2, "agent.stderr")):
+        f = os.open(os.path.join(OUT, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(f, fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    os.environ.update(PATH=PATH, HOME="/tmp")
+    copy_kmsg(os.path.join(OUT, "kmsg.log"))
+    ev = Events(os.path.join(OUT, "events.jsonl"))
+    status, error = 0, None
+    kids: list[Child] = []
+    probe = None
+    try:
+        with open(os.path.join(OUT, "plan.json")) as f:
+            plan = json.load(f)
+        set_clock(ev)
+        if plan.get("swap_device"):
+            enable_swap(plan["swap_device"], ev)
+        if plan.get("cgroup_controllers"):
+            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+                f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
+        time.sleep(0.2)   # let the kmsg pump catch up before facts read it
+        with open(os.path.join(OUT, "facts.json"), "w") as f:
+            json.dump(level_facts(plan), f, indent=1)
+        with open(os.path.join(OUT, "ready.json"), "w") as f:
+            json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, f)
+        ev("ready", guest=plan["name"])
+        kids = start_children(plan, ev)
+        probe = start_probe(plan, ev)
+        run_command(plan, ev)
+        if plan.get("conductor"):
+            conduct(plan, kids, ev)
+        else:
+            wait_for_stop(plan, kids)
+    except BaseException as e:  # noqa: BLE001 - PID 1 must always reach poweroff
+        status, error = 1, "".join(traceback.format_exception(e))
+        print(error, file=sys.stderr)
+    finally:
+        try:
+            finish(kids, probe, ev)
+        except Exception:
+            print(traceback.format_exc(), file=sys.stderr)
+        stop_all()
+        with open(os.path.join(OUT, "exit.json"), "w") as f:
+            json.dump({"status": status, "error": error, "t": time.time_ns()}, f)
+    return status
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        os.sync()
+        _libc.reboot(0x4321FEDC)   # RB_POWER_OFF; PID 1 must never just exit

@@ -1,0 +1,189 @@
+"""Memory pressure modes, run inside the kernel under test. Standard library only.
+
+Each pressure phase gets its own cgroup v2 group, /sys/fs/cgroup/nestpress-<run>-<mode>,
+which the actor process joins before it does anything; the group is removed at the end
+of the phase, also on failure (cgroup.kill, then rmdir).
+
+Modes and why they do (or do not) reach the non-memcg-aware KVM shrinker:
+  global        a hog grows until MemAvailable falls to a target, then past it into swap:
+                kswapd and direct reclaim run for the whole machine -> shrink_slab() calls it.
+                memory.max of its group bounds it, so the machine survives.
+  drop-caches   vm.drop_caches=2 every period: drop_slab() calls every shrinker.
+  root-reclaim  writes to the root cgroup's memory.reclaim: root reclaim calls it.
+  shrinker-scan writes "0 0 N" to /sys/kernel/debug/shrinker/x86-mmu-*/scan: calls it directly.
+  memcg-limit   the control: a hog confined by a tight memory.max reclaims only inside its
+                group, where non-memcg-aware shrinkers are never called.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+
+CG = "/sys/fs/cgroup"
+PAGE = 4096
+
+
+def meminfo_mb(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) >> 10
+    raise KeyError(key)
+
+
+def write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Hog:
+    """Anonymous memory taken in chunks and kept hot by re-touching it."""
+
+    def __init__(self) -> None:
+        self.chunks: list[mmap.mmap] = []
+
+    @property
+    def mb(self) -> int:
+        return sum(len(c) for c in self.chunks) >> 20
+
+    def grow(self, mb: int) -> None:
+        m = mmap.mmap(-1, mb << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for off in range(0, len(m), PAGE):
+            m[off] = 1
+        self.chunks.append(m)
+
+    def touch(self) -> None:
+        for m in self.chunks:
+            for off in range(0, len(m), PAGE):
+                m[off] = 2
+
+
+def actor(mode: str, p: dict, log) -> None:
+    """The body of a pressure phase; runs until SIGTERM."""
+    if mode == "global":
+        g = p["global"]
+        avail = meminfo_mb("MemAvailable")
+        goal = max(0, avail - g["target_available_mb"]) + g["overshoot_mb"]
+        steps = max(1, goal // g["chunk_mb"])
+        log("hog_plan", mem_available_mb=avail, goal_mb=goal, chunks=steps)
+        hog = Hog()
+        while hog.mb < goal:
+            hog.grow(min(g["chunk_mb"], goal - hog.mb))
+            time.sleep(g["ramp_s"] / steps)
+        log("hog_holding", hog_mb=hog.mb, mem_available_mb=meminfo_mb("MemAvailable"))
+        while True:
+            hog.touch()
+    elif mode == "memcg-limit":
+        hog = Hog()
+        while hog.mb < p["memcg_hog_mb"]:
+            hog.grow(min(32, p["memcg_hog_mb"] - hog.mb))
+        log("hog_holding", hog_mb=hog.mb)
+        while True:
+            hog.touch()
+    elif mode == "drop-caches":
+        while True:
+            write("/proc/sys/vm/drop_caches", "2")
+            log("drop_caches")
+            time.sleep(p["drop_caches_period_s"])
+    elif mode == "root-reclaim":
+        while True:
+            try:
+                write(f"{CG}/memory.reclaim", f"{p['root_reclaim_mb']}M")
+                log("root_reclaim", ok=True)
+            except OSError as e:     # EAGAIN: could not reclaim all that was asked
+                log("root_reclaim", ok=False, error=e.strerror)
+            time.sleep(p["root_reclaim_period_s"])
+    elif mode == "shrinker-scan":
+        while True:
+            for d in glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
+                write(d + "/scan", f"0 0 {p['shrinker_scan_objects']}")
+                log("shrinker_scan", shrinker=os.path.basename(d), objects=p["shrinker_scan_objects"])
+            time.sleep(p["shrinker_scan_period_s"])
+    else:
+        raise ValueError(f"unknown pressure mode {mode}")
+
+
+def unavailable(mode: str) -> str | None:
+    """Why this mode cannot act on this kernel (said clearly, recorded, and the phase goes on)."""
+    if mode == "root-reclaim" and not os.path.exists(f"{CG}/memory.reclaim"):
+        return "root-reclaim: this kernel has no root memory.reclaim (needs 5.19+ and cgroup v2)"
+    if mode == "shrinker-scan" and not glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
+        return ("shrinker-scan: no /sys/kernel/debug/shrinker/x86-mmu-* here: the KVM MMU shrinker does "
+                "not exist on this kernel (expected on the patched kernel) or CONFIG_SHRINKER_DEBUG is off")
+    if not os.path.exists(f"{CG}/cgroup.procs"):
+        return f"{mode}: no cgroup v2 hierarchy at {CG}"
+    return None
+
+
+class PressureRun:
+    """One phase's pressure: cgroup created, actor started in it; stop() undoes both."""
+
+    def __init__(self, mode: str, params: dict, name: str, out: str, events):
+        self.mode, self.params, self.events = mode, params, events
+        self.cgroup = f"{CG}/nestpress-{name}-{mode}"
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.mode == "none":
+            return
+        why = unavailable(self.mode)
+        if why:
+            self.events("pressure_unavailable", mode=self.mode, reason=why)
+            return
+        os.makedirs(self.cgroup)
+        if self.mode == "global":
+            # the bound that keeps the machine alive: never more than the memory there is, less a reserve
+            write(self.cgroup + "/memory.max", str(max(64, meminfo_mb("MemTotal") - 128) << 20))
+        elif self.mode == "memcg-limit":
+            write(self.cgroup + "/memory.max", str(self.params["memcg_limit_mb"] << 20))
+        self.proc = subprocess.Popen([sys.executable, "-E", "-s", os.path.abspath(__file__), self.mode,
+                                      json.dumps(self.params), self.cgroup,
+                                      os.path.join(self.out, "pressure.jsonl")],
+                                     stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),
+                                     stderr=open(os.path.join(self.out, "pressure.stderr"), "a"))
+        self.events("pressure_start", mode=self.mode, cgroup=self.cgroup, pid=self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.events("pressure_stop", mode=self.mode, status=self.proc.returncode)
+        if os.path.isdir(self.cgroup):
+            try:
+                write(self.cgroup + "/cgroup.kill", "1")
+            except OSError:
+                pass
+            for _ in range(100):
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            self.events("cgroup_removed", cgroup=self.cgroup, removed=not os.path.exists(self.cgroup))
+
+
+def _main(argv: list[str]) -> None:
+    mode, params, cgroup, log_path = argv[0], json.loads(argv[1]), argv[2], argv[3]
+    write(cgroup + "/cgroup.procs", str(os.getpid()))      # join the group before allocating anything
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    out = open(log_path, "a", buffering=1)
+
+    def log(kind: str, **fields) -> None:
+        out.write(json.dumps({"t": time.time_ns(), "kind": kind, "mode": mode, **fields}) + "\n")
+
+    actor(mode, params, log)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,142 @@
+"""Counter sampler for the kernel under test. Standard library only; runs as its own process.
+
+Every interval it appends one JSON line {"t": CLOCK_REALTIME ns, "v": {name: value}} to
+counters.jsonl with: KVM stats (aggregate and per VM), the x86-mmu shrinker count (and
+whether its debugfs directory exists), /proc/vmstat, /proc/meminfo, PSI memory, and the
+memory.events/memory.stat of the run's cgroups. Each sample carries its own timestamp,
+so a sampler stalled by thrashing leaves a gap, not a lie.
+
+With trace_shrinker, a thread follows the vmscan/mm_shrink_slab_{start,end} tracepoints in
+a private tracefs instance and logs every call of the KVM shrinker (mmu_shrink_scan) to
+shrinker.jsonl: exact invocation counts, with the objects it was asked for and freed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+KVM = "/sys/kernel/debug/kvm"
+VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
+               "pswpin", "pswpout", "allocstall_normal", "allocstall_movable", "pgmajfault", "drop_slab",
+               "drop_pagecache", "oom_kill", "workingset_refault_anon", "kswapd_low_wmark_hit_quickly")
+MEMINFO_KEYS = ("MemAvailable", "MemFree", "SecPageTables", "PageTables", "SwapFree", "AnonPages", "Cached")
+KVM_KEYS = ("mmu_shadow_zapped", "mmu_recycled", "mmu_cache_miss", "mmu_pte_write", "mmu_flooded",
+            "mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "nx_lpage_splits",
+            "max_mmu_page_hash_collisions")
+CG_EVENTS = ("low", "high", "max", "oom", "oom_kill")
+CG_STAT = ("anon", "sec_pagetables", "pgscan", "pgsteal")
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def kv_lines(text: str | None, keys: tuple[str, ...], sep: str | None = None) -> dict[str, int]:
+    out = {}
+    for line in (text or "").splitlines():
+        parts = line.replace(":", " ").split() if sep is None else line.split(sep)
+        if len(parts) >= 2 and parts[0] in keys:
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def sample() -> dict[str, float]:
+    v: dict[str, float] = {}
+    for k in KVM_KEYS:
+        if (s := read(f"{KVM}/{k}")) is not None:
+            v[f"kvm.{k}"] = int(s)
+    for vm in glob.glob(f"{KVM}/*-*/"):
+        vm_id = os.path.basename(vm.rstrip("/"))
+        for k in ("mmu_recycled", "mmu_shadow_zapped", "mmu_cache_miss", "pages_4k"):
+            if (s := read(vm + k)) is not None:
+                v[f"kvm_vm.{vm_id}.{k}"] = int(s)
+    dirs = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
+    v["shrinker.x86_mmu_present"] = 1 if dirs else 0
+    for d in dirs:
+        total = 0
+        for line in (read(d + "/count") or "").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[-1].isdigit():
+                total += int(parts[-1])
+        v["shrinker.x86_mmu_count"] = v.get("shrinker.x86_mmu_count", 0) + total
+    for k, n in kv_lines(read("/proc/vmstat"), VMSTAT_KEYS).items():
+        v[f"vmstat.{k}"] = n
+    for k, n in kv_lines(read("/proc/meminfo"), MEMINFO_KEYS).items():
+        v[f"meminfo.{k}_kb"] = n
+    for line in (read("/proc/pressure/memory") or "").splitlines():
+        kind, *fields = line.split()
+        for f in fields:
+            name, _, val = f.partition("=")
+            v[f"psi.memory_{kind}_{name}"] = float(val)
+    for cg in glob.glob("/sys/fs/cgroup/nestpress-*/"):   # phases run one at a time: one pressure group
+        name = "pressure"
+        for k, n in kv_lines(read(cg + "memory.events"), CG_EVENTS).items():
+            v[f"cgroup.{name}.events.{k}"] = n
+        for k, n in kv_lines(read(cg + "memory.stat"), CG_STAT).items():
+            v[f"cgroup.{name}.stat.{k}"] = n
+        if (cur := read(cg + "memory.current")) is not None:
+            v[f"cgroup.{name}.current"] = int(cur)
+    return v
+
+
+SHRINK_RE = re.compile(r"\s(\d+\.\d+): mm_shrink_slab_(start|end): mmu_shrink_scan\S*\s+\S+:?\s*(.*)$")
+# the numbers the two tracepoints print (include/trace/events/vmscan.h)
+SHRINK_FIELDS = {"cache_items": r"cache items (\d+)", "total_scan": r"total_scan (\d+)",
+                 "delta": r"delta (-?\d+)", "freed": r"last shrinker return val (-?\d+)"}
+
+
+def follow_shrinker(out_path: str, stop: threading.Event) -> None:
+    """Log every mmu_shrink_scan call seen by the vmscan tracepoints (trace clock = CLOCK_MONOTONIC)."""
+    inst = "/sys/kernel/tracing/instances/nestpress"
+    try:
+        os.makedirs(inst, exist_ok=True)
+        with open(inst + "/trace_clock", "w") as f:
+            f.write("mono")
+        for ev in ("mm_shrink_slab_start", "mm_shrink_slab_end"):
+            with open(f"{inst}/events/vmscan/{ev}/enable", "w") as f:
+                f.write("1")
+    except OSError as e:
+        with open(out_path, "a") as f:
+            f.write(json.dumps({"kind": "trace_unavailable", "error": str(e)}) + "\n")
+        return
+    # CLOCK_MONOTONIC -> CLOCK_REALTIME offset, so trace timestamps join the other series
+    offset = time.time_ns() - time.monotonic_ns()
+    with open(inst + "/trace_pipe") as pipe, open(out_path, "a", buffering=1) as out:
+        for line in pipe:
+            m = SHRINK_RE.search(line)
+            if m:
+                fields = {k: int(f.group(1)) for k, rx in SHRINK_FIELDS.items() if (f := re.search(rx, m.group(3)))}
+                out.write(json.dumps({"t": int(float(m.group(1)) * 1e9) + offset, "kind": f"shrink_{m.group(2)}",
+                                      "raw": m.group(3).strip()[:300],
+                                      "fields": fields})
+                          + "\n")
+            if stop.is_set():
+                break
+
+
+def main(cfg: dict) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if cfg.get("trace_shrinker"):
+        threading.Thread(target=follow_shrinker, args=(os.path.join(cfg["out"], "shrinker.jsonl"), stop),
+                         daemon=True).start()
+    interval = cfg["interval_s"]
+    with open(os.path.join(cfg["out"], "counters.jsonl"), "a", buffering=1) as out:
+        while not stop.is_set():
+            t = time.time_ns()
+            out.write(json.dumps({"t": t, "v": sample()}) + "\n")
+            stop.wait(max(0.0, interval - (time.time_ns() - t) / 1e9))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,119 @@
+"""Start a QEMU guest, wait for its agent, notice panics and hangs, stop it for sure.
+
+Standard library only: the host runner and the in-guest agent both supervise their
+children with this one class. Every process started here is put in its own session,
+dies with its parent (PR_SET_PDEATHSIG) and is killed on any exit path of `stop()`.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import time
+
+PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic", "Attempted to kill init")
+_LIVE: set["Child"] = set()
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console output)"
+
+
+class Child:
+    """One QEMU process whose guest reports readiness by writing <export>/ready.json."""
+
+    def __init__(self, name: str, argv: list[str], export: str, console: str):
+        self.name, self.argv, self.export, self.console = name, argv, export, console
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.ready_s: float | None = None
+
+    def start(self) -> None:
+        os.makedirs(self.export, exist_ok=True)
+        with open(os.path.join(self.export, "qemu.argv.json"), "w") as f:
+            json.dump(self.argv, f)
+        self._stdout = open(os.path.join(self.export, "qemu.stdout"), "wb")
+        self._stderr = open(os.path.join(self.export, "qemu.stderr"), "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        _LIVE.add(self)
+
+    def console_text(self) -> str:
+        try:
+            with open(self.console, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def problem(self) -> str | None:
+        """Why this guest is not going to make it, or None while it still might."""
+        text = self.console_text()
+        for marker in PANIC_MARKERS:
+            if marker in text:
+                return f"{self.name}: kernel panic ({marker})"
+        if self.proc and self.proc.poll() is not None:
+            err = tail(os.path.join(self.export, "qemu.stderr"), 5)
+            return f"{self.name}: QEMU exited with status {self.proc.returncode}" + (f" ({err})" if err else "")
+        return None
+
+    def wait_ready(self, timeout: float, poll: float = 0.2) -> float:
+        """Seconds from QEMU start to agent ready; raises RuntimeError with the console tail otherwise."""
+        ready = os.path.join(self.export, "ready.json")
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(ready):
+                self.ready_s = time.monotonic() - self.started
+                return self.ready_s
+            why = self.problem()
+            if why:
+                raise RuntimeError(f"{why}; last console lines:\n{tail(self.console)}")
+            time.sleep(poll)
+        raise RuntimeError(f"{self.name}: agent not ready after {timeout:.0f}s (boot hang?); "
+                           f"last console lines:\n{tail(self.console)}")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout) if self.proc else None
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """Ask nicely (SIGTERM makes QEMU quit), then kill the whole session. Idempotent."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        for f in (self._stdout, self._stderr):
+            f.close()
+        _LIVE.discard(self)
+        return self.proc.returncode
+
+
+def stop_all() -> None:
+    for child in list(_LIVE):
+        child.stop(grace=2.0)

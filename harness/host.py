@@ -1,0 +1,166 @@
+"""Host readiness and the accelerator decision, stated with its reasons.
+
+KVM is used only when /dev/kvm opens read-write *and* the CPU advertises vmx or svm:
+a /dev/kvm without them (a software KVM) accepts KVM_CREATE_VM but never boots Linux.
+Otherwise TCG with `-cpu max` (which offers SVM with nested paging). Forcing KVM where it
+cannot work is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import AccelError
+from .util import TOOL_PACKAGES, HEADER_PACKAGES, run, which
+
+KVM_GET_API_VERSION = 0xAE00
+
+
+@dataclass
+class AccelDecision:
+    accel: str                     # "kvm" or "tcg"
+    reasons: list[str]
+    cpu_flags: list[str]
+    forced: bool = False
+
+    @property
+    def banner(self) -> str:
+        if self.accel == "kvm":
+            return "ACCEL: KVM (hardware virtualization) - " + "; ".join(self.reasons)
+        return ("ACCEL: TCG (software emulation, NOT KVM) - timings are emulated and ~10-100x slower than "
+                "hardware; latency results show relative effects only. Why: " + "; ".join(self.reasons))
+
+
+def cpu_virt_flags(cpuinfo: str | None = None) -> list[str]:
+    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(f for f in line.split(":", 1)[1].split() if f in ("vmx", "svm"))
+    return sorted(flags)
+
+
+def kvm_usable(dev: str = "/dev/kvm") -> tuple[bool, str]:
+    if not os.path.exists(dev):
+        return False, f"{dev} does not exist (kvm module not loaded?)"
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"{dev} cannot be opened read-write ({e.strerror}; add the user to the kvm group)"
+    try:
+        api = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as e:
+        return False, f"{dev}: KVM_GET_API_VERSION failed ({e.strerror})"
+    finally:
+        os.close(fd)
+    return True, f"{dev} opens read-write (KVM API {api})"
+
+
+def decide_accel(requested: str = "auto", cpuinfo: str | None = None, dev: str = "/dev/kvm") -> AccelDecision:
+    flags = cpu_virt_flags(cpuinfo)
+    ok, why = kvm_usable(dev)
+    reasons = [why, f"CPU virtualization flags: {' '.join(flags) if flags else 'none (no vmx/svm)'}"]
+    works = ok and bool(flags)
+    if requested == "kvm" and not works:
+        raise AccelError("accel: kvm was requested but KVM cannot run guests here: " + "; ".join(reasons))
+    if requested == "tcg":
+        return AccelDecision("tcg", reasons + ["TCG forced by the config"], flags, forced=True)
+    if works:
+        return AccelDecision("kvm", reasons, flags, forced=requested == "kvm")
+    if ok and not flags:
+        reasons.append("a /dev/kvm without vmx/svm is a software KVM that cannot boot Linux guests")
+    return AccelDecision("tcg", reasons + ["falling back to TCG with -cpu max (SVM + NPT emulated)"], flags)
+
+
+def nested_support() -> dict[str, str]:
+    out = {}
+    for mod in ("kvm_intel", "kvm_amd"):
+        for param in ("nested", "ept", "npt"):
+            p = Path(f"/sys/module/{mod}/parameters/{param}")
+            if p.exists():
+                out[f"{mod}.{param}"] = p.read_text().strip()
+    return out
+
+
+def qemu_version() -> str | None:
+    q = which("qemu-system-x86_64")
+    if not q:
+        return None
+    m = re.search(r"version (\S+)", run([q, "--version"], capture=True, check=False).stdout)
+    return m.group(1) if m else "unknown"
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        out[k] = int(v.split()[0])
+    return out
+
+
+@dataclass
+class Doctor:
+    accel: str
+    reasons: list[str]
+    cpu_flags: list[str]
+    nested: dict[str, str]
+    qemu: str | None
+    cgroup_v2: bool
+    mem_total_mb: int
+    mem_available_mb: int
+    disk_free_mb: int
+    cpus: int
+    kernel: str
+    python: str
+    tools: dict[str, str | None]
+    missing_packages: list[str] = field(default_factory=list)
+    ready: bool = True
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [f"host: {platform.node()} ({self.kernel}, {self.cpus} CPUs, {self.mem_total_mb} MiB RAM, "
+                 f"{self.mem_available_mb} MiB available, {self.disk_free_mb} MiB free disk for the cache)",
+                 f"accel: {self.accel.upper()}" + ("" if self.accel == "kvm" else "  <-- software emulation"),
+                 *[f"  - {r}" for r in self.reasons],
+                 f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
+                 f"qemu-system-x86_64: {self.qemu or 'MISSING'}",
+                 f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
+                 "(pressure runs inside the kernel under test, which mounts its own)",
+                 f"python: {self.python}",
+                 "tools: " + ", ".join(f"{t}{'' if p else ' (MISSING)'}" for t, p in self.tools.items())]
+        if self.missing_packages:
+            lines.append("install: apt-get install " + " ".join(self.missing_packages) + "   (or: fab setup)")
+        lines.append("ready: yes" if self.ready else "ready: NO - " + "; ".join(self.problems))
+        return "\n".join(lines)
+
+
+def doctor(cache_dir: Path | None = None) -> Doctor:
+    d = decide_accel("auto")
+    tools = {t: which(t) for t in TOOL_PACKAGES}
+    missing = sorted({TOOL_PACKAGES[t] for t, p in tools.items() if not p}
+                     | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()})
+    mi = meminfo()
+    disk_path = cache_dir or Path.home()
+    while not disk_path.exists():
+        disk_path = disk_path.parent
+    problems = []
+    if missing:
+        problems.append("missing packages: " + " ".join(missing))
+    if shutil.disk_usage(disk_path).free < 8 << 30:
+        problems.append(f"less than 8 GiB free under {disk_path} (a kernel build needs ~4 GiB)")
+    if mi["MemAvailable"] < 6 << 20:
+        problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
+    return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
+                  qemu=qemu_version(), cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+                  mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
+                  disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,
+                  kernel=platform.release(), python=platform.python_version(), tools=tools,
+                  missing_packages=missing, ready=not problems, problems=problems)

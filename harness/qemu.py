@@ -1,0 +1,128 @@
+"""QEMU command lines and guest topologies, as pure functions (config in, argument lists out).
+
+Every level boots the same way, virtme-style: the built bzImage, the host's root shared
+read-only over virtio-9p (`multidevs=remap`), tmpfs for what must be writable, and a
+writable 9p export of its own (tag `nestout`) for its plan and results. PID 1 is the
+agent (harness/guest/agent.py), run by the host's Python from the shared root, so L1 and
+L2 see the same tools as the host. The kernel under test also gets a virtio-blk swap disk
+so that global reclaim has something to do.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import REPO_ROOT
+from .config import Experiment
+
+AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
+GUEST_OUT = "/run/nestpress/out"       # where every agent mounts its export (see agent.py)
+KUT_SWAP_DEVICE = "/dev/vda"
+
+
+@dataclass
+class GuestSpec:
+    name: str                 # kut, l1-0, l1-0.l2-0 ...
+    level: str                # kut | l1 | l2
+    kernel: str
+    memory_mb: int
+    cpus: int
+    accel: str                # kvm | tcg
+    export: str               # writable results dir, as the parent sees it
+    console: str              # serial console log, as the parent sees it
+    python: str
+    cmdline_extra: list[str] = field(default_factory=list)
+    swap_image: str | None = None
+
+
+def kernel_cmdline(spec: GuestSpec) -> str:
+    args = ["console=ttyS0", "earlyprintk=serial,ttyS0", "loglevel=6", "panic=-1", "oops=panic",
+            "root=/dev/root", "rootfstype=9p",
+            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
+            "ro", "tsc=reliable", "no_timer_check", "mitigations=off", "nokaslr",
+            f"nestpress.level={spec.level}", f"nestpress.name={spec.name}",
+            *spec.cmdline_extra, f"init={spec.python}", "--", "-E", "-s", str(AGENT)]
+    return " ".join(args)
+
+
+def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
+    cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+    argv = [qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc",
+            "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none", "-vga", "none",
+            "-rtc", "base=utc,clock=host",
+            "-kernel", spec.kernel, "-append", kernel_cmdline(spec),
+            "-serial", f"file:{spec.console}",
+            "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
+            "-fsdev", f"local,id=out,path={spec.export},security_model=none",
+            "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
+    if spec.swap_image:
+        argv += ["-drive", f"file={spec.swap_image},if=virtio,format=raw,cache=unsafe"]
+    return argv
+
+
+def dry_run(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def resolve_topology(exp: Experiment, accel: str) -> str:
+    """auto: nested where there is hardware virtualization, shadow under TCG (see README)."""
+    kind = exp.topology.kind
+    return ("nested" if accel == "kvm" else "shadow") if kind == "auto" else kind
+
+
+def kut_params(topology: str, accel: str) -> list[str]:
+    """Module parameters of the kernel under test's own KVM for this topology."""
+    params = ["kvm_amd.nested=1", "kvm_intel.nested=1"]
+    if topology == "shadow":                      # TDP off: every L1 is shadow-paged by the kernel under test
+        params += ["kvm_amd.npt=0", "kvm_intel.ept=0"]
+    if topology == "nested" and accel == "tcg":   # keeps L1 alive on QEMU's emulated SVM (environment notes)
+        params += ["kvm_amd.vgif=0", "kvm_amd.vls=0", "kvm_amd.avic=0"]
+    return params
+
+
+def probe_levels(exp: Experiment, topology: str) -> set[str]:
+    present = {"l1", "l2"} if topology == "nested" else {"l1"}
+    return set(exp.workload.probe.levels) & present
+
+
+def build_plan(exp: Experiment, kernel: str, accel: str, cell_dir: Path, run_id: str, python: str,
+               conductor: dict, swap_image: Path | None) -> tuple[GuestSpec, dict]:
+    """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow."""
+    topology = resolve_topology(exp, accel)
+    levels = probe_levels(exp, topology)
+    probe_cfg = exp.workload.probe.model_dump()
+    timeouts = exp.boot.timeout_s
+
+    def guest_plan(name: str, level: str, children: list[dict]) -> dict:
+        return {"name": name, "level": level, "run_id": run_id, "children": children,
+                "probe": probe_cfg if level in levels else None,
+                "command": exp.workload.command if level in levels else None,
+                "on_guest_failure": exp.boot.on_guest_failure}
+
+    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
+        export = f"{parent_out}/{name.split('.')[-1]}"
+        spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
+                         cpus=spec_level.cpus, accel="kvm", export=export, console=f"{export}/console.log",
+                         python=python)
+        return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
+                "argv": qemu_argv(spec), "plan": guest_plan(name, level, grandchildren)}
+
+    l1s = []
+    for i in range(exp.topology.l1.count):
+        l1_name = f"l1-{i}"
+        l2s = ([child(GUEST_OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [])
+                for j in range(exp.topology.l2.count)] if topology == "nested" else [])
+        l1s.append(child(GUEST_OUT, l1_name, "l1", exp.topology.l1, l2s))
+    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c["plan"]["children"]) for c in l1s
+                                                                    if "l2" in levels)
+    kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
+                    cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir), console=str(cell_dir / "console.log"),
+                    python=python, cmdline_extra=kut_params(topology, accel),
+                    swap_image=str(swap_image) if swap_image else None)
+    plan = guest_plan("kut", "kut", l1s)
+    plan.update(swap_device=KUT_SWAP_DEVICE if kut.swap_image else None, cgroup_controllers=["memory"],
+                topology=topology, conductor=dict(conductor, expected_probes=expected_probes))
+    return kut, plan

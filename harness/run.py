@@ -1,0 +1,247 @@
+"""Run an experiment: build -> manifest -> cells (boot, conduct, collect) -> tables -> report.
+
+The run directory results/<experiment>/<run-id>/ gets manifest.json before the first cell
+starts, and one directory per cell that the kernel under test's agent fills as it goes
+(cells/<cell-id>/, with L1/L2 exports nested inside). cell.json marks a cell complete;
+running again into the same run directory skips complete cells and redoes the rest.
+Ctrl-C (or SIGTERM) at any point stops every QEMU of the run, removes its temp dir and
+leaves a manifest that says `interrupted`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from . import REPO_ROOT
+from .build import Builder, BuildResult
+from .config import Cell, Plan, describe
+from .errors import GuestError, HarnessError
+from .guest.supervise import Child, stop_all, tail
+from .host import decide_accel, doctor
+from .pressure import check as check_pressure, conductor_plan
+from .qemu import build_plan, dry_run, qemu_argv, resolve_topology
+from .util import console, fmt_s, log, python_for_guests, read_json, warn, write_json
+
+WARM_TIMEOUT_S = 240
+SHUTDOWN_S = 90
+
+
+def harness_commit() -> str | None:
+    r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def find_run_dir(plan: Plan, run_id: str | None, resume: bool, root: Path | None = None) -> Path:
+    """An explicit run id (resume into it), the newest run of this config (--resume), or a new one."""
+    base = (root or Path(plan.experiment.output)).resolve() / plan.experiment.name
+    if run_id:
+        return base / run_id
+    if resume and base.exists():
+        for d in sorted(base.iterdir(), reverse=True):
+            m = d / "manifest.json"
+            if m.exists() and read_json(m).get("config_hash") == plan.config_hash():
+                return d
+    return base / new_run_id()
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+class Runner:
+    def __init__(self, plan: Plan, run_dir: Path, cache: Path | None = None, reproduce: str = ""):
+        self.plan, self.exp, self.run_dir = plan, plan.experiment, run_dir
+        self.cache = cache
+        self.reproduce = reproduce
+        self.accel = decide_accel(self.exp.accel)
+        self.topology = resolve_topology(self.exp, self.accel.accel)
+        self.cell_times: list[float] = []
+
+    # -- manifest -----------------------------------------------------------------------------
+    def _manifest(self, builds: dict[str, BuildResult]) -> dict:
+        path = self.run_dir / "manifest.json"
+        old = read_json(path) if path.exists() else {}
+        return {
+            "experiment": self.exp.name, "run_id": self.run_dir.name, "status": "running",
+            "started": old.get("started", time.time()), "resumed": old.get("resumed", []) + ([time.time()] if old else []),
+            "config_path": self.plan.config_path, "config_hash": self.plan.config_hash(),
+            "config": self.plan.raw, "expanded": self.exp.model_dump(by_alias=True), "axes": self.plan.axes,
+            "cells": [{"id": c.id, "variant": c.variant, "repetition": c.repetition, "axes": c.axes,
+                       "order": c.order} for c in self.plan.cells],
+            "order": "repetitions outer, variants inner (A B A B ...)",
+            "harness_commit": harness_commit(),
+            "accel": {"kut": self.accel.accel, "l1": "kvm", "l2": "kvm" if self.topology == "nested" else None,
+                      "reasons": self.accel.reasons, "banner": self.accel.banner},
+            "topology": self.topology,
+            "builds": {name: {"key": b.key, "dir": str(b.dir), "kernelrelease": b.metadata.get("kernelrelease"),
+                              "kernel_version": b.metadata["inputs"]["kernel_version"],
+                              "source": b.metadata["inputs"]["source_description"],
+                              "patch_variant": b.metadata["inputs"]["patch_variant"],
+                              "patches": b.metadata["inputs"]["patches"],
+                              "config_sha256": b.metadata.get("config_sha256"),
+                              "fragments": b.metadata["inputs"]["fragments"],
+                              "bzImage_sha256": b.metadata.get("artifacts", {}).get("bzImage")}
+                       for name, b in builds.items()},
+            "host": doctor(self.cache).as_dict(),
+            "reproduce": self.reproduce,
+        }
+
+    # -- run ----------------------------------------------------------------------------------
+    def run(self) -> Path:
+        console.print(f"[bold]{self.accel.banner}[/bold]",
+                      style="bold green" if self.accel.accel == "kvm" else "bold yellow")
+        console.print(f"topology: {self.topology}" + (" (auto: no hardware virtualization, so L1 is shadow-paged "
+                                                      "by the kernel under test; see README)"
+                                                      if self.exp.topology.kind == "auto" and self.topology == "shadow"
+                                                      else ""))
+        if self.topology == "nested" and self.accel.accel == "tcg":
+            warn("nested topology under TCG: L2 boots ~100x slower than L1 (minutes to tens of minutes); "
+                 "raise boot.timeout_s.l2 accordingly")
+        for cell in self.plan.cells:
+            check_pressure(cell.config, cell.axes.get("pressure.mode", cell.config.pressure.mode), self.topology)
+        builds = Builder(self.exp, self.cache).build_all()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "manifest.json", manifest := self._manifest(builds))
+        log(f"run directory: {self.run_dir}")
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+        t0 = time.monotonic()
+        try:
+            todo = [c for c in self.plan.cells if not self._complete(c)]
+            if len(todo) < len(self.plan.cells):
+                log(f"resume: {len(self.plan.cells) - len(todo)} cell(s) already complete, {len(todo)} to run")
+            for k, cell in enumerate(todo, 1):
+                self._run_cell(cell, builds[cell.variant], k, len(todo), t0)
+            manifest["status"] = "complete" if all(self._complete(c) for c in self.plan.cells) else "incomplete"
+        except (KeyboardInterrupt, _Terminated):
+            manifest["status"] = "interrupted"
+            raise HarnessError(f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
+                               f"(run again with --run-id {self.run_dir.name} to resume)") from None
+        finally:
+            stop_all()
+            signal.signal(signal.SIGTERM, old)
+            manifest["finished"] = time.time()
+            manifest["duration_s"] = manifest.get("duration_s", 0) + time.monotonic() - t0
+            write_json(self.run_dir / "manifest.json", manifest)
+        return self.run_dir
+
+    def _complete(self, cell: Cell) -> bool:
+        f = self.run_dir / "cells" / cell.id / "cell.json"
+        return f.exists() and read_json(f).get("status") == "complete"
+
+    def _estimate(self, cell: Cell) -> float:
+        if self.cell_times:
+            return sum(self.cell_times) / len(self.cell_times)
+        boots = 10 + 25 * (2 if self.topology == "nested" else 1) if self.accel.accel == "tcg" else 10
+        return boots + 20 + sum(p.duration_s for p in cell.config.phases)
+
+    def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
+        attempts = cell.config.boot.retries + 1
+        errors = []
+        for attempt in range(1, attempts + 1):
+            cell_dir = self.run_dir / "cells" / cell.id
+            if cell_dir.exists():
+                shutil.rmtree(cell_dir)      # an incomplete earlier attempt: redo it whole
+            cell_dir.mkdir(parents=True)
+            started = time.monotonic()
+            try:
+                result = self._attempt(cell, build, cell_dir, k, n, t0)
+            except GuestError as e:
+                errors.append(str(e))
+                write_json(cell_dir / "cell.json", {"status": "failed", "attempt": attempt, "errors": errors})
+                warn(f"cell {cell.id} attempt {attempt}/{attempts} failed: {e}")
+                continue
+            self.cell_times.append(time.monotonic() - started)
+            write_json(cell_dir / "cell.json", {"status": "complete", "attempt": attempt, "retried": attempt > 1,
+                                                "errors": errors, **result})
+            return
+        log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing",
+            style="red")
+
+    def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> dict:
+        exp = cell.config
+        mode = cell.axes.get("pressure.mode", exp.pressure.mode)
+        tmp = Path(tempfile.mkdtemp(prefix=f"nestpress-{self.run_dir.name}-"))
+        try:
+            swap = None
+            if exp.topology.kut.swap_mb:
+                swap = tmp / "swap.img"
+                with open(swap, "wb") as f:
+                    f.truncate(exp.topology.kut.swap_mb << 20)
+            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, cell_dir, self.run_dir.name,
+                                    python_for_guests(), conductor_plan(exp, mode, WARM_TIMEOUT_S), swap)
+            plan["cell"] = cell.id
+            write_json(cell_dir / "plan.json", plan)
+            argv = qemu_argv(spec)
+            (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
+            kut = Child("kut", argv, str(cell_dir), spec.console)
+            started = time.time()
+            kut.start()
+            try:
+                ready = kut.wait_ready(exp.boot.timeout_s.get("kut", 120))
+            except RuntimeError as e:
+                raise GuestError(str(e)) from None
+            budget = self._estimate(cell) * 2 + sum(exp.boot.timeout_s.values()) + SHUTDOWN_S
+            self._follow(cell, kut, cell_dir, k, n, t0, budget)
+            exit_info = read_json(cell_dir / "exit.json") if (cell_dir / "exit.json").exists() else None
+            kut.stop()
+            if exit_info is None:
+                raise GuestError(f"kut exited without exit.json; console:\n{tail(spec.console)}")
+            if exit_info["status"] != 0:
+                raise GuestError(f"agent in the kernel under test failed:\n{exit_info['error'][-1500:]}")
+            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": mode}
+        finally:
+            stop_all()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _follow(self, cell: Cell, kut: Child, cell_dir: Path, k: int, n: int, t0: float, budget: float) -> None:
+        """Wait for the kernel under test to power off, showing which stage it is in."""
+        events = cell_dir / "events.jsonl"
+        stage = "booting guests"
+        deadline = time.monotonic() + budget
+        est = self._estimate(cell)
+        with console.status("") as status:
+            while kut.proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
+                if events.exists():
+                    for line in events.read_text().splitlines()[-5:]:
+                        try:
+                            e = json.loads(line)
+                        except ValueError:
+                            continue
+                        if e["kind"] == "phase_start":
+                            stage = f"phase {e['phase']} ({e['mode']}, {e['duration_s']:g}s)"
+                        elif e["kind"] in ("boot_ready", "probe_start", "probes_warm"):
+                            stage = {"boot_ready": f"{e.get('guest')} up, warming probes",
+                                     "probe_start": "warming probes", "probes_warm": "probes warm"}[e["kind"]]
+                elapsed = time.monotonic() - t0
+                eta = est * (n - k + 1) - (time.monotonic() - kut.started)
+                status.update(f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | "
+                              f"remaining ~{fmt_s(max(0, eta))}")
+                time.sleep(1)
+        log(f"cell {k}/{n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
+
+
+def run_experiment(plan: Plan, run_id: str | None = None, resume: bool = False, cache: Path | None = None,
+                   reproduce: str = "", output_root: Path | None = None) -> Path:
+    console.print(describe(plan))
+    run_dir = find_run_dir(plan, run_id, resume, output_root)
+    return Runner(plan, run_dir, cache, reproduce).run()
+

@@ -1,0 +1,128 @@
+"""Kernel sources: a tarball, a git repository + ref, or a local tree -> a pristine tree in the cache.
+
+The user's tree is never touched: tarballs are extracted, git refs are exported with
+`git archive`, local trees are copied. The pristine tree is shared read-only by every
+variant (variants hard-link it and break the links of files a patch changes).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Source
+from .errors import SourceError
+from .util import atomic_dir, hash_file, log, need_tool, run
+
+
+@dataclass(frozen=True)
+class KernelVersion:
+    major: int
+    minor: int
+    sublevel: int
+    extra: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}{self.extra}"
+
+    @property
+    def mm(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    tree: Path            # pristine tree, do not modify
+    identity: str         # what determines its contents (for cache keys)
+    version: KernelVersion
+    description: str
+
+
+def makefile_version(tree: Path) -> KernelVersion:
+    mk = tree / "Makefile"
+    if not mk.exists():
+        raise SourceError(f"{tree}: no top-level Makefile, not a kernel tree")
+    head = mk.read_text(errors="replace")[:2000]
+    fields = {}
+    for key in ("VERSION", "PATCHLEVEL", "SUBLEVEL", "EXTRAVERSION"):
+        m = re.search(rf"^{key}\s*=\s*(.*)$", head, re.M)
+        fields[key] = m.group(1).strip() if m else ""
+    try:
+        return KernelVersion(int(fields["VERSION"]), int(fields["PATCHLEVEL"]), int(fields["SUBLEVEL"] or 0),
+                             fields["EXTRAVERSION"])
+    except ValueError:
+        raise SourceError(f"{mk}: cannot read VERSION/PATCHLEVEL/SUBLEVEL ({fields})") from None
+
+
+def _tree_fingerprint(tree: Path) -> str:
+    """Identity of a local tree: git HEAD + diff when it is a repository, else names/sizes/mtimes."""
+    if (tree / ".git").exists():
+        head = run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture=True).stdout.strip()
+        diff = run(["git", "-C", str(tree), "diff", "HEAD"], capture=True).stdout
+        return f"git:{head}:{hashlib.sha256(diff.encode()).hexdigest()[:16]}"
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(tree):
+        dirs.sort()
+        for f in sorted(files):
+            st = os.lstat(os.path.join(root, f))
+            h.update(f"{os.path.relpath(os.path.join(root, f), tree)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return "walk:" + h.hexdigest()[:16]
+
+
+def prepare(src: Source, cache: Path) -> PreparedSource:
+    """Return a pristine tree for `src`, extracting/exporting it once per identity."""
+    if src.kind == "tarball":
+        tar = Path(src.path).expanduser()
+        if not tar.exists():
+            hint = f" (install it: apt-get install {src.package}, or `fab setup`)" if src.package else ""
+            raise SourceError(f"kernel tarball {tar} does not exist{hint}")
+        identity = "tarball:" + hash_file(tar)
+        desc = str(tar)
+    elif src.kind == "git":
+        need_tool("git", "git")
+        url = os.path.expanduser(src.url)
+        r = run(["git", "ls-remote", url, src.ref], capture=True, check=False)
+        sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else None
+        if sha is None and Path(url).exists():
+            r = run(["git", "-C", url, "rev-parse", "--verify", src.ref + "^{commit}"], capture=True, check=False)
+            sha = r.stdout.strip() if r.returncode == 0 else None
+        if not sha:
+            raise SourceError(f"git source {src.url}: ref '{src.ref}' not found")
+        identity = "git:" + sha
+        desc = f"{src.url}@{src.ref} ({sha[:12]})"
+    else:
+        tree = Path(src.path).expanduser().resolve()
+        if not tree.is_dir():
+            raise SourceError(f"local kernel tree {tree} does not exist")
+        makefile_version(tree)
+        identity = "local:" + _tree_fingerprint(tree)
+        desc = str(tree)
+
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    dest = cache / "src" / key
+    if not (dest / "Makefile").exists():
+        with atomic_dir(dest) as tmp:
+            log(f"source: preparing {desc} -> {dest}")
+            if src.kind == "tarball":
+                need_tool("tar", "tar")
+                run(["tar", "-xf", str(Path(src.path).expanduser()), "-C", str(tmp), "--strip-components=1"])
+            elif src.kind == "git":
+                archive = subprocess.Popen(["git", "-C", os.path.expanduser(src.url), "archive", identity[4:]]
+                                           if Path(os.path.expanduser(src.url)).exists()
+                                           else ["git", "archive", "--remote", src.url, src.ref],
+                                           stdout=subprocess.PIPE)
+                run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
+                if archive.wait() != 0:
+                    raise SourceError(f"git archive of {desc} failed")
+            else:
+                shutil.copytree(Path(src.path).expanduser(), tmp, symlinks=True, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(".git"))
+            if (tmp / ".config").exists():
+                log("source: the local tree was configured in-tree; running `make mrproper` on our copy")
+                run(["make", "-s", "-C", str(tmp), "mrproper"])
+    return PreparedSource(tree=dest, identity=identity, version=makefile_version(dest), description=desc)
+

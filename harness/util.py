@@ -1,0 +1,126 @@
+"""Small shared helpers: logging, subprocesses, atomic cache entries, hashing, tool checks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+
+from .errors import HarnessError, MissingTool
+
+console = Console(stderr=True, highlight=False)
+
+
+def log(msg: str, style: str | None = None) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", style=style, markup=True)
+
+
+def warn(msg: str) -> None:
+    console.print(f"[bold yellow]WARNING[/bold yellow] {msg}")
+
+
+def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str | Path | None = None,
+        env: dict | None = None, stdin: Any = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run an argument list (never a shell string); raise HarnessError with the output tail on failure."""
+    try:
+        r = subprocess.run(cmd, cwd=cwd, env=env, stdin=stdin, timeout=timeout, text=True,
+                           stdout=subprocess.PIPE if capture else None,
+                           stderr=subprocess.PIPE if capture else None)
+    except FileNotFoundError:
+        raise HarnessError(f"command not found: {cmd[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"timed out after {timeout}s: {' '.join(cmd)}") from None
+    if check and r.returncode != 0:
+        tail = ((r.stderr or "") + (r.stdout or ""))[-2000:] if capture else ""
+        raise HarnessError(f"command failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}".rstrip())
+    return r
+
+
+# Debian package for every external tool the harness calls: one place, used by doctor and setup.
+TOOL_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86", "make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison",
+    "bc": "bc", "cpio": "cpio", "ccache": "ccache", "git": "git", "tar": "tar", "xz": "xz-utils",
+    "mkswap": "util-linux", "hwclock": "util-linux", "ssh": "openssh-client", "sshd": "openssh-server",
+    "perl": "perl", "openssl": "openssl",
+}
+# headers found by path rather than by a binary
+HEADER_PACKAGES = {"/usr/include/libelf.h": "libelf-dev", "/usr/include/openssl/ssl.h": "libssl-dev"}
+SETUP_PACKAGES = sorted(set(TOOL_PACKAGES.values()) | set(HEADER_PACKAGES.values())
+                        | {"build-essential", "python3", "python3-venv", "procps", "kmod", "iproute2", "rsync"})
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool) or next((p for d in ("/usr/sbin", "/sbin") if os.path.exists(p := f"{d}/{tool}")), None)
+
+
+def need_tool(tool: str, package: str | None = None) -> str:
+    path = which(tool)
+    if not path:
+        raise MissingTool(tool, package or TOOL_PACKAGES.get(tool, tool))
+    return path
+
+
+def hash_file(path: Path, _memo: dict = {}) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so big tarballs hash once per process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def hash_text(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Fill a temp sibling and rename it into place: an interrupted fill never looks complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write-then-rename so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("NESTPRESS_CACHE") or Path.home() / ".cache" / "nestpress")
+
+
+def python_for_guests() -> str:
+    """The interpreter guests run the agent with (stdlib only): the real binary behind this one."""
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))

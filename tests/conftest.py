@@ -1,0 +1,47 @@
+"""Shared fixtures. Kernel tests share one build cache per run (NESTPRESS_CACHE), so every
+test kernel is built once. Set NESTPRESS_REQUIRE_KERNEL=1 (CI does) to turn a missing kernel
+source or QEMU into a failure instead of a skip."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SRC_61 = Path("/usr/src/linux-source-6.1.tar.xz")
+SRC_612 = Path("/usr/src/linux-source-6.12.tar.xz")
+
+
+def require(condition: bool, why: str) -> None:
+    if condition:
+        return
+    if os.environ.get("NESTPRESS_REQUIRE_KERNEL"):
+        pytest.fail(f"required for this run: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = Path(os.environ.get("NESTPRESS_CACHE") or tmp_path_factory.mktemp("nestpress-cache"))
+    os.environ["NESTPRESS_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def src61() -> Path:
+    require(SRC_61.exists(), f"{SRC_61} (apt-get install linux-source-6.1)")
+    return SRC_61
+
+
+@pytest.fixture(scope="session")
+def src612() -> Path:
+    require(SRC_612.exists(), f"{SRC_612} (apt-get install linux-source-6.12)")
+    return SRC_612
+
+
+@pytest.fixture(scope="session")
+def qemu() -> str:
+    q = shutil.which("qemu-system-x86_64")
+    require(q is not None, "qemu-system-x86_64 (apt-get install qemu-system-x86)")
+    return q

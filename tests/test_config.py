@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+
+from harness import REPO_ROOT
+from harness.config import axis_paths, describe, load, schema_reference
+from harness.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+name: t
+source: {kind: tarball, path: /usr/src/linux-source-6.1.tar.xz}
+variants: [{name: baseline}, {name: patched, series: shrinker-removal}]
+phases: [{name: steady, duration_s: 5}, {name: hit, duration_s: 5, pressure: true}]
+repetitions: 2
+"""
+
+
+def test_default_config_plan_interleaves_variants():
+    plan = load("shrinker-ab")
+    assert [c.variant for c in plan.cells] == ["baseline", "patched"] * plan.experiment.repetitions
+    assert plan.experiment.repetitions >= 3
+
+
+def test_list_axis_expands_matrix(tmp_path):
+    p = write(tmp_path, MINIMAL + "pressure: {mode: [global, memcg-limit]}\n")
+    plan = load(p)
+    assert len(plan.cells) == 2 * 2 * 2
+    assert {c.axes["pressure.mode"] for c in plan.cells} == {"global", "memcg-limit"}
+    assert {c.config.pressure.mode for c in plan.cells} == {"global", "memcg-limit"}
+    assert "pressure.mode" in axis_paths() and "topology.kind" in axis_paths()
+
+
+def test_overrides_by_name_and_yaml_values(tmp_path):
+    plan = load(write(tmp_path, MINIMAL), ["repetitions=1", "phases.hit.duration_s=1.5", "pressure.mode=drop-caches"])
+    exp = plan.experiment
+    assert exp.repetitions == 1 and exp.phases[1].duration_s == 1.5
+    assert exp.phases[1].mode(exp.pressure.mode) == "drop-caches"
+
+
+@pytest.mark.parametrize("patch, where, what", [
+    ("repetitions: 0", "repetitions", "greater than or equal to 1"),
+    ("pressure: {mode: sometimes}", "pressure.mode", "Input should be"),
+    ("topology: {l1: {memory_mb: 12}}", "topology.l1.memory_mb", "greater than or equal"),
+    ("bogus: 1", "bogus", "Extra inputs are not permitted"),
+])
+def test_bad_config_names_file_field_and_problem(tmp_path, patch, where, what):
+    p = write(tmp_path, MINIMAL + patch + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    msg = str(e.value)
+    assert str(p) in msg and where in msg and what in msg
+
+
+def test_bad_override_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no list element named or numbered 'nope'"):
+        load(write(tmp_path, MINIMAL), ["phases.nope.duration_s=3"])
+
+
+def test_fab_validate_exit_codes(tmp_path):
+    good = subprocess.run([sys.executable, "-m", "harness", "validate", "--config", "shrinker-ab"],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert good.returncode == 0, good.stderr
+    assert "config OK" in good.stdout and "baseline.r1" in good.stdout
+    bad = write(tmp_path, MINIMAL.replace("repetitions: 2", "repetitions: -1"))
+    r = subprocess.run([sys.executable, "-m", "harness", "validate", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=REPO_ROOT)
+    assert r.returncode == 2 and "repetitions" in r.stderr and str(bad) in r.stderr
+
+
+def test_describe_lists_every_cell():
+    plan = load("shrinker-ab")
+    text = describe(plan)
+    assert all(c.id in text for c in plan.cells)
+
+
+def test_readme_config_reference_is_generated_from_schema():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert schema_reference() in readme, "README config reference is stale: run `python -m harness.docs`"
