@@ -8,7 +8,8 @@ from fabric import task
 from harness import fleet
 
 HOST_HELP = {"accept_new_host": "trust an unknown SSH host key on first use (default: reject)",
-             "remote_dir": "where the harness lives on the host (default ~/.nestpress)",
+             "remote_dir": "where the harness lives on the host (default ~/.nestpress; {host} becomes host-port, "
+                           "for homes shared between hosts)",
              "cache": "build cache directory on the host (default ~/.cache/nestpress)"}
 CONFIG_HELP = {"config": "experiment YAML (a path, or a name under configs/, e.g. shrinker-ab)",
                "set_": "override a config value, repeatable: --set repetitions=1 --set phases.global.duration_s=5"}

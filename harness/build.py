@@ -4,15 +4,18 @@ Layout under the cache (default ~/.cache/nestpress, or $NESTPRESS_CACHE):
   src/<source-key>/                 pristine tree (shared, never modified)
   work/<work-key>/<patch-key>/      hard-linked copy of it with the variant's patches applied
   work/<work-key>/<patch-key>/o/    out-of-tree build dir (a direct child, so kbuild uses srctree=..
-                                    and the dependency files hold relative paths)
+                                    and the dependency files hold relative paths); kept across config
+                                    changes: kbuild's per-option dependencies rebuild only what changed
   builds/<build-key>/               finished artifacts: bzImage, config, System.map, build.log, metadata.json
   ccache/                           compiler cache
 
-A variant built after another with the same config starts from a copy of that one's
-`o/` (timestamps kept): make then recompiles only what the patch touched.
+A variant built for the first time starts from a copy of a sibling variant's `o/`
+(timestamps kept): make then recompiles only what the patch touched. Builds in one tree are
+serialised with a lock file.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -147,8 +150,7 @@ class Builder:
         return self._build(v, inputs, key, out)
 
     def _work_root(self, inputs: dict) -> Path:
-        return self.cache / "work" / hash_text(inputs["source"], inputs["config_base"],
-                                               repr(sorted(inputs["fragments"].items())), inputs["compiler"])[:16]
+        return self.cache / "work" / hash_text(inputs["source"], inputs["compiler"])[:16]
 
     def _variant_tree(self, v: Variant, inputs: dict) -> Path:
         """Hard-linked copy of the pristine tree with this variant's patches, made once."""
@@ -167,7 +169,7 @@ class Builder:
         return tree
 
     def _seed_objects(self, tree: Path) -> None:
-        """Start from a sibling variant's finished build dir (same source and config): reuse its objects."""
+        """Start from a sibling variant's finished build dir (same source): reuse its objects."""
         if (tree / "o").exists():
             return
         for sibling in sorted(tree.parent.iterdir()):
@@ -203,7 +205,14 @@ class Builder:
 
     def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
         tree = self._variant_tree(v, inputs)
-        self._seed_objects(tree)
+        with open(tree.parent / f"{tree.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (out / "metadata.json").exists():        # built meanwhile by another process
+                return BuildResult(v.name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
+            self._seed_objects(tree)
+            return self._build_locked(v, inputs, key, out, tree)
+
+    def _build_locked(self, v: Variant, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
         env = dict(os.environ, KBUILD_BUILD_TIMESTAMP="nestpress", KBUILD_BUILD_USER="nestpress",
                    KBUILD_BUILD_HOST="nestpress", LC_ALL="C")
         cc = "gcc"
@@ -249,7 +258,7 @@ class Builder:
         """Stream make's output to build.log with a live status line; the log tail on failure."""
         log_path = tree / "build.log"
         compiles = 0
-        with open(log_path, "w") as logf, console.status(f"build {name}: make bzImage") as status:
+        with open(log_path, "w", buffering=1) as logf, console.status(f"build {name}: make bzImage") as status:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             try:
                 for line in proc.stdout:

@@ -82,10 +82,15 @@ class Topology(Strict):
 
 
 class Probe(Strict):
-    size_mb: int = axis(1200, ge=1, description="working set touched by the latency probe")
+    size_mb: int = axis(1200, ge=1, description="address span the probe touches (mapped MAP_NORESERVE)")
     access: Literal["write", "read"] = "write"
     pattern: Literal["sequential", "random"] = "sequential"
-    stride: int = Field(4096, ge=8, description="bytes between touches (4096: one per page)")
+    stride: int = Field(4096, ge=8, description="bytes between touches (4096: every page; resident memory is "
+                                                "size_mb * 4096 / stride when stride > 4096)")
+
+    @property
+    def resident_mb(self) -> float:
+        return self.size_mb * min(1.0, 4096 / self.stride)
     interval_s: float = Field(1.0, gt=0, description="histogram interval")
     levels: list[Literal["l1", "l2"]] = Field(default_factory=lambda: ["l2", "l1"],
                                                description="where the probe runs (levels absent in the topology are skipped)")

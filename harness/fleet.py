@@ -119,11 +119,10 @@ def run_fleet(remotes: list[Remote], config: str, sets: list[str], run_id: str |
         if state == "running":
             log(f"{r.name}: job {job} is still running - reattaching")
         else:
-            r.start_job(job, ["run", "--config", remote_config, *sets, "--run-id", run_id,
+            r.start_job(job, ["run", "--config", remote_config, *sets, "--run-id", run_id, "--output", "results",
                               *(["--shard", f"{i}/{n}"] if n > 1 else [])])
         rc = r.follow(job, prefix=f"[{r.c.host}:{r.c.port}] " if n > 1 else "")
-        out = exp.output if exp.output.startswith("/") else f"{r.app}/{exp.output}"
-        r.fetch(f"{out}/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
+        r.fetch(f"{r.app}/results/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
         return rc
 
     outcomes = run_on_hosts(remotes, one)

@@ -40,9 +40,9 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     args = ["console=ttyS0", "earlyprintk=serial,ttyS0", "loglevel=6", "panic=-1", "oops=panic",
             "root=/dev/root", "rootfstype=9p",
             "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
-            "ro", "tsc=reliable", "no_timer_check", "mitigations=off", "nokaslr",
+            "ro", "mitigations=off", "nokaslr",
             f"nestpress.level={spec.level}", f"nestpress.name={spec.name}",
-            *spec.cmdline_extra, f"init={spec.python}", "--", "-E", "-s", str(AGENT)]
+            *spec.cmdline_extra, f"init={spec.python}", "--", "-E", "-S", str(AGENT)]
     return " ".join(args)
 
 

@@ -30,6 +30,7 @@ from .util import log, warn
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15
+RECONNECT_S = 300            # how long the controller keeps trying to reattach after a drop
 SHIP_EXCLUDE = (".venv", "results", ".git", "__pycache__", ".pytest_cache", "build")
 
 
@@ -112,7 +113,8 @@ class Remote:
 
     @property
     def root(self) -> str:
-        d = self.remote_dir_spec
+        """The host's nestpress dir; `{host}` in it becomes host-port (for homes shared between hosts)."""
+        d = self.remote_dir_spec.replace("{host}", f"{self.c.host}-{self.c.port}")
         return self.home + d[1:] if d.startswith("~") else d
 
     @property
@@ -172,9 +174,10 @@ class Remote:
                     f"then echo running; else echo absent; fi")
         return r.stdout.strip()
 
-    def follow(self, job: str, reconnect_for_s: float = 120, prefix: str = "") -> int:
+    def follow(self, job: str, prefix: str = "") -> int:
         """Stream the job's log until it ends; reattach after drops; Ctrl-C stops the job on the host."""
         j = f"{self.root}/jobs/{job}"
+        reconnect_for_s = float(os.environ.get("NESTPRESS_RECONNECT_S", RECONNECT_S))
         offset = 0
         lost_since = None
         try:

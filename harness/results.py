@@ -87,13 +87,13 @@ def collect_cell(cell_dir: Path, cell: dict) -> dict[str, list[dict]]:
                     lo, hi = bucket_bounds(int(k))
                     rows["samples"].append({**g, "phase": phase, "t": tm, "latency_ns": (lo + hi) / 2,
                                             "lo_ns": lo, "hi_ns": hi, "count": n, "interval": rec["t0"]})
+                for t, ns in rec.get("outliers", []):
+                    rows["events"].append({**g, "kind": "probe_outlier", "t": sec(t),
+                                           "detail": json.dumps({"latency_ns": ns})})
             elif rec["type"] == "pass":
                 tm = sec(rec["t1"])
                 rows["passes"].append({**g, "pass": rec["pass"], "t": tm, "phase": _phase_of(sec(rec["t0"]), phases),
                                        "duration_ms": (rec["t1"] - rec["t0"]) / 1e6})
-            elif rec["type"] == "outlier":
-                rows["events"].append({**g, "kind": "probe_outlier", "t": sec(rec["t"]),
-                                       "detail": json.dumps({"latency_ns": rec["ns"]})})
         for rec in _jsonl(d / "counters.jsonl"):
             t = sec(rec["t"])
             for name, value in rec["v"].items():

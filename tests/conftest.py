@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.build import Builder
+from harness.config import load
+
 SRC_61 = Path("/usr/src/linux-source-6.1.tar.xz")
 SRC_612 = Path("/usr/src/linux-source-6.12.tar.xz")
 
@@ -45,3 +48,10 @@ def qemu() -> str:
     q = shutil.which("qemu-system-x86_64")
     require(q is not None, "qemu-system-x86_64 (apt-get install qemu-system-x86)")
     return q
+
+
+@pytest.fixture(scope="session")
+def builds(src61, cache_dir):
+    """Baseline and patched 6.1 kernels of the default experiment (built once per run, shared)."""
+    exp = load("shrinker-ab").experiment
+    return Builder(exp, cache_dir).build_all()

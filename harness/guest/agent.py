@@ -1,6 +1,6 @@
 """In-guest agent: PID 1 of every level (kernel under test, L1, L2). Standard library only.
 
-Started from the kernel command line (`init=<python> -- -E -s agent.py`), it mounts the
+Started from the kernel command line (`init=<python> -- -E -S agent.py`), it mounts the
 basics, mounts its results export (9p tag `nestout`), reads `plan.json` there, records
 the facts of its level, says `ready.json`, starts its child guests and its probe, and -
 in the kernel under test - conducts the phase schedule with the sampler and the pressure
@@ -41,11 +41,11 @@ def early_mounts() -> None:
     mount("proc", "/proc", "proc")
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs")
-    for d in ("/tmp", "/run", "/var/tmp", "/dev/shm"):
-        try:
-            mount("tmpfs", d, "tmpfs", "mode=1777")
-        except OSError:
-            pass  # a read-only root without that directory: not needed for the experiment
+    # writable scratch only where nothing of the host's is needed: the host's /tmp and /var/tmp stay
+    # visible (read-only), since kernels, caches and results may live there
+    for d in ("/run", "/dev/shm"):
+        mount("tmpfs", d, "tmpfs", "mode=1777")
+    os.makedirs("/run/tmp", exist_ok=True)
     for src, target, fstype in (("debugfs", "/sys/kernel/debug", "debugfs"),
                                 ("tracefs", "/sys/kernel/tracing", "tracefs"),
                                 ("cgroup2", "/sys/fs/cgroup", "cgroup2")):
@@ -173,7 +173,7 @@ def start_probe(plan: dict, ev: Events) -> subprocess.Popen | None:
     cfg = dict(plan["probe"], out=os.path.join(OUT, "probe.jsonl"), status=os.path.join(OUT, "probe.status"),
                stop=os.path.join(OUT, "stop"))
     ev("probe_start", guest=plan["name"])
-    return subprocess.Popen([sys.executable, "-E", "-s", os.path.join(HERE, "probe.py"), json.dumps(cfg)],
+    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "probe.py"), json.dumps(cfg)],
                             stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
                             stderr=open(os.path.join(OUT, "probe.stderr"), "w"))
 
@@ -206,7 +206,7 @@ def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
     """Kernel under test only: sampler + phase schedule with the pressure each phase asks for."""
     c = plan["conductor"]
     wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], ev)
-    sampler = subprocess.Popen([sys.executable, "-E", "-s", os.path.join(HERE, "sampler.py"),
+    sampler = subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "sampler.py"),
                                 json.dumps(dict(c["sampler"], out=OUT))],
                                stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
                                stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
@@ -266,7 +266,7 @@ def main() -> int:
         os.dup2(f, fd)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
-    os.environ.update(PATH=PATH, HOME="/tmp")
+    os.environ.update(PATH=PATH, HOME="/run/tmp", TMPDIR="/run/tmp")
     copy_kmsg(os.path.join(OUT, "kmsg.log"))
     ev = Events(os.path.join(OUT, "events.jsonl"))
     status, error = 0, None

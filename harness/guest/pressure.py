@@ -143,7 +143,7 @@ class PressureRun:
             write(self.cgroup + "/memory.max", str(max(64, meminfo_mb("MemTotal") - 128) << 20))
         elif self.mode == "memcg-limit":
             write(self.cgroup + "/memory.max", str(self.params["memcg_limit_mb"] << 20))
-        self.proc = subprocess.Popen([sys.executable, "-E", "-s", os.path.abspath(__file__), self.mode,
+        self.proc = subprocess.Popen([sys.executable, "-E", "-S", os.path.abspath(__file__), self.mode,
                                       json.dumps(self.params), self.cgroup,
                                       os.path.join(self.out, "pressure.jsonl")],
                                      stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),

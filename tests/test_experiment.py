@@ -1,0 +1,143 @@
+"""The default experiment end to end, exactly as a user runs it, with shorter phases and one
+repetition set through --set (the same config). Asserts the science, not just that files exist."""
+import json
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import REPO_ROOT
+from harness.report import evidence, generate
+from harness.results import load as load_tables
+
+pytestmark = pytest.mark.kernel
+
+QUICK = ["repetitions=1", "phases.steady.duration_s=6", "phases.memcg-limit.duration_s=10", "phases.gap-1.duration_s=5",
+         "phases.global.duration_s=20", "phases.recovery-1.duration_s=8", "phases.shrinker-scan.duration_s=9",
+         "phases.recovery-2.duration_s=5", "workload.command=[uname, -r]"]
+
+
+@pytest.fixture(scope="session")
+def e2e(builds, qemu, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    cmd = [sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab", "--output", str(out),
+           "--run-id", "e2e", *[a for s in QUICK for a in ("--set", s)]]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400)
+    print(r.stdout[-5000:], r.stderr[-5000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = out / "shrinker-ab" / "e2e"
+    frames = load_tables(run_dir)
+    return {"run_dir": run_dir, "stdout": r.stdout, "stderr": r.stderr, "frames": frames,
+            "evidence": evidence(frames), "cmd": cmd}
+
+
+def _phase(ev, variant, phase):
+    rows = ev[(ev["variant"] == variant) & (ev["phase"] == phase)]
+    assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
+    return rows.iloc[0]
+
+
+def test_run_is_complete_and_says_tcg_loudly(e2e):
+    m = json.loads((e2e["run_dir"] / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["accel"]["kut"] == "tcg" and m["topology"] == "shadow"
+    assert "TCG" in e2e["stderr"] and "NOT KVM" in m["accel"]["banner"]
+    assert m["builds"]["patched"]["patch_variant"] == "v6.0-6.6" and m["builds"]["patched"]["patches"]
+    assert e2e["frames"]["cells"]["status"].eq("complete").all()
+
+
+def test_l1_is_shadow_paged_on_kvm_and_its_command_output_comes_back(e2e):
+    cell = e2e["run_dir"] / "cells" / "baseline.r1"
+    kut = json.loads((cell / "facts.json").read_text())
+    assert kut["kvm_params"]["kvm_amd.npt"] == "N"
+    l1 = json.loads((cell / "l1-0" / "facts.json").read_text())
+    assert l1["runs_on_kvm"], l1["hypervisor_line"]
+    assert (cell / "l1-0" / "command.stdout").read_text().startswith("6.1.")
+    assert (cell / "l1-0" / "command.exit").read_text().strip() == "0"
+    c = e2e["frames"]["counters"]
+    assert c[(c["cell"] == "baseline.r1") & (c["name"] == "kvm.pages_4k")]["value"].max() > 0
+    assert c[(c["cell"] == "baseline.r1") & (c["name"] == "kvm.mmu_cache_miss")]["value"].max() > 0
+
+
+def test_baseline_shrinker_runs_under_pressure_that_reaches_it(e2e):
+    ev = e2e["evidence"]
+    scan = _phase(ev, "baseline", "shrinker-scan")
+    assert scan["shrinker_present"] and scan["shrinker_calls"] > 0 and scan["mmu_recycled"] > 0
+    glob = _phase(ev, "baseline", "global")
+    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0          # global reclaim really happened
+
+
+def test_patched_has_no_shrinker_and_no_shrinker_zapping(e2e):
+    ev = e2e["evidence"]
+    pat = ev[ev["variant"] == "patched"]
+    assert not pat["shrinker_present"].any()
+    assert pat["shrinker_calls"].sum() == 0 and pat["mmu_recycled"].fillna(0).sum() == 0
+    facts = json.loads((e2e["run_dir"] / "cells" / "patched.r1" / "facts.json").read_text())
+    assert facts["x86_mmu_shrinker_dirs"] == [] and not facts["mmu_shrink_scan_in_kallsyms"]
+    e = e2e["frames"]["events"]
+    assert ((e["cell"] == "patched.r1") & (e["kind"] == "pressure_unavailable")).any()
+    assert _phase(ev, "patched", "global")["pgscan_kswapd"] + _phase(ev, "patched", "global")["pgscan_direct"] > 0
+
+
+def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):
+    ev = e2e["evidence"]
+    for variant in ("baseline", "patched"):
+        ctrl = _phase(ev, variant, "memcg-limit")
+        assert ctrl["shrinker_calls"] == 0 and ctrl["memcg_max_events"] > 0
+
+
+def test_probe_and_sampler_share_one_clock(e2e):
+    f = e2e["frames"]
+    for cell in ("baseline.r1", "patched.r1"):
+        s, c, ph = (f[t][f[t]["cell"] == cell] for t in ("samples", "counters", "phases"))
+        assert len(s) and len(c)
+        inside = s[(s["t"] >= ph["t_start"].min()) & (s["t"] <= ph["t_end"].max())]
+        assert len(inside) > 0.5 * len(s[s["phase"] != "pre"])
+        assert abs(s["t"].max() - c["t"].max()) < 60 and c["t"].min() < ph["t_start"].min() + 5
+    header = json.loads((e2e["run_dir"] / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").open().readline())
+    assert header["clock_resolution_ns"] <= 1000 and header["loop_overhead_ns"] > 0
+
+
+def test_report_verdict_rows_and_valid_pngs(e2e):
+    run = e2e["run_dir"]
+    md = (run / "report.md").read_text()
+    assert "Status: complete" in md and "## Verdict" in md and "## Evidence" in md and "TCG" in md
+    ab = pd.read_csv(run / "tables" / "ab.csv")
+    metrics = pd.read_csv(run / "tables" / "repetition_metrics.csv")
+    assert len(ab) == len(metrics[["phase", "level", "metric"]].drop_duplicates())
+    assert set(ab["verdict"]) <= {"better", "worse", "no significant difference", "inconclusive"}
+    assert ab["reason"].fillna("").str.contains("TCG timing").all()
+    html = (run / "report.html").read_text()
+    pngs = sorted((run / "plots").glob("*.png"))
+    assert len(pngs) == 4 and html.count("data:image/png;base64,") == 4
+    for p in pngs:
+        img = mpimg.imread(p)
+        assert img.shape[0] > 300 and img.shape[1] > 600 and np.std(img[..., :3]) > 0.02, p.name
+    assert "report.html" in e2e["stdout"] and "| phase | level | metric |" in e2e["stdout"]
+
+
+def test_report_regenerates_from_tables_and_truncated_run_is_incomplete(e2e, tmp_path):
+    run = e2e["run_dir"]
+    r = subprocess.run([sys.executable, "-m", "harness", "report", "--run", str(run)], cwd=REPO_ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "report.html" in r.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    shutil.rmtree(broken / "cells" / "patched.r1")
+    (broken / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").write_text(
+        (run / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").read_text()[:5000])   # torn mid-line
+    generate(broken)
+    md = (broken / "report.md").read_text()
+    assert "INCOMPLETE" in md and "patched.r1" in md
+    (broken / "tables" / "samples.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception, match="samples"):
+        load_tables(broken)
+
+
+def test_rerun_into_the_same_run_id_resumes_without_redoing_cells(e2e):
+    r = subprocess.run(e2e["cmd"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 cell(s) already complete, 0 to run" in r.stderr

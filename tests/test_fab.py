@@ -1,0 +1,202 @@
+"""fab tasks through real sshd instances on 127.0.0.1 (throwaway host and user keys)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import REPO_ROOT
+
+pytestmark = pytest.mark.ssh
+FAB = str(Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin" / "fab")
+if not Path(FAB).exists():
+    FAB = shutil.which("fab") or FAB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sshd:
+    def __init__(self, root: Path, user_pub: Path):
+        self.root, self.port = root, free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")], check=True)
+        shutil.copy(user_pub, root / "authorized_keys")
+        (root / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root}/host_key\nPidFile {root}/sshd.pid\n"
+            f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "Subsystem sftp internal-sftp\nClientAliveInterval 15\n")
+        self.proc = None
+
+    def start(self):
+        Path("/run/sshd").mkdir(exist_ok=True)
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.root / "sshd_config")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("sshd did not start")
+
+    def stop(self):
+        """Kill sshd and every session it serves: connections drop, detached jobs go on."""
+        self.proc.kill()
+        self.proc.wait()
+        subprocess.run(["pkill", "-KILL", "-f", f"sshd: root@notty"], capture_output=True)
+
+    @property
+    def known_host(self) -> str:
+        return f"[127.0.0.1]:{self.port} " + (self.root / "host_key.pub").read_text().split(" ", 2)[0] + " " + \
+            (self.root / "host_key.pub").read_text().split()[1]
+
+    @property
+    def host(self) -> str:
+        return f"root@127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    if os.geteuid() != 0 or not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        if os.environ.get("NESTPRESS_REQUIRE_KERNEL"):
+            pytest.fail("SSH tests need root and openssh-server")
+        pytest.skip("SSH tests need root and openssh-server")
+    d = tmp_path_factory.mktemp("keys")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id")], check=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hosts(keys, tmp_path_factory):
+    servers = [Sshd(tmp_path_factory.mktemp(f"sshd{i}"), keys / "id.pub").start() for i in range(2)]
+    known = keys / "known_hosts"
+    known.write_text("".join(s.known_host + "\n" for s in servers))
+    yield servers
+    for s in servers:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+def fab(keys, *args, hosts=None, env_extra=None, timeout=1800, known=True):
+    env = dict(os.environ, **(env_extra or {}))
+    if known:
+        env["NESTPRESS_KNOWN_HOSTS"] = str(keys / "known_hosts")
+    else:
+        env.pop("NESTPRESS_KNOWN_HOSTS", None)
+    cmd = [FAB, "-i", str(keys / "id")] + (["-H", ",".join(h.host for h in hosts)] if hosts else []) + list(args)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def remote_dir(base: Path) -> list[str]:
+    return ["--remote-dir", f"{base}/{{host}}"]      # every simulated host has a directory of its own
+
+
+@pytest.fixture(scope="module")
+def rdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("remote")
+
+
+def test_fab_list_documents_every_task():
+    r = subprocess.run([FAB, "--list"], cwd=REPO_ROOT, capture_output=True, text=True)
+    for t in ("doctor", "validate", "setup", "build", "run", "experiment", "fetch", "report", "compare"):
+        assert t in r.stdout
+    h = subprocess.run([FAB, "experiment", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert "--run-id" in h.stdout and "--set" in h.stdout
+
+
+def test_without_hosts_it_says_it_runs_here(keys):
+    r = fab(keys, "doctor", "--json")
+    assert r.returncode == 0
+    assert "running on THIS MACHINE" in r.stdout.splitlines()[0] + r.stderr.splitlines()[0]
+
+
+def test_doctor_over_ssh(keys, hosts, rdir):
+    r = fab(keys, "doctor", "--json", *remote_dir(rdir), hosts=[hosts[0]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"running on {hosts[0].host} over SSH" in r.stdout + r.stderr
+    doc = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert doc["accel"] in ("kvm", "tcg") and doc["reasons"]
+
+
+def test_validate_over_ssh_ships_the_config(keys, hosts, rdir):
+    r = fab(keys, "validate", "--config", "shrinker-ab", "--set", "repetitions=4", *remote_dir(rdir),
+            hosts=[hosts[0]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "config OK" in r.stdout and "patched.r4" in r.stdout
+
+
+def test_unknown_host_key_is_refused_unless_accepted(keys, hosts, rdir):
+    r = fab(keys, "doctor", *remote_dir(rdir), hosts=[hosts[0]], known=False)
+    assert r.returncode != 0 and "unknown host key" in r.stdout + r.stderr
+    r = fab(keys, "doctor", "--accept-new-host", *remote_dir(rdir), hosts=[hosts[0]], known=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_unreachable_host_fails_fast(keys):
+    class Dead:
+        host = f"root@127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = fab(keys, "doctor", hosts=[Dead()], timeout=120)
+    assert r.returncode != 0 and "unreachable" in r.stdout + r.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_wrong_key_is_an_authentication_failure(keys, hosts, rdir, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    env = dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"))
+    r = subprocess.run([FAB, "-i", str(tmp_path / "other"), "-H", hosts[0].host, "doctor"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "authentication failed" in r.stdout + r.stderr
+
+
+@pytest.mark.kernel
+def test_build_over_ssh_uses_the_cache(keys, hosts, rdir, builds, cache_dir):
+    r = fab(keys, "build", "--config", "shrinker-ab", "--cache", str(cache_dir), *remote_dir(rdir), hosts=[hosts[0]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "baseline: 6.1." in r.stdout and "(cached)" in r.stdout
+
+
+FLEET = ["--config", "shrinker-ab", "--set", "variants=[{name: baseline}]", "--set", "repetitions=2",
+         "--set", "workload.probe.size_mb=512", "--set",
+         "phases=[{name: steady, duration_s: 4}, {name: scan, duration_s: 6, pressure: shrinker-scan}]"]
+
+
+@pytest.mark.kernel
+def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, builds, cache_dir, tmp_path):
+    results = tmp_path / "results"
+    env = {"NESTPRESS_RECONNECT_S": "20"}
+    args = ["experiment", *FLEET, "--set", f"output={results}", "--run-id", "fleet1", "--cache", str(cache_dir),
+            *remote_dir(rdir)]
+    # drop host 1's connections once its job is running; host 0 finishes on its own
+    proc = subprocess.Popen([FAB, "-i", str(keys / "id"), "-H", ",".join(h.host for h in hosts), *args],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"), **env))
+    local_run = results / "shrinker-ab" / "fleet1"
+    host1_run = rdir / f"127.0.0.1-{hosts[1].port}" / "app" / "results" / "shrinker-ab" / "fleet1"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and not list(host1_run.glob("cells/*/ready.json")):
+        time.sleep(2)
+    hosts[1].stop()
+    out, _ = proc.communicate(timeout=1800)
+    assert proc.returncode != 0, out[-3000:]
+    assert "connection lost" in out and "--run-id" in out
+    hosts[1].start()
+    r = fab(keys, *args, hosts=hosts, env_extra=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    manifest = json.loads((local_run / "manifest.json").read_text())
+    assert set(manifest["cell_hosts"].values()) == {h.host for h in hosts}     # each host ran its shard
+    assert manifest["status"] == "complete" and sorted(manifest["hosts"]) == sorted(
+        f"127.0.0.1-{h.port}" for h in hosts)
+    assert (local_run / "cells" / "baseline.r1" / "cell.json").exists()
+    assert (local_run / "cells" / "baseline.r2" / "cell.json").exists()
+    assert (local_run / "report.html").exists()

@@ -1,0 +1,88 @@
+"""Real QEMU, real kernels from the build pipeline: boot to the agent, panic detection, cleanup."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import REPO_ROOT
+from harness.guest.supervise import Child
+from harness.qemu import GuestSpec, qemu_argv
+from harness.util import python_for_guests
+
+pytestmark = pytest.mark.kernel
+
+
+def kut_spec(kernel: Path, out: Path, python: str | None = None) -> GuestSpec:
+    return GuestSpec("kut", "kut", str(kernel), 768, 1, "tcg", str(out), str(out / "console.log"),
+                     python or python_for_guests())
+
+
+def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path):
+    out = tmp_path / "kut"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"name": "kut", "level": "kut", "run_id": "t", "children": [],
+                                               "command": ["uname", "-r"]}))
+    (out / "stop").touch()                     # nothing to conduct: come up, report, power off
+    child = Child("kut", qemu_argv(kut_spec(builds["baseline"].bzimage, out)), str(out), str(out / "console.log"))
+    child.start()
+    try:
+        ready = child.wait_ready(180)
+        assert child.wait_exit(120) is not None
+    finally:
+        child.stop()
+    console = (out / "console.log").read_text()
+    assert "Linux version 6.1." in console
+    facts = json.loads((out / "facts.json").read_text())
+    assert facts["uname"].startswith("6.1.") and facts["kvm_device"] and "svm" in facts["cpu_flags"]
+    assert facts["x86_mmu_shrinker_dirs"] and facts["mmu_shrink_scan_in_kallsyms"]
+    assert (out / "command.stdout").read_text().startswith("6.1.") and (out / "command.exit").read_text() == "0\n"
+    assert json.loads((out / "exit.json").read_text())["status"] == 0
+    assert (out / "kmsg.log").stat().st_size > 0 and (out / "agent.stderr").exists()
+    assert 0 < ready < 180
+
+
+def test_panicking_guest_is_detected_with_its_console(builds, qemu, tmp_path):
+    out = tmp_path / "kut"
+    out.mkdir()
+    spec = kut_spec(builds["baseline"].bzimage, out, python="/nonexistent/python3")
+    child = Child("kut", qemu_argv(spec), str(out), spec.console)
+    child.start()
+    try:
+        with pytest.raises(RuntimeError) as e:
+            child.wait_ready(180)
+    finally:
+        child.stop()
+    assert "kernel panic" in str(e.value) and "/nonexistent/python3" in str(e.value)
+
+
+def _qemus_of(run_marker: str) -> list[str]:
+    r = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+    return [l for l in r.stdout.splitlines() if run_marker in l]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, sig):
+    out = tmp_path / "results"
+    p = subprocess.Popen([sys.executable, "-m", "harness", "run", "--config", "shrinker-ab", "--set", "repetitions=1",
+                          "--output", str(out), "--run-id", f"kill-{sig.name}"], cwd=REPO_ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run_dir / "cells" / "baseline.r1" / "ready.json").exists():
+        time.sleep(1)
+    assert (run_dir / "cells" / "baseline.r1" / "ready.json").exists(), "the kernel under test never came up"
+    assert _qemus_of(str(run_dir))
+    p.send_signal(sig)
+    p.communicate(timeout=90)
+    time.sleep(3)
+    assert not _qemus_of(str(run_dir)), "QEMU of the killed run is still running"
+    tmp_dirs = [d for d in Path("/tmp").glob(f"nestpress-kill-{sig.name}-*")]
+    if sig == signal.SIGINT:
+        assert p.returncode != 0
+        assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+        assert not tmp_dirs
