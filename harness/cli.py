@@ -67,10 +67,13 @@ def cmd_run(args, report: bool = False) -> int:
                              reproduce=_reproduce(args), output_root=Path(args.output) if args.output else None)
     if report:
         html = generate(run_dir)
-        console.print((run_dir / "report.md").read_text().split("## Verdict", 1)[1].split("## Evidence")[0],
-                      markup=False)
+        print("verdict:" + (run_dir / "report.md").read_text().split("## Verdict", 1)[1].split("## Evidence")[0])
         print(f"report: {html}")
     print(f"run directory: {run_dir}")
+    status = json.loads((run_dir / "manifest.json").read_text())["status"]
+    if status != "complete":
+        console.print(f"[bold red]run {status}[/bold red]: some cells failed; the report lists them", markup=True)
+        return 1
     return 0
 
 

@@ -163,28 +163,13 @@ class Experiment(Strict):
     repetitions: int = Field(3, ge=1, le=100)
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 
-    @field_validator("variants")
+    @field_validator("variants", "phases")
     @classmethod
-    def _unique_variants(cls, v: list[Variant]) -> list[Variant]:
-        names = [x.name for x in v]
+    def _unique_names(cls, items: list) -> list:
+        names = [x.name for x in items]
         if len(set(names)) != len(names):
-            raise ValueError(f"variant names must be unique, got {names}")
-        return v
-
-    @field_validator("phases")
-    @classmethod
-    def _unique_phases(cls, v: list[Phase]) -> list[Phase]:
-        names = [p.name for p in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"phase names must be unique, got {names}")
-        return v
-
-    def baseline(self) -> Variant:
-        """The variant others are compared against: the first one without patches."""
-        for v in self.variants:
-            if not v.series:
-                return v
-        return self.variants[0]
+            raise ValueError(f"names must be unique, got {names}")
+        return items
 
 
 def axis_paths(model: type[BaseModel] = Experiment, prefix: str = "") -> list[str]:

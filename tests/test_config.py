@@ -84,3 +84,8 @@ def test_describe_lists_every_cell():
 def test_readme_config_reference_is_generated_from_schema():
     readme = (REPO_ROOT / "README.md").read_text()
     assert schema_reference() in readme, "README config reference is stale: run `python -m harness.docs`"
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        assert load(path).cells, path

@@ -141,3 +141,12 @@ def test_rerun_into_the_same_run_id_resumes_without_redoing_cells(e2e):
     r = subprocess.run(e2e["cmd"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 cell(s) already complete, 0 to run" in r.stderr
+
+
+def test_compare_puts_two_runs_side_by_side(e2e, tmp_path):
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "harness", "compare", str(e2e["run_dir"]), str(e2e["run_dir"]),
+                        "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "compare.md").read_text()
+    assert "p99 touch latency" in md and "baseline" in md and (out / "compare.html").exists()
