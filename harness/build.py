@@ -2,16 +2,17 @@
 
 Layout under the cache (default ~/.cache/nestpress, or $NESTPRESS_CACHE):
   src/<source-key>/                 pristine tree (shared, never modified)
-  work/<work-key>/<patch-key>/      hard-linked copy of it with the variant's patches applied
-  work/<work-key>/<patch-key>/o/    out-of-tree build dir (a direct child, so kbuild uses srctree=..
-                                    and the dependency files hold relative paths); kept across config
-                                    changes: kbuild's per-option dependencies rebuild only what changed
+  work/<work-key>/tree/             hard-linked copy of it, switched between the variants' patch sets
+  work/<work-key>/tree/o/           out-of-tree build dir (a direct child, so kbuild uses srctree=..)
   builds/<build-key>/               finished artifacts: bzImage, config, System.map, build.log, metadata.json
   ccache/                           compiler cache
 
-A variant built for the first time starts from a copy of a sibling variant's `o/`
-(timestamps kept): make then recompiles only what the patch touched. Builds in one tree are
-serialised with a lock file.
+Every variant of a source is built in the same tree and the same `o/`: switching variants
+reverses the applied series and applies the next one, so make recompiles only the files a
+patch touches. (A copy of `o/` elsewhere would not do: the objtool binary records absolute
+paths, gets relinked in a new place, and every object depends on it.) Config changes reuse
+`o/` too: kbuild's per-option dependencies rebuild only what changed. A lock file serialises
+builds in one tree.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import Experiment, Variant
 from .errors import BuildError, HarnessError, KconfigError
-from .patches import PatchVariant, apply, load_series, verify
+from .patches import PatchVariant, apply, load_series, revert, verify
 from .source import PreparedSource, prepare
 from .util import atomic_dir, console, default_cache, hash_file, hash_text, log, need_tool, read_json, run, write_json
 
@@ -152,32 +153,33 @@ class Builder:
     def _work_root(self, inputs: dict) -> Path:
         return self.cache / "work" / hash_text(inputs["source"], inputs["compiler"])[:16]
 
-    def _variant_tree(self, v: Variant, inputs: dict) -> Path:
-        """Hard-linked copy of the pristine tree with this variant's patches, made once."""
-        tree = self._work_root(inputs) / hash_text(repr(sorted(inputs["patches"].items())))[:12]
-        if (tree / ".nestpress-tree-ok").exists():
-            return tree
-        with atomic_dir(tree) as tmp:
-            run(["cp", "-al", str(self.source.tree) + "/.", str(tmp)])
-            pv = self.patch_variant(v)
-            if pv:
-                log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
-                apply(tmp, pv)
-                for line in verify(tmp, load_series(v.series)):
-                    log(f"build {v.name}: verified {line}")
-            (tmp / ".nestpress-tree-ok").write_text(repr(inputs["patches"]))
+    def _tree(self, inputs: dict) -> Path:
+        """The hard-linked copy of the pristine tree that every variant is built in, made once."""
+        tree = self._work_root(inputs) / "tree"
+        if not (tree / ".nestpress-tree-ok").exists():
+            with atomic_dir(tree) as tmp:
+                run(["cp", "-al", str(self.source.tree) + "/.", str(tmp)])
+                (tmp / ".nestpress-tree-ok").touch()
         return tree
 
-    def _seed_objects(self, tree: Path) -> None:
-        """Start from a sibling variant's finished build dir (same source): reuse its objects."""
-        if (tree / "o").exists():
+    def _checkout(self, tree: Path, v: Variant) -> None:
+        """Make the tree hold exactly this variant's patches (reverse the others first)."""
+        state = tree / ".nestpress-applied.json"
+        applied = read_json(state) if state.exists() else None
+        pv = self.patch_variant(v)
+        want = {"series": v.series, "variant": pv.name, "hashes": pv.hashes()} if pv else None
+        if applied == want:
             return
-        for sibling in sorted(tree.parent.iterdir()):
-            if sibling != tree and (sibling / "o" / ".nestpress-built").exists():
-                log(f"build: reusing compiled objects of {sibling.name} (only what the patch changed recompiles)")
-                run(["cp", "-a", str(sibling / "o"), str(tree / "o")])
-                (tree / "o" / ".nestpress-built").unlink(missing_ok=True)
-                return
+        if applied:
+            current = next(x for x in load_series(applied["series"]).variants if x.name == applied["variant"])
+            revert(tree, current)
+            state.unlink()
+        if pv:
+            log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
+            apply(tree, pv)
+            for line in verify(tree, load_series(v.series)):
+                log(f"build {v.name}: verified {line}")
+            write_json(state, want)
 
     def _make(self, tree: Path, *targets: str, env: dict) -> subprocess.CompletedProcess:
         return run(["make", "-s", "-C", str(tree), "O=o", *targets], capture=True, env=env)
@@ -204,12 +206,12 @@ class Builder:
         return cfg
 
     def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
-        tree = self._variant_tree(v, inputs)
-        with open(tree.parent / f"{tree.name}.lock", "w") as lock:
+        tree = self._tree(inputs)
+        with open(tree.parent / "tree.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if (out / "metadata.json").exists():        # built meanwhile by another process
                 return BuildResult(v.name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
-            self._seed_objects(tree)
+            self._checkout(tree, v)
             return self._build_locked(v, inputs, key, out, tree)
 
     def _build_locked(self, v: Variant, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
@@ -240,7 +242,6 @@ class Builder:
                         error=str(e)[-2000:], duration_s=time.monotonic() - t0)
             write_json(tree / "metadata.json", meta)
             raise
-        (tree / "o" / ".nestpress-built").touch()
         meta.update(status="complete", duration_s=time.monotonic() - t0, compiles=compiles, kernelrelease=release,
                     finished=time.time(), ccache=self._ccache_stats(env))
         with atomic_dir(out) as tmp:

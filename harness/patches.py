@@ -155,6 +155,16 @@ def apply(tree: Path, variant: PatchVariant) -> None:
         raise
 
 
+def revert(tree: Path, variant: PatchVariant) -> None:
+    """Take an applied variant out again (last patch first), checking before touching anything."""
+    for p in reversed(variant.patches):
+        r = _git_apply(tree, p, "-R", "--check")
+        if r.returncode != 0:
+            raise PatchError(f"cannot take {p.name} out of {tree}: the tree was changed by hand; delete {tree} "
+                             "and build again")
+        _git_apply(tree, p, "-R")
+
+
 def verify(tree: Path, series: Series) -> list[str]:
     """Evidence that the series took effect; raises if a marker the series removes is still there."""
     if not series.verify_file:
