@@ -41,7 +41,7 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     # I/O: only emergencies (panics) go there; the agent keeps the whole kernel log in kmsg.log.
     quiet = spec.level != "kut"
     args = ["console=ttyS0", *([] if quiet else ["earlyprintk=serial,ttyS0"]), f"loglevel={1 if quiet else 5}",
-            "panic=-1", "oops=panic",
+            "panic=-1", "oops=panic", "random.trust_cpu=on",   # getrandom() must not block PID 1
             "root=/dev/root", "rootfstype=9p",
             "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
             "ro", "mitigations=off", "nokaslr",

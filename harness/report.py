@@ -51,7 +51,10 @@ def evidence(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         present = cells.loc[cells["cell"] == ph["cell"], "x86_mmu_shrinker_present"]
         row = {"cell": ph["cell"], "variant": ph["variant"], "repetition": ph["repetition"], "phase": ph["phase"],
                "mode": ph["mode"], "shrinker_present": bool(present.iloc[0]) if len(present) else None,
-               "shrinker_calls": int((e["kind"] == "shrink_start").sum()) if not e.empty else 0,
+               # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file
+               # (which bypasses do_shrink_slab and so its tracepoints)
+               "shrinker_calls": int(e["kind"].isin(["shrink_start", "pressure.shrinker_scan"]).sum())
+               if not e.empty else 0,
                "shrinker_freed": int(sum(json.loads(d).get("freed", 0) for d in e.loc[e["kind"] == "shrink_end",
                                                                                        "detail"]))
                if not e.empty else 0}
@@ -73,7 +76,7 @@ def evidence_summary(ev: pd.DataFrame, baseline: str) -> list[str]:
     for variant, g in ev.groupby("variant", sort=False):
         present = g["shrinker_present"].dropna().unique()
         pres = "present" if list(present) == [True] else "absent" if list(present) == [False] else "mixed/unknown"
-        lines.append(f"**{variant}**: x86-mmu shrinker {pres} in the kernel under test (debugfs + kallsyms).")
+        lines += ["", f"**{variant}**: x86-mmu shrinker {pres} in the kernel under test (debugfs + kallsyms).", ""]
         for mode, m in g.groupby("mode", sort=False):
             if mode == "none":
                 continue
@@ -82,6 +85,7 @@ def evidence_summary(ev: pd.DataFrame, baseline: str) -> list[str]:
                          f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
                          f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "
                          f"memcg max events +{m['memcg_max_events'].sum():.0f}")
+    lines.append("")
     base_ran = shrinker_ran(ev, baseline)
     reach = ev[(ev["variant"] == baseline) & ev["mode"].isin(REACHES_SHRINKER)]
     if not base_ran:
@@ -122,7 +126,7 @@ def _shade(ax, phases: pd.DataFrame) -> None:
 
 def plot_ccdf(frames, manifest, path: Path) -> Path:
     s = frames["samples"]
-    phases = [p for p in frames["phases"].drop_duplicates("phase")["phase"]] or ["(none)"]
+    phases = list(frames["phases"].drop_duplicates("phase")["phase"]) or ["(none)"]
     cols = min(4, len(phases))
     rows = int(np.ceil(len(phases) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False, sharey=True)
@@ -201,8 +205,8 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
         width = 0.8 / max(1, len(variants))
         for ax, q in zip(axes[0], ("p99", "p99.9")):
             for i, v in enumerate(variants):
-                g = summary[summary["variant"] == v].set_index(summary["phase"] + " " + summary["level"])
-                g = g.reindex(labels)
+                sub = summary[summary["variant"] == v]
+                g = sub.set_index(sub["phase"] + " " + sub["level"]).reindex(labels)
                 y = g[f"{q}_ns"] / 1e3
                 err = np.vstack([(y - g[f"{q}_ci_lo_ns"] / 1e3).clip(lower=0), (g[f"{q}_ci_hi_ns"] / 1e3 - y).clip(lower=0)])
                 ax.bar(np.arange(len(labels)) + i * width, y, width, yerr=np.nan_to_num(err), capsize=3,
@@ -317,7 +321,7 @@ def generate(run_dir: Path, rebuild_tables: bool = True) -> Path:
           "",
           "## Evidence: did the shrinker run?",
           "",
-          *[f"{line}" if line.startswith("-") else f"{line}\n" for line in evidence_summary(ev, baseline)],
+          *evidence_summary(ev, baseline),
           "",
           "## Plots",
           "",

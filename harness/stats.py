@@ -24,6 +24,11 @@ ALPHA = 0.05
 MIN_REPS = 3
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99.9": 0.999}
 CI_QUANTILES = ("p50", "p99", "p99.9")
+OUTSIDE = ("pre", "post")      # before the first phase (the probe populating its working set) and after the last
+
+
+def in_phases(df: pd.DataFrame) -> pd.DataFrame:
+    return df[~df["phase"].isin(OUTSIDE)] if not df.empty else df
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: list[float]) -> np.ndarray:
@@ -67,6 +72,7 @@ def bootstrap_quantile_ci(df: pd.DataFrame, qs: list[float], n_boot: int = 400, 
 def summarize(samples: pd.DataFrame) -> pd.DataFrame:
     """count, mean, p50..p99.9, max per variant x phase x level, with bootstrap CIs (ns)."""
     rows = []
+    samples = in_phases(samples)
     if samples.empty:
         return pd.DataFrame()
     for (variant, phase, level), g in samples.groupby(["variant", "phase", "level"], sort=False):
@@ -85,6 +91,7 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
 def repetition_metrics(samples: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
     """One value per variant x repetition x phase x level x metric: what the A/B compares."""
     rows = []
+    samples, passes = in_phases(samples), in_phases(passes)
     if not samples.empty:
         for (variant, rep, phase, level), g in samples.groupby(["variant", "repetition", "phase", "level"]):
             p99, p999 = weighted_quantiles(g["latency_ns"].to_numpy(), g["count"].to_numpy(), [0.99, 0.999])
