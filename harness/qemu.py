@@ -64,6 +64,10 @@ def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
     if spec.swap_image:
         argv += ["-drive", f"file={spec.swap_image},if=virtio,format=raw,cache=unsafe"]
+    if spec.level != "kut":
+        # guest RAM resident from the start, as on a busy host: reclaim in the kernel under test then
+        # meets real guest memory, and a hog has less free memory to fill before reclaim begins
+        argv.append("-mem-prealloc")
     return argv
 
 

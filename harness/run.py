@@ -205,7 +205,13 @@ class Runner:
                 raise GuestError(f"kut exited without exit.json; console:\n{tail(spec.console)}")
             if exit_info["status"] != 0:
                 raise GuestError(f"agent in the kernel under test failed:\n{exit_info['error'][-1500:]}")
-            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": mode}
+            failures = [e for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
+                        if e["kind"] in ("boot_failed", "guest_died", "probes_not_warm")]
+            if failures and exp.boot.on_guest_failure == "fail":
+                raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
+                    e.get("error", e["kind"])[:300] for e in failures))
+            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": mode,
+                    "guest_failures": [e.get("error", e["kind"])[:500] for e in failures]}
         finally:
             stop_all()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from harness.results import load as load_tables
 pytestmark = pytest.mark.kernel
 
 QUICK = ["repetitions=1", "phases.steady.duration_s=6", "phases.memcg-limit.duration_s=10", "phases.gap-1.duration_s=5",
-         "phases.global.duration_s=20", "phases.recovery-1.duration_s=8", "phases.shrinker-scan.duration_s=9",
+         "phases.global.duration_s=25", "phases.recovery-1.duration_s=8", "phases.shrinker-scan.duration_s=9",
          "phases.recovery-2.duration_s=5", "workload.command=[uname, -r]"]
 
 

@@ -193,13 +193,20 @@ def wait_probes_warm(expected: int, timeout: float, ev: Events) -> None:
     """The phases start once every probe finished one pass: shadow pages are then in place."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        warm = [s for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)
-                if json.loads(read(s, "{}") or "{}").get("passes", 0) >= 1]
+        status = [json.loads(read(s, "{}") or "{}")
+                  for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)]
+        failed = [s["failed"] for s in status if s.get("failed")]
+        if failed:
+            raise RuntimeError(f"probe failed before the phases could start: {'; '.join(failed)}")
+        warm = [s for s in status if s.get("passes", 0) >= 1]
         if len(warm) >= expected:
             ev("probes_warm", count=len(warm))
             return
         time.sleep(0.5)
-    ev("probes_not_warm", expected=expected, timeout_s=timeout)
+    ev("probes_not_warm", expected=expected, warm=len(warm), timeout_s=timeout)
+    if not warm and expected:
+        raise RuntimeError(f"no probe finished a pass within {timeout:.0f}s (guests failed to boot or hung): "
+                           "nothing to measure")
 
 
 def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
@@ -237,9 +244,15 @@ def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
             sampler.kill()
 
 
-def wait_for_stop(plan: dict, kids: list[Child]) -> None:
+def wait_for_stop(plan: dict, probe: subprocess.Popen | None, ev: Events) -> None:
+    """Below the kernel under test: run until the parent says stop; a probe that dies says so at once."""
     deadline = time.monotonic() + plan.get("max_s", 3600)
     while not os.path.exists(os.path.join(OUT, "stop")) and time.monotonic() < deadline:
+        if probe is not None and probe.poll() is not None:
+            ev("probe_died", status=probe.returncode, stderr=tail(os.path.join(OUT, "probe.stderr"), 5))
+            with open(os.path.join(OUT, "probe.status"), "w") as f:
+                json.dump({"passes": 0, "failed": f"probe exited with {probe.returncode}"}, f)
+            probe = None
         time.sleep(0.5)
 
 
@@ -293,7 +306,7 @@ def main() -> int:
         if plan.get("conductor"):
             conduct(plan, kids, ev)
         else:
-            wait_for_stop(plan, kids)
+            wait_for_stop(plan, probe, ev)
     except BaseException as e:  # noqa: BLE001 - PID 1 must always reach poweroff
         status, error = 1, "".join(traceback.format_exception(e))
         print(error, file=sys.stderr)
