@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment, Variant
-from .errors import BuildError, HarnessError, KconfigError
+from .errors import BuildError, KconfigError
 from .patches import PatchVariant, apply, load_series, revert, verify
 from .source import PreparedSource, prepare
 from .util import atomic_dir, console, default_cache, hash_file, hash_text, log, need_tool, read_json, run, write_json
@@ -285,11 +285,4 @@ class Builder:
             return None
         r = run(["ccache", "-s"], capture=True, check=False, env=env)
         return " ".join(l.strip() for l in r.stdout.splitlines() if re.search(r"Hits|Misses", l))[:300] or None
-
-
-def build_experiment(exp: Experiment, cache: Path | None = None) -> dict[str, BuildResult]:
-    try:
-        return Builder(exp, cache).build_all()
-    except KeyboardInterrupt:
-        raise HarnessError("build interrupted (Ctrl-C): nothing half-built was kept in the cache") from None
 

@@ -343,7 +343,7 @@ def describe(plan: Plan) -> str:
              f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
              "  variants: " + ", ".join(v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)")
                                       for v in exp.variants),
-             f"  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
+             "  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
                                           for p in exp.phases),
              f"  repetitions: {exp.repetitions} (variants interleaved)"]
     for a, vals in plan.axes.items():

@@ -53,7 +53,7 @@ class Sshd:
         """Kill sshd and every session it serves: connections drop, detached jobs go on."""
         self.proc.kill()
         self.proc.wait()
-        subprocess.run(["pkill", "-KILL", "-f", f"sshd: root@notty"], capture_output=True)
+        subprocess.run(["pkill", "-KILL", "-f", "sshd: root@notty"], capture_output=True)
 
     @property
     def known_host(self) -> str:

@@ -1,6 +1,5 @@
 """Real QEMU, real kernels from the build pipeline: boot to the agent, panic detection, cleanup."""
 import json
-import os
 import signal
 import subprocess
 import sys
