@@ -56,15 +56,22 @@ def _reproduce(args) -> str:
 
 def cmd_run(args, report: bool = False) -> int:
     from .report import generate
-    from .run import run_experiment
     plan = _plan(args)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
         per_rep = len(plan.experiment.variants)     # whole repetitions per host: A and B stay interleaved
         plan.cells = [c for c in plan.cells if (c.order // per_rep) % n == i]
         log(f"shard {i}/{n}: {len(plan.cells)} cell(s) on this host")
-    run_dir = run_experiment(plan, run_id=args.run_id, resume=args.resume, cache=default_cache(),
-                             reproduce=_reproduce(args), output_root=Path(args.output) if args.output else None)
+    from .config import describe
+    from .run import Runner, find_run_dir
+    console.print(describe(plan))
+    run_dir = find_run_dir(plan, args.run_id, args.resume, Path(args.output) if args.output else None)
+    try:
+        Runner(plan, run_dir, default_cache(), _reproduce(args)).run()
+    except (HarnessError, KeyboardInterrupt):
+        if report and (run_dir / "manifest.json").exists():     # an interrupted run still gets its report
+            console.print(f"report of what was measured (incomplete): {generate(run_dir)}")
+        raise
     if report:
         html = generate(run_dir)
         print("verdict:" + (run_dir / "report.md").read_text().split("## Verdict", 1)[1].split("## Evidence")[0])

@@ -22,7 +22,17 @@ from .errors import ResultsError
 from .guest.probe import bucket_bounds
 from .util import read_json
 
-TABLES = ("samples", "passes", "counters", "phases", "events", "cells")
+_CELL = ["variant", "repetition", "cell"]
+COLUMNS = {   # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
+    "samples": _CELL + ["level", "guest", "phase", "t", "latency_ns", "lo_ns", "hi_ns", "count", "interval"],
+    "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms"],
+    "counters": _CELL + ["source", "name", "t", "value"],
+    "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
+    "events": _CELL + ["level", "guest", "kind", "t", "detail"],
+    "cells": ["cell", "variant", "repetition", "host", "status", "attempt", "retried", "kut_ready_s",
+              "x86_mmu_shrinker_present", "mmu_shrink_scan_in_kallsyms", "kvm_params", "children_on_kvm", "errors"],
+}
+TABLES = tuple(COLUMNS)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -134,7 +144,7 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
         if d.exists():
             for table, r in collect_cell(d, cell).items():
                 rows[table].extend(r)
-    frames = {t: pd.DataFrame(r) for t, r in rows.items()}
+    frames = {t: pd.DataFrame(r, columns=COLUMNS[t]) for t, r in rows.items()}
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)
     for name, df in frames.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .build import Builder, BuildResult
-from .config import Cell, Plan, describe
+from .config import Cell, Plan
 from .errors import GuestError, HarnessError
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_accel, doctor
@@ -243,11 +243,4 @@ class Runner:
                               f"remaining ~{fmt_s(max(0, eta))}")
                 time.sleep(1)
         log(f"cell {k}/{n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
-
-
-def run_experiment(plan: Plan, run_id: str | None = None, resume: bool = False, cache: Path | None = None,
-                   reproduce: str = "", output_root: Path | None = None) -> Path:
-    console.print(describe(plan))
-    run_dir = find_run_dir(plan, run_id, resume, output_root)
-    return Runner(plan, run_dir, cache, reproduce).run()
 

@@ -132,6 +132,11 @@ def test_report_regenerates_from_tables_and_truncated_run_is_incomplete(e2e, tmp
     generate(broken)
     md = (broken / "report.md").read_text()
     assert "INCOMPLETE" in md and "patched.r1" in md
+    bare = tmp_path / "bare"          # interrupted before any cell measured anything
+    bare.mkdir()
+    shutil.copy(run / "manifest.json", bare / "manifest.json")
+    generate(bare)
+    assert "INCOMPLETE" in (bare / "report.md").read_text() and "0 of 2 cells" in (bare / "report.md").read_text()
     (broken / "tables" / "samples.parquet").write_bytes(b"not parquet")
     with pytest.raises(Exception, match="samples"):
         load_tables(broken)

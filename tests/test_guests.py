@@ -67,7 +67,7 @@ def _qemus_of(run_marker: str) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, sig):
     out = tmp_path / "results"
-    p = subprocess.Popen([sys.executable, "-m", "harness", "run", "--config", "shrinker-ab", "--set", "repetitions=1",
+    p = subprocess.Popen([sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab", "--set", "repetitions=1",
                           "--output", str(out), "--run-id", f"kill-{sig.name}"], cwd=REPO_ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
@@ -85,3 +85,4 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         assert p.returncode != 0
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
         assert not tmp_dirs
+        assert "INCOMPLETE" in (run_dir / "report.md").read_text()      # the report says what it is
