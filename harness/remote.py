@@ -163,8 +163,9 @@ class Remote:
         jobs = shlex.quote(f"{self.root}/jobs")
         j = shlex.quote(f"{self.root}/jobs/{job}")
         inner = f"{self._python_cmd(args)}; echo $? > {j}.rc"
-        self.sh(f"mkdir -p {jobs} && rm -f {j}.rc && setsid nohup sh -c {shlex.quote(inner)} > {j}.log 2>&1 "
-                f"< /dev/null & echo $! > {j}.pid")
+        self.sh(f"mkdir -p {jobs} && rm -f {j}.rc {j}.pid")
+        # only the job goes to the background (`a && b & c` would background the whole chain)
+        self.sh(f"setsid nohup sh -c {shlex.quote(inner)} > {j}.log 2>&1 < /dev/null & echo $! > {j}.pid")
         log(f"{self.name}: started detached job {job} (log {self.root}/jobs/{job}.log)")
 
     def job_state(self, job: str) -> str:
