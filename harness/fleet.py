@@ -92,8 +92,12 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
     host_manifests = sorted((run_dir / "hosts").glob("*.manifest.json"))
     if not host_manifests:
         return
-    m = read_json(host_manifests[0])
-    m["hosts"] = {p.name.removesuffix(".manifest.json"): read_json(p).get("status") for p in host_manifests}
+    manifests = [read_json(p) for p in host_manifests]
+    m = manifests[0]
+    m["hosts"] = {p.name.removesuffix(".manifest.json"): h.get("status") for p, h in zip(host_manifests, manifests)}
+    # each host's manifest lists its own shard: the run is the union, in plan order
+    cells = {c["id"]: c for h in manifests for c in h["cells"]}
+    m["cells"] = sorted(cells.values(), key=lambda c: c["order"])
     m["cell_hosts"] = hosts_by_cell
     done = [c for c in m["cells"] if (run_dir / "cells" / c["id"] / "cell.json").exists()
             and read_json(run_dir / "cells" / c["id"] / "cell.json").get("status") == "complete"]

@@ -32,11 +32,14 @@ DELTA_COUNTERS = {"kvm.mmu_recycled": "mmu_recycled", "kvm.mmu_shadow_zapped": "
 
 # -- evidence -------------------------------------------------------------------------------------
 def _delta(c: pd.DataFrame, name: str, t0: float, t1: float) -> float:
-    """Rise of a cumulative counter over [t0, t1] (KVM stats reset if a VM exits: sum the rises)."""
-    s = c[(c["name"] == name) & (c["t"] >= t0 - 0.75) & (c["t"] <= t1 + 0.75)].sort_values("t")["value"]
-    if len(s) < 2:
+    """Rise of a cumulative counter over [t0, t1]: from the last sample before the phase to the last one
+    in it (KVM stats restart at 0 when a VM exits, so only rises are summed)."""
+    s = c[c["name"] == name].sort_values("t")
+    before, inside = s[s["t"] <= t0].tail(1), s[(s["t"] > t0) & (s["t"] <= t1)]
+    series = pd.concat([before, inside])["value"]
+    if len(series) < 2:
         return float("nan")
-    d = s.diff().dropna()
+    d = series.diff().dropna()
     return float(d[d > 0].sum())
 
 
