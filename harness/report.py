@@ -32,11 +32,12 @@ DELTA_COUNTERS = {"kvm.mmu_recycled": "mmu_recycled", "kvm.mmu_shadow_zapped": "
 
 # -- evidence -------------------------------------------------------------------------------------
 def _delta(c: pd.DataFrame, name: str, t0: float, t1: float) -> float:
-    """Rise of a cumulative counter over [t0, t1]: from the last sample before the phase to the last one
-    in it (KVM stats restart at 0 when a VM exits, so only rises are summed)."""
+    """Rise of a cumulative counter over a phase: from the last sample before it to the first sample after
+    it (which is when its last changes become visible). KVM stats restart at 0 when a VM exits, so only
+    rises are summed."""
     s = c[c["name"] == name].sort_values("t")
-    before, inside = s[s["t"] <= t0].tail(1), s[(s["t"] > t0) & (s["t"] <= t1)]
-    series = pd.concat([before, inside])["value"]
+    before, inside, after = s[s["t"] <= t0].tail(1), s[(s["t"] > t0) & (s["t"] <= t1)], s[s["t"] > t1].head(1)
+    series = pd.concat([before, inside, after])["value"]
     if len(series) < 2:
         return float("nan")
     d = series.diff().dropna()

@@ -217,14 +217,17 @@ def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
                                 json.dumps(dict(c["sampler"], out=OUT))],
                                stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
                                stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
-    time.sleep(max(1.0, 2 * c["sampler"]["interval_s"]))   # a baseline sample before the first phase
+    deadline = time.monotonic() + 120                       # a baseline sample before the first phase
+    while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2 * c["sampler"]["interval_s"])
     try:
         for phase in c["phases"]:
             mode = phase.get("mode") or "none"
-            ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
             pr = PressureRun(mode, c["pressure"], f"{plan['run_id']}-{phase['name']}", OUT, ev)
             try:
                 pr.start()
+                ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
                 end = time.monotonic() + phase["duration_s"]
                 while time.monotonic() < end:
                     for k in kids:

@@ -27,6 +27,7 @@ import time
 
 CG = "/sys/fs/cgroup"
 PAGE = 4096
+READY_TIMEOUT_S = 120
 
 
 def meminfo_mb(key: str) -> int:
@@ -151,6 +152,15 @@ class PressureRun:
                                       os.path.join(self.out, "pressure.jsonl")],
                                      stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),
                                      stderr=open(os.path.join(self.out, "pressure.stderr"), "a"))
+        # the phase clock starts when the pressure is on, not when a (slow, under TCG) Python starts
+        ready = os.path.join(self.out, f"pressure.ready.{self.proc.pid}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not os.path.exists(ready):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pressure actor for {self.mode} did not start (status {self.proc.poll()}): "
+                                   + open(os.path.join(self.out, "pressure.stderr")).read()[-500:])
+            time.sleep(0.1)
+        os.unlink(ready)
         self.events("pressure_start", mode=self.mode, cgroup=self.cgroup, pid=self.proc.pid)
 
     def stop(self) -> None:
@@ -181,6 +191,7 @@ def _main(argv: list[str]) -> None:
     write(cgroup + "/cgroup.procs", str(os.getpid()))      # join the group before allocating anything
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     out = open(log_path, "a", buffering=1)
+    open(os.path.join(os.path.dirname(log_path), f"pressure.ready.{os.getpid()}"), "w").close()
 
     def log(kind: str, **fields) -> None:
         out.write(json.dumps({"t": time.time_ns(), "kind": kind, "mode": mode, **fields}) + "\n")
