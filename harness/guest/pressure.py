@@ -97,6 +97,7 @@ def actor(mode: str, p: dict, log) -> None:
             time.sleep(p["drop_caches_period_s"])
     elif mode == "root-reclaim":
         while True:
+            log("root_reclaim_request", mb=p["root_reclaim_mb"])    # the write may block for the whole phase
             try:
                 write(f"{CG}/memory.reclaim", f"{p['root_reclaim_mb']}M")
                 log("root_reclaim", ok=True)
