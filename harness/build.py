@@ -235,8 +235,7 @@ class Builder:
             meta["config_sha256"] = hash_file(cfg)
             write_json(tree / "metadata.json", meta)
             compiles, log_path = self._run_make(v.name, make_cmd, tree, env)
-            release = run(["make", "-s", "-C", str(tree), "O=o", "kernelrelease"], capture=True,
-                          env=env).stdout.strip()
+            release = self._make(tree, "kernelrelease", env=env).stdout.strip()
         except BaseException as e:
             meta.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                         error=str(e)[-2000:], duration_s=time.monotonic() - t0)
