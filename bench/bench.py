@@ -3,6 +3,8 @@
   python bench/bench.py                  cached build, boot-to-agent per level, probe overhead (one quick cell)
   python bench/bench.py --cold           + a cold build and the patched build after it, in a fresh cache
   python bench/bench.py --experiment     + the whole default experiment (warm build cache)
+  python bench/bench.py --nested         + how far an L2 gets under the `nested` topology in --nested-s
+                                           seconds, and the exit rates into the kernel under test's KVM
 
 Nothing here is asserted; the numbers go into issue notes and the README. Timing claims stay
 out of the unit tests.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,6 +96,58 @@ def bench_boot_and_probe() -> None:
         f"ratio L1/host {header['loop_overhead_ns'] / host['loop_overhead_ns']:.1f}x")
 
 
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_printk_s(console: Path) -> float:
+    stamps = re.findall(r"^\[\s*(\d+\.\d+)\]", console.read_text(errors="replace"), re.M) if console.exists() else []
+    return float(stamps[-1]) if stamps else 0.0
+
+
+def exit_rates(counters: list[dict], t0_ns: int, t1_ns: int) -> dict[str, float]:
+    """Per-second rates of the KVM exit counters of the kernel under test between two instants."""
+    inside = [c for c in counters if t0_ns <= c["t"] <= t1_ns]
+    if len(inside) < 2:
+        return {}
+    a, b = inside[0], inside[-1]
+    secs = (b["t"] - a["t"]) / 1e9
+    return {k: (b["v"].get(k, 0) - a["v"].get(k, 0)) / secs for k in ("kvm.exits", "kvm.nested_run", "kvm.pf_fixed",
+                                                                      "kvm.insn_emulation", "kvm.io_exits")}
+
+
+def bench_nested(limit_s: int) -> None:
+    """One nested cell with a small L2: boot times per level, and how fast L2 runs relative to L1."""
+    print(f"nested topology ({decide_accel('auto').accel.upper()}): L2 boot, at most {limit_s} s")
+    sets = ["repetitions=1", "variants=[{name: baseline}]", "topology.kind=nested", "topology.l2.memory_mb=256",
+            "workload.probe.levels=[l2]", "workload.probe.size_mb=128", f"boot.timeout_s.l2={limit_s}",
+            "boot.retries=0", "phases=[{name: steady, duration_s: 5}]"]
+    with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
+        cmd = [sys.executable, "-m", "harness", "run", "--config", "shrinker-ab", "--output", out, "--run-id", "nested",
+               *[a for s in sets for a in ("--set", s)]]
+        r, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True))
+        cell = Path(out) / "shrinker-ab" / "nested" / "cells" / "baseline.r1"
+        kut_ev, l1_ev = jsonl(cell / "events.jsonl"), jsonl(cell / "l1-0" / "events.jsonl")
+        l1_start = next(e for e in kut_ev if e["kind"] == "boot_start")
+        l1_ready = next(e for e in kut_ev if e["kind"] == "boot_ready")
+        l2_start = next(e for e in l1_ev if e["kind"] == "boot_start")
+        l2_end = next((e for e in l1_ev if e["kind"] in ("boot_ready", "boot_failed")), None)
+        row("L1: QEMU start -> agent ready", f"{l1_ready['seconds']:.1f} s",
+            f"its kernel's clock reached {last_printk_s(cell / 'l1-0' / 'console.log'):.1f} s by the end")
+        l2_wall = ((l2_end["t"] if l2_end else time.time_ns()) - l2_start["t"]) / 1e9
+        l2_clock = last_printk_s(cell / "l1-0" / "l2-0" / "console.log")
+        row("L2: QEMU start -> agent ready", f"{l2_end['seconds']:.1f} s" if l2_end and "seconds" in l2_end
+            else "not ready", f"after {l2_wall:.0f} s wall its kernel's clock read {l2_clock:.1f} s")
+        counters = jsonl(cell / "counters.jsonl")
+        for label, a, b in (("L1 booting", l1_start["t"], l1_ready["t"]),
+                            ("L2 booting", l2_start["t"], l2_end["t"] if l2_end else time.time_ns())):
+            rates = exit_rates(counters, a, b)
+            if rates:
+                row(f"exits into the kernel under test, {label}", f"{rates['kvm.exits']:.0f} /s",
+                    ", ".join(f"{k.split('.')[1]} {v:.0f}/s" for k, v in rates.items() if k != "kvm.exits"))
+        row("whole nested cell", f"{t:.0f} s", f"harness exit status {r.returncode}")
+
+
 def bench_experiment() -> None:
     print("default experiment (configs/shrinker-ab.yaml, warm build cache)")
     with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
@@ -105,10 +160,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--experiment", action="store_true")
+    ap.add_argument("--nested", action="store_true")
+    ap.add_argument("--nested-s", type=int, default=600, help="how long L2 may take to boot")
     a = ap.parse_args()
     print(f"nestpress bench on {os.uname().nodename}: {os.cpu_count()} CPUs, cache {default_cache()}")
     bench_builds(a.cold)
     bench_boot_and_probe()
+    if a.nested:
+        bench_nested(a.nested_s)
     if a.experiment:
         bench_experiment()
 

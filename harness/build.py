@@ -30,7 +30,7 @@ from .config import Experiment, Variant
 from .errors import BuildError, KconfigError
 from .patches import PatchVariant, apply, load_series, revert, verify
 from .source import PreparedSource, prepare
-from .util import atomic_dir, console, default_cache, hash_file, hash_text, log, need_tool, read_json, run, write_json
+from .util import atomic_dir, default_cache, hash_file, hash_text, log, need_tool, read_json, run, status, write_json
 
 RECIPE = "nestpress-build-1"   # bump when the way we build changes what comes out
 BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "perl")
@@ -258,14 +258,15 @@ class Builder:
         """Stream make's output to build.log with a live status line; the log tail on failure."""
         log_path = tree / "build.log"
         compiles = 0
-        with open(log_path, "w", buffering=1) as logf, console.status(f"build {name}: make bzImage") as status:
+        with open(log_path, "w", buffering=1) as logf, \
+                status(f"build {name}: make bzImage", every_s=60) as progress:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             try:
                 for line in proc.stdout:
                     logf.write(line)
                     if line.startswith("  CC "):
                         compiles += 1
-                        status.update(f"build {name}: {compiles} compiled, {line.split()[-1]}")
+                        progress.update(f"build {name}: {compiles} compiled, {line.split()[-1]}")
                 rc = proc.wait()
             except BaseException:
                 proc.terminate()

@@ -7,6 +7,8 @@ and turn the phases into the schedule the conductor follows.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import Experiment
 from .errors import PressureError
 
@@ -14,11 +16,11 @@ GUEST_OVERHEAD_MB = 160      # QEMU + guest kernel beyond a guest's -m, measured
 KUT_RESERVE_MB = 256         # the kernel under test's own kernel, agent and sampler
 
 
-def modes_used(exp: Experiment, cell_mode: str) -> list[str]:
-    return [p.mode(cell_mode) for p in exp.phases]
+def modes_used(exp: Experiment) -> set[str]:
+    return {p.mode(exp.pressure.mode) for p in exp.phases}
 
 
-def check(exp: Experiment, cell_mode: str, topology: str) -> None:
+def check(exp: Experiment, topology: str) -> None:
     """Raise PressureError for sizes that cannot work on the kernel under test."""
     t, pr = exp.topology, exp.pressure
     kut = t.kut.memory_mb
@@ -38,7 +40,7 @@ def check(exp: Experiment, cell_mode: str, topology: str) -> None:
             if probe > room:
                 raise PressureError(f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
                                     f"({spec.memory_mb} MiB, about {room} MiB free for the probe)")
-    modes = modes_used(exp, cell_mode)
+    modes = modes_used(exp)
     if "global" in modes:
         if t.kut.swap_mb == 0:
             raise PressureError("pressure global needs swap in the kernel under test (topology.kut.swap_mb > 0): "
@@ -52,10 +54,44 @@ def check(exp: Experiment, cell_mode: str, topology: str) -> None:
                             "cause global reclaim")
 
 
-def conductor_plan(exp: Experiment, cell_mode: str, warm_timeout_s: float) -> dict:
+# what each part of a run needs from the kernel under test's .config, and why
+ALWAYS_NEEDED = {"CONFIG_DEBUG_FS": "the sampler reads KVM's MMU stats from /sys/kernel/debug/kvm",
+                 "CONFIG_KVM": "the kernel under test runs the guests"}
+MODE_NEEDS = {
+    "global": {"CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max", "CONFIG_SWAP": "sustained reclaim"},
+    "memcg-limit": {"CONFIG_MEMCG": "the control is a cgroup with a tight memory.max"},
+    "drop-caches": {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+                    "CONFIG_PROC_SYSCTL": "writes /proc/sys/vm/drop_caches"},
+    "root-reclaim": {"CONFIG_MEMCG": "writes the root cgroup's memory.reclaim"},
+    "shrinker-scan": {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+                      "CONFIG_SHRINKER_DEBUG": "writes /sys/kernel/debug/shrinker/x86-mmu-*/scan"},
+}
+
+
+def kernel_options(config_text: str) -> set[str]:
+    return {line.split("=", 1)[0] for line in config_text.splitlines()
+            if line.startswith("CONFIG_") and line.split("=", 1)[1] in ("y", "m")}
+
+
+def check_kernel(exp: Experiment, variant: str, kernel_config: Path) -> None:
+    """Raise PressureError, before anything boots, when the built kernel lacks what the schedule uses."""
+    have = kernel_options(kernel_config.read_text())
+    need = dict(ALWAYS_NEEDED)
+    for mode in sorted(modes_used(exp)):
+        need.update(MODE_NEEDS.get(mode, {}))
+    if exp.sampler.trace_shrinker:
+        need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
+    missing = [f"{opt} ({why})" for opt, why in need.items() if opt not in have]
+    if missing:
+        raise PressureError(f"kernel of variant {variant!r} ({kernel_config}) lacks what this schedule needs: "
+                            + "; ".join(missing) + ". Add them to a fragment in kernel_config.fragments "
+                            "(configs/kernel/kvm-host.config has them all).")
+
+
+def conductor_plan(exp: Experiment, warm_timeout_s: float) -> dict:
     """What the kernel under test's agent conducts: phases with their modes, pressure knobs, sampler."""
     return {
-        "phases": [{"name": p.name, "duration_s": p.duration_s, "mode": p.mode(cell_mode)} for p in exp.phases],
+        "phases": [{"name": p.name, "duration_s": p.duration_s, "mode": p.mode(exp.pressure.mode)} for p in exp.phases],
         "pressure": exp.pressure.model_dump(by_alias=True),
         "sampler": exp.sampler.model_dump(),
         "warm_timeout_s": warm_timeout_s,

@@ -20,12 +20,12 @@ from pathlib import Path
 from . import REPO_ROOT
 from .build import Builder, BuildResult
 from .config import Cell, Plan
-from .errors import GuestError, HarnessError
+from .errors import GuestError, HarnessError, PressureError
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_accel, doctor
-from .pressure import check as check_pressure, conductor_plan
+from .pressure import check as check_pressure, check_kernel, conductor_plan
 from .qemu import build_plan, dry_run, qemu_argv, resolve_topology
-from .util import console, fmt_s, log, python_for_guests, read_json, warn, write_json
+from .util import console, fmt_s, log, python_for_guests, read_json, status, warn, write_json
 
 WARM_TIMEOUT_S = 240
 SHUTDOWN_S = 90
@@ -115,8 +115,10 @@ class Runner:
             warn("nested topology under TCG: L2 boots ~100x slower than L1 (minutes to tens of minutes); "
                  "raise boot.timeout_s.l2 accordingly")
         for cell in self.plan.cells:
-            check_pressure(cell.config, cell.axes.get("pressure.mode", cell.config.pressure.mode), self.topology)
+            check_pressure(cell.config, self.topology)
         builds = Builder(self.exp, self.cache).build_all()
+        for cell in self.plan.cells:
+            check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "manifest.json", manifest := self._manifest(builds))
         log(f"run directory: {self.run_dir}")
@@ -129,6 +131,9 @@ class Runner:
             for k, cell in enumerate(todo, 1):
                 self._run_cell(cell, builds[cell.variant], k, len(todo), t0)
             manifest["status"] = "complete" if all(self._complete(c) for c in self.plan.cells) else "incomplete"
+        except HarnessError:
+            manifest["status"] = "failed"
+            raise
         except (KeyboardInterrupt, _Terminated):
             manifest["status"] = "interrupted"
             raise HarnessError(f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
@@ -162,6 +167,10 @@ class Runner:
             started = time.monotonic()
             try:
                 result = self._attempt(cell, build, cell_dir, k, n, t0)
+            except PressureError as e:
+                write_json(cell_dir / "cell.json", {"status": "failed", "attempt": attempt, "errors": [*errors, str(e)],
+                                                    "fatal": True})
+                raise
             except GuestError as e:
                 errors.append(str(e))
                 write_json(cell_dir / "cell.json", {"status": "failed", "attempt": attempt, "errors": errors})
@@ -176,7 +185,6 @@ class Runner:
 
     def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> dict:
         exp = cell.config
-        mode = cell.axes.get("pressure.mode", exp.pressure.mode)
         tmp = Path(tempfile.mkdtemp(prefix=f"nestpress-{self.run_dir.name}-"))
         try:
             swap = None
@@ -184,8 +192,10 @@ class Runner:
                 swap = tmp / "swap.img"
                 with open(swap, "wb") as f:
                     f.truncate(exp.topology.kut.swap_mb << 20)
+            # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
+            warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if self.topology == "nested" else 0)
             spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, cell_dir, self.run_dir.name,
-                                    python_for_guests(), conductor_plan(exp, mode, WARM_TIMEOUT_S), swap)
+                                    python_for_guests(), conductor_plan(exp, warm_s), swap)
             plan["cell"] = cell.id
             write_json(cell_dir / "plan.json", plan)
             argv = qemu_argv(spec)
@@ -203,6 +213,9 @@ class Runner:
             kut.stop()
             if exit_info is None:
                 raise GuestError(f"kut exited without exit.json; console:\n{tail(spec.console)}")
+            if exit_info["status"] != 0 and "PreflightError: " in exit_info["error"]:
+                # the same kernel fails the same way every time: no retry, no further cells
+                raise PressureError(exit_info["error"].rsplit("PreflightError: ", 1)[1].strip())
             if exit_info["status"] != 0:
                 raise GuestError(f"agent in the kernel under test failed:\n{exit_info['error'][-1500:]}")
             failures = [e for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
@@ -210,7 +223,7 @@ class Runner:
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
                     e.get("error", e["kind"])[:300] for e in failures))
-            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": mode,
+            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": exp.pressure.mode,
                     "guest_failures": [e.get("error", e["kind"])[:500] for e in failures]}
         finally:
             stop_all()
@@ -222,7 +235,7 @@ class Runner:
         stage = "booting guests"
         deadline = time.monotonic() + budget
         est = self._estimate(cell)
-        with console.status("") as status:
+        with status(f"cell {k}/{n} {cell.id}: {stage}") as progress:
             while kut.proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
@@ -239,7 +252,7 @@ class Runner:
                                      "probe_start": "warming probes", "probes_warm": "probes warm"}[e["kind"]]
                 elapsed = time.monotonic() - t0
                 eta = est * (n - k + 1) - (time.monotonic() - kut.started)
-                status.update(f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | "
+                progress.update(f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | "
                               f"remaining ~{fmt_s(max(0, eta))}")
                 time.sleep(1)
         log(f"cell {k}/{n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")

@@ -27,6 +27,30 @@ def warn(msg: str) -> None:
     console.print(f"[bold yellow]WARNING[/bold yellow] {msg}")
 
 
+class _LogStatus:
+    """status() off a terminal (CI logs, nohup, fab over SSH): the same text as a log line now and then."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.last = every_s, 0.0
+
+    def update(self, msg: str) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            log(msg)
+
+
+@contextlib.contextmanager
+def status(msg: str, every_s: float = 30.0) -> Iterator[Any]:
+    """A live status line on a terminal; elsewhere a progress line every `every_s` seconds."""
+    if console.is_terminal:
+        with console.status(msg) as s:
+            yield s
+    else:
+        s = _LogStatus(every_s)
+        s.update(msg)
+        yield s
+
+
 def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str | Path | None = None,
         env: dict | None = None, stdin: Any = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run an argument list (never a shell string); raise HarnessError with the output tail on failure."""

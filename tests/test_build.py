@@ -12,6 +12,7 @@ from harness import REPO_ROOT
 from harness.build import Builder
 from harness.config import load
 from harness.errors import KconfigError, MissingTool
+from harness.pressure import check_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -28,6 +29,8 @@ def test_artifacts_and_metadata(builds):
     # the patch took effect in the built kernel: the shrinker's functions are gone from System.map
     assert " mmu_shrink_scan" in (builds["baseline"].dir / "System.map").read_text()
     assert " mmu_shrink_scan" not in (builds["patched"].dir / "System.map").read_text()
+    for name, b in builds.items():       # the real kernels carry everything the default schedule uses
+        check_kernel(load("shrinker-ab").experiment, name, b.dir / "config")
 
 
 def test_patched_build_reused_baseline_objects(builds):

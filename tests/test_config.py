@@ -89,3 +89,19 @@ def test_readme_config_reference_is_generated_from_schema():
 def test_every_shipped_config_validates():
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         assert load(path).cells, path
+
+
+def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path):
+    from harness.errors import PressureError
+    from harness.pressure import check_kernel
+    exp = load("shrinker-ab").experiment
+    full = tmp_path / "full.config"
+    full.write_text("".join(f"{o}=y\n" for o in ("CONFIG_DEBUG_FS", "CONFIG_KVM", "CONFIG_MEMCG", "CONFIG_SWAP",
+                                                  "CONFIG_SHRINKER_DEBUG", "CONFIG_FTRACE")))
+    check_kernel(exp, "baseline", full)
+    lacking = tmp_path / "lacking.config"
+    lacking.write_text(full.read_text().replace("CONFIG_SHRINKER_DEBUG=y", "# CONFIG_SHRINKER_DEBUG is not set"))
+    with pytest.raises(PressureError, match=r"CONFIG_SHRINKER_DEBUG \(writes /sys/kernel/debug/shrinker"):
+        check_kernel(exp, "baseline", lacking)
+    no_scan = load("shrinker-ab", ["phases=[{name: steady, duration_s: 5}]", "sampler.trace_shrinker=false"])
+    check_kernel(no_scan.experiment, "baseline", lacking)

@@ -86,3 +86,30 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
         assert not tmp_dirs
         assert "INCOMPLETE" in (run_dir / "report.md").read_text()      # the report says what it is
+
+
+@pytest.mark.parametrize("cmdline, says", [("cgroup_disable=memory", "memory controller is not available"),
+                                           ("debugfs=off", "no /sys/kernel/debug/kvm")])
+def test_kernel_that_cannot_run_the_schedule_fails_before_any_guest_starts(builds, qemu, tmp_path, cmdline, says):
+    out = tmp_path / "kut"
+    out.mkdir()
+    phases = [{"name": "control", "duration_s": 1, "mode": "memcg-limit"}]
+    child_plan = {"name": "l1-0", "level": "l1", "run_id": "t"}
+    (out / "plan.json").write_text(json.dumps({
+        "name": "kut", "level": "kut", "run_id": "t", "cgroup_controllers": ["memory"],
+        "children": [{"name": "l1-0", "argv": ["sleep", "600"], "export": str(out / "l1-0"), "plan": child_plan,
+                      "console": str(out / "l1-0" / "console.log"), "timeout_s": 5}],
+        "conductor": {"phases": phases, "pressure": {}, "sampler": {"interval_s": 0.5}, "warm_timeout_s": 5}}))
+    spec = kut_spec(builds["baseline"].bzimage, out)
+    spec.cmdline_extra = [cmdline]
+    child = Child("kut", qemu_argv(spec), str(out), spec.console)
+    child.start()
+    try:
+        child.wait_ready(180)
+        assert child.wait_exit(60) is not None
+    finally:
+        child.stop()
+    error = json.loads((out / "exit.json").read_text())["error"]
+    assert "PreflightError: the kernel under test cannot run this schedule" in error and says in error
+    kinds = [json.loads(l)["kind"] for l in (out / "events.jsonl").read_text().splitlines()]
+    assert "ready" in kinds and "boot_start" not in kinds and "phase_start" not in kinds

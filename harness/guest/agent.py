@@ -20,7 +20,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pressure import PressureRun  # noqa: E402
+from pressure import PressureRun, preflight  # noqa: E402
 from supervise import Child, stop_all, tail  # noqa: E402
 
 OUT = "/run/nestpress/out"
@@ -148,15 +148,14 @@ def start_children(plan: dict, ev: Events) -> list[Child]:
         os.makedirs(spec["export"], exist_ok=True)
         with open(os.path.join(spec["export"], "plan.json"), "w") as f:
             json.dump(spec["plan"], f)
-        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"])
-        child.timeout = spec["timeout_s"]
+        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"])
         child.start()
         ev("boot_start", guest=spec["name"], level=spec["plan"]["level"])
         kids.append(child)
     alive = []
     for child in kids:
         try:
-            secs = child.wait_ready(child.timeout)
+            secs = child.wait_ready(child.boot_timeout)
             ev("boot_ready", guest=child.name, seconds=secs)
             alive.append(child)
         except RuntimeError as e:
@@ -209,42 +208,39 @@ def wait_probes_warm(expected: int, timeout: float, ev: Events) -> None:
                            "nothing to measure")
 
 
+def start_sampler(plan: dict) -> subprocess.Popen | None:
+    """Kernel under test only: counters from before the first guest boots to the end (boot-time shadow
+    paging is on record too; the report only compares what lies inside the phases)."""
+    if not plan.get("conductor"):
+        return None
+    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "sampler.py"),
+                             json.dumps(dict(plan["conductor"]["sampler"], out=OUT))],
+                            stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
+                            stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
+
+
 def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
-    """Kernel under test only: sampler + phase schedule with the pressure each phase asks for."""
+    """Kernel under test only: the phase schedule with the pressure each phase asks for."""
     c = plan["conductor"]
     wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], ev)
-    sampler = subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "sampler.py"),
-                                json.dumps(dict(c["sampler"], out=OUT))],
-                               stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
-                               stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
     deadline = time.monotonic() + 120                       # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(2 * c["sampler"]["interval_s"])
-    try:
-        for phase in c["phases"]:
-            mode = phase.get("mode") or "none"
-            pr = PressureRun(mode, c["pressure"], f"{plan['run_id']}-{phase['name']}", OUT, ev)
-            try:
-                pr.start()
-                ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
-                end = time.monotonic() + phase["duration_s"]
-                while time.monotonic() < end:
-                    for k in kids:
-                        why = k.problem()
-                        if why and not getattr(k, "reported", False):
-                            ev("guest_died", guest=k.name, error=why, console=tail(k.console))
-                            k.reported = True
-                    time.sleep(min(0.5, max(0.0, end - time.monotonic())))
-            finally:
-                pr.stop()
-                ev("phase_end", phase=phase["name"], mode=mode)
-    finally:
-        sampler.terminate()
+    for phase in c["phases"]:
+        mode = phase.get("mode") or "none"
+        pr = PressureRun(mode, c["pressure"], f"{plan['run_id']}-{phase['name']}", OUT, ev)
         try:
-            sampler.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sampler.kill()
+            pr.start()
+            ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
+            end = time.monotonic() + phase["duration_s"]
+            while time.monotonic() < end:
+                for k in kids:
+                    if why := k.new_problem():
+                        ev("guest_died", guest=k.name, error=why, console=tail(k.console))
+                time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+        finally:
+            pr.stop()
+            ev("phase_end", phase=phase["name"], mode=mode)
 
 
 def wait_for_stop(plan: dict, probe: subprocess.Popen | None, ev: Events) -> None:
@@ -259,20 +255,27 @@ def wait_for_stop(plan: dict, probe: subprocess.Popen | None, ev: Events) -> Non
         time.sleep(0.5)
 
 
-def finish(kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
+def stop_process(p: subprocess.Popen | None, grace: float) -> int | None:
+    if p is None:
+        return None
+    p.terminate()
+    try:
+        return p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return p.wait()
+
+
+def finish(kids: list[Child], probe: subprocess.Popen | None, sampler: subprocess.Popen | None, ev: Events) -> None:
     if probe:
-        probe.terminate()
-        try:
-            probe.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            probe.kill()
-        ev("probe_exit", status=probe.returncode)
+        ev("probe_exit", status=stop_process(probe, 20))
     for k in kids:
         open(os.path.join(k.export, "stop"), "w").close()
     for k in kids:
         status = k.wait_exit(60)
         ev("guest_exit", guest=k.name, status=status, clean=status is not None)
         k.stop()
+    stop_process(sampler, 10)     # last: the guests' shutdown is on record too
 
 
 def main() -> int:
@@ -287,22 +290,27 @@ def main() -> int:
     ev = Events(os.path.join(OUT, "events.jsonl"))
     status, error = 0, None
     kids: list[Child] = []
-    probe = None
+    probe = sampler = None
     try:
         with open(os.path.join(OUT, "plan.json")) as f:
             plan = json.load(f)
         set_clock(ev)
         if plan.get("swap_device"):
             enable_swap(plan["swap_device"], ev)
-        if plan.get("cgroup_controllers"):
-            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
-                f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
         time.sleep(0.2)   # let the kmsg pump catch up before facts read it
         with open(os.path.join(OUT, "facts.json"), "w") as f:
             json.dump(level_facts(plan), f, indent=1)
         with open(os.path.join(OUT, "ready.json"), "w") as f:
             json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, f)
         ev("ready", guest=plan["name"])
+        if plan.get("conductor"):
+            modes = {ph.get("mode") or "none" for ph in plan["conductor"]["phases"]}
+            for note in preflight(modes, plan["run_id"]):
+                ev("pressure_unavailable", reason=note, when="preflight")
+        if plan.get("cgroup_controllers"):
+            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+                f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
+        sampler = start_sampler(plan)
         kids = start_children(plan, ev)
         probe = start_probe(plan, ev)
         run_command(plan, ev)
@@ -315,7 +323,7 @@ def main() -> int:
         print(error, file=sys.stderr)
     finally:
         try:
-            finish(kids, probe, ev)
+            finish(kids, probe, sampler, ev)
         except Exception:
             print(traceback.format_exc(), file=sys.stderr)
         stop_all()

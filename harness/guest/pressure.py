@@ -126,6 +126,49 @@ def unavailable(mode: str) -> str | None:
     return None
 
 
+class PreflightError(RuntimeError):
+    """The kernel under test cannot run this schedule: said before any guest starts, never retried."""
+
+
+def preflight(modes: set[str], run_id: str) -> list[str]:
+    """Raise PreflightError for what would make the run meaningless; return notes for modes that will idle."""
+    problems, notes = [], []
+    if not os.path.isdir("/sys/kernel/debug/kvm"):
+        problems.append("no /sys/kernel/debug/kvm: debugfs is not mounted or not in this kernel "
+                        "(CONFIG_DEBUG_FS, and no debugfs=off on the command line); the sampler needs KVM's stats")
+    if modes - {"none"}:
+        controllers = read_text(f"{CG}/cgroup.controllers")
+        if controllers is None:
+            problems.append(f"no cgroup v2 hierarchy at {CG} (CONFIG_CGROUPS/CONFIG_MEMCG, cgroup2 mount)")
+        elif "memory" not in controllers.split():
+            problems.append(f"the cgroup v2 memory controller is not available at {CG} (controllers: "
+                            f"{controllers or 'none'}; CONFIG_MEMCG off or cgroup_disable=memory)")
+        else:
+            probe = f"{CG}/nestpress-{run_id}-preflight"
+            try:
+                os.mkdir(probe)
+                os.rmdir(probe)
+            except OSError as e:
+                problems.append(f"cannot create a cgroup under {CG}: {e.strerror}")
+    if "shrinker-scan" in modes and not os.path.isdir("/sys/kernel/debug/shrinker"):
+        problems.append("shrinker-scan needs /sys/kernel/debug/shrinker (CONFIG_SHRINKER_DEBUG, 6.0+)")
+    for mode in sorted(modes):
+        why = unavailable(mode) if not problems else None
+        if why:
+            notes.append(why)
+    if problems:
+        raise PreflightError("the kernel under test cannot run this schedule: " + "; ".join(problems))
+    return notes
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 class PressureRun:
     """One phase's pressure: cgroup created, actor started in it; stop() undoes both."""
 

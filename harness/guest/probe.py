@@ -46,7 +46,7 @@ def bucket_bounds(i: int) -> tuple[int, int]:
     return low, low + (1 << (b - SUB_BITS - 1))
 
 
-def calibrate(n: int = 200_000) -> dict:
+def calibrate(n: int = 20_000) -> dict:
     """Cost of one sample with no memory touch: the probe's own floor."""
     clock = time.perf_counter_ns
     hist: dict[int, int] = {}

@@ -28,7 +28,9 @@ VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswap
 MEMINFO_KEYS = ("MemAvailable", "MemFree", "SecPageTables", "PageTables", "SwapFree", "AnonPages", "Cached")
 KVM_KEYS = ("mmu_shadow_zapped", "mmu_recycled", "mmu_cache_miss", "mmu_pte_write", "mmu_flooded",
             "mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "nx_lpage_splits",
-            "max_mmu_page_hash_collisions")
+            "max_mmu_page_hash_collisions",
+            # where the time goes under nesting: every exit of a guest vCPU into this kernel's KVM
+            "exits", "nested_run", "halt_exits", "irq_exits", "io_exits", "mmio_exits", "pf_fixed", "insn_emulation")
 CG_EVENTS = ("low", "high", "max", "oom", "oom_kill")
 CG_STAT = ("anon", "sec_pagetables", "pgscan", "pgsteal")
 

@@ -37,11 +37,13 @@ def tail(path: str, lines: int = 20) -> str:
 class Child:
     """One QEMU process whose guest reports readiness by writing <export>/ready.json."""
 
-    def __init__(self, name: str, argv: list[str], export: str, console: str):
+    def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0):
         self.name, self.argv, self.export, self.console = name, argv, export, console
+        self.boot_timeout = boot_timeout
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.ready_s: float | None = None
+        self._reported = False
 
     def start(self) -> None:
         os.makedirs(self.export, exist_ok=True)
@@ -71,6 +73,12 @@ class Child:
             err = tail(os.path.join(self.export, "qemu.stderr"), 5)
             return f"{self.name}: QEMU exited with status {self.proc.returncode}" + (f" ({err})" if err else "")
         return None
+
+    def new_problem(self) -> str | None:
+        """problem(), said once: a guest that died is reported the first time it is seen, not every poll."""
+        why = None if self._reported else self.problem()
+        self._reported = self._reported or why is not None
+        return why
 
     def wait_ready(self, timeout: float, poll: float = 0.2) -> float:
         """Seconds from QEMU start to agent ready; raises RuntimeError with the console tail otherwise."""
