@@ -108,6 +108,10 @@ def last_printk_s(console: Path) -> float:
 def exit_rates(counters: list[dict], t0_ns: int, t1_ns: int) -> dict[str, float]:
     """Per-second rates of the KVM exit counters of the kernel under test between two instants."""
     inside = [c for c in counters if t0_ns <= c["t"] <= t1_ns]
+    # KVM's debugfs sums cover live VMs only: a guest that died takes its counts with it
+    alive = next((i for i in range(1, len(inside)) if inside[i]["v"].get("kvm.exits", 0)
+                  < inside[i - 1]["v"].get("kvm.exits", 0)), len(inside))
+    inside = inside[:alive]
     if len(inside) < 2:
         return {}
     a, b = inside[0], inside[-1]
@@ -138,6 +142,8 @@ def bench_nested(limit_s: int) -> None:
         l2_clock = last_printk_s(cell / "l1-0" / "l2-0" / "console.log")
         row("L2: QEMU start -> agent ready", f"{l2_end['seconds']:.1f} s" if l2_end and "seconds" in l2_end
             else "not ready", f"after {l2_wall:.0f} s wall its kernel's clock read {l2_clock:.1f} s")
+        for e in (e for e in kut_ev if e["kind"] == "guest_died"):
+            row(f"{e['guest']} died", f"{(e['t'] - l2_start['t']) / 1e9:.0f} s", f"after L2's QEMU started: {e['error']}")
         counters = jsonl(cell / "counters.jsonl")
         for label, a, b in (("L1 booting", l1_start["t"], l1_ready["t"]),
                             ("L2 booting", l2_start["t"], l2_end["t"] if l2_end else time.time_ns())):

@@ -112,8 +112,10 @@ class Runner:
                                                       if self.exp.topology.kind == "auto" and self.topology == "shadow"
                                                       else ""))
         if self.topology == "nested" and self.accel.accel == "tcg":
-            warn("nested topology under TCG: L2 boots ~100x slower than L1 (minutes to tens of minutes); "
-                 "raise boot.timeout_s.l2 accordingly")
+            warn("nested topology under TCG: expect failed cells. On QEMU's emulated SVM the L1 dies within "
+                 "1-4 min of its L2 starting (reset, or 'KVM: injection failed, MSI lost'), and until then each "
+                 "L2 entry costs ~12 exits into the kernel under test, so L2 rarely reaches its agent "
+                 "(README, 'Topology'). Use topology.kind: shadow here, nested on KVM hosts.")
         for cell in self.plan.cells:
             check_pressure(cell.config, self.topology)
         builds = Builder(self.exp, self.cache).build_all()

@@ -188,10 +188,20 @@ def run_command(plan: dict, ev: Events) -> None:
     ev("command_exit", status=r.returncode)
 
 
-def wait_probes_warm(expected: int, timeout: float, ev: Events) -> None:
+def report_deaths(kids: list[Child], ev: Events) -> int:
+    """Record each guest the first time it is seen dead; how many of them are alive."""
+    for k in kids:
+        if why := k.new_problem():
+            ev("guest_died", guest=k.name, error=why, console=tail(k.console))
+    return sum(1 for k in kids if k.problem() is None)
+
+
+def wait_probes_warm(expected: int, timeout: float, kids: list[Child], ev: Events) -> None:
     """The phases start once every probe finished one pass: shadow pages are then in place."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if kids and not report_deaths(kids, ev):
+            raise RuntimeError("every guest died before its probe finished a pass: nothing to measure")
         status = [json.loads(read(s, "{}") or "{}")
                   for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)]
         failed = [s["failed"] for s in status if s.get("failed")]
@@ -222,7 +232,7 @@ def start_sampler(plan: dict) -> subprocess.Popen | None:
 def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
     """Kernel under test only: the phase schedule with the pressure each phase asks for."""
     c = plan["conductor"]
-    wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], ev)
+    wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], kids, ev)
     deadline = time.monotonic() + 120                       # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -234,19 +244,18 @@ def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
             ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
             end = time.monotonic() + phase["duration_s"]
             while time.monotonic() < end:
-                for k in kids:
-                    if why := k.new_problem():
-                        ev("guest_died", guest=k.name, error=why, console=tail(k.console))
+                report_deaths(kids, ev)
                 time.sleep(min(0.5, max(0.0, end - time.monotonic())))
         finally:
             pr.stop()
             ev("phase_end", phase=phase["name"], mode=mode)
 
 
-def wait_for_stop(plan: dict, probe: subprocess.Popen | None, ev: Events) -> None:
-    """Below the kernel under test: run until the parent says stop; a probe that dies says so at once."""
+def wait_for_stop(plan: dict, kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
+    """Below the kernel under test: run until the parent says stop; a probe or guest that dies says so at once."""
     deadline = time.monotonic() + plan.get("max_s", 3600)
     while not os.path.exists(os.path.join(OUT, "stop")) and time.monotonic() < deadline:
+        report_deaths(kids, ev)
         if probe is not None and probe.poll() is not None:
             ev("probe_died", status=probe.returncode, stderr=tail(os.path.join(OUT, "probe.stderr"), 5))
             with open(os.path.join(OUT, "probe.status"), "w") as f:
@@ -317,7 +326,7 @@ def main() -> int:
         if plan.get("conductor"):
             conduct(plan, kids, ev)
         else:
-            wait_for_stop(plan, probe, ev)
+            wait_for_stop(plan, kids, probe, ev)
     except BaseException as e:  # noqa: BLE001 - PID 1 must always reach poweroff
         status, error = 1, "".join(traceback.format_exception(e))
         print(error, file=sys.stderr)
