@@ -232,6 +232,8 @@ def start_sampler(plan: dict) -> subprocess.Popen | None:
 def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
     """Kernel under test only: the phase schedule with the pressure each phase asks for."""
     c = plan["conductor"]
+    if plan.get("children") and not kids:
+        raise RuntimeError("no guest came up (the boot_failed events say why): nothing to measure")
     wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], kids, ev)
     deadline = time.monotonic() + 120                       # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
