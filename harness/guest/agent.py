@@ -21,7 +21,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pressure import PressureRun, preflight  # noqa: E402
-from supervise import Child, stop_all, tail  # noqa: E402
+from supervise import Child, read, stop_all, tail  # noqa: E402
 
 OUT = "/run/nestpress/out"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,14 +67,6 @@ class Events:
         rec = {"t": time.time_ns(), "mono": time.monotonic_ns(), "kind": kind, **fields}
         with self._lock:
             self._f.write(json.dumps(rec) + "\n")
-
-
-def read(path: str, default: str = "") -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return default
 
 
 def copy_kmsg(dest: str) -> None:
@@ -193,7 +185,7 @@ def report_deaths(kids: list[Child], ev: Events) -> int:
     for k in kids:
         if why := k.new_problem():
             ev("guest_died", guest=k.name, error=why, console=tail(k.console))
-    return sum(1 for k in kids if k.problem() is None)
+    return sum(1 for k in kids if k.failure is None)
 
 
 def wait_probes_warm(expected: int, timeout: float, kids: list[Child], ev: Events) -> None:

@@ -132,12 +132,13 @@ class PreflightError(RuntimeError):
 
 def preflight(modes: set[str], run_id: str) -> list[str]:
     """Raise PreflightError for what would make the run meaningless; return notes for modes that will idle."""
-    problems, notes = [], []
+    from supervise import read      # the agent's helper; the pressure actors themselves never load it
+    problems = []
     if not os.path.isdir("/sys/kernel/debug/kvm"):
         problems.append("no /sys/kernel/debug/kvm: debugfs is not mounted or not in this kernel "
                         "(CONFIG_DEBUG_FS, and no debugfs=off on the command line); the sampler needs KVM's stats")
     if modes - {"none"}:
-        controllers = read_text(f"{CG}/cgroup.controllers")
+        controllers = read(f"{CG}/cgroup.controllers", None)
         if controllers is None:
             problems.append(f"no cgroup v2 hierarchy at {CG} (CONFIG_CGROUPS/CONFIG_MEMCG, cgroup2 mount)")
         elif "memory" not in controllers.split():
@@ -152,21 +153,9 @@ def preflight(modes: set[str], run_id: str) -> list[str]:
                 problems.append(f"cannot create a cgroup under {CG}: {e.strerror}")
     if "shrinker-scan" in modes and not os.path.isdir("/sys/kernel/debug/shrinker"):
         problems.append("shrinker-scan needs /sys/kernel/debug/shrinker (CONFIG_SHRINKER_DEBUG, 6.0+)")
-    for mode in sorted(modes):
-        why = unavailable(mode) if not problems else None
-        if why:
-            notes.append(why)
     if problems:
         raise PreflightError("the kernel under test cannot run this schedule: " + "; ".join(problems))
-    return notes
-
-
-def read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return [why for mode in sorted(modes) if (why := unavailable(mode))]
 
 
 class PressureRun:

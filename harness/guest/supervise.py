@@ -24,6 +24,15 @@ def _die_with_parent() -> None:
         pass
 
 
+def read(path: str, default: str | None = "") -> str | None:
+    """A small text file (procfs, sysfs, cgroupfs, an export), stripped; default when it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
 def tail(path: str, lines: int = 20) -> str:
     try:
         with open(path, "rb") as f:
@@ -43,7 +52,7 @@ class Child:
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.ready_s: float | None = None
-        self._reported = False
+        self.failure: str | None = None      # why it is gone, once new_problem() has seen it
 
     def start(self) -> None:
         os.makedirs(self.export, exist_ok=True)
@@ -76,9 +85,10 @@ class Child:
 
     def new_problem(self) -> str | None:
         """problem(), said once: a guest that died is reported the first time it is seen, not every poll."""
-        why = None if self._reported else self.problem()
-        self._reported = self._reported or why is not None
-        return why
+        if self.failure is not None:
+            return None
+        self.failure = self.problem()
+        return self.failure
 
     def wait_ready(self, timeout: float, poll: float = 0.2) -> float:
         """Seconds from QEMU start to agent ready; raises RuntimeError with the console tail otherwise."""
