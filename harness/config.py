@@ -66,6 +66,8 @@ class LevelSpec(Strict):
     count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
     memory_mb: int = axis(ge=64, description="memory per guest")
     cpus: int = Field(1, ge=1, le=64)
+    prealloc: bool = Field(True, description="guest RAM resident from QEMU start, as on a busy host, so reclaim in "
+                                             "the kernel under test meets it (under TCG 1.6 GiB takes ~14 s of boot)")
 
 
 class KutSpec(Strict):
@@ -145,6 +147,9 @@ class Boot(Strict):
                                         description="per level: QEMU start to agent ready")
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
     on_guest_failure: Literal["fail", "continue"] = "continue"
+    rootfs: Literal["auto", "9p", "virtiofs"] = Field(
+        "auto", description="how each level shares the host's root with its guests, read-only; "
+        "auto: virtiofs where a virtiofsd exists and the run is root, else virtio-9p")
 
 
 class Experiment(Strict):

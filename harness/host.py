@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import AccelError
+from .guest.rootfs import find_virtiofsd
 from .util import TOOL_PACKAGES, HEADER_PACKAGES, run, which
 
 KVM_GET_API_VERSION = 0xAE00
@@ -77,6 +78,26 @@ def decide_accel(requested: str = "auto", cpuinfo: str | None = None, dev: str =
     return AccelDecision("tcg", reasons + ["falling back to TCG with -cpu max (SVM + NPT emulated)"], flags)
 
 
+@dataclass
+class RootfsDecision:
+    kind: str                      # "9p" or "virtiofs": how every level shares its root with its guests
+    reasons: list[str]
+
+
+def decide_rootfs(requested: str = "auto") -> RootfsDecision:
+    """virtiofs where a virtiofsd exists and we are root (it needs a mount namespace), else virtio-9p."""
+    daemon = find_virtiofsd()
+    reasons = [f"virtiofsd: {daemon}" if daemon else "no virtiofsd (Debian: qemu-system-common <= 7.2, "
+               "or the virtiofsd package)", "running as root" if os.geteuid() == 0
+               else "not root: virtiofsd needs a mount namespace of its own"]
+    works = bool(daemon) and os.geteuid() == 0
+    if requested == "virtiofs" and not works:
+        raise AccelError("boot.rootfs: virtiofs was requested but cannot be served here: " + "; ".join(reasons))
+    if requested == "9p":
+        return RootfsDecision("9p", reasons + ["9p forced by the config"])
+    return RootfsDecision("virtiofs" if works else "9p", reasons)
+
+
 def nested_support() -> dict[str, str]:
     out = {}
     for mod in ("kvm_intel", "kvm_amd"):
@@ -109,6 +130,8 @@ class Doctor:
     reasons: list[str]
     cpu_flags: list[str]
     nested: dict[str, str]
+    rootfs: str
+    rootfs_reasons: list[str]
     qemu: str | None
     cgroup_v2: bool
     mem_total_mb: int
@@ -131,6 +154,7 @@ class Doctor:
                  f"accel: {self.accel.upper()}" + ("" if self.accel == "kvm" else "  <-- software emulation"),
                  *[f"  - {r}" for r in self.reasons],
                  f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
+                 f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
                  f"qemu-system-x86_64: {self.qemu or 'MISSING'}",
                  f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
                  "(pressure runs inside the kernel under test, which mounts its own)",
@@ -144,6 +168,7 @@ class Doctor:
 
 def doctor(cache_dir: Path | None = None) -> Doctor:
     d = decide_accel("auto")
+    rootfs = decide_rootfs("auto")
     tools = {t: which(t) for t in TOOL_PACKAGES}
     missing = sorted({TOOL_PACKAGES[t] for t, p in tools.items() if not p}
                      | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()})
@@ -159,6 +184,7 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
     if mi["MemAvailable"] < 6 << 20:
         problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
     return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
+                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons,
                   qemu=qemu_version(), cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
                   mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
                   disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,

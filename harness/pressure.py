@@ -68,22 +68,31 @@ MODE_NEEDS = {
 }
 
 
+# every level's root comes over one of these (qemu.py); the kernel under test also serves it to its L1s
+ROOTFS_NEEDS = {
+    "9p": {"CONFIG_9P_FS": "every level's root is the host's over virtio-9p",
+           "CONFIG_NET_9P_VIRTIO": "every level's root is the host's over virtio-9p"},
+    "virtiofs": {"CONFIG_VIRTIO_FS": "every level's root is the host's over virtiofs (boot.rootfs)",
+                 "CONFIG_SECCOMP_FILTER": "virtiofsd serves the guests' root and installs a seccomp filter"},
+}
+
+
 def kernel_options(config_text: str) -> set[str]:
     return {line.split("=", 1)[0] for line in config_text.splitlines()
             if line.startswith("CONFIG_") and line.split("=", 1)[1] in ("y", "m")}
 
 
-def check_kernel(exp: Experiment, variant: str, kernel_config: Path) -> None:
-    """Raise PressureError, before anything boots, when the built kernel lacks what the schedule uses."""
+def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str = "9p") -> None:
+    """Raise PressureError, before anything boots, when the built kernel lacks what the run uses."""
     have = kernel_options(kernel_config.read_text())
-    need = dict(ALWAYS_NEEDED)
+    need = {**ALWAYS_NEEDED, **ROOTFS_NEEDS[rootfs]}
     for mode in sorted(modes_used(exp)):
         need.update(MODE_NEEDS.get(mode, {}))
     if exp.sampler.trace_shrinker:
         need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
     missing = [f"{opt} ({why})" for opt, why in need.items() if opt not in have]
     if missing:
-        raise PressureError(f"kernel of variant {variant!r} ({kernel_config}) lacks what this schedule needs: "
+        raise PressureError(f"kernel of variant {variant!r} ({kernel_config}) lacks what this run needs: "
                             + "; ".join(missing) + ". Add them to a fragment in kernel_config.fragments "
                             "(configs/kernel/kvm-host.config has them all).")
 

@@ -1,9 +1,9 @@
 """QEMU command lines and guest topologies, as pure functions (config in, argument lists out).
 
 Every level boots the same way, virtme-style: the built bzImage (through qboot where QEMU
-ships it), the host's root shared read-only over virtio-9p (`multidevs=remap`), tmpfs for
-what must be writable, and a writable 9p export of its own (tag `nestout`) for its plan and
-results. PID 1 is the agent (harness/guest/agent.py), run by the host's Python from the
+ships it), the host's root shared read-only - over virtiofs (guest/rootfs.py serves it) where
+a virtiofsd exists, else over virtio-9p (`multidevs=remap`) - tmpfs for what must be writable,
+and a writable 9p export of its own (tag `nestout`) for its plan and results. PID 1 is the agent (harness/guest/agent.py), run by the host's Python from the
 shared root, so L1 and L2 see the same tools as the host. The kernel under test also gets
 a virtio-blk swap disk so that global reclaim has something to do.
 """
@@ -17,10 +17,13 @@ from . import REPO_ROOT
 from .config import Experiment
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
+ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
 # qboot: QEMU's minimal firmware for -kernel boots; a nested L1 under TCG comes up ~15 s sooner
 # than with SeaBIOS (bench/bench.py). SeaBIOS, QEMU's default, where a QEMU ships without it.
 QBOOT = next((p for p in ("/usr/share/qemu/qboot.rom", "/usr/local/share/qemu/qboot.rom") if Path(p).exists()), None)
 GUEST_OUT = "/run/nestpress/out"       # where every agent mounts its export (see agent.py)
+GUEST_SCRATCH = "/run/nestpress"       # tmpfs in every guest: its children's virtiofs sockets live here
+ROOT_TAG = "nestroot"
 KUT_SWAP_DEVICE = "/dev/vda"
 
 
@@ -35,8 +38,15 @@ class GuestSpec:
     export: str               # writable results dir, as the parent sees it
     console: str              # serial console log, as the parent sees it
     python: str
+    prealloc: bool = False    # guest RAM faulted in before the guest starts
+    rootfs: str = "9p"        # 9p | virtiofs
+    rootfs_dir: str = ""      # virtiofs: where its server puts its socket (and its read-only view of /)
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
+
+    @property
+    def rootfs_socket(self) -> str:
+        return f"{self.rootfs_dir}/sock"
 
 
 def kernel_cmdline(spec: GuestSpec) -> str:
@@ -45,8 +55,9 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     quiet = spec.level != "kut"
     args = ["console=ttyS0", *([] if quiet else ["earlyprintk=serial,ttyS0"]), f"loglevel={1 if quiet else 5}",
             "panic=-1", "oops=panic", "random.trust_cpu=on",   # getrandom() must not block PID 1
-            "root=/dev/root", "rootfstype=9p",
-            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
+            *([f"root={ROOT_TAG}", "rootfstype=virtiofs"] if spec.rootfs == "virtiofs" else
+              ["root=/dev/root", "rootfstype=9p",
+               "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any"]),
             "ro", "mitigations=off", "nokaslr",
             f"nestpress.level={spec.level}", f"nestpress.name={spec.name}",
             *spec.cmdline_extra, f"init={spec.python}", "--", "-E", "-S", str(AGENT)]
@@ -62,18 +73,30 @@ def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
             "-rtc", "base=utc,clock=host",
             "-kernel", spec.kernel, "-append", kernel_cmdline(spec),
             "-serial", f"file:{spec.console}",
-            "-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
+            *(["-chardev", f"socket,id=root,path={spec.rootfs_socket}",
+               "-device", f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"] if spec.rootfs == "virtiofs" else
+              ["-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+               "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"]),
             "-fsdev", f"local,id=out,path={spec.export},security_model=none",
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
     if spec.swap_image:
         argv += ["-drive", f"file={spec.swap_image},if=virtio,format=raw,cache=unsafe"]
-    # Below the kernel under test guest RAM is resident from the start, as on a busy host: reclaim in
-    # the kernel under test then meets real guest memory, and a hog has less free memory to fill
-    # before reclaim begins. Two threads fault it in (under TCG, 1.5 GiB takes seconds per thread).
-    prealloc = ",prealloc=on,prealloc-threads=2" if spec.level != "kut" else ""
-    argv += ["-object", f"memory-backend-ram,id=ram,size={spec.memory_mb}M{prealloc}"]
+    # Below the kernel under test guest RAM is resident from the start (LevelSpec.prealloc), as on a
+    # busy host: reclaim in the kernel under test then meets real guest memory, and a hog has less
+    # free memory to fill before reclaim begins. Two threads fault it in.
+    prealloc = ",prealloc=on,prealloc-threads=2" if spec.prealloc else ""
+    # virtiofs: the daemon reads and writes guest RAM directly, so it must be shareable memory
+    backend = "memory-backend-memfd" if spec.rootfs == "virtiofs" else "memory-backend-ram"
+    shared = ",share=on" if spec.rootfs == "virtiofs" else ""
+    argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{shared}{prealloc}"]
     return argv
+
+
+def rootfs_server(spec: GuestSpec) -> dict | None:
+    """The process that must serve the guest's root before its QEMU starts (virtiofs only), for Child."""
+    if spec.rootfs != "virtiofs":
+        return None
+    return {"argv": [spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir], "socket": spec.rootfs_socket}
 
 
 def dry_run(argv: list[str]) -> str:
@@ -101,8 +124,8 @@ def probe_levels(exp: Experiment, topology: str) -> set[str]:
     return set(exp.workload.probe.levels) & present
 
 
-def build_plan(exp: Experiment, kernel: str, accel: str, cell_dir: Path, run_id: str, python: str,
-               conductor: dict, swap_image: Path | None) -> tuple[GuestSpec, dict]:
+def build_plan(exp: Experiment, kernel: str, accel: str, rootfs: str, scratch: Path, cell_dir: Path, run_id: str,
+               python: str, conductor: dict, swap_image: Path | None) -> tuple[GuestSpec, dict]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow."""
     topology = resolve_topology(exp, accel)
     levels = probe_levels(exp, topology)
@@ -118,10 +141,11 @@ def build_plan(exp: Experiment, kernel: str, accel: str, cell_dir: Path, run_id:
     def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
-                         cpus=spec_level.cpus, accel="kvm", export=export, console=f"{export}/console.log",
-                         python=python)
+                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export, console=f"{export}/console.log",
+                         python=python, rootfs=rootfs, rootfs_dir=f"{GUEST_SCRATCH}/{name}.rootfs")
         return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
-                "argv": qemu_argv(spec), "plan": guest_plan(name, level, grandchildren)}
+                "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec),
+                "plan": guest_plan(name, level, grandchildren)}
 
     l1s = []
     for i in range(exp.topology.l1.count):
@@ -133,7 +157,8 @@ def build_plan(exp: Experiment, kernel: str, accel: str, cell_dir: Path, run_id:
                                                                     if "l2" in levels)
     kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
                     cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir), console=str(cell_dir / "console.log"),
-                    python=python, cmdline_extra=kut_params(topology, accel),
+                    python=python, rootfs=rootfs, rootfs_dir=str(scratch / "kut.rootfs"),
+                    cmdline_extra=kut_params(topology, accel),
                     swap_image=str(swap_image) if swap_image else None)
     plan = guest_plan("kut", "kut", l1s)
     plan.update(swap_device=KUT_SWAP_DEVICE if kut.swap_image else None, cgroup_controllers=["memory"],

@@ -22,9 +22,9 @@ from .build import Builder, BuildResult
 from .config import Cell, Plan
 from .errors import GuestError, HarnessError, PressureError
 from .guest.supervise import Child, stop_all, tail
-from .host import decide_accel, doctor
+from .host import decide_accel, decide_rootfs, doctor
 from .pressure import check as check_pressure, check_kernel, conductor_plan
-from .qemu import build_plan, dry_run, qemu_argv, resolve_topology
+from .qemu import build_plan, dry_run, qemu_argv, resolve_topology, rootfs_server
 from .util import console, fmt_s, log, python_for_guests, read_json, status, warn, write_json
 
 WARM_TIMEOUT_S = 240
@@ -72,6 +72,7 @@ class Runner:
         self.reproduce = reproduce
         self.accel = decide_accel(self.exp.accel)
         self.topology = resolve_topology(self.exp, self.accel.accel)
+        self.rootfs = decide_rootfs(self.exp.boot.rootfs)
         self.cell_times: list[float] = []
 
     # -- manifest -----------------------------------------------------------------------------
@@ -90,6 +91,7 @@ class Runner:
             "accel": {"kut": self.accel.accel, "l1": "kvm", "l2": "kvm" if self.topology == "nested" else None,
                       "reasons": self.accel.reasons, "banner": self.accel.banner},
             "topology": self.topology,
+            "rootfs": {"kind": self.rootfs.kind, "reasons": self.rootfs.reasons},
             "builds": {name: {"key": b.key, "dir": str(b.dir), "kernelrelease": b.metadata.get("kernelrelease"),
                               "kernel_version": b.metadata["inputs"]["kernel_version"],
                               "source": b.metadata["inputs"]["source_description"],
@@ -111,6 +113,7 @@ class Runner:
                                                       "by the kernel under test; see README)"
                                                       if self.exp.topology.kind == "auto" and self.topology == "shadow"
                                                       else ""))
+        console.print(f"guest root filesystem: {self.rootfs.kind} (read-only; {'; '.join(self.rootfs.reasons)})")
         if self.topology == "nested" and self.accel.accel == "tcg":
             warn("nested topology under TCG: expect failed cells. On QEMU's emulated SVM the L1 dies within "
                  "1-4 min of its L2 starting (reset, or 'KVM: injection failed, MSI lost'), and until then each "
@@ -120,7 +123,7 @@ class Runner:
             check_pressure(cell.config, self.topology)
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.plan.cells:
-            check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config")
+            check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", self.rootfs.kind)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "manifest.json", manifest := self._manifest(builds))
         log(f"run directory: {self.run_dir}")
@@ -196,16 +199,16 @@ class Runner:
                     f.truncate(exp.topology.kut.swap_mb << 20)
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
             warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if self.topology == "nested" else 0)
-            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, cell_dir, self.run_dir.name,
-                                    python_for_guests(), conductor_plan(exp, warm_s), swap)
+            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, self.rootfs.kind, tmp, cell_dir,
+                                    self.run_dir.name, python_for_guests(), conductor_plan(exp, warm_s), swap)
             plan["cell"] = cell.id
             write_json(cell_dir / "plan.json", plan)
             argv = qemu_argv(spec)
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
-            kut = Child("kut", argv, str(cell_dir), spec.console)
+            kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec))
             started = time.time()
-            kut.start()
             try:
+                kut.start()
                 ready = kut.wait_ready(exp.boot.timeout_s.get("kut", 120))
             except RuntimeError as e:
                 raise GuestError(str(e)) from None
@@ -225,7 +228,7 @@ class Runner:
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
                     e.get("error", e["kind"])[:300] for e in failures))
-            return {"kut_ready_s": ready, "started": started, "finished": time.time(), "pressure_mode": exp.pressure.mode,
+            return {"kut_ready_s": ready, "kut_kernel_s": kut.kernel_ready_s, "started": started, "finished": time.time(), "pressure_mode": exp.pressure.mode,
                     "guest_failures": [e.get("error", e["kind"])[:500] for e in failures]}
         finally:
             stop_all()

@@ -97,11 +97,46 @@ def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path)
     exp = load("shrinker-ab").experiment
     full = tmp_path / "full.config"
     full.write_text("".join(f"{o}=y\n" for o in ("CONFIG_DEBUG_FS", "CONFIG_KVM", "CONFIG_MEMCG", "CONFIG_SWAP",
-                                                  "CONFIG_SHRINKER_DEBUG", "CONFIG_FTRACE")))
+                                                  "CONFIG_SHRINKER_DEBUG", "CONFIG_FTRACE", "CONFIG_9P_FS",
+                                                  "CONFIG_NET_9P_VIRTIO")))
     check_kernel(exp, "baseline", full)
+    with pytest.raises(PressureError, match=r"CONFIG_VIRTIO_FS .*CONFIG_SECCOMP_FILTER \(virtiofsd"):
+        check_kernel(exp, "baseline", full, rootfs="virtiofs")
     lacking = tmp_path / "lacking.config"
     lacking.write_text(full.read_text().replace("CONFIG_SHRINKER_DEBUG=y", "# CONFIG_SHRINKER_DEBUG is not set"))
     with pytest.raises(PressureError, match=r"CONFIG_SHRINKER_DEBUG \(writes /sys/kernel/debug/shrinker"):
         check_kernel(exp, "baseline", lacking)
     no_scan = load("shrinker-ab", ["phases=[{name: steady, duration_s: 5}]", "sampler.trace_shrinker=false"])
     check_kernel(no_scan.experiment, "baseline", lacking)
+
+
+@pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
+def test_every_level_gets_its_root_the_same_way(rootfs, tmp_path):
+    from harness.qemu import build_plan, qemu_argv, rootfs_server
+    exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
+    kut, plan = build_plan(exp, "/k/bzImage", "kvm", rootfs, tmp_path, tmp_path / "cell", "run", "/usr/bin/python3",
+                           {}, None)
+    l1 = plan["children"][0]
+    l2 = l1["plan"]["children"][0]
+    for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1["argv"], l1["rootfs_server"]),
+                         (l2["argv"], l2["rootfs_server"])):
+        cmdline = argv[argv.index("-append") + 1]
+        if rootfs == "virtiofs":
+            # the daemon maps guest RAM, so it must be shareable; QEMU waits on the server's socket
+            assert "rootfstype=virtiofs" in cmdline and any(a.startswith("vhost-user-fs-pci") for a in argv)
+            assert any(a.startswith("memory-backend-memfd") and ",share=on" in a for a in argv)
+            assert f"socket,id=root,path={server['socket']}" in argv and server["argv"][-1] in server["socket"]
+        else:
+            assert "rootfstype=9p" in cmdline and server is None
+            assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
+    if rootfs == "virtiofs":
+        assert l1["rootfs_server"]["socket"].startswith("/run/nestpress/")   # a tmpfs inside the kernel under test
+
+
+def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
+    from harness import host
+    from harness.errors import AccelError
+    monkeypatch.setattr(host, "find_virtiofsd", lambda: None)
+    assert host.decide_rootfs("auto").kind == "9p"
+    with pytest.raises(AccelError, match="virtiofs was requested"):
+        host.decide_rootfs("virtiofs")

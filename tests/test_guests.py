@@ -10,35 +10,45 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.guest.supervise import Child
-from harness.qemu import GuestSpec, qemu_argv
+from harness.host import decide_rootfs
+from harness.qemu import GuestSpec, qemu_argv, rootfs_server
 from harness.util import python_for_guests
 
 pytestmark = pytest.mark.kernel
 
 
-def kut_spec(kernel: Path, out: Path, python: str | None = None) -> GuestSpec:
+def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "9p") -> GuestSpec:
     return GuestSpec("kut", "kut", str(kernel), 768, 1, "tcg", str(out), str(out / "console.log"),
-                     python or python_for_guests())
+                     python or python_for_guests(), rootfs=rootfs, rootfs_dir=str(out.parent / "rootfs"))
 
 
-def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path):
+@pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
+def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path, rootfs):
+    if decide_rootfs().kind != rootfs and rootfs == "virtiofs":
+        pytest.skip("; ".join(decide_rootfs().reasons))
     out = tmp_path / "kut"
     out.mkdir()
+    canary = tmp_path / "written-by-the-guest"
+    # the guest remounts its root read-write and tries to write a host file: the share itself must refuse
+    probe_write = f"uname -r; mount -o remount,rw /; touch {canary} && echo WROTE || echo REFUSED"
     (out / "plan.json").write_text(json.dumps({"name": "kut", "level": "kut", "run_id": "t", "children": [],
-                                               "command": ["uname", "-r"]}))
+                                               "command": ["sh", "-c", probe_write]}))
     (out / "stop").touch()                     # nothing to conduct: come up, report, power off
-    child = Child("kut", qemu_argv(kut_spec(builds["baseline"].bzimage, out)), str(out), str(out / "console.log"))
+    spec = kut_spec(builds["baseline"].bzimage, out, rootfs=rootfs)
+    child = Child("kut", qemu_argv(spec), str(out), spec.console, rootfs_server=rootfs_server(spec))
     child.start()
     try:
         ready = child.wait_ready(180)
         assert child.wait_exit(120) is not None
     finally:
         child.stop()
+    assert not canary.exists() and (out / "command.stdout").read_text().splitlines()[1] == "REFUSED"
+    assert not (tmp_path / "rootfs").exists()  # the virtiofs server's socket and view of / are gone
     console = (out / "console.log").read_text()
     assert "Linux version 6.1." in console
     facts = json.loads((out / "facts.json").read_text())
     assert facts["uname"].startswith("6.1.") and facts["kvm_device"] and "svm" in facts["cpu_flags"]
-    assert facts["x86_mmu_shrinker_dirs"] and facts["mmu_shrink_scan_in_kallsyms"]
+    assert facts["x86_mmu_shrinker_dirs"] and facts["mmu_shrink_scan_in_kallsyms"] and facts["rootfs"] == rootfs
     assert (out / "command.stdout").read_text().startswith("6.1.") and (out / "command.exit").read_text() == "0\n"
     assert json.loads((out / "exit.json").read_text())["status"] == 0
     assert (out / "kmsg.log").stat().st_size > 0 and (out / "agent.stderr").exists()
@@ -59,8 +69,8 @@ def test_panicking_guest_is_detected_with_its_console(builds, qemu, tmp_path):
     assert "kernel panic" in str(e.value) and "/nonexistent/python3" in str(e.value)
 
 
-def _qemus_of(run_marker: str) -> list[str]:
-    r = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+def _processes_of(run_marker: str, name: str = "qemu-system") -> list[str]:
+    r = subprocess.run(["pgrep", "-af", name], capture_output=True, text=True)
     return [l for l in r.stdout.splitlines() if run_marker in l]
 
 
@@ -75,11 +85,14 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
     while time.monotonic() < deadline and not (run_dir / "cells" / "baseline.r1" / "ready.json").exists():
         time.sleep(1)
     assert (run_dir / "cells" / "baseline.r1" / "ready.json").exists(), "the kernel under test never came up"
-    assert _qemus_of(str(run_dir))
+    assert _processes_of(str(run_dir))
+    servers = decide_rootfs().kind == "virtiofs"      # the kernel under test's root comes from a virtiofsd
+    assert bool(_processes_of(f"/tmp/nestpress-kill-{sig.name}-", "virtiofsd")) == servers
     p.send_signal(sig)
     p.communicate(timeout=90)
     time.sleep(3)
-    assert not _qemus_of(str(run_dir)), "QEMU of the killed run is still running"
+    assert not _processes_of(str(run_dir)), "QEMU of the killed run is still running"
+    assert not _processes_of(f"/tmp/nestpress-kill-{sig.name}-", "virtiofsd"), "its virtiofsd is still running"
     tmp_dirs = [d for d in Path("/tmp").glob(f"nestpress-kill-{sig.name}-*")]
     if sig == signal.SIGINT:
         assert p.returncode != 0

@@ -116,6 +116,7 @@ def level_facts(plan: dict) -> dict:
         "swap_total_kb": int(mem.get("SwapTotal", "0 kB").split()[0]),
         "memory_reclaim_root": os.path.exists("/sys/fs/cgroup/memory.reclaim"),
         "cmdline": read("/proc/cmdline"),
+        "rootfs": next((l.split()[2] for l in read("/proc/self/mounts").splitlines() if l.split()[1] == "/"), None),
     }
 
 
@@ -135,26 +136,34 @@ def enable_swap(dev: str, ev: Events) -> None:
 
 
 def start_children(plan: dict, ev: Events) -> list[Child]:
+    def failed(child: Child, e: RuntimeError) -> None:
+        ev("boot_failed", guest=child.name, error=str(e))
+        child.stop()
+        if plan.get("on_guest_failure") == "fail":
+            raise e
+
     kids = []
     for spec in plan.get("children", []):
         os.makedirs(spec["export"], exist_ok=True)
         with open(os.path.join(spec["export"], "plan.json"), "w") as f:
             json.dump(spec["plan"], f)
-        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"])
-        child.start()
+        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"],
+                      rootfs_server=spec.get("rootfs_server"))
+        try:
+            child.start()
+        except RuntimeError as e:            # its root could not be served: as good as a failed boot
+            failed(child, e)
+            continue
         ev("boot_start", guest=spec["name"], level=spec["plan"]["level"])
         kids.append(child)
     alive = []
     for child in kids:
         try:
             secs = child.wait_ready(child.boot_timeout)
-            ev("boot_ready", guest=child.name, seconds=secs)
+            ev("boot_ready", guest=child.name, seconds=secs, kernel_s=child.kernel_ready_s)
             alive.append(child)
         except RuntimeError as e:
-            ev("boot_failed", guest=child.name, error=str(e))
-            child.stop()
-            if plan.get("on_guest_failure") == "fail":
-                raise
+            failed(child, e)
     return alive
 
 

@@ -25,7 +25,7 @@ KVM = "/sys/kernel/debug/kvm"
 VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
                "pswpin", "pswpout", "allocstall_normal", "allocstall_movable", "pgmajfault", "drop_slab",
                "drop_pagecache", "oom_kill", "workingset_refault_anon", "kswapd_low_wmark_hit_quickly")
-MEMINFO_KEYS = ("MemAvailable", "MemFree", "SecPageTables", "PageTables", "SwapFree", "AnonPages", "Cached")
+MEMINFO_KEYS = ("MemAvailable", "MemFree", "SecPageTables", "PageTables", "SwapFree", "AnonPages", "Shmem", "Cached")
 KVM_KEYS = ("mmu_shadow_zapped", "mmu_recycled", "mmu_cache_miss", "mmu_pte_write", "mmu_flooded",
             "mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "nx_lpage_splits",
             "max_mmu_page_hash_collisions",

@@ -1,14 +1,16 @@
 """Start a QEMU guest, wait for its agent, notice panics and hangs, stop it for sure.
 
 Standard library only: the host runner and the in-guest agent both supervise their
-children with this one class. Every process started here is put in its own session,
-dies with its parent (PR_SET_PDEATHSIG) and is killed on any exit path of `stop()`.
+children with this one class. Every process started here (QEMU, and the virtiofs server
+of its root where there is one) is put in its own session, dies with its parent
+(PR_SET_PDEATHSIG) and is killed on any exit path of `stop()`.
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -43,15 +45,44 @@ def tail(path: str, lines: int = 20) -> str:
         return "(no console output)"
 
 
-class Child:
-    """One QEMU process whose guest reports readiness by writing <export>/ready.json."""
+def _spawn(argv: list[str], stdout, stderr) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, preexec_fn=_die_with_parent)
 
-    def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0):
+
+def _end(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process's session, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Child:
+    """One QEMU process whose guest reports readiness by writing <export>/ready.json.
+
+    rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server_argv),
+    started first; QEMU starts once its socket exists.
+    """
+
+    def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0,
+                 rootfs_server: dict | None = None):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.boot_timeout = boot_timeout
+        self.rootfs_server = rootfs_server
+        self.server: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.ready_s: float | None = None
+        self.kernel_ready_s: float | None = None   # of ready_s, the guest kernel's uptime (the rest: QEMU,
+                                                   # firmware, RAM prealloc)
         self.failure: str | None = None      # why it is gone, once new_problem() has seen it
 
     def start(self) -> None:
@@ -61,9 +92,21 @@ class Child:
         self._stdout = open(os.path.join(self.export, "qemu.stdout"), "wb")
         self._stderr = open(os.path.join(self.export, "qemu.stderr"), "wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
         _LIVE.add(self)
+        if self.rootfs_server:
+            self._serve_root()
+        self.proc = _spawn(self.argv, self._stdout, self._stderr)
+
+    def _serve_root(self, timeout: float = 20.0) -> None:
+        log = os.path.join(self.export, "rootfs.log")
+        with open(log, "wb") as f:
+            self.server = _spawn(self.rootfs_server["argv"], f, subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.rootfs_server["socket"]):
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: the virtiofs server of its root did not start "
+                                   f"(status {self.server.poll()}): {tail(log, 5)}")
+            time.sleep(0.05)
 
     def console_text(self) -> str:
         try:
@@ -97,6 +140,7 @@ class Child:
         while time.monotonic() < deadline:
             if os.path.exists(ready):
                 self.ready_s = time.monotonic() - self.started
+                self.kernel_ready_s = self._uptime_at_ready(ready)
                 return self.ready_s
             why = self.problem()
             if why:
@@ -105,6 +149,15 @@ class Child:
         raise RuntimeError(f"{self.name}: agent not ready after {timeout:.0f}s (boot hang?); "
                            f"last console lines:\n{tail(self.console)}")
 
+    @staticmethod
+    def _uptime_at_ready(path: str) -> float | None:
+        for _ in range(10):               # the file may show up before its content does
+            try:
+                return float(json.loads(read(path))["uptime_s"])
+            except (ValueError, KeyError, TypeError):
+                time.sleep(0.1)
+        return None
+
     def wait_exit(self, timeout: float) -> int | None:
         try:
             return self.proc.wait(timeout=timeout) if self.proc else None
@@ -112,24 +165,19 @@ class Child:
             return None
 
     def stop(self, grace: float = 5.0) -> int | None:
-        """Ask nicely (SIGTERM makes QEMU quit), then kill the whole session. Idempotent."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        """Ask nicely (SIGTERM makes QEMU quit), then kill the whole session; then the root's server. Idempotent."""
+        if self not in _LIVE:
+            return self.proc.returncode if self.proc else None
+        if self.proc:
+            _end(self.proc, grace)
+        if self.server:
+            _end(self.server, 2.0)
+            # its read-only view of / was mounted in its own namespace: here `root` is an empty directory
+            shutil.rmtree(os.path.dirname(self.rootfs_server["socket"]), ignore_errors=True)
         for f in (self._stdout, self._stderr):
             f.close()
         _LIVE.discard(self)
-        return self.proc.returncode
+        return self.proc.returncode if self.proc else None
 
 
 def stop_all() -> None:
