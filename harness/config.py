@@ -66,8 +66,9 @@ class LevelSpec(Strict):
     count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
     memory_mb: int = axis(ge=64, description="memory per guest")
     cpus: int = Field(1, ge=1, le=64)
-    prealloc: bool = Field(True, description="guest RAM resident from QEMU start, as on a busy host, so reclaim in "
-                                             "the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to L1's boot)")
+    prealloc: bool = Field(True, description="guest RAM resident from QEMU start, as on a busy host, so reclaim "
+                                             "in the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to "
+                                             "L1's boot)")
 
 
 class KutSpec(Strict):

@@ -86,11 +86,11 @@ class RootfsDecision:
 
 def decide_rootfs(requested: str = "auto") -> RootfsDecision:
     """virtiofs where a virtiofsd exists and we are root (it needs a mount namespace), else virtio-9p."""
-    daemon = find_virtiofsd()
+    daemon, root = find_virtiofsd(), os.geteuid() == 0
     reasons = [f"virtiofsd: {daemon}" if daemon else "no virtiofsd (Debian: qemu-system-common <= 7.2, "
-               "or the virtiofsd package)", "running as root" if os.geteuid() == 0
-               else "not root: virtiofsd needs a mount namespace of its own"]
-    works = bool(daemon) and os.geteuid() == 0
+               "or the virtiofsd package)",
+               "running as root" if root else "not root: virtiofsd needs a mount namespace of its own"]
+    works = bool(daemon) and root
     if requested == "virtiofs" and not works:
         raise AccelError("boot.rootfs: virtiofs was requested but cannot be served here: " + "; ".join(reasons))
     if requested == "9p":

@@ -3,8 +3,9 @@
 Every level boots the same way, virtme-style: the built bzImage (through qboot where QEMU
 ships it), the host's root shared read-only - over virtiofs (guest/rootfs.py serves it) where
 a virtiofsd exists, else over virtio-9p (`multidevs=remap`) - tmpfs for what must be writable,
-and a writable 9p export of its own (tag `nestout`) for its plan and results. PID 1 is the agent (harness/guest/agent.py), run by the host's Python from the
-shared root, so L1 and L2 see the same tools as the host. The kernel under test also gets
+and a writable 9p export of its own (tag `nestout`) for its plan and results. PID 1 is the
+agent (harness/guest/agent.py), run by the host's Python from the shared root, so L1 and L2
+see the same tools as the host. The kernel under test also gets
 a virtio-blk swap disk so that global reclaim has something to do.
 """
 from __future__ import annotations
@@ -86,9 +87,8 @@ def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     # free memory to fill before reclaim begins. Two threads fault it in.
     prealloc = ",prealloc=on,prealloc-threads=2" if spec.prealloc else ""
     # virtiofs: the daemon reads and writes guest RAM directly, so it must be shareable memory
-    backend = "memory-backend-memfd" if spec.rootfs == "virtiofs" else "memory-backend-ram"
-    shared = ",share=on" if spec.rootfs == "virtiofs" else ""
-    argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{shared}{prealloc}"]
+    backend = "memory-backend-memfd,share=on" if spec.rootfs == "virtiofs" else "memory-backend-ram"
+    argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{prealloc}"]
     return argv
 
 
@@ -141,8 +141,9 @@ def build_plan(exp: Experiment, kernel: str, accel: str, rootfs: str, scratch: P
     def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
-                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export, console=f"{export}/console.log",
-                         python=python, rootfs=rootfs, rootfs_dir=f"{GUEST_SCRATCH}/{name}.rootfs")
+                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export,
+                         console=f"{export}/console.log", python=python, rootfs=rootfs,
+                         rootfs_dir=f"{GUEST_SCRATCH}/{name}.rootfs")
         return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
                 "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec),
                 "plan": guest_plan(name, level, grandchildren)}

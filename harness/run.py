@@ -228,7 +228,8 @@ class Runner:
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
                     e.get("error", e["kind"])[:300] for e in failures))
-            return {"kut_ready_s": ready, "kut_kernel_s": kut.kernel_ready_s, "started": started, "finished": time.time(), "pressure_mode": exp.pressure.mode,
+            return {"kut_ready_s": ready, "kut_kernel_s": kut.kernel_ready_s, "started": started,
+                    "finished": time.time(), "pressure_mode": exp.pressure.mode,
                     "guest_failures": [e.get("error", e["kind"])[:500] for e in failures]}
         finally:
             stop_all()

@@ -68,7 +68,7 @@ def _end(proc: subprocess.Popen, grace: float) -> None:
 class Child:
     """One QEMU process whose guest reports readiness by writing <export>/ready.json.
 
-    rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server_argv),
+    rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server),
     started first; QEMU starts once its socket exists.
     """
 
