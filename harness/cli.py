@@ -27,15 +27,17 @@ def cmd_doctor(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import describe
-    from .host import decide_accel
+    from .host import decide_accel, decide_topology, qemu_version
     from .pressure import check
-    from .qemu import resolve_topology
     plan = _plan(args)
-    topology = resolve_topology(plan.experiment, decide_accel(plan.experiment.accel).accel)
+    accel, qemu = decide_accel(plan.experiment.accel).accel, qemu_version()
+    kinds = {}
     for cell in plan.cells:
-        check(cell.config, topology)
+        kinds[cell.config.topology.kind] = d = decide_topology(cell.config.topology.kind, accel, qemu)
+        check(cell.config, d.kind)
     print(describe(plan))
-    print(f"  topology on this host: {topology}")
+    for d in kinds.values():
+        print(f"  topology on this host: {d.kind} ({'; '.join(d.reasons)})")
     print("config OK")
     return 0
 

@@ -69,12 +69,18 @@ class LevelSpec(Strict):
     prealloc: bool = Field(True, description="guest RAM resident from QEMU start, as on a busy host, so reclaim "
                                              "in the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to "
                                              "L1's boot)")
+    thp: Literal["never", "always", "madvise"] = Field(
+        "never", description="transparent huge pages in this guest (transparent_hugepage=): with `always` an L1 "
+                             "maps its L2's RAM with 2 MiB pages in its nested page tables")
 
 
 class KutSpec(Strict):
     memory_mb: int = Field(4096, ge=512, description="memory of the kernel under test")
     cpus: int = Field(2, ge=1, le=64)
     swap_mb: int = Field(1024, ge=0, description="virtio-blk swap disk, so global reclaim has something to do")
+    thp: Literal["never", "always", "madvise"] = Field(
+        "never", description="transparent huge pages in the kernel under test: `never` keeps its guests' RAM in 4 KiB "
+                             "pages, so its nested MMU keeps one shadow page per 2 MiB of L2 memory")
 
 
 class Topology(Strict):

@@ -98,6 +98,49 @@ def decide_rootfs(requested: str = "auto") -> RootfsDecision:
     return RootfsDecision("virtiofs" if works else "9p", reasons)
 
 
+QEMU_NESTED_TCG = (10, 0)     # the first outer QEMU whose emulated SVM keeps an L1 alive under its L2 (README)
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    m = re.match(r"(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def topology_support(accel: str, qemu: str | None) -> dict[str, tuple[bool, str]]:
+    """Per topology: does it work on this host, and why (doctor prints it, the runner enforces it)."""
+    shadow = (True, "L1 shadow-paged by the kernel under test (npt=0/ept=0): works under KVM and TCG")
+    if accel == "kvm":
+        return {"shadow": shadow, "nested": (True, "hardware virtualization: L1 on TDP, L2 on the kernel under "
+                                                   "test's nested (shadow) MMU")}
+    version = parse_version(qemu)
+    if version is not None and version >= QEMU_NESTED_TCG:
+        return {"shadow": shadow, "nested": (True, f"QEMU {qemu} emulates SVM well enough for an L2 (slow: every L2 "
+                                                   "exit passes through two emulated hypervisors; see README)")}
+    return {"shadow": shadow, "nested": (False, f"QEMU {qemu or '(none)'} under TCG: its emulated SVM kills L1 "
+                                                "minutes after its L2 starts; QEMU >= 10 works (bootstrap.sh or "
+                                                "`fab setup` installs it from bookworm-backports)")}
+
+
+@dataclass
+class TopologyDecision:
+    kind: str                      # "nested" or "shadow"
+    reasons: list[str]
+
+
+def decide_topology(requested: str, accel: str, qemu: str | None) -> TopologyDecision:
+    """auto: nested with hardware virtualization, shadow under TCG (a nested cell there costs ~10x the time);
+    a topology that cannot work here is an error, never a fallback."""
+    support = topology_support(accel, qemu)
+    kind = ("nested" if accel == "kvm" else "shadow") if requested == "auto" else requested
+    works, why = support[kind]
+    if not works:
+        raise AccelError(f"topology.kind: {kind} cannot work here: {why}")
+    reasons = [why] + (["auto: nested only with hardware virtualization; under TCG an L2 boots in minutes, "
+                        "so shadow keeps the default experiment short"] if requested == "auto" and kind == "shadow"
+                       else [])
+    return TopologyDecision(kind, reasons)
+
+
 def nested_support() -> dict[str, str]:
     out = {}
     for mod in ("kvm_intel", "kvm_amd"):
@@ -133,6 +176,7 @@ class Doctor:
     rootfs: str
     rootfs_reasons: list[str]
     qemu: str | None
+    topologies: dict[str, str]     # kind -> "works: why" / "does not work: why" on this host
     cgroup_v2: bool
     mem_total_mb: int
     mem_available_mb: int
@@ -156,6 +200,7 @@ class Doctor:
                  f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
                  f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
                  f"qemu-system-x86_64: {self.qemu or 'MISSING'}",
+                 *[f"topology {kind}: {what}" for kind, what in self.topologies.items()],
                  f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
                  "(pressure runs inside the kernel under test, which mounts its own)",
                  f"python: {self.python}",
@@ -183,9 +228,11 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
         problems.append(f"less than 8 GiB free under {disk_path} (a kernel build needs ~4 GiB)")
     if mi["MemAvailable"] < 6 << 20:
         problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
+    qemu = qemu_version()
+    topologies = {kind: ("works: " if ok else "does not work: ") + why
+                  for kind, (ok, why) in topology_support(d.accel, qemu).items()}
     return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
-                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons,
-                  qemu=qemu_version(), cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons, qemu=qemu, topologies=topologies, cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
                   mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
                   disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,
                   kernel=platform.release(), python=platform.python_version(), tools=tools,

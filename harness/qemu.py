@@ -16,14 +16,13 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment
+from .guest.contract import OUT, SCRATCH
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
 # qboot: QEMU's minimal firmware for -kernel boots; a nested L1 under TCG comes up ~15 s sooner
 # than with SeaBIOS (bench/bench.py). SeaBIOS, QEMU's default, where a QEMU ships without it.
 QBOOT = next((p for p in ("/usr/share/qemu/qboot.rom", "/usr/local/share/qemu/qboot.rom") if Path(p).exists()), None)
-GUEST_OUT = "/run/nestpress/out"       # where every agent mounts its export (see agent.py)
-GUEST_SCRATCH = "/run/nestpress"       # tmpfs in every guest: its children's virtiofs sockets live here
 ROOT_TAG = "nestroot"
 KUT_SWAP_DEVICE = "/dev/vda"
 
@@ -40,10 +39,13 @@ class GuestSpec:
     console: str              # serial console log, as the parent sees it
     python: str
     prealloc: bool = False    # guest RAM faulted in before the guest starts
-    rootfs: str = "9p"        # 9p | virtiofs
+    rootfs: str = "9p"        # 9p | virtiofs (the host's root, shared) | initramfs (initramfs.py)
     rootfs_dir: str = ""      # virtiofs: where its server puts its socket (and its read-only view of /)
+    initrd: str | None = None  # initramfs: the archive
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
+    monitor: str | None = None     # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
+    thp: str = "never"             # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
 
     @property
     def rootfs_socket(self) -> str:
@@ -54,30 +56,36 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     # Below the kernel under test the console is a file on a 9p export, written through emulated
     # I/O: only emergencies (panics) go there; the agent keeps the whole kernel log in kmsg.log.
     quiet = spec.level != "kut"
+    root = {"virtiofs": [f"root={ROOT_TAG}", "rootfstype=virtiofs", "ro", f"init={spec.python}"],
+            "9p": ["root=/dev/root", "rootfstype=9p",
+                   "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any", "ro",
+                   f"init={spec.python}"],
+            "initramfs": [f"rdinit={spec.python}"]}[spec.rootfs]
     args = ["console=ttyS0", *([] if quiet else ["earlyprintk=serial,ttyS0"]), f"loglevel={1 if quiet else 5}",
             "panic=-1", "oops=panic", "random.trust_cpu=on",   # getrandom() must not block PID 1
-            *([f"root={ROOT_TAG}", "rootfstype=virtiofs"] if spec.rootfs == "virtiofs" else
-              ["root=/dev/root", "rootfstype=9p",
-               "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any"]),
-            "ro", "mitigations=off", "nokaslr",
+            "mitigations=off", "nokaslr", f"transparent_hugepage={spec.thp}",
             f"nestpress.level={spec.level}", f"nestpress.name={spec.name}",
-            *spec.cmdline_extra, f"init={spec.python}", "--", "-E", "-S", str(AGENT)]
+            *spec.cmdline_extra, *root, "--", "-E", "-S", str(AGENT)]
     return " ".join(args)
 
 
 def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     argv = [qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc,memory-backend=ram",
+            # a guest that resets (a triple fault: QEMU exits 0 under -no-reboot) logs its CPU state first
+            "-d", "cpu_reset,guest_errors", "-D", f"{spec.export}/qemu.debug.log",
             *(["-bios", QBOOT] if QBOOT else []),
             "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none", "-vga", "none",
             "-rtc", "base=utc,clock=host",
             "-kernel", spec.kernel, "-append", kernel_cmdline(spec),
             "-serial", f"file:{spec.console}",
-            *(["-chardev", f"socket,id=root,path={spec.rootfs_socket}",
-               "-device", f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"] if spec.rootfs == "virtiofs" else
-              ["-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-               "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"]),
+            *(["-monitor", f"unix:{spec.monitor},server=on,wait=off"] if spec.monitor else []),
+            *{"virtiofs": ["-chardev", f"socket,id=root,path={spec.rootfs_socket}",
+                           "-device", f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"],
+              "9p": ["-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+                     "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"],
+              "initramfs": ["-initrd", str(spec.initrd)]}[spec.rootfs],
             "-fsdev", f"local,id=out,path={spec.export},security_model=none",
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
     if spec.swap_image:
@@ -103,20 +111,19 @@ def dry_run(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def resolve_topology(exp: Experiment, accel: str) -> str:
-    """auto: nested where there is hardware virtualization, shadow under TCG (see README)."""
-    kind = exp.topology.kind
-    return ("nested" if accel == "kvm" else "shadow") if kind == "auto" else kind
-
-
-def kut_params(topology: str, accel: str) -> list[str]:
+def kut_params(topology: str) -> list[str]:
     """Module parameters of the kernel under test's own KVM for this topology."""
     params = ["kvm_amd.nested=1", "kvm_intel.nested=1"]
     if topology == "shadow":                      # TDP off: every L1 is shadow-paged by the kernel under test
         params += ["kvm_amd.npt=0", "kvm_intel.ept=0"]
-    if topology == "nested" and accel == "tcg":   # keeps L1 alive on QEMU's emulated SVM (environment notes)
-        params += ["kvm_amd.vgif=0", "kvm_amd.vls=0", "kvm_amd.avic=0"]
     return params
+
+
+def pinned_cpu(index: int, parent_cpus: int) -> list[int] | None:
+    """Under TCG each guest's QEMU stays on one CPU of its parent, counted from the last (the first is left to
+    the agent, the sampler and the pressure): when the kernel under test's KVM moved a vCPU that runs an L2
+    between its (emulated) CPUs, L1 triple-faulted within minutes (QEMU 10.0.2; README, "Nested under TCG")."""
+    return [parent_cpus - 1 - index % parent_cpus] if parent_cpus > 1 else None
 
 
 def probe_levels(exp: Experiment, topology: str) -> set[str]:
@@ -124,11 +131,13 @@ def probe_levels(exp: Experiment, topology: str) -> set[str]:
     return set(exp.workload.probe.levels) & present
 
 
-def build_plan(exp: Experiment, kernel: str, accel: str, rootfs: str, scratch: Path, cell_dir: Path, run_id: str,
-               python: str, conductor: dict, swap_image: Path | None) -> tuple[GuestSpec, dict]:
-    """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow."""
-    topology = resolve_topology(exp, accel)
+def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, rootfs: str, scratch: Path, cell_dir: Path,
+               run_id: str, python: str, conductor: dict, swap_image: Path | None,
+               l2_initrd: Path | None = None) -> tuple[GuestSpec, dict]:
+    """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
+    The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py)."""
     levels = probe_levels(exp, topology)
+    system_map = str(Path(kernel).with_name("System.map"))
     probe_cfg = exp.workload.probe.model_dump()
     timeouts = exp.boot.timeout_s
 
@@ -138,28 +147,34 @@ def build_plan(exp: Experiment, kernel: str, accel: str, rootfs: str, scratch: P
                 "command": exp.workload.command if level in levels else None,
                 "on_guest_failure": exp.boot.on_guest_failure}
 
-    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
+    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict], index: int,
+              parent_cpus: int) -> dict:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
                          cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export,
-                         console=f"{export}/console.log", python=python, rootfs=rootfs,
-                         rootfs_dir=f"{GUEST_SCRATCH}/{name}.rootfs")
+                         console=f"{export}/console.log", python=python,
+                         rootfs="initramfs" if level == "l2" else rootfs,
+                         initrd=str(l2_initrd) if level == "l2" else None, thp=spec_level.thp,
+                         rootfs_dir=f"{SCRATCH}/{name}.rootfs", monitor=f"{SCRATCH}/{name}.monitor")
         return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
-                "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec),
-                "plan": guest_plan(name, level, grandchildren)}
+                "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec), "monitor": spec.monitor,
+                "system_map": system_map, "plan": guest_plan(name, level, grandchildren),
+                "cpus": pinned_cpu(index, parent_cpus) if accel == "tcg" else None}
 
+    if topology == "nested" and l2_initrd is None:
+        raise ValueError("nested topology: the L2 initramfs must be built first (initramfs.build)")
     l1s = []
     for i in range(exp.topology.l1.count):
         l1_name = f"l1-{i}"
-        l2s = ([child(GUEST_OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [])
+        l2s = ([child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [], j, exp.topology.l1.cpus)
                 for j in range(exp.topology.l2.count)] if topology == "nested" else [])
-        l1s.append(child(GUEST_OUT, l1_name, "l1", exp.topology.l1, l2s))
+        l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s, i, exp.topology.kut.cpus))
     expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c["plan"]["children"]) for c in l1s
                                                                     if "l2" in levels)
     kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
                     cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir), console=str(cell_dir / "console.log"),
-                    python=python, rootfs=rootfs, rootfs_dir=str(scratch / "kut.rootfs"),
-                    cmdline_extra=kut_params(topology, accel),
+                    python=python, rootfs=rootfs, rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
+                    cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp,
                     swap_image=str(swap_image) if swap_image else None)
     plan = guest_plan("kut", "kut", l1s)
     plan.update(swap_device=KUT_SWAP_DEVICE if kut.swap_image else None, cgroup_controllers=["memory"],

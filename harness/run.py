@@ -10,6 +10,7 @@ leaves a manifest that says `interrupted`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,15 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import REPO_ROOT
+from . import REPO_ROOT, initramfs
 from .build import Builder, BuildResult
 from .config import Cell, Plan
 from .errors import GuestError, HarnessError, PressureError
+from .guest.contract import PATH
 from .guest.supervise import Child, stop_all, tail
-from .host import decide_accel, decide_rootfs, doctor
+from .host import decide_accel, decide_rootfs, decide_topology, doctor, qemu_version
 from .pressure import check as check_pressure, check_kernel, conductor_plan
-from .qemu import build_plan, dry_run, qemu_argv, resolve_topology, rootfs_server
-from .util import console, fmt_s, log, python_for_guests, read_json, status, warn, write_json
+from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
+from .util import console, default_cache, fmt_s, log, python_for_guests, read_json, status, warn, write_json
 
 WARM_TIMEOUT_S = 240
 SHUTDOWN_S = 90
@@ -71,9 +73,13 @@ class Runner:
         self.cache = cache
         self.reproduce = reproduce
         self.accel = decide_accel(self.exp.accel)
-        self.topology = resolve_topology(self.exp, self.accel.accel)
+        qemu = qemu_version()
+        # topology.kind may be an axis: one decision per kind the cells ask for
+        self.topologies = {kind: decide_topology(kind, self.accel.accel, qemu)
+                           for kind in dict.fromkeys(c.config.topology.kind for c in plan.cells)}
         self.rootfs = decide_rootfs(self.exp.boot.rootfs)
         self.cell_times: list[float] = []
+        self.l2_initrd: Path | None = None
 
     # -- manifest -----------------------------------------------------------------------------
     def _manifest(self, builds: dict[str, BuildResult]) -> dict:
@@ -85,12 +91,14 @@ class Runner:
             "config_path": self.plan.config_path, "config_hash": self.plan.config_hash(),
             "config": self.plan.raw, "expanded": self.exp.model_dump(by_alias=True), "axes": self.plan.axes,
             "cells": [{"id": c.id, "variant": c.variant, "repetition": c.repetition, "axes": c.axes,
-                       "order": c.order} for c in self.plan.cells],
+                       "order": c.order, "topology": self._topology(c)} for c in self.plan.cells],
             "order": "repetitions outer, variants inner (A B A B ...)",
             "harness_commit": harness_commit(),
-            "accel": {"kut": self.accel.accel, "l1": "kvm", "l2": "kvm" if self.topology == "nested" else None,
+            "accel": {"kut": self.accel.accel, "l1": "kvm",
+                      "l2": "kvm" if "nested" in self._kinds() else None,
                       "reasons": self.accel.reasons, "banner": self.accel.banner},
-            "topology": self.topology,
+            "topology": ", ".join(self._kinds()),
+            "topology_reasons": {k: d.reasons for k, d in self.topologies.items()},
             "rootfs": {"kind": self.rootfs.kind, "reasons": self.rootfs.reasons},
             "builds": {name: {"key": b.key, "dir": str(b.dir), "kernelrelease": b.metadata.get("kernelrelease"),
                               "kernel_version": b.metadata["inputs"]["kernel_version"],
@@ -109,21 +117,19 @@ class Runner:
     def run(self) -> Path:
         console.print(f"[bold]{self.accel.banner}[/bold]",
                       style="bold green" if self.accel.accel == "kvm" else "bold yellow")
-        console.print(f"topology: {self.topology}" + (" (auto: no hardware virtualization, so L1 is shadow-paged "
-                                                      "by the kernel under test; see README)"
-                                                      if self.exp.topology.kind == "auto" and self.topology == "shadow"
-                                                      else ""))
+        for d in self.topologies.values():
+            console.print(f"topology: {d.kind} ({'; '.join(d.reasons)})")
         console.print(f"guest root filesystem: {self.rootfs.kind} (read-only; {'; '.join(self.rootfs.reasons)})")
-        if self.topology == "nested" and self.accel.accel == "tcg":
-            warn("nested topology under TCG: expect failed cells. On QEMU's emulated SVM the L1 dies within "
-                 "1-4 min of its L2 starting (reset, or 'KVM: injection failed, MSI lost'), and until then each "
-                 "L2 entry costs ~12 exits into the kernel under test, so L2 rarely reaches its agent "
-                 "(README, 'Topology'). Use topology.kind: shadow here, nested on KVM hosts.")
         for cell in self.plan.cells:
-            check_pressure(cell.config, self.topology)
+            check_pressure(cell.config, self._topology(cell))
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.plan.cells:
             check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", self.rootfs.kind)
+        if "nested" in self._kinds():
+            probe = self.exp.workload.probe
+            self.l2_initrd = initramfs.build(python_for_guests(), self.exp.workload.command if "l2" in probe.levels
+                                             else None, PATH, self.cache or default_cache())
+            log(f"L2 root: initramfs {self.l2_initrd} ({self.l2_initrd.stat().st_size >> 20} MiB)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "manifest.json", manifest := self._manifest(builds))
         log(f"run directory: {self.run_dir}")
@@ -151,6 +157,12 @@ class Runner:
             write_json(self.run_dir / "manifest.json", manifest)
         return self.run_dir
 
+    def _topology(self, cell: Cell) -> str:
+        return self.topologies[cell.config.topology.kind].kind
+
+    def _kinds(self) -> list[str]:
+        return sorted({d.kind for d in self.topologies.values()})
+
     def _complete(self, cell: Cell) -> bool:
         f = self.run_dir / "cells" / cell.id / "cell.json"
         return f.exists() and read_json(f).get("status") == "complete"
@@ -158,7 +170,7 @@ class Runner:
     def _estimate(self, cell: Cell) -> float:
         if self.cell_times:
             return sum(self.cell_times) / len(self.cell_times)
-        boots = 10 + 25 * (2 if self.topology == "nested" else 1) if self.accel.accel == "tcg" else 10
+        boots = 10 + 25 * (2 if self._topology(cell) == "nested" else 1) if self.accel.accel == "tcg" else 10
         return boots + 20 + sum(p.duration_s for p in cell.config.phases)
 
     def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
@@ -198,14 +210,26 @@ class Runner:
                 with open(swap, "wb") as f:
                     f.truncate(exp.topology.kut.swap_mb << 20)
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
-            warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if self.topology == "nested" else 0)
-            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, self.rootfs.kind, tmp, cell_dir,
-                                    self.run_dir.name, python_for_guests(), conductor_plan(exp, warm_s), swap)
+            topology = self._topology(cell)
+            warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if topology == "nested" else 0)
+            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, self.rootfs.kind, tmp, cell_dir,
+                                    self.run_dir.name, python_for_guests(), conductor_plan(exp, warm_s), swap,
+                                    self.l2_initrd)
             plan["cell"] = cell.id
+            spec.cmdline_extra += os.environ.get("NESTPRESS_DEBUG_KUT_ARGS", "").split()
+            for c in plan["children"]:
+                c["argv"] = [a.replace(" nestpress.level=", f" {os.environ.get('NESTPRESS_DEBUG_L1_ARGS', '')} nestpress.level=") for a in c["argv"]]
+                for g in c["plan"]["children"]:
+                    g["argv"] = [a.replace(" nestpress.level=", f" {os.environ.get('NESTPRESS_DEBUG_L2_ARGS', '')} nestpress.level=") for a in g["argv"]]
+            if os.environ.get("NESTPRESS_DEBUG_KVM_TRACE"):
+                plan["debug_kvm_trace"] = os.environ["NESTPRESS_DEBUG_KVM_TRACE"].split(",")
             write_json(cell_dir / "plan.json", plan)
             argv = qemu_argv(spec)
+            if os.environ.get("NESTPRESS_DEBUG_TCG"):
+                argv[argv.index("tcg")] = os.environ["NESTPRESS_DEBUG_TCG"]
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
-            kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec))
+            kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec),
+                        monitor=spec.monitor, system_map=str(build.dir / "System.map"))
             started = time.time()
             try:
                 kut.start()
@@ -217,7 +241,9 @@ class Runner:
             exit_info = read_json(cell_dir / "exit.json") if (cell_dir / "exit.json").exists() else None
             kut.stop()
             if exit_info is None:
-                raise GuestError(f"kut exited without exit.json; console:\n{tail(spec.console)}")
+                raise GuestError(f"kut exited without exit.json (QEMU status {kut.proc.returncode}: 0 with -no-reboot "
+                                 f"is a reset, e.g. a triple fault; qemu.debug.log has the CPU state); console:\n"
+                                 f"{tail(spec.console)}")
             if exit_info["status"] != 0 and "PreflightError: " in exit_info["error"]:
                 # the same kernel fails the same way every time: no retry, no further cells
                 raise PressureError(exit_info["error"].rsplit("PreflightError: ", 1)[1].strip())

@@ -72,7 +72,7 @@ def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str |
 TOOL_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86", "make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison",
     "bc": "bc", "cpio": "cpio", "ccache": "ccache", "git": "git", "tar": "tar", "xz": "xz-utils",
-    "mkswap": "util-linux", "hwclock": "util-linux", "ssh": "openssh-client", "sshd": "openssh-server",
+    "mkswap": "util-linux", "ssh": "openssh-client", "sshd": "openssh-server",
     "perl": "perl", "openssl": "openssl",
 }
 # headers found by path rather than by a binary
@@ -123,6 +123,18 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """A temp sibling to fill, renamed into place on success: readers never see half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -111,15 +111,14 @@ def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path)
 
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
-def test_every_level_gets_its_root_the_same_way(rootfs, tmp_path):
+def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
     from harness.qemu import build_plan, qemu_argv, rootfs_server
-    exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
-    kut, plan = build_plan(exp, "/k/bzImage", "kvm", rootfs, tmp_path, tmp_path / "cell", "run", "/usr/bin/python3",
-                           {}, None)
+    exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
+    kut, plan = build_plan(exp, "/k/bzImage", "kvm", "nested", rootfs, tmp_path, tmp_path / "cell", "run",
+                           "/usr/bin/python3", {}, None, tmp_path / "l2.cpio")
     l1 = plan["children"][0]
     l2 = l1["plan"]["children"][0]
-    for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1["argv"], l1["rootfs_server"]),
-                         (l2["argv"], l2["rootfs_server"])):
+    for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1["argv"], l1["rootfs_server"])):
         cmdline = argv[argv.index("-append") + 1]
         if rootfs == "virtiofs":
             # the daemon maps guest RAM, so it must be shareable; QEMU waits on the server's socket
@@ -131,6 +130,48 @@ def test_every_level_gets_its_root_the_same_way(rootfs, tmp_path):
             assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
     if rootfs == "virtiofs":
         assert l1["rootfs_server"]["socket"].startswith("/run/nestpress/")   # a tmpfs inside the kernel under test
+    # L2: no shared root at all, plain anonymous RAM (THP-able in L1), Python from the archive as init
+    argv = l2["argv"]
+    cmdline = argv[argv.index("-append") + 1]
+    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "l2.cpio") and l2["rootfs_server"] is None
+    assert "rdinit=/usr/bin/python3" in cmdline and "root=" not in cmdline and "init=/usr" not in cmdline.replace(
+        "rdinit=", "")
+    assert not any("fsdev=root" in a or "vhost-user-fs" in a for a in argv)
+    assert any(a.startswith("memory-backend-ram,") for a in argv)
+    # what backs each level's guests' RAM: 4 KiB in the kernel under test, 2 MiB pages in L1 (configured)
+    thp = {name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
+           for name, a in (("kut", qemu_argv(kut)), ("l1", l1["argv"]), ("l2", argv))}
+    assert thp == {"kut": "never", "l1": "always", "l2": "never"}
+
+
+def test_nested_l2_needs_its_initramfs_and_guests_are_pinned_only_under_tcg(tmp_path):
+    from harness.qemu import build_plan
+    exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
+    with pytest.raises(ValueError, match="initramfs"):
+        build_plan(exp, "/k/bzImage", "tcg", "nested", "9p", tmp_path, tmp_path / "cell", "run", "/usr/bin/python3",
+                   {}, None)
+    args = ("/k/bzImage", "nested", "9p", tmp_path, tmp_path / "cell", "run", "/usr/bin/python3", {}, None,
+            tmp_path / "l2.cpio")
+    _, tcg = build_plan(exp, args[0], "tcg", *args[1:])
+    _, kvm = build_plan(exp, args[0], "kvm", *args[1:])
+    assert exp.topology.kut.cpus == 2 and tcg["children"][0]["cpus"] == [1]     # the last CPU of the parent
+    assert tcg["children"][0]["plan"]["children"][0]["cpus"] is None            # L1 has one CPU: nothing to pin
+    assert kvm["children"][0]["cpus"] is None
+
+
+@pytest.mark.parametrize("accel, qemu, requested, kind", [
+    ("kvm", "7.2.22", "auto", "nested"), ("tcg", "10.0.2", "auto", "shadow"), ("tcg", "10.0.2", "nested", "nested"),
+    ("tcg", "7.2.22", "shadow", "shadow"), ("tcg", "7.2.22", "nested", None), ("tcg", None, "nested", None)])
+def test_topology_decision_by_accel_and_qemu_version(accel, qemu, requested, kind):
+    from harness.errors import AccelError
+    from harness.host import decide_topology, topology_support
+    if kind is None:
+        with pytest.raises(AccelError, match="QEMU >= 10"):
+            decide_topology(requested, accel, qemu)
+        assert not topology_support(accel, qemu)["nested"][0]
+    else:
+        d = decide_topology(requested, accel, qemu)
+        assert d.kind == kind and d.reasons
 
 
 def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):

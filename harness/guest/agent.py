@@ -9,10 +9,13 @@ whatever happened; `exit.json` says how it ended.
 """
 from __future__ import annotations
 
+import calendar
 import ctypes
+import fcntl
 import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -20,12 +23,11 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contract import OUT, PATH  # noqa: E402
 from pressure import PressureRun, preflight  # noqa: E402
 from supervise import Child, read, stop_all, tail  # noqa: E402
 
-OUT = "/run/nestpress/out"
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -120,10 +122,44 @@ def level_facts(plan: dict) -> dict:
     }
 
 
-def set_clock(ev: Events) -> None:
-    """Align CLOCK_REALTIME with the parent's (QEMU's RTC follows the parent's clock) to sub-second."""
-    r = subprocess.run(["hwclock", "--hctosys", "--utc"], capture_output=True, text=True, env={"PATH": PATH})
-    ev("clock", ok=r.returncode == 0, detail=(r.stderr or r.stdout).strip()[-200:])
+RTC_RD_TIME = 0x80247009        # _IOR('p', 0x09, struct rtc_time)
+
+
+def rtc_seconds(fd: int) -> int:
+    """The RTC's time (QEMU's RTC follows the parent's clock) as seconds since the epoch, UTC."""
+    buf = bytearray(36)
+    fcntl.ioctl(fd, RTC_RD_TIME, buf)
+    sec, minute, hour, mday, mon, year = struct.unpack("9i", buf)[:6]
+    return calendar.timegm((year + 1900, mon + 1, mday, hour, minute, sec))
+
+
+def set_clock(ev: Events, limit_s: float = 3.0) -> None:
+    """Align CLOCK_REALTIME with the parent's to a few ms: wait for the RTC's second to turn, then set it.
+
+    Polled, not interrupt-driven: `hwclock --hctosys` waits for an RTC update interrupt, and in a nested
+    guest under emulation those get lost (the kernel logs "hpet: Lost N RTC interrupts"); an L2 once never
+    got past it. Bounded by limit_s of monotonic time; without a turn of the second the kernel's own
+    setting at boot (CONFIG_RTC_HCTOSYS, to the second) stays."""
+    t0 = time.monotonic()
+    try:
+        fd = os.open("/dev/rtc0", os.O_RDONLY)
+    except OSError as e:
+        ev("clock", ok=False, detail=f"/dev/rtc0: {e.strerror}")
+        return
+    try:
+        first = now = rtc_seconds(fd)
+        polls = 1
+        while now == first and time.monotonic() - t0 < limit_s:
+            now = rtc_seconds(fd)
+            polls += 1
+    finally:
+        os.close(fd)
+    if now == first:
+        ev("clock", ok=False, detail=f"the RTC's second did not turn within {limit_s:g}s ({polls} reads)")
+        return
+    step = now - time.time()
+    time.clock_settime(time.CLOCK_REALTIME, float(now))
+    ev("clock", ok=True, step_s=round(step, 3), polls=polls, wait_s=round(time.monotonic() - t0, 3))
 
 
 def enable_swap(dev: str, ev: Events) -> None:
@@ -148,7 +184,8 @@ def start_children(plan: dict, ev: Events) -> list[Child]:
         with open(os.path.join(spec["export"], "plan.json"), "w") as f:
             json.dump(spec["plan"], f)
         child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"],
-                      rootfs_server=spec.get("rootfs_server"))
+                      rootfs_server=spec.get("rootfs_server"), monitor=spec.get("monitor"),
+                      system_map=spec.get("system_map"), cpus=spec.get("cpus"))
         try:
             child.start()
         except RuntimeError as e:            # its root could not be served: as good as a failed boot
@@ -189,10 +226,35 @@ def run_command(plan: dict, ev: Events) -> None:
     ev("command_exit", status=r.returncode)
 
 
+KVM_TRACE = "/sys/kernel/tracing/instances/nestpress-kvm"
+
+
+def start_kvm_trace(events: list[str]) -> None:
+    """DEBUG: a ring buffer of KVM tracepoints, dumped when a guest dies (dump_kvm_trace)."""
+    try:
+        os.makedirs(KVM_TRACE, exist_ok=True)
+        with open(KVM_TRACE + "/buffer_size_kb", "w") as f:
+            f.write("8192")
+        for e in events:
+            with open(f"{KVM_TRACE}/events/{e}/enable", "w") as f:
+                f.write("1")
+    except OSError as e:
+        print(f"agent: kvm trace: {e}", file=sys.stderr)
+
+
+def dump_kvm_trace(name: str) -> None:
+    if os.path.isdir(KVM_TRACE):
+        with open(KVM_TRACE + "/tracing_on", "w") as f:
+            f.write("0")
+        with open(KVM_TRACE + "/trace") as src, open(os.path.join(OUT, f"kvm-trace.{name}.txt"), "w") as dst:
+            dst.write(src.read())
+
+
 def report_deaths(kids: list[Child], ev: Events) -> int:
     """Record each guest the first time it is seen dead; how many of them are alive."""
     for k in kids:
         if why := k.new_problem():
+            dump_kvm_trace(k.name)
             ev("guest_died", guest=k.name, error=why, console=tail(k.console))
     return sum(1 for k in kids if k.failure is None)
 
@@ -323,6 +385,8 @@ def main() -> int:
             with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
                 f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
         sampler = start_sampler(plan)
+        if plan.get("debug_kvm_trace"):
+            start_kvm_trace(plan["debug_kvm_trace"])
         kids = start_children(plan, ev)
         probe = start_probe(plan, ev)
         run_command(plan, ev)

@@ -7,11 +7,14 @@ of its root where there is one) is put in its own session, dies with its parent
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -45,9 +48,13 @@ def tail(path: str, lines: int = 20) -> str:
         return "(no console output)"
 
 
-def _spawn(argv: list[str], stdout, stderr) -> subprocess.Popen:
+def _spawn(argv: list[str], stdout, stderr, cpus: list[int] | None = None) -> subprocess.Popen:
+    def prepare() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=prepare)
 
 
 def _end(proc: subprocess.Popen, grace: float) -> None:
@@ -65,18 +72,57 @@ def _end(proc: subprocess.Popen, grace: float) -> None:
             continue
 
 
+def monitor_command(path: str, command: str, timeout: float = 15.0) -> str:
+    """One command on a QEMU human monitor socket, its answer (the text before the next prompt)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        buf = b""
+        while b"(qemu) " not in buf:
+            buf += s.recv(65536) or b"(qemu) "
+        s.sendall(command.encode() + b"\n")
+        buf = b""
+        while buf.count(b"(qemu) ") < 1:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    text = buf.decode(errors="replace").replace("\r", "")
+    return text.split("\n", 1)[1].rsplit("(qemu) ", 1)[0] if "\n" in text else text
+
+
+def symbolize(rip: int, system_map: str | None) -> str:
+    """rip as function+offset from the guest kernel's System.map, when there is one and rip is in it."""
+    if not system_map or not os.path.exists(system_map):
+        return f"{rip:#x}"
+    addrs, names = [], []
+    with open(system_map) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[1] in "tTwW":
+                addrs.append(int(parts[0], 16))
+                names.append(parts[2])
+    i = bisect.bisect_right(addrs, rip) - 1
+    return f"{rip:#x}" if i < 0 or rip - addrs[i] > 1 << 20 else f"{rip:#x} {names[i]}+{rip - addrs[i]:#x}"
+
+
 class Child:
     """One QEMU process whose guest reports readiness by writing <export>/ready.json.
 
     rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server),
-    started first; QEMU starts once its socket exists.
+    started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
+    through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
+    system_map: the guest kernel's System.map, to name the function each vCPU is in. cpus: the CPUs
+    QEMU may run on (all when None).
     """
 
     def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0,
-                 rootfs_server: dict | None = None):
+                 rootfs_server: dict | None = None, monitor: str | None = None, system_map: str | None = None,
+                 cpus: list[int] | None = None):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
+        self.monitor, self.system_map, self.cpus = monitor, system_map, cpus
         self.server: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -95,7 +141,7 @@ class Child:
         _LIVE.add(self)
         if self.rootfs_server:
             self._serve_root()
-        self.proc = _spawn(self.argv, self._stdout, self._stderr)
+        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.cpus)
 
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
@@ -147,7 +193,23 @@ class Child:
                 raise RuntimeError(f"{why}; last console lines:\n{tail(self.console)}")
             time.sleep(poll)
         raise RuntimeError(f"{self.name}: agent not ready after {timeout:.0f}s (boot hang?); "
-                           f"last console lines:\n{tail(self.console)}")
+                           f"{self.where()}; last console lines:\n{tail(self.console)}")
+
+    def where(self, samples: int = 3) -> str:
+        """Where the guest's vCPUs are (a few register snapshots, a second apart, saved to hang.txt)."""
+        if not self.monitor or not self.proc or self.proc.poll() is not None:
+            return "no monitor to ask where it is"
+        shots = []
+        try:
+            for _ in range(samples):
+                shots.append(monitor_command(self.monitor, "info registers -a"))
+                time.sleep(1)
+        except OSError as e:
+            return f"its monitor did not answer ({e})"
+        with open(os.path.join(self.export, "hang.txt"), "w") as f:
+            f.write("\n\n".join(shots))
+        rips = [symbolize(int(m, 16), self.system_map) for shot in shots for m in re.findall(r"RIP=([0-9a-f]+)", shot)]
+        return "vCPUs at " + ", ".join(rips) + " (hang.txt has their registers)"
 
     @staticmethod
     def _uptime_at_ready(path: str) -> float | None:
