@@ -14,6 +14,8 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends $missing
 fi
+# QEMU >= 10 (on Debian 12 from bookworm-backports, pinned) and a virtiofsd: nested guests under emulation
+bash harness/setup_qemu.sh
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import REPO_ROOT
 from .errors import HarnessError
 from .util import SETUP_PACKAGES, console, default_cache, log
 
@@ -27,13 +28,14 @@ def cmd_doctor(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import describe
-    from .host import decide_accel, decide_topology, qemu_version
+    from .host import decide_accel, decide_topology, qemu_installs
     from .pressure import check
     plan = _plan(args)
-    accel, qemu = decide_accel(plan.experiment.accel).accel, qemu_version()
+    accel, qemu = decide_accel(plan.experiment.accel).accel, qemu_installs()
     kinds = {}
     for cell in plan.cells:
-        kinds[cell.config.topology.kind] = d = decide_topology(cell.config.topology.kind, accel, qemu)
+        kinds[cell.config.topology.kind] = d = decide_topology(cell.config.topology.kind, accel, qemu,
+                                                               cell.config.topology.kut.cpus)
         check(cell.config, d.kind)
     print(describe(plan))
     for d in kinds.values():
@@ -107,7 +109,8 @@ def cmd_setup(args) -> int:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs], check=True, env=env)
-    print("installed: " + " ".join(pkgs))
+    subprocess.run(["bash", str(REPO_ROOT / "harness" / "setup_qemu.sh")], check=True, env=env)
+    print("installed: " + " ".join(pkgs) + " (and QEMU >= 10 where the distribution has it: harness/setup_qemu.sh)")
     return 0
 
 

@@ -154,6 +154,9 @@ class Boot(Strict):
                                         description="per level: QEMU start to agent ready")
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
     on_guest_failure: Literal["fail", "continue"] = "continue"
+    kvm_trace_on_failure: bool = Field(
+        False, description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
+        "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot")
     rootfs: Literal["auto", "9p", "virtiofs"] = Field(
         "auto", description="how each level shares the host's root with its guests, read-only; "
         "auto: virtiofs where a virtiofsd exists and the run is root, else virtio-9p")

@@ -98,47 +98,106 @@ def decide_rootfs(requested: str = "auto") -> RootfsDecision:
     return RootfsDecision("virtiofs" if works else "9p", reasons)
 
 
-QEMU_NESTED_TCG = (10, 0)     # the first outer QEMU whose emulated SVM keeps an L1 alive under its L2 (README)
+PRIVATE_QEMUS = Path("/usr/local/lib/nestpress")   # where harness/setup_qemu.sh keeps bookworm's QEMU 7.2 tree
+# Under TCG each topology works with one generation of QEMU's emulated SVM (measured; README "Which QEMU"):
+# nested needs >= 10 (7.2 kills L1 minutes after its L2 starts), shadow needs < 10 (10.0.2 triple-faults an
+# L1 with npt=0 at its first switch of paging mode).
+TCG_QEMU = {"nested": lambda v: v >= (10, 0), "shadow": lambda v: v < (10, 0)}
+TCG_QEMU_WHY = {"nested": "needs QEMU >= 10 under TCG (QEMU 7.2's emulated SVM kills L1 minutes after its L2 "
+                          "starts); bootstrap.sh or `fab setup` installs it from bookworm-backports",
+                "shadow": "needs QEMU < 10 under TCG (10.0.2's emulated SVM triple-faults an L1 with npt=0 at its "
+                          "first switch of paging mode); bootstrap.sh or `fab setup` keeps bookworm's 7.2 beside it"}
 
 
-def parse_version(text: str | None) -> tuple[int, ...] | None:
-    m = re.match(r"(\d+)\.(\d+)", text or "")
-    return (int(m.group(1)), int(m.group(2))) if m else None
+@dataclass(frozen=True)
+class Qemu:
+    """One QEMU installation: the system's, or a private tree kept by setup_qemu.sh (which needs -L for its
+    firmware and QEMU_MODULE_DIR for its TCG accelerator module)."""
+    binary: str
+    version: str
+    data_dir: str | None = None
+    module_dir: str | None = None
+
+    @property
+    def command(self) -> list[str]:
+        """How every level starts this QEMU (the path is the same inside guests: they share the host's root)."""
+        return [self.binary, *(["-L", self.data_dir] if self.data_dir else [])]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"QEMU_MODULE_DIR": self.module_dir} if self.module_dir else {}
+
+    @property
+    def release(self) -> tuple[int, int]:
+        m = re.match(r"(\d+)\.(\d+)", self.version)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+    @property
+    def qboot(self) -> str | None:
+        """QEMU's minimal firmware for -kernel boots, where this QEMU ships it: a nested L1 under TCG comes up
+        ~15 s sooner than with SeaBIOS, QEMU's default (bench/bench.py)."""
+        path = Path(self.data_dir or "/usr/share/qemu") / "qboot.rom"
+        return str(path) if path.exists() else None
+
+    def describe(self) -> str:
+        return f"QEMU {self.version} ({self.binary})"
 
 
-def topology_support(accel: str, qemu: str | None) -> dict[str, tuple[bool, str]]:
-    """Per topology: does it work on this host, and why (doctor prints it, the runner enforces it)."""
-    shadow = (True, "L1 shadow-paged by the kernel under test (npt=0/ept=0): works under KVM and TCG")
+def _version_of(binary: str) -> str:
+    m = re.search(r"version (\S+)", run([binary, "--version"], capture=True, check=False).stdout)
+    return m.group(1) if m else "unknown"
+
+
+def qemu_installs(private: Path = PRIVATE_QEMUS) -> list[Qemu]:
+    """The system's qemu-system-x86_64 first, then private trees (newest first)."""
+    out = []
+    if system := which("qemu-system-x86_64"):
+        out.append(Qemu(system, _version_of(system)))
+    for tree in sorted(private.glob("qemu-*"), reverse=True):
+        binary = tree / "usr" / "bin" / "qemu-system-x86_64"
+        if binary.exists():
+            out.append(Qemu(str(binary), _version_of(str(binary)), str(tree / "usr" / "share" / "qemu"),
+                            str(tree / "usr" / "lib" / "x86_64-linux-gnu" / "qemu")))
+    return out
+
+
+def topology_support(accel: str, installs: list[Qemu]) -> dict[str, tuple[Qemu | None, str]]:
+    """Per topology: the QEMU that runs it at every level on this host (None: it cannot run here), and why."""
+    if not installs:
+        return {k: (None, "no qemu-system-x86_64 (apt-get install qemu-system-x86)") for k in TCG_QEMU}
     if accel == "kvm":
-        return {"shadow": shadow, "nested": (True, "hardware virtualization: L1 on TDP, L2 on the kernel under "
-                                                   "test's nested (shadow) MMU")}
-    version = parse_version(qemu)
-    if version is not None and version >= QEMU_NESTED_TCG:
-        return {"shadow": shadow, "nested": (True, f"QEMU {qemu} emulates SVM well enough for an L2 (slow: every L2 "
-                                                   "exit passes through two emulated hypervisors; see README)")}
-    return {"shadow": shadow, "nested": (False, f"QEMU {qemu or '(none)'} under TCG: its emulated SVM kills L1 "
-                                                "minutes after its L2 starts; QEMU >= 10 works (bootstrap.sh or "
-                                                "`fab setup` installs it from bookworm-backports)")}
+        why = {"shadow": "L1 shadow-paged by the kernel under test (npt=0/ept=0)",
+               "nested": "L1 on TDP, L2 on the kernel under test's nested (shadow) MMU"}
+        return {k: (installs[0], f"{why[k]}, hardware virtualization, {installs[0].describe()}") for k in TCG_QEMU}
+    out: dict[str, tuple[Qemu | None, str]] = {}
+    for kind, fits in TCG_QEMU.items():
+        q = next((q for q in installs if fits(q.release)), None)
+        have = ", ".join(q.version for q in installs)
+        out[kind] = (q, f"under TCG with {q.describe()}" if q else f"{TCG_QEMU_WHY[kind]} (here: {have})")
+    return out
 
 
 @dataclass
 class TopologyDecision:
     kind: str                      # "nested" or "shadow"
+    qemu: Qemu                     # runs every level of its cells
     reasons: list[str]
 
 
-def decide_topology(requested: str, accel: str, qemu: str | None) -> TopologyDecision:
-    """auto: nested with hardware virtualization, shadow under TCG (a nested cell there costs ~10x the time);
+def decide_topology(requested: str, accel: str, installs: list[Qemu], kut_cpus: int = 1) -> TopologyDecision:
+    """auto: nested with hardware virtualization, shadow under TCG (a nested cell there costs minutes more);
     a topology that cannot work here is an error, never a fallback."""
-    support = topology_support(accel, qemu)
     kind = ("nested" if accel == "kvm" else "shadow") if requested == "auto" else requested
-    works, why = support[kind]
-    if not works:
-        raise AccelError(f"topology.kind: {kind} cannot work here: {why}")
-    reasons = [why] + (["auto: nested only with hardware virtualization; under TCG an L2 boots in minutes, "
-                        "so shadow keeps the default experiment short"] if requested == "auto" and kind == "shadow"
-                       else [])
-    return TopologyDecision(kind, reasons)
+    qemu, why = topology_support(accel, installs)[kind]
+    if qemu is None:
+        raise AccelError(f"topology.kind: {kind} cannot run here: {why}")
+    if kind == "nested" and accel == "tcg" and kut_cpus > 1:
+        raise AccelError(f"topology.kind: nested under TCG needs topology.kut.cpus: 1 (got {kut_cpus}): with two "
+                         "emulated CPUs the kernel under test's KVM lost L1 within minutes (a triple fault), or its "
+                         "own memory under global reclaim (README, \"Nested under TCG\")")
+    reasons = [why] + (["auto: nested only with hardware virtualization; under TCG shadow keeps the default "
+                        "experiment short"] if requested == "auto" and kind == "shadow" else [])
+    return TopologyDecision(kind, qemu, reasons)
 
 
 def nested_support() -> dict[str, str]:
@@ -149,14 +208,6 @@ def nested_support() -> dict[str, str]:
             if p.exists():
                 out[f"{mod}.{param}"] = p.read_text().strip()
     return out
-
-
-def qemu_version() -> str | None:
-    q = which("qemu-system-x86_64")
-    if not q:
-        return None
-    m = re.search(r"version (\S+)", run([q, "--version"], capture=True, check=False).stdout)
-    return m.group(1) if m else "unknown"
 
 
 def meminfo() -> dict[str, int]:
@@ -175,7 +226,7 @@ class Doctor:
     nested: dict[str, str]
     rootfs: str
     rootfs_reasons: list[str]
-    qemu: str | None
+    qemu: list[str]                # every installation: "version (path)"
     topologies: dict[str, str]     # kind -> "works: why" / "does not work: why" on this host
     cgroup_v2: bool
     mem_total_mb: int
@@ -199,7 +250,7 @@ class Doctor:
                  *[f"  - {r}" for r in self.reasons],
                  f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
                  f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
-                 f"qemu-system-x86_64: {self.qemu or 'MISSING'}",
+                 f"qemu-system-x86_64: {'; '.join(self.qemu) or 'MISSING'}",
                  *[f"topology {kind}: {what}" for kind, what in self.topologies.items()],
                  f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
                  "(pressure runs inside the kernel under test, which mounts its own)",
@@ -228,11 +279,12 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
         problems.append(f"less than 8 GiB free under {disk_path} (a kernel build needs ~4 GiB)")
     if mi["MemAvailable"] < 6 << 20:
         problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
-    qemu = qemu_version()
-    topologies = {kind: ("works: " if ok else "does not work: ") + why
-                  for kind, (ok, why) in topology_support(d.accel, qemu).items()}
+    installs = qemu_installs()
+    topologies = {kind: ("works " if q else "does not work: ") + why
+                  for kind, (q, why) in topology_support(d.accel, installs).items()}
     return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
-                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons, qemu=qemu, topologies=topologies, cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons, topologies=topologies,
+                  qemu=[f"{q.version} ({q.binary})" for q in installs], cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
                   mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
                   disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,
                   kernel=platform.release(), python=platform.python_version(), tools=tools,

@@ -17,12 +17,10 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import Experiment
 from .guest.contract import OUT, SCRATCH
+from .host import Qemu
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
-# qboot: QEMU's minimal firmware for -kernel boots; a nested L1 under TCG comes up ~15 s sooner
-# than with SeaBIOS (bench/bench.py). SeaBIOS, QEMU's default, where a QEMU ships without it.
-QBOOT = next((p for p in ("/usr/share/qemu/qboot.rom", "/usr/local/share/qemu/qboot.rom") if Path(p).exists()), None)
 ROOT_TAG = "nestroot"
 KUT_SWAP_DEVICE = "/dev/vda"
 
@@ -46,6 +44,8 @@ class GuestSpec:
     swap_image: str | None = None
     monitor: str | None = None     # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
     thp: str = "never"             # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
+    qemu: tuple[str, ...] = ("qemu-system-x86_64",)   # the command that starts it (host.Qemu.command)
+    bios: str | None = None        # firmware (host.Qemu.qboot); None: QEMU's default, SeaBIOS
 
     @property
     def rootfs_socket(self) -> str:
@@ -69,12 +69,12 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     return " ".join(args)
 
 
-def qemu_argv(spec: GuestSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
+def qemu_argv(spec: GuestSpec) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
-    argv = [qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc,memory-backend=ram",
-            # a guest that resets (a triple fault: QEMU exits 0 under -no-reboot) logs its CPU state first
-            "-d", "cpu_reset,guest_errors", "-D", f"{spec.export}/qemu.debug.log",
-            *(["-bios", QBOOT] if QBOOT else []),
+    argv = [*spec.qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc,memory-backend=ram",
+            # under TCG a guest that resets (a triple fault: QEMU exits 0 under -no-reboot) logs its CPU state
+            *(["-d", "cpu_reset,guest_errors", "-D", f"{spec.export}/qemu.debug.log"] if spec.accel == "tcg" else []),
+            *(["-bios", spec.bios] if spec.bios else []),
             "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none", "-vga", "none",
             "-rtc", "base=utc,clock=host",
@@ -119,23 +119,17 @@ def kut_params(topology: str) -> list[str]:
     return params
 
 
-def pinned_cpu(index: int, parent_cpus: int) -> list[int] | None:
-    """Under TCG each guest's QEMU stays on one CPU of its parent, counted from the last (the first is left to
-    the agent, the sampler and the pressure): when the kernel under test's KVM moved a vCPU that runs an L2
-    between its (emulated) CPUs, L1 triple-faulted within minutes (QEMU 10.0.2; README, "Nested under TCG")."""
-    return [parent_cpus - 1 - index % parent_cpus] if parent_cpus > 1 else None
-
-
 def probe_levels(exp: Experiment, topology: str) -> set[str]:
     present = {"l1", "l2"} if topology == "nested" else {"l1"}
     return set(exp.workload.probe.levels) & present
 
 
-def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, rootfs: str, scratch: Path, cell_dir: Path,
-               run_id: str, python: str, conductor: dict, swap_image: Path | None,
+def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, qemu: Qemu, rootfs: str, scratch: Path,
+               cell_dir: Path, run_id: str, python: str, conductor: dict, swap_image: Path | None,
                l2_initrd: Path | None = None) -> tuple[GuestSpec, dict]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
-    The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py)."""
+    The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
+    every level runs the one QEMU decided for the topology (host.decide_topology)."""
     levels = probe_levels(exp, topology)
     system_map = str(Path(kernel).with_name("System.map"))
     probe_cfg = exp.workload.probe.model_dump()
@@ -147,36 +141,38 @@ def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, rootfs: 
                 "command": exp.workload.command if level in levels else None,
                 "on_guest_failure": exp.boot.on_guest_failure}
 
-    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict], index: int,
-              parent_cpus: int) -> dict:
+    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
                          cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export,
                          console=f"{export}/console.log", python=python,
                          rootfs="initramfs" if level == "l2" else rootfs,
                          initrd=str(l2_initrd) if level == "l2" else None, thp=spec_level.thp,
+                         qemu=tuple(qemu.command), bios=qemu.qboot,
                          rootfs_dir=f"{SCRATCH}/{name}.rootfs", monitor=f"{SCRATCH}/{name}.monitor")
         return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
                 "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec), "monitor": spec.monitor,
                 "system_map": system_map, "plan": guest_plan(name, level, grandchildren),
-                "cpus": pinned_cpu(index, parent_cpus) if accel == "tcg" else None}
+                "env": qemu.env}
 
     if topology == "nested" and l2_initrd is None:
         raise ValueError("nested topology: the L2 initramfs must be built first (initramfs.build)")
     l1s = []
     for i in range(exp.topology.l1.count):
         l1_name = f"l1-{i}"
-        l2s = ([child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [], j, exp.topology.l1.cpus)
+        l2s = ([child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [])
                 for j in range(exp.topology.l2.count)] if topology == "nested" else [])
-        l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s, i, exp.topology.kut.cpus))
+        l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s))
     expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c["plan"]["children"]) for c in l1s
                                                                     if "l2" in levels)
     kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
                     cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir), console=str(cell_dir / "console.log"),
                     python=python, rootfs=rootfs, rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
-                    cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp,
+                    cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp, qemu=tuple(qemu.command),
+                    bios=qemu.qboot,
                     swap_image=str(swap_image) if swap_image else None)
     plan = guest_plan("kut", "kut", l1s)
     plan.update(swap_device=KUT_SWAP_DEVICE if kut.swap_image else None, cgroup_controllers=["memory"],
-                topology=topology, conductor=dict(conductor, expected_probes=expected_probes))
+                topology=topology, conductor=dict(conductor, expected_probes=expected_probes),
+                kvm_trace_on_failure=exp.boot.kvm_trace_on_failure)
     return kut, plan

@@ -10,7 +10,6 @@ leaves a manifest that says `interrupted`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from .config import Cell, Plan
 from .errors import GuestError, HarnessError, PressureError
 from .guest.contract import PATH
 from .guest.supervise import Child, stop_all, tail
-from .host import decide_accel, decide_rootfs, decide_topology, doctor, qemu_version
+from .host import decide_accel, decide_rootfs, decide_topology, doctor, qemu_installs
 from .pressure import check as check_pressure, check_kernel, conductor_plan
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .util import console, default_cache, fmt_s, log, python_for_guests, read_json, status, warn, write_json
@@ -73,10 +72,11 @@ class Runner:
         self.cache = cache
         self.reproduce = reproduce
         self.accel = decide_accel(self.exp.accel)
-        qemu = qemu_version()
+        installs = qemu_installs()
         # topology.kind may be an axis: one decision per kind the cells ask for
-        self.topologies = {kind: decide_topology(kind, self.accel.accel, qemu)
-                           for kind in dict.fromkeys(c.config.topology.kind for c in plan.cells)}
+        self.topologies = {c.config.topology.kind: decide_topology(c.config.topology.kind, self.accel.accel, installs,
+                                                                   c.config.topology.kut.cpus)
+                           for c in plan.cells}
         self.rootfs = decide_rootfs(self.exp.boot.rootfs)
         self.cell_times: list[float] = []
         self.l2_initrd: Path | None = None
@@ -99,6 +99,7 @@ class Runner:
                       "reasons": self.accel.reasons, "banner": self.accel.banner},
             "topology": ", ".join(self._kinds()),
             "topology_reasons": {k: d.reasons for k, d in self.topologies.items()},
+            "qemu": {d.kind: {"version": d.qemu.version, "binary": d.qemu.binary} for d in self.topologies.values()},
             "rootfs": {"kind": self.rootfs.kind, "reasons": self.rootfs.reasons},
             "builds": {name: {"key": b.key, "dir": str(b.dir), "kernelrelease": b.metadata.get("kernelrelease"),
                               "kernel_version": b.metadata["inputs"]["kernel_version"],
@@ -178,8 +179,11 @@ class Runner:
         errors = []
         for attempt in range(1, attempts + 1):
             cell_dir = self.run_dir / "cells" / cell.id
-            if cell_dir.exists():
-                shutil.rmtree(cell_dir)      # an incomplete earlier attempt: redo it whole
+            if cell_dir.exists():            # an incomplete earlier attempt: kept aside for diagnosis, redone whole
+                kept = self.run_dir / "failed" / f"{cell.id}.{time.strftime('%H%M%S')}"
+                kept.parent.mkdir(exist_ok=True)
+                cell_dir.rename(kept)
+                log(f"cell {cell.id}: the failed attempt's files are in {kept}")
             cell_dir.mkdir(parents=True)
             started = time.monotonic()
             try:
@@ -210,26 +214,19 @@ class Runner:
                 with open(swap, "wb") as f:
                     f.truncate(exp.topology.kut.swap_mb << 20)
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
-            topology = self._topology(cell)
+            decision = self.topologies[cell.config.topology.kind]
+            topology = decision.kind
             warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if topology == "nested" else 0)
-            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, self.rootfs.kind, tmp, cell_dir,
+            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, decision.qemu, self.rootfs.kind,
+                                    tmp, cell_dir,
                                     self.run_dir.name, python_for_guests(), conductor_plan(exp, warm_s), swap,
                                     self.l2_initrd)
             plan["cell"] = cell.id
-            spec.cmdline_extra += os.environ.get("NESTPRESS_DEBUG_KUT_ARGS", "").split()
-            for c in plan["children"]:
-                c["argv"] = [a.replace(" nestpress.level=", f" {os.environ.get('NESTPRESS_DEBUG_L1_ARGS', '')} nestpress.level=") for a in c["argv"]]
-                for g in c["plan"]["children"]:
-                    g["argv"] = [a.replace(" nestpress.level=", f" {os.environ.get('NESTPRESS_DEBUG_L2_ARGS', '')} nestpress.level=") for a in g["argv"]]
-            if os.environ.get("NESTPRESS_DEBUG_KVM_TRACE"):
-                plan["debug_kvm_trace"] = os.environ["NESTPRESS_DEBUG_KVM_TRACE"].split(",")
             write_json(cell_dir / "plan.json", plan)
             argv = qemu_argv(spec)
-            if os.environ.get("NESTPRESS_DEBUG_TCG"):
-                argv[argv.index("tcg")] = os.environ["NESTPRESS_DEBUG_TCG"]
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
             kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec),
-                        monitor=spec.monitor, system_map=str(build.dir / "System.map"))
+                        monitor=spec.monitor, system_map=str(build.dir / "System.map"), env=decision.qemu.env)
             started = time.time()
             try:
                 kut.start()

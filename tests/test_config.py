@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from harness import REPO_ROOT
+from harness.host import Qemu
 from harness.config import axis_paths, describe, load, schema_reference
 from harness.errors import ConfigError
 
@@ -110,11 +111,17 @@ def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path)
     check_kernel(no_scan.experiment, "baseline", lacking)
 
 
+SYSTEM_10 = Qemu("/usr/bin/qemu-system-x86_64", "10.0.2")
+SYSTEM_72 = Qemu("/usr/bin/qemu-system-x86_64", "7.2.22")
+PRIVATE_72 = Qemu("/usr/local/lib/nestpress/qemu-7.2/usr/bin/qemu-system-x86_64", "7.2.22",
+                  "/usr/local/lib/nestpress/qemu-7.2/usr/share/qemu", "/usr/local/lib/nestpress/qemu-7.2/usr/lib/x86_64-linux-gnu/qemu")
+
+
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
     from harness.qemu import build_plan, qemu_argv, rootfs_server
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
-    kut, plan = build_plan(exp, "/k/bzImage", "kvm", "nested", rootfs, tmp_path, tmp_path / "cell", "run",
+    kut, plan = build_plan(exp, "/k/bzImage", "kvm", "nested", PRIVATE_72, rootfs, tmp_path, tmp_path / "cell", "run",
                            "/usr/bin/python3", {}, None, tmp_path / "l2.cpio")
     l1 = plan["children"][0]
     l2 = l1["plan"]["children"][0]
@@ -142,36 +149,43 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     thp = {name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
            for name, a in (("kut", qemu_argv(kut)), ("l1", l1["argv"]), ("l2", argv))}
     assert thp == {"kut": "never", "l1": "always", "l2": "never"}
+    # one QEMU at every level, a private tree with its firmware directory and its module directory
+    for a in (qemu_argv(kut), l1["argv"], argv):
+        assert a[:3] == [PRIVATE_72.binary, "-L", PRIVATE_72.data_dir]
+    assert l1["env"] == l2["env"] == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
 
 
-def test_nested_l2_needs_its_initramfs_and_guests_are_pinned_only_under_tcg(tmp_path):
+def test_nested_l2_needs_its_initramfs(tmp_path):
     from harness.qemu import build_plan
     exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
     with pytest.raises(ValueError, match="initramfs"):
-        build_plan(exp, "/k/bzImage", "tcg", "nested", "9p", tmp_path, tmp_path / "cell", "run", "/usr/bin/python3",
-                   {}, None)
-    args = ("/k/bzImage", "nested", "9p", tmp_path, tmp_path / "cell", "run", "/usr/bin/python3", {}, None,
-            tmp_path / "l2.cpio")
-    _, tcg = build_plan(exp, args[0], "tcg", *args[1:])
-    _, kvm = build_plan(exp, args[0], "kvm", *args[1:])
-    assert exp.topology.kut.cpus == 2 and tcg["children"][0]["cpus"] == [1]     # the last CPU of the parent
-    assert tcg["children"][0]["plan"]["children"][0]["cpus"] is None            # L1 has one CPU: nothing to pin
-    assert kvm["children"][0]["cpus"] is None
+        build_plan(exp, "/k/bzImage", "tcg", "nested", SYSTEM_10, "9p", tmp_path, tmp_path / "cell", "run",
+                   "/usr/bin/python3", {}, None)
 
 
-@pytest.mark.parametrize("accel, qemu, requested, kind", [
-    ("kvm", "7.2.22", "auto", "nested"), ("tcg", "10.0.2", "auto", "shadow"), ("tcg", "10.0.2", "nested", "nested"),
-    ("tcg", "7.2.22", "shadow", "shadow"), ("tcg", "7.2.22", "nested", None), ("tcg", None, "nested", None)])
-def test_topology_decision_by_accel_and_qemu_version(accel, qemu, requested, kind):
+def test_nested_under_tcg_needs_a_kernel_under_test_with_one_cpu():
     from harness.errors import AccelError
-    from harness.host import decide_topology, topology_support
+    from harness.host import decide_topology
+    with pytest.raises(AccelError, match="topology.kut.cpus: 1"):
+        decide_topology("nested", "tcg", [SYSTEM_10], kut_cpus=2)
+    assert decide_topology("nested", "kvm", [SYSTEM_10], kut_cpus=2).kind == "nested"
+
+
+@pytest.mark.parametrize("accel, installs, requested, kind, version", [
+    ("kvm", [SYSTEM_72], "auto", "nested", "7.2.22"), ("kvm", [SYSTEM_72], "shadow", "shadow", "7.2.22"),
+    ("tcg", [SYSTEM_10, PRIVATE_72], "auto", "shadow", "7.2.22"),
+    ("tcg", [SYSTEM_10, PRIVATE_72], "nested", "nested", "10.0.2"),
+    ("tcg", [SYSTEM_72], "shadow", "shadow", "7.2.22"), ("tcg", [SYSTEM_72], "nested", None, "QEMU >= 10"),
+    ("tcg", [SYSTEM_10], "shadow", None, "QEMU < 10"), ("tcg", [], "nested", None, "no qemu-system-x86_64")])
+def test_each_topology_gets_the_qemu_that_runs_it(accel, installs, requested, kind, version):
+    from harness.errors import AccelError
+    from harness.host import decide_topology
     if kind is None:
-        with pytest.raises(AccelError, match="QEMU >= 10"):
-            decide_topology(requested, accel, qemu)
-        assert not topology_support(accel, qemu)["nested"][0]
+        with pytest.raises(AccelError, match=version):
+            decide_topology(requested, accel, installs)
     else:
-        d = decide_topology(requested, accel, qemu)
-        assert d.kind == kind and d.reasons
+        d = decide_topology(requested, accel, installs)
+        assert d.kind == kind and d.qemu.version == version and d.reasons
 
 
 def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):

@@ -173,6 +173,7 @@ def enable_swap(dev: str, ev: Events) -> None:
 
 def start_children(plan: dict, ev: Events) -> list[Child]:
     def failed(child: Child, e: RuntimeError) -> None:
+        save_kvm_trace(child.name)
         ev("boot_failed", guest=child.name, error=str(e))
         child.stop()
         if plan.get("on_guest_failure") == "fail":
@@ -185,13 +186,13 @@ def start_children(plan: dict, ev: Events) -> list[Child]:
             json.dump(spec["plan"], f)
         child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"],
                       rootfs_server=spec.get("rootfs_server"), monitor=spec.get("monitor"),
-                      system_map=spec.get("system_map"), cpus=spec.get("cpus"))
+                      system_map=spec.get("system_map"), env=spec.get("env"))
         try:
             child.start()
         except RuntimeError as e:            # its root could not be served: as good as a failed boot
             failed(child, e)
             continue
-        ev("boot_start", guest=spec["name"], level=spec["plan"]["level"])
+        ev("boot_start", guest=spec["name"], level=spec["plan"]["level"], pid=child.proc.pid)
         kids.append(child)
     alive = []
     for child in kids:
@@ -227,22 +228,27 @@ def run_command(plan: dict, ev: Events) -> None:
 
 
 KVM_TRACE = "/sys/kernel/tracing/instances/nestpress-kvm"
+KVM_TRACE_EVENTS = ("kvm_exit", "kvm_entry", "kvm_nested_vmenter", "kvm_nested_vmexit_inject", "kvm_inj_exception",
+                    "kvm_inj_virq", "kvm_emulate_insn", "kvm_page_fault", "kvm_nested_vmenter_failed")
 
 
-def start_kvm_trace(events: list[str]) -> None:
-    """DEBUG: a ring buffer of KVM tracepoints, dumped when a guest dies (dump_kvm_trace)."""
+def start_kvm_trace(ev: Events) -> None:
+    """The last seconds of the kernel under test's KVM, kept in a ring buffer (boot.kvm_trace_on_failure): what
+    a guest did before it died (a triple fault shows as a shutdown exit after the exception that caused it)."""
     try:
         os.makedirs(KVM_TRACE, exist_ok=True)
         with open(KVM_TRACE + "/buffer_size_kb", "w") as f:
             f.write("8192")
-        for e in events:
-            with open(f"{KVM_TRACE}/events/{e}/enable", "w") as f:
+        for e in KVM_TRACE_EVENTS:
+            with open(f"{KVM_TRACE}/events/kvm/{e}/enable", "w") as f:
                 f.write("1")
+        ev("kvm_trace", events=list(KVM_TRACE_EVENTS))
     except OSError as e:
-        print(f"agent: kvm trace: {e}", file=sys.stderr)
+        ev("kvm_trace", error=str(e))
 
 
-def dump_kvm_trace(name: str) -> None:
+def save_kvm_trace(name: str) -> None:
+    """When a guest died: stop the ring buffer and save it (a no-op unless start_kvm_trace ran)."""
     if os.path.isdir(KVM_TRACE):
         with open(KVM_TRACE + "/tracing_on", "w") as f:
             f.write("0")
@@ -254,7 +260,7 @@ def report_deaths(kids: list[Child], ev: Events) -> int:
     """Record each guest the first time it is seen dead; how many of them are alive."""
     for k in kids:
         if why := k.new_problem():
-            dump_kvm_trace(k.name)
+            save_kvm_trace(k.name)
             ev("guest_died", guest=k.name, error=why, console=tail(k.console))
     return sum(1 for k in kids if k.failure is None)
 
@@ -385,8 +391,8 @@ def main() -> int:
             with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
                 f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
         sampler = start_sampler(plan)
-        if plan.get("debug_kvm_trace"):
-            start_kvm_trace(plan["debug_kvm_trace"])
+        if plan.get("kvm_trace_on_failure"):
+            start_kvm_trace(ev)
         kids = start_children(plan, ev)
         probe = start_probe(plan, ev)
         run_command(plan, ev)

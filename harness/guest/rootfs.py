@@ -14,8 +14,10 @@ import ctypes
 import os
 import sys
 
-# the Rust daemon (Debian 13+), QEMU <= 7.2's C daemon, or that daemon kept by harness/setup_qemu.sh
-VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "/usr/local/libexec/nestpress/virtiofsd")
+# the Rust daemon (Debian 13+), QEMU <= 7.2's C daemon, or that daemon in the QEMU 7.2 tree that
+# harness/setup_qemu.sh keeps beside a QEMU 10 (which ships none)
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd",
+                   "/usr/local/lib/nestpress/qemu-7.2/usr/lib/qemu/virtiofsd")
 CLONE_NEWNS = 0x20000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384

@@ -48,13 +48,9 @@ def tail(path: str, lines: int = 20) -> str:
         return "(no console output)"
 
 
-def _spawn(argv: list[str], stdout, stderr, cpus: list[int] | None = None) -> subprocess.Popen:
-    def prepare() -> None:
-        _die_with_parent()
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=prepare)
+def _spawn(argv: list[str], stdout, stderr, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+                            preexec_fn=_die_with_parent, env=dict(os.environ, **env) if env else None)
 
 
 def _end(proc: subprocess.Popen, grace: float) -> None:
@@ -112,17 +108,17 @@ class Child:
     rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server),
     started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
-    system_map: the guest kernel's System.map, to name the function each vCPU is in. cpus: the CPUs
-    QEMU may run on (all when None).
+    system_map: the guest kernel's System.map, to name the function each vCPU is in. env: added to QEMU's
+    environment (a private QEMU's module directory).
     """
 
     def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0,
                  rootfs_server: dict | None = None, monitor: str | None = None, system_map: str | None = None,
-                 cpus: list[int] | None = None):
+                 env: dict[str, str] | None = None):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
-        self.monitor, self.system_map, self.cpus = monitor, system_map, cpus
+        self.monitor, self.system_map, self.env = monitor, system_map, env
         self.server: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -141,7 +137,7 @@ class Child:
         _LIVE.add(self)
         if self.rootfs_server:
             self._serve_root()
-        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.cpus)
+        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.env)
 
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
