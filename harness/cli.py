@@ -14,7 +14,7 @@ from .errors import HarnessError
 from .util import SETUP_PACKAGES, console, default_cache, log
 
 
-def _plan(args):
+def _matrix(args):
     from .config import load
     return load(args.config, args.set)
 
@@ -29,15 +29,15 @@ def cmd_doctor(args) -> int:
 def cmd_validate(args) -> int:
     from .config import describe
     from .host import decide_accel, decide_topology, qemu_installs
-    from .pressure import check
-    plan = _plan(args)
-    accel, qemu = decide_accel(plan.experiment.accel).accel, qemu_installs()
+    from .schedule import check
+    matrix = _matrix(args)
+    accel, qemu = decide_accel(matrix.experiment.accel).accel, qemu_installs()
     kinds = {}
-    for cell in plan.cells:
+    for cell in matrix.cells:
         kinds[cell.config.topology.kind] = d = decide_topology(cell.config.topology.kind, accel, qemu,
                                                                cell.config.topology.kut.cpus)
         check(cell.config, d.kind)
-    print(describe(plan))
+    print(describe(matrix))
     for d in kinds.values():
         print(f"  topology on this host: {d.kind} ({'; '.join(d.reasons)})")
     print("config OK")
@@ -46,8 +46,8 @@ def cmd_validate(args) -> int:
 
 def cmd_build(args) -> int:
     from .build import Builder
-    plan = _plan(args)
-    for name, b in Builder(plan.experiment, default_cache()).build_all().items():
+    matrix = _matrix(args)
+    for name, b in Builder(matrix.experiment, default_cache()).build_all().items():
         print(f"{name}: {b.metadata.get('kernelrelease')} {'(cached)' if b.cached else ''}\n  {b.bzimage}\n"
               f"  metadata: {b.dir / 'metadata.json'}")
     return 0
@@ -60,18 +60,18 @@ def _reproduce(args) -> str:
 
 def cmd_run(args, report: bool = False) -> int:
     from .report import generate
-    plan = _plan(args)
+    matrix = _matrix(args)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
-        per_rep = len(plan.experiment.variants)     # whole repetitions per host: A and B stay interleaved
-        plan.cells = [c for c in plan.cells if (c.order // per_rep) % n == i]
-        log(f"shard {i}/{n}: {len(plan.cells)} cell(s) on this host")
+        per_rep = len(matrix.experiment.variants)     # whole repetitions per host: A and B stay interleaved
+        matrix.cells = [c for c in matrix.cells if (c.order // per_rep) % n == i]
+        log(f"shard {i}/{n}: {len(matrix.cells)} cell(s) on this host")
     from .config import describe
     from .run import Runner, find_run_dir
-    console.print(describe(plan))
-    run_dir = find_run_dir(plan, args.run_id, args.resume, Path(args.output) if args.output else None)
+    console.print(describe(matrix))
+    run_dir = find_run_dir(matrix, args.run_id, args.resume, Path(args.output) if args.output else None)
     try:
-        Runner(plan, run_dir, default_cache(), _reproduce(args)).run()
+        Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()
     except (HarnessError, KeyboardInterrupt):
         if report and (run_dir / "manifest.json").exists():     # an interrupted run still gets its report
             console.print(f"report of what was measured (incomplete): {generate(run_dir)}")

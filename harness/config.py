@@ -1,7 +1,7 @@
 """Experiment configs: YAML -> validated model -> expanded matrix of cells.
 
 A field marked as an *axis* may hold one value or a list; every list-valued axis
-multiplies the plan (LKP-style), so `pressure.mode: [global, memcg-limit]` makes
+multiplies the matrix of cells (LKP-style), so `pressure.mode: [global, memcg-limit]` makes
 two cells per variant and repetition. Overrides (`--set a.b=value`) are applied
 to the raw YAML before validation, so they are checked exactly like the file.
 """
@@ -25,7 +25,7 @@ TopologyKind = Literal["auto", "nested", "shadow"]
 
 
 def axis(default: Any = ..., **kw: Any) -> Any:
-    """A field that may be given as a list, expanding the plan into a matrix."""
+    """A field that may be given as a list, expanding the matrix of cells."""
     return Field(default, json_schema_extra={"axis": True}, **kw)
 
 
@@ -308,8 +308,8 @@ def _combinations(raw: dict, axes: list[str]) -> list[dict]:
     return out
 
 
-class Plan(BaseModel):
-    """The validated experiment and its expanded cells, in run order."""
+class Matrix(BaseModel):
+    """The validated experiment and its expanded cells (one per variant x repetition x axis value), in run order."""
     config_path: str
     raw: dict
     experiment: Experiment
@@ -330,7 +330,7 @@ class Cell(BaseModel):
     config: Experiment
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Plan:
+def load(path: str | Path, overrides: list[str] | None = None) -> Matrix:
     p, raw = load_raw(path, overrides)
     exp = _validate(p, raw)
     axes_all = axis_paths()
@@ -347,12 +347,12 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Plan:
                 cid = f"{var.name}.r{rep}" + (f".{label}" if label else "")
                 cells.append(Cell(id=cid, variant=var.name, repetition=rep, axes=axis_values,
                                   order=len(cells), config=cfg))
-    return Plan(config_path=str(p), raw=raw, experiment=exp, axes=lists, cells=cells)
+    return Matrix(config_path=str(p), raw=raw, experiment=exp, axes=lists, cells=cells)
 
 
-def describe(plan: Plan) -> str:
-    exp = plan.experiment
-    lines = [f"experiment {exp.name}: {len(plan.cells)} cell(s) from {plan.config_path}",
+def describe(matrix: Matrix) -> str:
+    exp = matrix.experiment
+    lines = [f"experiment {exp.name}: {len(matrix.cells)} cell(s) from {matrix.config_path}",
              f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
              + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
              f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
@@ -361,10 +361,10 @@ def describe(plan: Plan) -> str:
              "  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
                                           for p in exp.phases),
              f"  repetitions: {exp.repetitions} (variants interleaved)"]
-    for a, vals in plan.axes.items():
+    for a, vals in matrix.axes.items():
         lines.append(f"  axis {a}: {vals}")
     lines.append("  cells:")
-    lines.extend(f"    {c.order + 1:3d}. {c.id}" for c in plan.cells)
+    lines.extend(f"    {c.order + 1:3d}. {c.id}" for c in matrix.cells)
     return "\n".join(lines)
 
 

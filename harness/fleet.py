@@ -9,6 +9,7 @@ the host recorded per cell, and a host that fails leaves the others' results int
 from __future__ import annotations
 
 import platform
+import shlex
 from pathlib import Path
 
 from fabric import Connection
@@ -78,6 +79,8 @@ def _simple(r: Remote, task: str, args: list[str], config: str | None) -> int:
         r.sh("export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "
              "--no-install-recommends " + " ".join(SETUP_PACKAGES + extra), timeout=1800, hide=False)
     remote_config = r.ship(resolve_config_path(config) if config else None)
+    if task == "setup":        # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
+        r.sh(f"bash {shlex.quote(r.app)}/harness/setup_qemu.sh", timeout=1800, hide=False)
     r.ensure_env()
     if task == "setup":
         log(f"{r.name}: ready")

@@ -284,7 +284,8 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
                   for kind, (q, why) in topology_support(d.accel, installs).items()}
     return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
                   rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons, topologies=topologies,
-                  qemu=[f"{q.version} ({q.binary})" for q in installs], cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+                  qemu=[f"{q.version} ({q.binary})" for q in installs],
+                  cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
                   mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
                   disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,
                   kernel=platform.release(), python=platform.python_version(), tools=tools,

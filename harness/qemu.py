@@ -166,8 +166,9 @@ def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, qemu: Qe
     expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c["plan"]["children"]) for c in l1s
                                                                     if "l2" in levels)
     kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
-                    cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir), console=str(cell_dir / "console.log"),
-                    python=python, rootfs=rootfs, rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
+                    cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir),
+                    console=str(cell_dir / "console.log"), python=python, rootfs=rootfs,
+                    rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
                     cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp, qemu=tuple(qemu.command),
                     bios=qemu.qboot,
                     swap_image=str(swap_image) if swap_image else None)

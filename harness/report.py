@@ -129,7 +129,8 @@ def evidence_summary(ev: pd.DataFrame, baseline: str) -> list[str]:
             l2 = (f", in the VM that runs L2 ({m['l2_vm'].dropna().iloc[0]}) shadow pages zapped "
                   f"+{m['l2_vm_shadow_zapped'].sum():.0f}" if m["l2_vm"].notna().any() else "")
             lines.append(f"- `{mode}` phases ({len(m)}): shrinker calls {int(m['shrinker_calls'].sum())}, "
-                         f"objects freed {int(m['shrinker_freed'].sum())}, mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
+                         f"objects freed {int(m['shrinker_freed'].sum())}, "
+                         f"mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
                          f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}{l2}, "
                          f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
                          f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "

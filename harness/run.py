@@ -19,12 +19,12 @@ from pathlib import Path
 
 from . import REPO_ROOT, initramfs
 from .build import Builder, BuildResult
-from .config import Cell, Plan
+from .config import Cell, Matrix
 from .errors import GuestError, HarnessError, PressureError
 from .guest.contract import PATH
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_accel, decide_rootfs, decide_topology, doctor, qemu_installs
-from .pressure import check as check_pressure, check_kernel, conductor_plan
+from .schedule import check as check_sizes, check_kernel, conductor_schedule
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .util import console, default_cache, fmt_s, log, python_for_guests, read_json, status, warn, write_json
 
@@ -45,15 +45,15 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def find_run_dir(plan: Plan, run_id: str | None, resume: bool, root: Path | None = None) -> Path:
+def find_run_dir(matrix: Matrix, run_id: str | None, resume: bool, root: Path | None = None) -> Path:
     """An explicit run id (resume into it), the newest run of this config (--resume), or a new one."""
-    base = (root or Path(plan.experiment.output)).resolve() / plan.experiment.name
+    base = (root or Path(matrix.experiment.output)).resolve() / matrix.experiment.name
     if run_id:
         return base / run_id
     if resume and base.exists():
         for d in sorted(base.iterdir(), reverse=True):
             m = d / "manifest.json"
-            if m.exists() and read_json(m).get("config_hash") == plan.config_hash():
+            if m.exists() and read_json(m).get("config_hash") == matrix.config_hash():
                 return d
     return base / new_run_id()
 
@@ -67,8 +67,8 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 
 class Runner:
-    def __init__(self, plan: Plan, run_dir: Path, cache: Path | None = None, reproduce: str = ""):
-        self.plan, self.exp, self.run_dir = plan, plan.experiment, run_dir
+    def __init__(self, matrix: Matrix, run_dir: Path, cache: Path | None = None, reproduce: str = ""):
+        self.matrix, self.exp, self.run_dir = matrix, matrix.experiment, run_dir
         self.cache = cache
         self.reproduce = reproduce
         self.accel = decide_accel(self.exp.accel)
@@ -76,7 +76,7 @@ class Runner:
         # topology.kind may be an axis: one decision per kind the cells ask for
         self.topologies = {c.config.topology.kind: decide_topology(c.config.topology.kind, self.accel.accel, installs,
                                                                    c.config.topology.kut.cpus)
-                           for c in plan.cells}
+                           for c in matrix.cells}
         self.rootfs = decide_rootfs(self.exp.boot.rootfs)
         self.cell_times: list[float] = []
         self.l2_initrd: Path | None = None
@@ -88,10 +88,10 @@ class Runner:
         return {
             "experiment": self.exp.name, "run_id": self.run_dir.name, "status": "running",
             "started": old.get("started", time.time()), "resumed": old.get("resumed", []) + ([time.time()] if old else []),
-            "config_path": self.plan.config_path, "config_hash": self.plan.config_hash(),
-            "config": self.plan.raw, "expanded": self.exp.model_dump(by_alias=True), "axes": self.plan.axes,
+            "config_path": self.matrix.config_path, "config_hash": self.matrix.config_hash(),
+            "config": self.matrix.raw, "expanded": self.exp.model_dump(by_alias=True), "axes": self.matrix.axes,
             "cells": [{"id": c.id, "variant": c.variant, "repetition": c.repetition, "axes": c.axes,
-                       "order": c.order, "topology": self._topology(c)} for c in self.plan.cells],
+                       "order": c.order, "topology": self._topology(c)} for c in self.matrix.cells],
             "order": "repetitions outer, variants inner (A B A B ...)",
             "harness_commit": harness_commit(),
             "accel": {"kut": self.accel.accel, "l1": "kvm",
@@ -121,10 +121,10 @@ class Runner:
         for d in self.topologies.values():
             console.print(f"topology: {d.kind} ({'; '.join(d.reasons)})")
         console.print(f"guest root filesystem: {self.rootfs.kind} (read-only; {'; '.join(self.rootfs.reasons)})")
-        for cell in self.plan.cells:
-            check_pressure(cell.config, self._topology(cell))
+        for cell in self.matrix.cells:
+            check_sizes(cell.config, self._topology(cell))
         builds = Builder(self.exp, self.cache).build_all()
-        for cell in self.plan.cells:
+        for cell in self.matrix.cells:
             check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", self.rootfs.kind)
         if "nested" in self._kinds():
             probe = self.exp.workload.probe
@@ -137,12 +137,12 @@ class Runner:
         old = signal.signal(signal.SIGTERM, _on_sigterm)
         t0 = time.monotonic()
         try:
-            todo = [c for c in self.plan.cells if not self._complete(c)]
-            if len(todo) < len(self.plan.cells):
-                log(f"resume: {len(self.plan.cells) - len(todo)} cell(s) already complete, {len(todo)} to run")
+            todo = [c for c in self.matrix.cells if not self._complete(c)]
+            if len(todo) < len(self.matrix.cells):
+                log(f"resume: {len(self.matrix.cells) - len(todo)} cell(s) already complete, {len(todo)} to run")
             for k, cell in enumerate(todo, 1):
                 self._run_cell(cell, builds[cell.variant], k, len(todo), t0)
-            manifest["status"] = "complete" if all(self._complete(c) for c in self.plan.cells) else "incomplete"
+            manifest["status"] = "complete" if all(self._complete(c) for c in self.matrix.cells) else "incomplete"
         except HarnessError:
             manifest["status"] = "failed"
             raise
@@ -217,12 +217,12 @@ class Runner:
             decision = self.topologies[cell.config.topology.kind]
             topology = decision.kind
             warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if topology == "nested" else 0)
-            spec, plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, decision.qemu, self.rootfs.kind,
-                                    tmp, cell_dir,
-                                    self.run_dir.name, python_for_guests(), conductor_plan(exp, warm_s), swap,
+            spec, guest_plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, decision.qemu,
+                                    self.rootfs.kind, tmp, cell_dir,
+                                    self.run_dir.name, python_for_guests(), conductor_schedule(exp, warm_s), swap,
                                     self.l2_initrd)
-            plan["cell"] = cell.id
-            write_json(cell_dir / "plan.json", plan)
+            guest_plan["cell"] = cell.id
+            write_json(cell_dir / "plan.json", guest_plan)
             argv = qemu_argv(spec)
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
             kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec),

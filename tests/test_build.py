@@ -12,7 +12,7 @@ from harness import REPO_ROOT
 from harness.build import Builder
 from harness.config import load
 from harness.errors import KconfigError, MissingTool
-from harness.pressure import check_kernel
+from harness.schedule import check_kernel
 
 pytestmark = pytest.mark.kernel
 

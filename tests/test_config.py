@@ -94,7 +94,7 @@ def test_every_shipped_config_validates():
 
 def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path):
     from harness.errors import PressureError
-    from harness.pressure import check_kernel
+    from harness.schedule import check_kernel
     exp = load("shrinker-ab").experiment
     full = tmp_path / "full.config"
     full.write_text("".join(f"{o}=y\n" for o in ("CONFIG_DEBUG_FS", "CONFIG_KVM", "CONFIG_MEMCG", "CONFIG_SWAP",
@@ -113,8 +113,9 @@ def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path)
 
 SYSTEM_10 = Qemu("/usr/bin/qemu-system-x86_64", "10.0.2")
 SYSTEM_72 = Qemu("/usr/bin/qemu-system-x86_64", "7.2.22")
-PRIVATE_72 = Qemu("/usr/local/lib/nestpress/qemu-7.2/usr/bin/qemu-system-x86_64", "7.2.22",
-                  "/usr/local/lib/nestpress/qemu-7.2/usr/share/qemu", "/usr/local/lib/nestpress/qemu-7.2/usr/lib/x86_64-linux-gnu/qemu")
+TREE_72 = "/usr/local/lib/nestpress/qemu-7.2/usr"
+PRIVATE_72 = Qemu(f"{TREE_72}/bin/qemu-system-x86_64", "7.2.22", f"{TREE_72}/share/qemu",
+                  f"{TREE_72}/lib/x86_64-linux-gnu/qemu")
 
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])

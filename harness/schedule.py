@@ -1,4 +1,4 @@
-"""Pressure planning on the host: check sizes before anything starts, schedule phases per cell.
+"""The phase schedule, on the host: check sizes before anything starts, schedule phases per cell.
 
 The pressure itself runs inside the kernel under test (harness/guest/pressure.py): its
 modes need that kernel's cgroup v2 hierarchy, debugfs and /proc, and the KVM shrinker
@@ -97,7 +97,7 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
                             "(configs/kernel/kvm-host.config has them all).")
 
 
-def conductor_plan(exp: Experiment, warm_timeout_s: float) -> dict:
+def conductor_schedule(exp: Experiment, warm_timeout_s: float) -> dict:
     """What the kernel under test's agent conducts: phases with their modes, pressure knobs, sampler."""
     return {
         "phases": [{"name": p.name, "duration_s": p.duration_s, "mode": p.mode(exp.pressure.mode)} for p in exp.phases],
