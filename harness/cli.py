@@ -28,18 +28,15 @@ def cmd_doctor(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import describe
-    from .host import decide_accel, decide_topology, qemu_installs
+    from .host import decide_environment
     from .schedule import check
     matrix = _matrix(args)
-    accel, qemu = decide_accel(matrix.experiment.accel).accel, qemu_installs()
-    kinds = {}
+    env = decide_environment(matrix)
     for cell in matrix.cells:
-        kinds[cell.config.topology.kind] = d = decide_topology(cell.config.topology.kind, accel, qemu,
-                                                               cell.config.topology.kut.cpus)
-        check(cell.config, d.kind)
+        check(cell.config, env.topology(cell).kind)
     print(describe(matrix))
-    for d in kinds.values():
-        print(f"  topology on this host: {d.kind} ({'; '.join(d.reasons)})")
+    for d in env.topologies.values():
+        print(f"  topology on this host: {d.kind} with QEMU {d.qemu.version} ({'; '.join(d.reasons)})")
     print("config OK")
     return 0
 
@@ -59,6 +56,7 @@ def _reproduce(args) -> str:
 
 
 def cmd_run(args, report: bool = False) -> int:
+    from .manifest import Manifest
     from .report import generate
     matrix = _matrix(args)
     if args.shard:
@@ -74,14 +72,14 @@ def cmd_run(args, report: bool = False) -> int:
         Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()
     except (HarnessError, KeyboardInterrupt):
         if report and (run_dir / "manifest.json").exists():     # an interrupted run still gets its report
-            console.print(f"report of what was measured (incomplete): {generate(run_dir)}")
+            console.print(f"report of what was measured (incomplete): {generate(run_dir).html}")
         raise
     if report:
-        html = generate(run_dir)
-        print("verdict:" + (run_dir / "report.md").read_text().split("## Verdict", 1)[1].split("## Evidence")[0])
-        print(f"report: {html}")
+        result = generate(run_dir)
+        print(f"verdict:\n\n{result.verdict_markdown()}\n")
+        print(f"report: {result.html}")
     print(f"run directory: {run_dir}")
-    status = json.loads((run_dir / "manifest.json").read_text())["status"]
+    status = Manifest.load(run_dir / "manifest.json").status
     if status != "complete":
         console.print(f"[bold red]run {status}[/bold red]: some cells failed; the report lists them", markup=True)
         return 1
@@ -90,7 +88,7 @@ def cmd_run(args, report: bool = False) -> int:
 
 def cmd_report(args) -> int:
     from .report import generate
-    print(f"report: {generate(Path(args.run))}")
+    print(f"report: {generate(Path(args.run)).html}")
     return 0
 
 

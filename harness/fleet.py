@@ -19,7 +19,8 @@ from .config import load, resolve_config_path
 from .errors import HarnessError, RemoteError
 from .remote import Remote, run_on_hosts
 from .run import new_run_id
-from .util import SETUP_PACKAGES, console, log, read_json, warn, write_json
+from .manifest import Manifest, cell_complete
+from .util import SETUP_PACKAGES, console, log, warn
 
 _fleet_results: dict[tuple, int] = {}
 
@@ -95,17 +96,15 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
     host_manifests = sorted((run_dir / "hosts").glob("*.manifest.json"))
     if not host_manifests:
         return
-    manifests = [read_json(p) for p in host_manifests]
+    manifests = [Manifest.load(p) for p in host_manifests]
     m = manifests[0]
-    m["hosts"] = {p.name.removesuffix(".manifest.json"): h.get("status") for p, h in zip(host_manifests, manifests)}
+    m.hosts = {p.name.removesuffix(".manifest.json"): h.status for p, h in zip(host_manifests, manifests)}
     # each host's manifest lists its own shard: the run is the union, in plan order
-    cells = {c["id"]: c for h in manifests for c in h["cells"]}
-    m["cells"] = sorted(cells.values(), key=lambda c: c["order"])
-    m["cell_hosts"] = hosts_by_cell
-    done = [c for c in m["cells"] if (run_dir / "cells" / c["id"] / "cell.json").exists()
-            and read_json(run_dir / "cells" / c["id"] / "cell.json").get("status") == "complete"]
-    m["status"] = "complete" if len(done) == len(m["cells"]) else "incomplete"
-    write_json(run_dir / "manifest.json", m)
+    cells = {c.id: c for h in manifests for c in h.cells}
+    m.cells = sorted(cells.values(), key=lambda c: c.order)
+    m.cell_hosts = hosts_by_cell
+    m.status = "complete" if all(cell_complete(run_dir, c.id) for c in m.cells) else "incomplete"
+    m.save(run_dir / "manifest.json")
 
 
 def run_fleet(remotes: list[Remote], config: str, sets: list[str], run_id: str | None, resume: bool,
@@ -141,8 +140,7 @@ def run_fleet(remotes: list[Remote], config: str, sets: list[str], run_id: str |
     if local_run.exists() and (local_run / "manifest.json").exists():
         from .report import generate
         if report or failed:
-            html = generate(local_run)
-            print(f"report: {html}")
+            print(f"report: {generate(local_run).html}")
         print(f"run directory: {local_run}")
     return 1 if failed else 0
 
@@ -163,5 +161,5 @@ def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:
             warn(f"{h}: fetch failed: {o}")
     if (run_dir / "manifest.json").exists():
         from .report import generate
-        print(f"report: {generate(run_dir)}")
+        print(f"report: {generate(run_dir).html}")
     return 0 if all(o == 0 for o in outcomes.values()) else 1

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import Cell, Matrix
 from .errors import AccelError
 from .guest.rootfs import find_virtiofsd
 from .util import TOOL_PACKAGES, HEADER_PACKAGES, run, which
@@ -198,6 +199,31 @@ def decide_topology(requested: str, accel: str, installs: list[Qemu], kut_cpus: 
     reasons = [why] + (["auto: nested only with hardware virtualization; under TCG shadow keeps the default "
                         "experiment short"] if requested == "auto" and kind == "shadow" else [])
     return TopologyDecision(kind, qemu, reasons)
+
+
+@dataclass
+class Environment:
+    """What this host can do for one run, decided once and passed to every stage (and into the manifest):
+    the accelerator, how guests get their root, and per topology the kind and the QEMU that runs it."""
+    accel: AccelDecision
+    rootfs: RootfsDecision
+    topologies: dict[str, TopologyDecision]     # keyed by topology.kind as the cells ask for it (auto, ...)
+
+    def topology(self, cell: Cell) -> TopologyDecision:
+        return self.topologies[cell.config.topology.kind]
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({d.kind for d in self.topologies.values()})
+
+
+def decide_environment(matrix: Matrix) -> Environment:
+    """Every decision a run depends on; a cell that cannot run here fails the whole run before anything starts."""
+    accel = decide_accel(matrix.experiment.accel)
+    installs = qemu_installs()
+    topologies = {c.config.topology.kind: decide_topology(c.config.topology.kind, accel.accel, installs,
+                                                          c.config.topology.kut.cpus) for c in matrix.cells}
+    return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs), topologies)
 
 
 def nested_support() -> dict[str, str]:

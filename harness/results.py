@@ -20,6 +20,7 @@ import pandas as pd
 
 from .errors import ResultsError
 from .guest.probe import bucket_bounds
+from .manifest import CellEntry, Manifest, cell_record
 from .util import read_json
 
 _CELL = ["variant", "repetition", "cell"]
@@ -64,8 +65,8 @@ def _phase_of(t: float, phases: list[dict]) -> str:
     return "pre" if phases and t < phases[0]["t_start"] else "post"
 
 
-def collect_cell(cell_dir: Path, cell: dict) -> dict[str, list[dict]]:
-    base = {"variant": cell["variant"], "repetition": cell["repetition"], "cell": cell["id"]}
+def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
+    base = {"variant": cell.variant, "repetition": cell.repetition, "cell": cell.id}
     kut_events = _jsonl(cell_dir / "events.jsonl")
     starts = {e["phase"]: e for e in kut_events if e["kind"] == "phase_start"}
     ends = {e["phase"]: e for e in kut_events if e["kind"] == "phase_end"}
@@ -112,23 +113,23 @@ def collect_cell(cell_dir: Path, cell: dict) -> dict[str, list[dict]]:
     return rows
 
 
-def cell_status(run_dir: Path, cell: dict, host: str) -> dict:
-    d = run_dir / "cells" / cell["id"]
-    info = read_json(d / "cell.json") if (d / "cell.json").exists() else {}
+def cell_status(run_dir: Path, cell: CellEntry, host: str) -> dict:
+    d = run_dir / "cells" / cell.id
+    record = cell_record(run_dir, cell.id)
     facts = {}
     for guest, level, gd in _guest_dirs(d) if d.exists() else []:
         if (gd / "facts.json").exists():
             facts[guest] = read_json(gd / "facts.json")
     kut = facts.get("kut", {})
-    return {"cell": cell["id"], "variant": cell["variant"], "repetition": cell["repetition"], "host": host,
-            "status": info.get("status", "missing" if not d.exists() else "incomplete"),
-            "attempt": info.get("attempt", 0), "retried": bool(info.get("retried", False)),
-            "kut_ready_s": info.get("kut_ready_s"),
+    return {"cell": cell.id, "variant": cell.variant, "repetition": cell.repetition, "host": host,
+            "status": record.status if record else "missing" if not d.exists() else "incomplete",
+            "attempt": record.attempt if record else 0, "retried": record.retried if record else False,
+            "kut_ready_s": record.kut_ready_s if record else None,
             "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs")) if kut else None,
             "mmu_shrink_scan_in_kallsyms": kut.get("mmu_shrink_scan_in_kallsyms"),
             "kvm_params": json.dumps(kut.get("kvm_params", {})),
             "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),
-            "errors": json.dumps(info.get("errors", []))}
+            "errors": json.dumps(record.errors if record else [])}
 
 
 def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
@@ -136,11 +137,11 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.exists():
         raise ResultsError(f"{run_dir}: no manifest.json - not a nestpress run directory")
-    manifest = read_json(manifest_path)
+    manifest = Manifest.load(manifest_path)
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
-    for cell in manifest["cells"]:
-        rows["cells"].append(cell_status(run_dir, cell, manifest.get("cell_hosts", {}).get(cell["id"], "local")))
-        d = run_dir / "cells" / cell["id"]
+    for cell in manifest.cells:
+        rows["cells"].append(cell_status(run_dir, cell, manifest.cell_hosts.get(cell.id, "local")))
+        d = run_dir / "cells" / cell.id
         if d.exists():
             for table, r in collect_cell(d, cell).items():
                 rows[table].extend(r)

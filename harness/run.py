@@ -23,7 +23,8 @@ from .config import Cell, Matrix
 from .errors import GuestError, HarnessError, PressureError
 from .guest.contract import PATH
 from .guest.supervise import Child, stop_all, tail
-from .host import decide_accel, decide_rootfs, decide_topology, doctor, qemu_installs
+from .host import decide_environment, doctor
+from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete
 from .schedule import check as check_sizes, check_kernel, conductor_schedule
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .util import console, default_cache, fmt_s, log, python_for_guests, read_json, status, warn, write_json
@@ -53,7 +54,7 @@ def find_run_dir(matrix: Matrix, run_id: str | None, resume: bool, root: Path | 
     if resume and base.exists():
         for d in sorted(base.iterdir(), reverse=True):
             m = d / "manifest.json"
-            if m.exists() and read_json(m).get("config_hash") == matrix.config_hash():
+            if m.exists() and Manifest.load(m).config_hash == matrix.config_hash():
                 return d
     return base / new_run_id()
 
@@ -71,68 +72,60 @@ class Runner:
         self.matrix, self.exp, self.run_dir = matrix, matrix.experiment, run_dir
         self.cache = cache
         self.reproduce = reproduce
-        self.accel = decide_accel(self.exp.accel)
-        installs = qemu_installs()
-        # topology.kind may be an axis: one decision per kind the cells ask for
-        self.topologies = {c.config.topology.kind: decide_topology(c.config.topology.kind, self.accel.accel, installs,
-                                                                   c.config.topology.kut.cpus)
-                           for c in matrix.cells}
-        self.rootfs = decide_rootfs(self.exp.boot.rootfs)
+        self.env = decide_environment(matrix)
         self.cell_times: list[float] = []
         self.l2_initrd: Path | None = None
 
     # -- manifest -----------------------------------------------------------------------------
-    def _manifest(self, builds: dict[str, BuildResult]) -> dict:
+    def _manifest(self, builds: dict[str, BuildResult]) -> Manifest:
+        env, matrix = self.env, self.matrix
         path = self.run_dir / "manifest.json"
-        old = read_json(path) if path.exists() else {}
-        return {
-            "experiment": self.exp.name, "run_id": self.run_dir.name, "status": "running",
-            "started": old.get("started", time.time()), "resumed": old.get("resumed", []) + ([time.time()] if old else []),
-            "config_path": self.matrix.config_path, "config_hash": self.matrix.config_hash(),
-            "config": self.matrix.raw, "expanded": self.exp.model_dump(by_alias=True), "axes": self.matrix.axes,
-            "cells": [{"id": c.id, "variant": c.variant, "repetition": c.repetition, "axes": c.axes,
-                       "order": c.order, "topology": self._topology(c)} for c in self.matrix.cells],
-            "order": "repetitions outer, variants inner (A B A B ...)",
-            "harness_commit": harness_commit(),
-            "accel": {"kut": self.accel.accel, "l1": "kvm",
-                      "l2": "kvm" if "nested" in self._kinds() else None,
-                      "reasons": self.accel.reasons, "banner": self.accel.banner},
-            "topology": ", ".join(self._kinds()),
-            "topology_reasons": {k: d.reasons for k, d in self.topologies.items()},
-            "qemu": {d.kind: {"version": d.qemu.version, "binary": d.qemu.binary} for d in self.topologies.values()},
-            "rootfs": {"kind": self.rootfs.kind, "reasons": self.rootfs.reasons},
-            "builds": {name: {"key": b.key, "dir": str(b.dir), "kernelrelease": b.metadata.get("kernelrelease"),
-                              "kernel_version": b.metadata["inputs"]["kernel_version"],
-                              "source": b.metadata["inputs"]["source_description"],
-                              "patch_variant": b.metadata["inputs"]["patch_variant"],
-                              "patches": b.metadata["inputs"]["patches"],
-                              "config_sha256": b.metadata.get("config_sha256"),
-                              "fragments": b.metadata["inputs"]["fragments"],
-                              "bzImage_sha256": b.metadata.get("artifacts", {}).get("bzImage")}
-                       for name, b in builds.items()},
-            "host": doctor(self.cache).as_dict(),
-            "reproduce": self.reproduce,
-        }
+        old = Manifest.load(path) if path.exists() else None
+        return Manifest(
+            experiment=self.exp.name, run_id=self.run_dir.name,
+            started=old.started if old else time.time(), resumed=old.resumed + [time.time()] if old else [],
+            duration_s=old.duration_s if old else 0.0,
+            config_path=matrix.config_path, config_hash=matrix.config_hash(), config=matrix.raw,
+            expanded=self.exp.model_dump(by_alias=True), axes=matrix.axes,
+            cells=[CellEntry(id=c.id, variant=c.variant, repetition=c.repetition, axes=c.axes, order=c.order,
+                             topology=self._topology(c)) for c in matrix.cells],
+            harness_commit=harness_commit(),
+            accel=AccelRecord(kut=env.accel.accel, l2="kvm" if "nested" in env.kinds else None,
+                              reasons=env.accel.reasons, banner=env.accel.banner),
+            topology=", ".join(env.kinds), topology_reasons={k: d.reasons for k, d in env.topologies.items()},
+            qemu={d.kind: {"version": d.qemu.version, "binary": d.qemu.binary} for d in env.topologies.values()},
+            rootfs={"kind": env.rootfs.kind, "reasons": env.rootfs.reasons},
+            builds={name: BuildEntry(key=b.key, dir=str(b.dir), kernelrelease=b.metadata.get("kernelrelease"),
+                                     kernel_version=b.metadata["inputs"]["kernel_version"],
+                                     source=b.metadata["inputs"]["source_description"],
+                                     patch_variant=b.metadata["inputs"]["patch_variant"],
+                                     patches=b.metadata["inputs"]["patches"],
+                                     config_sha256=b.metadata.get("config_sha256"),
+                                     fragments=b.metadata["inputs"]["fragments"],
+                                     bzImage_sha256=b.metadata.get("artifacts", {}).get("bzImage"))
+                    for name, b in builds.items()},
+            host=doctor(self.cache).as_dict(), reproduce=self.reproduce)
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> Path:
-        console.print(f"[bold]{self.accel.banner}[/bold]",
-                      style="bold green" if self.accel.accel == "kvm" else "bold yellow")
-        for d in self.topologies.values():
+        env = self.env
+        console.print(f"[bold]{env.accel.banner}[/bold]", style="bold green" if env.accel.accel == "kvm" else "bold yellow")
+        for d in env.topologies.values():
             console.print(f"topology: {d.kind} ({'; '.join(d.reasons)})")
-        console.print(f"guest root filesystem: {self.rootfs.kind} (read-only; {'; '.join(self.rootfs.reasons)})")
+        console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
         for cell in self.matrix.cells:
             check_sizes(cell.config, self._topology(cell))
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.matrix.cells:
-            check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", self.rootfs.kind)
-        if "nested" in self._kinds():
+            check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", env.rootfs.kind)
+        if "nested" in env.kinds:
             probe = self.exp.workload.probe
             self.l2_initrd = initramfs.build(python_for_guests(), self.exp.workload.command if "l2" in probe.levels
                                              else None, PATH, self.cache or default_cache())
             log(f"L2 root: initramfs {self.l2_initrd} ({self.l2_initrd.stat().st_size >> 20} MiB)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "manifest.json", manifest := self._manifest(builds))
+        manifest = self._manifest(builds)
+        manifest.save(self.run_dir / "manifest.json")
         log(f"run directory: {self.run_dir}")
         old = signal.signal(signal.SIGTERM, _on_sigterm)
         t0 = time.monotonic()
@@ -142,36 +135,32 @@ class Runner:
                 log(f"resume: {len(self.matrix.cells) - len(todo)} cell(s) already complete, {len(todo)} to run")
             for k, cell in enumerate(todo, 1):
                 self._run_cell(cell, builds[cell.variant], k, len(todo), t0)
-            manifest["status"] = "complete" if all(self._complete(c) for c in self.matrix.cells) else "incomplete"
+            manifest.status = "complete" if all(self._complete(c) for c in self.matrix.cells) else "incomplete"
         except HarnessError:
-            manifest["status"] = "failed"
+            manifest.status = "failed"
             raise
         except (KeyboardInterrupt, _Terminated):
-            manifest["status"] = "interrupted"
+            manifest.status = "interrupted"
             raise HarnessError(f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
                                f"(run again with --run-id {self.run_dir.name} to resume)") from None
         finally:
             stop_all()
             signal.signal(signal.SIGTERM, old)
-            manifest["finished"] = time.time()
-            manifest["duration_s"] = manifest.get("duration_s", 0) + time.monotonic() - t0
-            write_json(self.run_dir / "manifest.json", manifest)
+            manifest.finished = time.time()
+            manifest.duration_s += time.monotonic() - t0
+            manifest.save(self.run_dir / "manifest.json")
         return self.run_dir
 
     def _topology(self, cell: Cell) -> str:
-        return self.topologies[cell.config.topology.kind].kind
-
-    def _kinds(self) -> list[str]:
-        return sorted({d.kind for d in self.topologies.values()})
+        return self.env.topology(cell).kind
 
     def _complete(self, cell: Cell) -> bool:
-        f = self.run_dir / "cells" / cell.id / "cell.json"
-        return f.exists() and read_json(f).get("status") == "complete"
+        return cell_complete(self.run_dir, cell.id)
 
     def _estimate(self, cell: Cell) -> float:
         if self.cell_times:
             return sum(self.cell_times) / len(self.cell_times)
-        boots = 10 + 25 * (2 if self._topology(cell) == "nested" else 1) if self.accel.accel == "tcg" else 10
+        boots = 10 + 25 * (2 if self._topology(cell) == "nested" else 1) if self.env.accel.accel == "tcg" else 10
         return boots + 20 + sum(p.duration_s for p in cell.config.phases)
 
     def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
@@ -189,22 +178,22 @@ class Runner:
             try:
                 result = self._attempt(cell, build, cell_dir, k, n, t0)
             except PressureError as e:
-                write_json(cell_dir / "cell.json", {"status": "failed", "attempt": attempt, "errors": [*errors, str(e)],
-                                                    "fatal": True})
+                CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(
+                    cell_dir / "cell.json")
                 raise
             except GuestError as e:
                 errors.append(str(e))
-                write_json(cell_dir / "cell.json", {"status": "failed", "attempt": attempt, "errors": errors})
+                CellRecord(status="failed", attempt=attempt, errors=errors).save(cell_dir / "cell.json")
                 warn(f"cell {cell.id} attempt {attempt}/{attempts} failed: {e}")
                 continue
             self.cell_times.append(time.monotonic() - started)
-            write_json(cell_dir / "cell.json", {"status": "complete", "attempt": attempt, "retried": attempt > 1,
-                                                "errors": errors, **result})
+            result.attempt, result.retried, result.errors = attempt, attempt > 1, errors
+            result.save(cell_dir / "cell.json")
             return
         log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing",
             style="red")
 
-    def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> dict:
+    def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> CellRecord:
         exp = cell.config
         tmp = Path(tempfile.mkdtemp(prefix=f"nestpress-{self.run_dir.name}-"))
         try:
@@ -214,11 +203,11 @@ class Runner:
                 with open(swap, "wb") as f:
                     f.truncate(exp.topology.kut.swap_mb << 20)
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
-            decision = self.topologies[cell.config.topology.kind]
+            decision = self.env.topology(cell)
             topology = decision.kind
             warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if topology == "nested" else 0)
-            spec, guest_plan = build_plan(exp, str(build.bzimage), self.accel.accel, topology, decision.qemu,
-                                    self.rootfs.kind, tmp, cell_dir,
+            spec, guest_plan = build_plan(exp, str(build.bzimage), self.env.accel.accel, topology, decision.qemu,
+                                    self.env.rootfs.kind, tmp, cell_dir,
                                     self.run_dir.name, python_for_guests(), conductor_schedule(exp, warm_s), swap,
                                     self.l2_initrd)
             guest_plan["cell"] = cell.id
@@ -251,9 +240,9 @@ class Runner:
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
                     e.get("error", e["kind"])[:300] for e in failures))
-            return {"kut_ready_s": ready, "kut_kernel_s": kut.kernel_ready_s, "started": started,
-                    "finished": time.time(), "pressure_mode": exp.pressure.mode,
-                    "guest_failures": [e.get("error", e["kind"])[:500] for e in failures]}
+            return CellRecord(status="complete", attempt=0, kut_ready_s=ready, kut_kernel_s=kut.kernel_ready_s,
+                              started=started, finished=time.time(), pressure_mode=exp.pressure.mode,
+                              guest_failures=[e.get("error", e["kind"])[:500] for e in failures])
         finally:
             stop_all()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -202,10 +202,10 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     assert (local_run / "cells" / "baseline.r2" / "cell.json").exists()
     assert (local_run / "report.html").exists()
     # what the two modes claim, on the baseline 6.1 kernel with the shadow topology
-    from harness.report import evidence
+    from harness.report import shrinker_evidence
     from harness.results import load as load_tables
     frames = load_tables(local_run)
-    ev = evidence(frames)
+    ev = shrinker_evidence(frames)
     dc = ev[ev["phase"] == "drop-caches"]
     assert len(dc) == 2 and (dc["shrinker_calls"] > 0).all() and (dc["shrinker_freed"] > 0).all()
     assert (dc["mmu_recycled"] > 0).all() and (dc["slabs_scanned"] > 0).all()

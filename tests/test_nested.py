@@ -12,7 +12,7 @@ import pytest
 from conftest import require
 from harness import REPO_ROOT
 from harness.host import decide_accel, qemu_installs, topology_support
-from harness.report import evidence
+from harness.report import shrinker_evidence
 from harness.results import load as load_tables
 
 pytestmark = pytest.mark.kernel
@@ -30,7 +30,7 @@ def nested(builds, qemu, tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = out / "shrinker-ab-nested" / "nested"
     frames = load_tables(run_dir)
-    return {"run_dir": run_dir, "frames": frames, "evidence": evidence(frames),
+    return {"run_dir": run_dir, "frames": frames, "evidence": shrinker_evidence(frames),
             "manifest": json.loads((run_dir / "manifest.json").read_text())}
 
 

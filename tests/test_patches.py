@@ -62,6 +62,7 @@ def tree612(src612, cache_dir):
     return prepare(Source(kind="tarball", path=str(src612)), cache_dir).tree
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("which, variant", [("tree61", "v6.0-6.6"), ("tree612", "v6.7-6.12")])
 def test_variant_applies_to_debian_tree_and_removes_shrinker(request, tmp_path, which, variant):
     pristine = request.getfixturevalue(which)
@@ -77,6 +78,7 @@ def test_variant_applies_to_debian_tree_and_removes_shrinker(request, tmp_path, 
     assert hashlib.sha256((pristine / MMU).read_bytes()).hexdigest() == before
 
 
+@pytest.mark.kernel
 def test_wrong_variant_fails_cleanly_naming_patch_file_and_hunk(tree612, tmp_path):
     tree = _copy_tree(tree612, tmp_path / "t")
     before = (tree / MMU).read_bytes()
@@ -87,12 +89,14 @@ def test_wrong_variant_fails_cleanly_naming_patch_file_and_hunk(tree612, tmp_pat
     assert (tree / MMU).read_bytes() == before          # nothing half-applied
 
 
+@pytest.mark.kernel
 def test_verify_catches_a_patch_that_did_not_take_effect(tree61, tmp_path):
     tree = _copy_tree(tree61, tmp_path / "t")
     with pytest.raises(PatchError, match="did not take effect"):
         verify(tree, SERIES)
 
 
+@pytest.mark.kernel
 def test_kernel_version_from_makefile(tree61, tree612):
     assert makefile_version(tree61).mm == (6, 1)
     assert makefile_version(tree612).mm == (6, 12)

@@ -1,0 +1,120 @@
+"""The run directory's own records, typed: manifest.json (written before the first cell starts, completed
+when the run ends) and cells/<id>/cell.json (how a cell ended). The runner writes them, the fleet merges
+them, results and report read them; nobody else looks inside by string keys. Reading tolerates fields an
+older or newer harness wrote (extra="ignore"), so old run directories still get reports."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .util import read_json, write_json
+
+RunStatus = Literal["running", "complete", "incomplete", "failed", "interrupted"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.model_dump(mode="json"))
+
+
+class CellEntry(Record):
+    """A cell of the matrix as the manifest lists it (config.Cell without its expanded config)."""
+    id: str
+    variant: str
+    repetition: int
+    axes: dict[str, Any] = {}
+    order: int
+    topology: str | None = None
+
+
+class BuildEntry(Record):
+    key: str
+    dir: str
+    kernelrelease: str | None = None
+    kernel_version: str
+    source: str
+    patch_variant: str | None = None
+    patches: dict[str, str] = {}
+    config_sha256: str | None = None
+    fragments: dict[str, str] = {}
+    bzImage_sha256: str | None = None
+
+
+class AccelRecord(Record):
+    kut: str
+    l1: str | None = "kvm"
+    l2: str | None = None
+    reasons: list[str] = []
+    banner: str = ""
+
+
+class Manifest(Record):
+    experiment: str
+    run_id: str
+    status: RunStatus = "running"
+    started: float = Field(default_factory=time.time)
+    resumed: list[float] = []
+    finished: float | None = None
+    duration_s: float = 0.0
+    config_path: str
+    config_hash: str
+    config: dict[str, Any]
+    expanded: dict[str, Any]
+    axes: dict[str, list[Any]] = {}
+    cells: list[CellEntry]
+    order: str = "repetitions outer, variants inner (A B A B ...)"
+    harness_commit: str | None = None
+    accel: AccelRecord
+    topology: str
+    topology_reasons: dict[str, list[str]] = {}
+    qemu: dict[str, dict[str, str]] = {}
+    rootfs: dict[str, Any] = {}
+    builds: dict[str, BuildEntry] = {}
+    host: dict[str, Any] = {}
+    reproduce: str = ""
+    hosts: dict[str, str | None] | None = None     # fleet runs: the status each host's own manifest had
+    cell_hosts: dict[str, str] = {}                # fleet runs: which host ran which cell
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        return cls.model_validate(read_json(path))
+
+    @property
+    def baseline(self) -> str:
+        """The variant the others are compared with: the first without patches, else the first."""
+        variants = self.expanded["variants"]
+        return next((v["name"] for v in variants if not v.get("series")), variants[0]["name"])
+
+    @property
+    def tcg(self) -> bool:
+        return self.accel.kut == "tcg"
+
+
+class CellRecord(Record):
+    """How a cell ended; `complete` is the only status that a resumed run does not redo."""
+    status: Literal["complete", "failed"]
+    attempt: int
+    retried: bool = False
+    errors: list[str] = []
+    fatal: bool = False                 # the kernel cannot run the schedule: no retry, no further cells
+    kut_ready_s: float | None = None
+    kut_kernel_s: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    pressure_mode: str | None = None
+    guest_failures: list[str] = []
+
+
+def cell_record(run_dir: Path, cell_id: str) -> CellRecord | None:
+    path = run_dir / "cells" / cell_id / "cell.json"
+    return CellRecord.model_validate(read_json(path)) if path.exists() else None
+
+
+def cell_complete(run_dir: Path, cell_id: str) -> bool:
+    record = cell_record(run_dir, cell_id)
+    return record is not None and record.status == "complete"
