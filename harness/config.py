@@ -72,6 +72,8 @@ class LevelSpec(Strict):
     thp: Literal["never", "always", "madvise"] = Field(
         "never", description="transparent huge pages in this guest (transparent_hugepage=): with `always` an L1 "
                              "maps its L2's RAM with 2 MiB pages in its nested page tables")
+    mlock: bool = Field(False, description="guest RAM locked in its parent (QEMU -overcommit mem-lock=on): reclaim "
+                                           "in the parent never swaps it, as on hosts that pin guest memory")
 
 
 class KutSpec(Strict):

@@ -37,6 +37,7 @@ class GuestSpec:
     console: str              # serial console log, as the parent sees it
     python: str
     prealloc: bool = False    # guest RAM faulted in before the guest starts
+    mlock: bool = False       # guest RAM locked in the parent (never swapped)
     rootfs: str = "9p"        # 9p | virtiofs (the host's root, shared) | initramfs (initramfs.py)
     rootfs_dir: str = ""      # virtiofs: where its server puts its socket (and its read-only view of /)
     initrd: str | None = None  # initramfs: the archive
@@ -90,6 +91,8 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
     if spec.swap_image:
         argv += ["-drive", f"file={spec.swap_image},if=virtio,format=raw,cache=unsafe"]
+    if spec.mlock:
+        argv += ["-overcommit", "mem-lock=on"]
     # Below the kernel under test guest RAM is resident from the start (LevelSpec.prealloc), as on a
     # busy host: reclaim in the kernel under test then meets real guest memory, and a hog has less
     # free memory to fill before reclaim begins. Two threads fault it in.
@@ -144,7 +147,8 @@ def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, qemu: Qe
     def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
-                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, accel="kvm", export=export,
+                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, mlock=spec_level.mlock, accel="kvm",
+                         export=export,
                          console=f"{export}/console.log", python=python,
                          rootfs="initramfs" if level == "l2" else rootfs,
                          initrd=str(l2_initrd) if level == "l2" else None, thp=spec_level.thp,
