@@ -2,9 +2,9 @@
 without -H on this machine (the first line of output always says which)."""
 from __future__ import annotations
 
+from fabric import task
 from invoke.exceptions import Exit
 
-from fabric import task
 from harness import fleet
 
 HOST_HELP = {"accept_new_host": "trust an unknown SSH host key on first use (default: reject)",

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import REPO_ROOT  # noqa: E402
-from harness.build import Builder  # noqa: E402
-from harness.config import load  # noqa: E402
-from harness.guest.probe import calibrate  # noqa: E402
-from harness.host import decide_accel, decide_rootfs  # noqa: E402
-from harness.util import default_cache  # noqa: E402
+from harness import REPO_ROOT
+from harness.build import Builder
+from harness.config import load
+from harness.guest.probe import calibrate
+from harness.host import decide_accel, decide_rootfs
+from harness.util import default_cache
 
 QUICK = ["repetitions=1", "variants=[{name: baseline}]", "workload.probe.size_mb=512",
          "phases=[{name: steady, duration_s: 5}]"]

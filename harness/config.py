@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import REPO_ROOT
 from .errors import ConfigError
+from .guest.contract import PressureMode
 
-PressureMode = Literal["none", "global", "drop-caches", "root-reclaim", "shrinker-scan", "memcg-limit"]
 TopologyKind = Literal["auto", "nested", "shadow"]
 
 
@@ -42,7 +42,7 @@ class Source(Strict):
     package: str | None = Field(None, description="Debian package that provides the tarball (installed by `fab setup`)")
 
     @model_validator(mode="after")
-    def _needs_location(self) -> "Source":
+    def _needs_location(self) -> Source:
         if self.kind in ("tarball", "local") and not self.path:
             raise ValueError(f"source.kind={self.kind} needs source.path")
         if self.kind == "git" and not self.url:
@@ -104,7 +104,8 @@ class Probe(Strict):
         return self.size_mb * min(1.0, 4096 / self.stride)
     interval_s: float = Field(1.0, gt=0, description="histogram interval")
     levels: list[Literal["l1", "l2"]] = Field(default_factory=lambda: ["l2", "l1"],
-                                               description="where the probe runs (levels absent in the topology are skipped)")
+                                               description="where the probe runs (levels absent in the topology "
+                                                           "are skipped)")
 
 
 class Workload(Strict):
@@ -121,7 +122,7 @@ class GlobalPressure(Strict):
 
 
 class Pressure(Strict):
-    mode: PressureMode = axis("global", description="what makes the kernel under test reclaim")
+    mode: PressureMode = axis(PressureMode.GLOBAL, description="what makes the kernel under test reclaim")
     global_: GlobalPressure = Field(GlobalPressure(), alias="global")
     drop_caches_period_s: float = Field(3.0, gt=0)
     root_reclaim_mb: int = Field(256, ge=1, description="bytes asked per write to the root memory.reclaim")
@@ -140,10 +141,10 @@ class Phase(Strict):
     pressure: bool | PressureMode = Field(
         False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone")
 
-    def mode(self, cell_mode: str) -> str:
+    def mode(self, cell_mode: PressureMode) -> PressureMode:
         if self.pressure is True:
             return cell_mode
-        return self.pressure or "none"
+        return PressureMode(self.pressure) if self.pressure else PressureMode.NONE
 
 
 class Sampler(Strict):
@@ -170,7 +171,8 @@ class Experiment(Strict):
     source: Source
     kernel_config: KernelConfig = KernelConfig()
     variants: list[Variant] = Field(min_length=1)
-    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="auto: KVM when usable with vmx/svm, else TCG (said loudly)")
+    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="auto: KVM when usable with vmx/svm, else TCG "
+                                                                    "(said loudly)")
     topology: Topology = Topology()
     workload: Workload = Workload()
     pressure: Pressure = Pressure()
@@ -316,7 +318,7 @@ class Matrix(BaseModel):
     raw: dict
     experiment: Experiment
     axes: dict[str, list[Any]]
-    cells: list["Cell"]
+    cells: list[Cell]
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
@@ -357,11 +359,13 @@ def describe(matrix: Matrix) -> str:
     lines = [f"experiment {exp.name}: {len(matrix.cells)} cell(s) from {matrix.config_path}",
              f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
              + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
-             f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
+             f"  kernel config: {exp.kernel_config.base} + "
+             f"{', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
              "  variants: " + ", ".join(v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)")
                                       for v in exp.variants),
-             "  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
-                                          for p in exp.phases),
+             "  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s"
+                                        + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
+                                        for p in exp.phases),
              f"  repetitions: {exp.repetitions} (variants interleaved)"]
     for a, vals in matrix.axes.items():
         lines.append(f"  axis {a}: {vals}")

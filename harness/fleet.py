@@ -17,9 +17,9 @@ from fabric import Connection
 from . import cli
 from .config import load, resolve_config_path
 from .errors import HarnessError, RemoteError
+from .manifest import Manifest, cell_complete
 from .remote import Remote, run_on_hosts
 from .run import new_run_id
-from .manifest import Manifest, cell_complete
 from .util import SETUP_PACKAGES, console, log, warn
 
 _fleet_results: dict[tuple, int] = {}
@@ -31,7 +31,7 @@ def cli_hosts() -> list[str]:
         from fabric.main import program
         value = program.core[0].args.hosts.value
         return [h for h in value.split(",") if h] if value else []
-    except Exception:  # noqa: BLE001 - not started by `fab`: one host
+    except Exception:
         return []
 
 

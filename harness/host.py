@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import Cell, Matrix
 from .errors import AccelError
 from .guest.rootfs import find_virtiofsd
-from .util import TOOL_PACKAGES, HEADER_PACKAGES, run, which
+from .util import HEADER_PACKAGES, TOOL_PACKAGES, run, which
 
 KVM_GET_API_VERSION = 0xAE00
 

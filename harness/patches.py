@@ -121,7 +121,8 @@ def _failure_message(patch: Path, output: str) -> str:
     m = re.search(r"error: (\S+): (does not exist in index|No such file or directory|already exists.*)", output)
     if m:
         return f"patch {patch.name} does not apply: {m.group(1)}: {m.group(2)}"
-    return f"patch {patch.name} does not apply: {output.strip().splitlines()[-1] if output.strip() else 'unknown error'}"
+    last = output.strip().splitlines()[-1] if output.strip() else "unknown error"
+    return f"patch {patch.name} does not apply: {last}"
 
 
 def _break_links(tree: Path, files: list[str]) -> None:
@@ -143,7 +144,8 @@ def apply(tree: Path, variant: PatchVariant) -> None:
             r = _git_apply(tree, p, "--check", "-v")
             if r.returncode != 0:
                 raise PatchError(_failure_message(p, r.stderr + r.stdout) +
-                                 f" (series {variant.series}, variant {variant.name} for {variant.shape or 'its range'})")
+                                 f" (series {variant.series}, variant {variant.name} for "
+                                 f"{variant.shape or 'its range'})")
             _break_links(tree, touched_files(p))
             r = _git_apply(tree, p)
             if r.returncode != 0:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment
-from .guest.contract import OUT, SCRATCH
-from .host import Qemu
+from .guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, RootServer
+from .host import TopologyDecision
+from .schedule import conductor_schedule
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
@@ -103,11 +104,11 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
     return argv
 
 
-def rootfs_server(spec: GuestSpec) -> dict | None:
+def rootfs_server(spec: GuestSpec) -> RootServer | None:
     """The process that must serve the guest's root before its QEMU starts (virtiofs only), for Child."""
     if spec.rootfs != "virtiofs":
         return None
-    return {"argv": [spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir], "socket": spec.rootfs_socket}
+    return RootServer(argv=[spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir], socket=spec.rootfs_socket)
 
 
 def dry_run(argv: list[str]) -> str:
@@ -127,37 +128,39 @@ def probe_levels(exp: Experiment, topology: str) -> set[str]:
     return set(exp.workload.probe.levels) & present
 
 
-def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, qemu: Qemu, rootfs: str, scratch: Path,
-               cell_dir: Path, run_id: str, python: str, conductor: dict, swap_image: Path | None,
-               l2_initrd: Path | None = None) -> tuple[GuestSpec, dict]:
+def build_plan(exp: Experiment, kernel: str, accel: str, decision: TopologyDecision, rootfs: str, cell_dir: Path,
+               scratch: Path, run_id: str, python: str, warm_timeout_s: float, swap_image: Path | None,
+               l2_initrd: Path | None = None) -> tuple[GuestSpec, GuestPlan]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
     The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
-    every level runs the one QEMU decided for the topology (host.decide_topology)."""
+    every level runs the one QEMU decided for the topology. cell_dir is the results directory (the kernel
+    under test's export), scratch a host-only directory for its sockets."""
+    topology, qemu = decision.kind, decision.qemu
     levels = probe_levels(exp, topology)
     system_map = str(Path(kernel).with_name("System.map"))
-    probe_cfg = exp.workload.probe.model_dump()
+    p = exp.workload.probe
+    probe = ProbeSpec(size_mb=p.size_mb, access=p.access, pattern=p.pattern, stride=p.stride, interval_s=p.interval_s)
     timeouts = exp.boot.timeout_s
 
-    def guest_plan(name: str, level: str, children: list[dict]) -> dict:
-        return {"name": name, "level": level, "run_id": run_id, "children": children,
-                "probe": probe_cfg if level in levels else None,
-                "command": exp.workload.command if level in levels else None,
-                "on_guest_failure": exp.boot.on_guest_failure}
+    def guest_plan(name: str, level: str, children: list[ChildSpec]) -> GuestPlan:
+        return GuestPlan(name=name, level=level, run_id=run_id, children=children,
+                         probe=probe if level in levels else None,
+                         command=exp.workload.command if level in levels else None,
+                         on_guest_failure=exp.boot.on_guest_failure)
 
-    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[dict]) -> dict:
+    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[ChildSpec]) -> ChildSpec:
         export = f"{parent_out}/{name.split('.')[-1]}"
         spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
                          cpus=spec_level.cpus, prealloc=spec_level.prealloc, mlock=spec_level.mlock, accel="kvm",
-                         export=export,
-                         console=f"{export}/console.log", python=python,
+                         export=export, console=f"{export}/console.log", python=python,
                          rootfs="initramfs" if level == "l2" else rootfs,
                          initrd=str(l2_initrd) if level == "l2" else None, thp=spec_level.thp,
                          qemu=tuple(qemu.command), bios=qemu.qboot,
                          rootfs_dir=f"{SCRATCH}/{name}.rootfs", monitor=f"{SCRATCH}/{name}.monitor")
-        return {"name": name, "export": export, "console": spec.console, "timeout_s": timeouts.get(level, 600),
-                "argv": qemu_argv(spec), "rootfs_server": rootfs_server(spec), "monitor": spec.monitor,
-                "system_map": system_map, "plan": guest_plan(name, level, grandchildren),
-                "env": qemu.env}
+        return ChildSpec(name=name, export=export, console=spec.console, timeout_s=timeouts.get(level, 600),
+                         argv=qemu_argv(spec), plan=guest_plan(name, level, grandchildren),
+                         rootfs_server=rootfs_server(spec), monitor=spec.monitor, system_map=system_map,
+                         env=qemu.env)
 
     if topology == "nested" and l2_initrd is None:
         raise ValueError("nested topology: the L2 initramfs must be built first (initramfs.build)")
@@ -167,17 +170,18 @@ def build_plan(exp: Experiment, kernel: str, accel: str, topology: str, qemu: Qe
         l2s = ([child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [])
                 for j in range(exp.topology.l2.count)] if topology == "nested" else [])
         l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s))
-    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c["plan"]["children"]) for c in l1s
+    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c.plan.children) for c in l1s
                                                                     if "l2" in levels)
     kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
                     cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir),
                     console=str(cell_dir / "console.log"), python=python, rootfs=rootfs,
                     rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
                     cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp, qemu=tuple(qemu.command),
-                    bios=qemu.qboot,
-                    swap_image=str(swap_image) if swap_image else None)
+                    bios=qemu.qboot, swap_image=str(swap_image) if swap_image else None)
     plan = guest_plan("kut", "kut", l1s)
-    plan.update(swap_device=KUT_SWAP_DEVICE if kut.swap_image else None, cgroup_controllers=["memory"],
-                topology=topology, conductor=dict(conductor, expected_probes=expected_probes),
-                kvm_trace_on_failure=exp.boot.kvm_trace_on_failure)
+    plan.swap_device = KUT_SWAP_DEVICE if kut.swap_image else None
+    plan.cgroup_controllers = ["memory"]
+    plan.topology = topology
+    plan.schedule = conductor_schedule(exp, warm_timeout_s, expected_probes)
+    plan.kvm_trace_on_failure = exp.boot.kvm_trace_on_failure
     return kut, plan

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import shlex
-import socket
 import subprocess
 import tarfile
 import threading
@@ -90,7 +89,7 @@ class Remote:
                 raise RemoteError(f"{self.name}: unknown host key - verify it and add it to ~/.ssh/known_hosts, "
                                   "or pass --accept-new-host to trust it on first use") from None
             raise RemoteError(f"{self.name}: SSH error: {e}") from None
-        except (OSError, socket.timeout, paramiko.ssh_exception.NoValidConnectionsError) as e:
+        except (TimeoutError, OSError, paramiko.ssh_exception.NoValidConnectionsError) as e:
             raise RemoteError(f"{self.name}: unreachable within {CONNECT_TIMEOUT_S}s ({e})") from None
         c.transport.set_keepalive(KEEPALIVE_S)
 
@@ -248,7 +247,7 @@ def run_on_hosts(remotes: list[Remote], fn) -> dict[str, object]:
     def one(i: int, r: Remote) -> None:
         try:
             results[r.name] = fn(r, i)
-        except BaseException as e:  # noqa: BLE001 - reported per host below
+        except BaseException as e:
             results[r.name] = e
 
     threads = [threading.Thread(target=one, args=(i, r), daemon=True) for i, r in enumerate(remotes)]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import ResultsError
+from .guest.contract import EventKind
 from .guest.probe import bucket_bounds
 from .manifest import CellEntry, Manifest, cell_record
 from .util import read_json
@@ -68,8 +69,8 @@ def _phase_of(t: float, phases: list[dict]) -> str:
 def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
     base = {"variant": cell.variant, "repetition": cell.repetition, "cell": cell.id}
     kut_events = _jsonl(cell_dir / "events.jsonl")
-    starts = {e["phase"]: e for e in kut_events if e["kind"] == "phase_start"}
-    ends = {e["phase"]: e for e in kut_events if e["kind"] == "phase_end"}
+    starts = {e["phase"]: e for e in kut_events if e["kind"] == EventKind.PHASE_START.value}
+    ends = {e["phase"]: e for e in kut_events if e["kind"] == EventKind.PHASE_END.value}
     t0 = min((e["t"] for e in starts.values()), default=None)
     if t0 is None:
         t0 = min((e["t"] for e in kut_events), default=0)
@@ -117,7 +118,7 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str) -> dict:
     d = run_dir / "cells" / cell.id
     record = cell_record(run_dir, cell.id)
     facts = {}
-    for guest, level, gd in _guest_dirs(d) if d.exists() else []:
+    for guest, _level, gd in _guest_dirs(d) if d.exists() else []:
         if (gd / "facts.json").exists():
             facts[guest] = read_json(gd / "facts.json")
     kut = facts.get("kut", {})
@@ -163,6 +164,6 @@ def load(run_dir: Path) -> dict[str, pd.DataFrame]:
             raise ResultsError(f"{p}: table '{name}' is missing (rebuild with `fab report --run {run_dir}`)")
         try:
             frames[name] = pd.read_parquet(p)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+        except Exception as e:
             raise ResultsError(f"{p}: table '{name}' is corrupt ({type(e).__name__}: {e})") from None
     return frames

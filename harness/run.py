@@ -21,15 +21,18 @@ from . import REPO_ROOT, initramfs
 from .build import Builder, BuildResult
 from .config import Cell, Matrix
 from .errors import GuestError, HarnessError, PressureError
-from .guest.contract import PATH
+from .guest.contract import GUEST_FAILURES, PATH, EventKind, ExitKind, ExitRecord
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_environment, doctor
 from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete
-from .schedule import check as check_sizes, check_kernel, conductor_schedule
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
-from .util import console, default_cache, fmt_s, log, python_for_guests, read_json, status, warn, write_json
+from .schedule import check as check_sizes
+from .schedule import check_kernel
+from .util import console, default_cache, fmt_s, log, python_for_guests, status, warn
 
 WARM_TIMEOUT_S = 240
+STAGES = {EventKind.BOOT_READY.value: "{guest} up, warming probes", EventKind.PROBE_START.value: "warming probes",
+          EventKind.PROBES_WARM.value: "probes warm"}
 SHUTDOWN_S = 90
 
 
@@ -63,7 +66,7 @@ class _Terminated(Exception):
     pass
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
+def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
@@ -109,7 +112,8 @@ class Runner:
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> Path:
         env = self.env
-        console.print(f"[bold]{env.accel.banner}[/bold]", style="bold green" if env.accel.accel == "kvm" else "bold yellow")
+        console.print(f"[bold]{env.accel.banner}[/bold]",
+                      style="bold green" if env.accel.accel == "kvm" else "bold yellow")
         for d in env.topologies.values():
             console.print(f"topology: {d.kind} ({'; '.join(d.reasons)})")
         console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
@@ -204,14 +208,12 @@ class Runner:
                     f.truncate(exp.topology.kut.swap_mb << 20)
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
             decision = self.env.topology(cell)
-            topology = decision.kind
-            warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if topology == "nested" else 0)
-            spec, guest_plan = build_plan(exp, str(build.bzimage), self.env.accel.accel, topology, decision.qemu,
-                                    self.env.rootfs.kind, tmp, cell_dir,
-                                    self.run_dir.name, python_for_guests(), conductor_schedule(exp, warm_s), swap,
-                                    self.l2_initrd)
-            guest_plan["cell"] = cell.id
-            write_json(cell_dir / "plan.json", guest_plan)
+            warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if decision.kind == "nested" else 0)
+            spec, guest_plan = build_plan(exp, str(build.bzimage), self.env.accel.accel, decision,
+                                          self.env.rootfs.kind, cell_dir, tmp, self.run_dir.name, python_for_guests(),
+                                          warm_s, swap, self.l2_initrd)
+            guest_plan.cell = cell.id
+            guest_plan.save(str(cell_dir / "plan.json"))
             argv = qemu_argv(spec)
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
             kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec),
@@ -224,19 +226,19 @@ class Runner:
                 raise GuestError(str(e)) from None
             budget = self._estimate(cell) * 2 + sum(exp.boot.timeout_s.values()) + SHUTDOWN_S
             self._follow(cell, kut, cell_dir, k, n, t0, budget)
-            exit_info = read_json(cell_dir / "exit.json") if (cell_dir / "exit.json").exists() else None
+            exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
             kut.stop()
             if exit_info is None:
                 raise GuestError(f"kut exited without exit.json (QEMU status {kut.proc.returncode}: 0 with -no-reboot "
                                  f"is a reset, e.g. a triple fault; qemu.debug.log has the CPU state); console:\n"
                                  f"{tail(spec.console)}")
-            if exit_info["status"] != 0 and "PreflightError: " in exit_info["error"]:
+            if exit_info.kind is ExitKind.PREFLIGHT:
                 # the same kernel fails the same way every time: no retry, no further cells
-                raise PressureError(exit_info["error"].rsplit("PreflightError: ", 1)[1].strip())
-            if exit_info["status"] != 0:
-                raise GuestError(f"agent in the kernel under test failed:\n{exit_info['error'][-1500:]}")
+                raise PressureError(exit_info.message or "the kernel under test cannot run this schedule")
+            if exit_info.kind is ExitKind.ERROR:
+                raise GuestError(f"agent in the kernel under test failed:\n{(exit_info.error or '')[-1500:]}")
             failures = [e for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
-                        if e["kind"] in ("boot_failed", "guest_died", "probes_not_warm")]
+                        if e["kind"] in {k.value for k in GUEST_FAILURES}]
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
                     e.get("error", e["kind"])[:300] for e in failures))
@@ -263,11 +265,10 @@ class Runner:
                             e = json.loads(line)
                         except ValueError:
                             continue
-                        if e["kind"] == "phase_start":
+                        if e["kind"] == EventKind.PHASE_START.value:
                             stage = f"phase {e['phase']} ({e['mode']}, {e['duration_s']:g}s)"
-                        elif e["kind"] in ("boot_ready", "probe_start", "probes_warm"):
-                            stage = {"boot_ready": f"{e.get('guest')} up, warming probes",
-                                     "probe_start": "warming probes", "probes_warm": "probes warm"}[e["kind"]]
+                        elif e["kind"] in STAGES:
+                            stage = STAGES[e["kind"]].format(guest=e.get("guest"))
                 elapsed = time.monotonic() - t0
                 eta = est * (n - k + 1) - (time.monotonic() - kut.started)
                 progress.update(f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | "

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from .config import Experiment
 from .errors import PressureError
+from .guest.contract import GlobalHog, PhaseSpec, PressureMode, PressureParams, SamplerSpec, Schedule
 
 GUEST_OVERHEAD_MB = 160      # QEMU + guest kernel beyond a guest's -m, measured roughly on TCG
 KUT_RESERVE_MB = 256         # the kernel under test's own kernel, agent and sampler
 
 
-def modes_used(exp: Experiment) -> set[str]:
+def modes_used(exp: Experiment) -> set[PressureMode]:
     return {p.mode(exp.pressure.mode) for p in exp.phases}
 
 
@@ -41,14 +42,14 @@ def check(exp: Experiment, topology: str) -> None:
                 raise PressureError(f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
                                     f"({spec.memory_mb} MiB, about {room} MiB free for the probe)")
     modes = modes_used(exp)
-    if "global" in modes:
+    if PressureMode.GLOBAL in modes:
         if t.kut.swap_mb == 0:
             raise PressureError("pressure global needs swap in the kernel under test (topology.kut.swap_mb > 0): "
                                 "without it an anonymous hog meets the OOM killer instead of sustained reclaim")
         if pr.global_.overshoot_mb >= t.kut.swap_mb:
             raise PressureError(f"pressure.global.overshoot_mb={pr.global_.overshoot_mb} must stay below the swap "
                                 f"({t.kut.swap_mb} MiB) or the hog ends in the OOM killer")
-    if "memcg-limit" in modes and pr.memcg_limit_mb >= kut - l1_total - KUT_RESERVE_MB:
+    if PressureMode.MEMCG_LIMIT in modes and pr.memcg_limit_mb >= kut - l1_total - KUT_RESERVE_MB:
         raise PressureError(f"pressure.memcg_limit_mb={pr.memcg_limit_mb} is not a tight limit: the kernel under "
                             f"test has only ~{kut - l1_total - KUT_RESERVE_MB} MiB to spare, so the control would "
                             "cause global reclaim")
@@ -58,12 +59,13 @@ def check(exp: Experiment, topology: str) -> None:
 ALWAYS_NEEDED = {"CONFIG_DEBUG_FS": "the sampler reads KVM's MMU stats from /sys/kernel/debug/kvm",
                  "CONFIG_KVM": "the kernel under test runs the guests"}
 MODE_NEEDS = {
-    "global": {"CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max", "CONFIG_SWAP": "sustained reclaim"},
-    "memcg-limit": {"CONFIG_MEMCG": "the control is a cgroup with a tight memory.max"},
-    "drop-caches": {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+    PressureMode.GLOBAL: {"CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max",
+                          "CONFIG_SWAP": "sustained reclaim"},
+    PressureMode.MEMCG_LIMIT: {"CONFIG_MEMCG": "the control is a cgroup with a tight memory.max"},
+    PressureMode.DROP_CACHES: {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
                     "CONFIG_PROC_SYSCTL": "writes /proc/sys/vm/drop_caches"},
-    "root-reclaim": {"CONFIG_MEMCG": "writes the root cgroup's memory.reclaim"},
-    "shrinker-scan": {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+    PressureMode.ROOT_RECLAIM: {"CONFIG_MEMCG": "writes the root cgroup's memory.reclaim"},
+    PressureMode.SHRINKER_SCAN: {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
                       "CONFIG_SHRINKER_DEBUG": "writes /sys/kernel/debug/shrinker/x86-mmu-*/scan"},
 }
 
@@ -86,7 +88,7 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
     """Raise PressureError, before anything boots, when the built kernel lacks what the run uses."""
     have = kernel_options(kernel_config.read_text())
     need = {**ALWAYS_NEEDED, **ROOTFS_NEEDS[rootfs]}
-    for mode in sorted(modes_used(exp)):
+    for mode in sorted(modes_used(exp), key=lambda m: m.value):
         need.update(MODE_NEEDS.get(mode, {}))
     if exp.sampler.trace_shrinker:
         need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
@@ -97,11 +99,17 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
                             "(configs/kernel/kvm-host.config has them all).")
 
 
-def conductor_schedule(exp: Experiment, warm_timeout_s: float) -> dict:
+def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: int) -> Schedule:
     """What the kernel under test's agent conducts: phases with their modes, pressure knobs, sampler."""
-    return {
-        "phases": [{"name": p.name, "duration_s": p.duration_s, "mode": p.mode(exp.pressure.mode)} for p in exp.phases],
-        "pressure": exp.pressure.model_dump(by_alias=True),
-        "sampler": exp.sampler.model_dump(),
-        "warm_timeout_s": warm_timeout_s,
-    }
+    pr, g = exp.pressure, exp.pressure.global_
+    return Schedule(
+        phases=[PhaseSpec(name=p.name, duration_s=p.duration_s, mode=p.mode(pr.mode)) for p in exp.phases],
+        pressure=PressureParams(
+            global_hog=GlobalHog(target_available_mb=g.target_available_mb, overshoot_mb=g.overshoot_mb,
+                                 chunk_mb=g.chunk_mb, ramp_s=g.ramp_s),
+            drop_caches_period_s=pr.drop_caches_period_s, root_reclaim_mb=pr.root_reclaim_mb,
+            root_reclaim_period_s=pr.root_reclaim_period_s, shrinker_scan_objects=pr.shrinker_scan_objects,
+            shrinker_scan_period_s=pr.shrinker_scan_period_s, memcg_limit_mb=pr.memcg_limit_mb,
+            memcg_hog_mb=pr.memcg_hog_mb),
+        sampler=SamplerSpec(interval_s=exp.sampler.interval_s, trace_shrinker=exp.sampler.trace_shrinker),
+        warm_timeout_s=warm_timeout_s, expected_probes=expected_probes)

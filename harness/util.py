@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -92,17 +93,20 @@ def need_tool(tool: str, package: str | None = None) -> str:
     return path
 
 
-def hash_file(path: Path, _memo: dict = {}) -> str:
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def hash_file(path: Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so big tarballs hash once per process."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _memo:
+    if key not in _HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _memo[key] = h.hexdigest()
-    return _memo[key]
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def hash_text(*parts: str) -> str:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kernel
 
 
 def test_artifacts_and_metadata(builds):
-    for name, b in builds.items():
+    for b in builds.values():
         meta = json.loads((b.dir / "metadata.json").read_text())
         assert meta["status"] == "complete" and meta["kernelrelease"].startswith("6.1.")
         for f in ("bzImage", "config", "System.map", "build.log"):

@@ -1,12 +1,14 @@
+import json
 import subprocess
 import sys
 
 import pytest
 
 from harness import REPO_ROOT
-from harness.host import Qemu
 from harness.config import axis_paths, describe, load, schema_reference
 from harness.errors import ConfigError
+from harness.guest.contract import GuestPlan, PressureMode
+from harness.host import Qemu, TopologyDecision
 
 
 def write(tmp_path, text):
@@ -122,52 +124,55 @@ PRIVATE_72 = Qemu(f"{TREE_72}/bin/qemu-system-x86_64", "7.2.22", f"{TREE_72}/sha
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
     from harness.qemu import build_plan, qemu_argv, rootfs_server
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
-    kut, plan = build_plan(exp, "/k/bzImage", "kvm", "nested", PRIVATE_72, rootfs, tmp_path, tmp_path / "cell", "run",
-                           "/usr/bin/python3", {}, None, tmp_path / "l2.cpio")
-    l1 = plan["children"][0]
-    l2 = l1["plan"]["children"][0]
-    for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1["argv"], l1["rootfs_server"])):
+    kut, plan = build_plan(exp, "/k/bzImage", "kvm", TopologyDecision("nested", PRIVATE_72, []), rootfs,
+                           tmp_path / "cell", tmp_path, "run", "/usr/bin/python3", 240, None, tmp_path / "l2.cpio")
+    l1 = plan.children[0]
+    l2 = l1.plan.children[0]
+    for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1.argv, l1.rootfs_server)):
         cmdline = argv[argv.index("-append") + 1]
         if rootfs == "virtiofs":
             # the daemon maps guest RAM, so it must be shareable; QEMU waits on the server's socket
             assert "rootfstype=virtiofs" in cmdline and any(a.startswith("vhost-user-fs-pci") for a in argv)
             assert any(a.startswith("memory-backend-memfd") and ",share=on" in a for a in argv)
-            assert f"socket,id=root,path={server['socket']}" in argv and server["argv"][-1] in server["socket"]
+            assert f"socket,id=root,path={server.socket}" in argv and server.argv[-1] in server.socket
         else:
             assert "rootfstype=9p" in cmdline and server is None
             assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
     if rootfs == "virtiofs":
-        assert l1["rootfs_server"]["socket"].startswith("/run/nestpress/")   # a tmpfs inside the kernel under test
+        assert l1.rootfs_server.socket.startswith("/run/nestpress/")   # a tmpfs inside the kernel under test
     # L2: no shared root at all, plain anonymous RAM (THP-able in L1), Python from the archive as init
-    argv = l2["argv"]
+    argv = l2.argv
     cmdline = argv[argv.index("-append") + 1]
-    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "l2.cpio") and l2["rootfs_server"] is None
+    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "l2.cpio") and l2.rootfs_server is None
     assert "rdinit=/usr/bin/python3" in cmdline and "root=" not in cmdline and "init=/usr" not in cmdline.replace(
         "rdinit=", "")
     assert not any("fsdev=root" in a or "vhost-user-fs" in a for a in argv)
     assert any(a.startswith("memory-backend-ram,") for a in argv)
     # what backs each level's guests' RAM: 4 KiB in the kernel under test, 2 MiB pages in L1 (configured)
     thp = {name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
-           for name, a in (("kut", qemu_argv(kut)), ("l1", l1["argv"]), ("l2", argv))}
+           for name, a in (("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", argv))}
     assert thp == {"kut": "never", "l1": "always", "l2": "never"}
     # one QEMU at every level, a private tree with its firmware directory and its module directory
-    for a in (qemu_argv(kut), l1["argv"], argv):
+    for a in (qemu_argv(kut), l1.argv, argv):
         assert a[:3] == [PRIVATE_72.binary, "-L", PRIVATE_72.data_dir]
-    assert l1["env"] == l2["env"] == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
+    assert l1.env == l2.env == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
+    # the plan crosses into the guest as JSON and comes back the same, typed
+    assert GuestPlan.from_dict(json.loads(plan.to_json())) == plan
+    assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE   # L1 and L2
 
 
 def test_nested_l2_needs_its_initramfs(tmp_path):
     from harness.qemu import build_plan
     exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
     with pytest.raises(ValueError, match="initramfs"):
-        build_plan(exp, "/k/bzImage", "tcg", "nested", SYSTEM_10, "9p", tmp_path, tmp_path / "cell", "run",
-                   "/usr/bin/python3", {}, None)
+        build_plan(exp, "/k/bzImage", "tcg", TopologyDecision("nested", SYSTEM_10, []), "9p", tmp_path / "cell",
+                   tmp_path, "run", "/usr/bin/python3", 240, None)
 
 
 def test_nested_under_tcg_needs_a_kernel_under_test_with_one_cpu():
     from harness.errors import AccelError
     from harness.host import decide_topology
-    with pytest.raises(AccelError, match="topology.kut.cpus: 1"):
+    with pytest.raises(AccelError, match=r"topology\.kut\.cpus: 1"):
         decide_topology("nested", "tcg", [SYSTEM_10], kut_cpus=2)
     assert decide_topology("nested", "kvm", [SYSTEM_10], kut_cpus=2).kind == "nested"
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT
+from harness.config import load
+from harness.guest.contract import ChildSpec, ExitKind, ExitRecord, GuestPlan
 from harness.guest.supervise import Child
 from harness.host import decide_rootfs
 from harness.qemu import GuestSpec, qemu_argv, rootfs_server
+from harness.schedule import conductor_schedule
 from harness.util import python_for_guests
 
 pytestmark = pytest.mark.kernel
@@ -31,8 +34,7 @@ def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path, roo
     canary = tmp_path / "written-by-the-guest"
     # the guest remounts its root read-write and tries to write a host file: the share itself must refuse
     probe_write = f"uname -r; mount -o remount,rw /; touch {canary} && echo WROTE || echo REFUSED"
-    (out / "plan.json").write_text(json.dumps({"name": "kut", "level": "kut", "run_id": "t", "children": [],
-                                               "command": ["sh", "-c", probe_write]}))
+    GuestPlan(name="kut", level="kut", run_id="t", command=["sh", "-c", probe_write]).save(str(out / "plan.json"))
     (out / "stop").touch()                     # nothing to conduct: come up, report, power off
     spec = kut_spec(builds["baseline"].bzimage, out, rootfs=rootfs)
     child = Child("kut", qemu_argv(spec), str(out), spec.console, rootfs_server=rootfs_server(spec))
@@ -77,7 +79,8 @@ def _processes_of(run_marker: str, name: str = "qemu-system") -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, sig):
     out = tmp_path / "results"
-    p = subprocess.Popen([sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab", "--set", "repetitions=1",
+    p = subprocess.Popen([sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab",
+                          "--set", "repetitions=1",
                           "--output", str(out), "--run-id", f"kill-{sig.name}"], cwd=REPO_ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
@@ -106,13 +109,12 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
 def test_kernel_that_cannot_run_the_schedule_fails_before_any_guest_starts(builds, qemu, tmp_path, cmdline, says):
     out = tmp_path / "kut"
     out.mkdir()
-    phases = [{"name": "control", "duration_s": 1, "mode": "memcg-limit"}]
-    child_plan = {"name": "l1-0", "level": "l1", "run_id": "t"}
-    (out / "plan.json").write_text(json.dumps({
-        "name": "kut", "level": "kut", "run_id": "t", "cgroup_controllers": ["memory"],
-        "children": [{"name": "l1-0", "argv": ["sleep", "600"], "export": str(out / "l1-0"), "plan": child_plan,
-                      "console": str(out / "l1-0" / "console.log"), "timeout_s": 5}],
-        "conductor": {"phases": phases, "pressure": {}, "sampler": {"interval_s": 0.5}, "warm_timeout_s": 5}}))
+    control = load("shrinker-ab", ["phases=[{name: control, duration_s: 1, pressure: memcg-limit}]"]).experiment
+    schedule = conductor_schedule(control, warm_timeout_s=5, expected_probes=0)
+    child = ChildSpec(name="l1-0", export=str(out / "l1-0"), console=str(out / "l1-0" / "console.log"), timeout_s=5,
+                      argv=["sleep", "600"], plan=GuestPlan(name="l1-0", level="l1", run_id="t"))
+    GuestPlan(name="kut", level="kut", run_id="t", cgroup_controllers=["memory"], children=[child],
+              schedule=schedule).save(str(out / "plan.json"))
     spec = kut_spec(builds["baseline"].bzimage, out)
     spec.cmdline_extra = [cmdline]
     child = Child("kut", qemu_argv(spec), str(out), spec.console)
@@ -122,7 +124,8 @@ def test_kernel_that_cannot_run_the_schedule_fails_before_any_guest_starts(build
         assert child.wait_exit(60) is not None
     finally:
         child.stop()
-    error = json.loads((out / "exit.json").read_text())["error"]
-    assert "PreflightError: the kernel under test cannot run this schedule" in error and says in error
+    record = ExitRecord.load(str(out / "exit.json"))
+    assert record.kind is ExitKind.PREFLIGHT and says in record.message
+    assert "PreflightError: the kernel under test cannot run this schedule" in record.error
     kinds = [json.loads(l)["kind"] for l in (out / "events.jsonl").read_text().splitlines()]
     assert "ready" in kinds and "boot_start" not in kinds and "phase_start" not in kinds

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import require
+
 from harness import REPO_ROOT
 from harness.host import decide_accel, qemu_installs, topology_support
 from harness.report import shrinker_evidence

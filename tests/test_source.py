@@ -52,5 +52,5 @@ def test_local_tree_is_copied_not_touched_and_changes_change_identity(repo, tmp_
 
 
 def test_missing_tarball_names_the_package(tmp_path):
-    with pytest.raises(SourceError, match="apt-get install linux-source-9.9"):
+    with pytest.raises(SourceError, match=r"apt-get install linux-source-9\.9"):
         prepare(Source(kind="tarball", path=str(tmp_path / "x.tar.xz"), package="linux-source-9.9"), tmp_path)

@@ -23,9 +23,9 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contract import OUT, PATH  # noqa: E402
-from pressure import PressureRun, preflight  # noqa: E402
-from supervise import Child, read, stop_all, tail  # noqa: E402
+from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
+from pressure import PreflightError, PressureRun, preflight
+from supervise import Child, read, stop_all, tail
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,8 +65,8 @@ class Events:
         self._f = open(path, "a", buffering=1)
         self._lock = threading.Lock()
 
-    def __call__(self, kind: str, **fields) -> None:
-        rec = {"t": time.time_ns(), "mono": time.monotonic_ns(), "kind": kind, **fields}
+    def __call__(self, kind: EventKind, **fields) -> None:
+        rec = {"t": time.time_ns(), "mono": time.monotonic_ns(), "kind": kind.value, **fields}
         with self._lock:
             self._f.write(json.dumps(rec) + "\n")
 
@@ -90,7 +90,7 @@ def copy_kmsg(dest: str) -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-def level_facts(plan: dict) -> dict:
+def level_facts(plan: GuestPlan) -> dict:
     """What makes this level's numbers mean what we say: KVM, nesting, TDP, and who runs us."""
     kmsg = read(os.path.join(OUT, "kmsg.log"))
     cpuinfo = read("/proc/cpuinfo")
@@ -105,7 +105,7 @@ def level_facts(plan: dict) -> dict:
     kallsyms = read("/proc/kallsyms")
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
     return {
-        "name": plan["name"], "level": plan["level"], "uname": os.uname().release,
+        "name": plan.name, "level": plan.level, "uname": os.uname().release,
         "cpu_flags": flags, "kvm_device": os.path.exists("/dev/kvm"),
         "kvm_vendor": next((v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")),
                            None),
@@ -144,7 +144,7 @@ def set_clock(ev: Events, limit_s: float = 3.0) -> None:
     try:
         fd = os.open("/dev/rtc0", os.O_RDONLY)
     except OSError as e:
-        ev("clock", ok=False, detail=f"/dev/rtc0: {e.strerror}")
+        ev(EventKind.CLOCK, ok=False, detail=f"/dev/rtc0: {e.strerror}")
         return
     try:
         first = now = rtc_seconds(fd)
@@ -155,11 +155,11 @@ def set_clock(ev: Events, limit_s: float = 3.0) -> None:
     finally:
         os.close(fd)
     if now == first:
-        ev("clock", ok=False, detail=f"the RTC's second did not turn within {limit_s:g}s ({polls} reads)")
+        ev(EventKind.CLOCK, ok=False, detail=f"the RTC's second did not turn within {limit_s:g}s ({polls} reads)")
         return
     step = now - time.time()
     time.clock_settime(time.CLOCK_REALTIME, float(now))
-    ev("clock", ok=True, step_s=round(step, 3), polls=polls, wait_s=round(time.monotonic() - t0, 3))
+    ev(EventKind.CLOCK, ok=True, step_s=round(step, 3), polls=polls, wait_s=round(time.monotonic() - t0, 3))
 
 
 def enable_swap(dev: str, ev: Events) -> None:
@@ -168,63 +168,62 @@ def enable_swap(dev: str, ev: Events) -> None:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-    ev("swap", device=dev, total_kb=read("/proc/swaps"))
+    ev(EventKind.SWAP, device=dev, total_kb=read("/proc/swaps"))
 
 
-def start_children(plan: dict, ev: Events) -> list[Child]:
+def start_children(plan: GuestPlan, ev: Events) -> list[Child]:
     def failed(child: Child, e: RuntimeError) -> None:
         save_kvm_trace(child.name)
-        ev("boot_failed", guest=child.name, error=str(e))
+        ev(EventKind.BOOT_FAILED, guest=child.name, error=str(e))
         child.stop()
-        if plan.get("on_guest_failure") == "fail":
+        if plan.on_guest_failure == "fail":
             raise e
 
     kids = []
-    for spec in plan.get("children", []):
-        os.makedirs(spec["export"], exist_ok=True)
-        with open(os.path.join(spec["export"], "plan.json"), "w") as f:
-            json.dump(spec["plan"], f)
-        child = Child(spec["name"], spec["argv"], spec["export"], spec["console"], boot_timeout=spec["timeout_s"],
-                      rootfs_server=spec.get("rootfs_server"), monitor=spec.get("monitor"),
-                      system_map=spec.get("system_map"), env=spec.get("env"))
+    for spec in plan.children:
+        os.makedirs(spec.export, exist_ok=True)
+        spec.plan.save(os.path.join(spec.export, "plan.json"))
+        child = Child(spec.name, spec.argv, spec.export, spec.console, boot_timeout=spec.timeout_s,
+                      rootfs_server=spec.rootfs_server, monitor=spec.monitor, system_map=spec.system_map,
+                      env=spec.env)
         try:
             child.start()
         except RuntimeError as e:            # its root could not be served: as good as a failed boot
             failed(child, e)
             continue
-        ev("boot_start", guest=spec["name"], level=spec["plan"]["level"], pid=child.proc.pid)
+        ev(EventKind.BOOT_START, guest=spec.name, level=spec.plan.level, pid=child.proc.pid)
         kids.append(child)
     alive = []
     for child in kids:
         try:
             secs = child.wait_ready(child.boot_timeout)
-            ev("boot_ready", guest=child.name, seconds=secs, kernel_s=child.kernel_ready_s)
+            ev(EventKind.BOOT_READY, guest=child.name, seconds=secs, kernel_s=child.kernel_ready_s)
             alive.append(child)
         except RuntimeError as e:
             failed(child, e)
     return alive
 
 
-def start_probe(plan: dict, ev: Events) -> subprocess.Popen | None:
-    if not plan.get("probe"):
+def start_probe(plan: GuestPlan, ev: Events) -> subprocess.Popen | None:
+    if plan.probe is None:
         return None
-    cfg = dict(plan["probe"], out=os.path.join(OUT, "probe.jsonl"), status=os.path.join(OUT, "probe.status"),
-               stop=os.path.join(OUT, "stop"))
-    ev("probe_start", guest=plan["name"])
-    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "probe.py"), json.dumps(cfg)],
+    job = ProbeJob(spec=plan.probe, out=os.path.join(OUT, "probe.jsonl"), status=os.path.join(OUT, "probe.status"),
+                   stop=os.path.join(OUT, "stop"))
+    ev(EventKind.PROBE_START, guest=plan.name)
+    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "probe.py"), job.to_json()],
                             stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
                             stderr=open(os.path.join(OUT, "probe.stderr"), "w"))
 
 
-def run_command(plan: dict, ev: Events) -> None:
+def run_command(plan: GuestPlan, ev: Events) -> None:
     """The plan's command, if any: stdout, stderr and exit status each in a file of their own."""
-    if not plan.get("command"):
+    if not plan.command:
         return
     with open(os.path.join(OUT, "command.stdout"), "w") as out, open(os.path.join(OUT, "command.stderr"), "w") as err:
-        r = subprocess.run(plan["command"], stdout=out, stderr=err)
+        r = subprocess.run(plan.command, stdout=out, stderr=err)
     with open(os.path.join(OUT, "command.exit"), "w") as f:
         f.write(f"{r.returncode}\n")
-    ev("command_exit", status=r.returncode)
+    ev(EventKind.COMMAND_EXIT, status=r.returncode)
 
 
 KVM_TRACE = "/sys/kernel/tracing/instances/nestpress-kvm"
@@ -242,9 +241,9 @@ def start_kvm_trace(ev: Events) -> None:
         for e in KVM_TRACE_EVENTS:
             with open(f"{KVM_TRACE}/events/kvm/{e}/enable", "w") as f:
                 f.write("1")
-        ev("kvm_trace", events=list(KVM_TRACE_EVENTS))
+        ev(EventKind.KVM_TRACE, events=list(KVM_TRACE_EVENTS))
     except OSError as e:
-        ev("kvm_trace", error=str(e))
+        ev(EventKind.KVM_TRACE, error=str(e))
 
 
 def save_kvm_trace(name: str) -> None:
@@ -261,7 +260,7 @@ def report_deaths(kids: list[Child], ev: Events) -> int:
     for k in kids:
         if why := k.new_problem():
             save_kvm_trace(k.name)
-            ev("guest_died", guest=k.name, error=why, console=tail(k.console))
+            ev(EventKind.GUEST_DIED, guest=k.name, error=why, console=tail(k.console))
     return sum(1 for k in kids if k.failure is None)
 
 
@@ -278,57 +277,57 @@ def wait_probes_warm(expected: int, timeout: float, kids: list[Child], ev: Event
             raise RuntimeError(f"probe failed before the phases could start: {'; '.join(failed)}")
         warm = [s for s in status if s.get("passes", 0) >= 1]
         if len(warm) >= expected:
-            ev("probes_warm", count=len(warm))
+            ev(EventKind.PROBES_WARM, count=len(warm))
             return
         time.sleep(0.5)
-    ev("probes_not_warm", expected=expected, warm=len(warm), timeout_s=timeout)
+    ev(EventKind.PROBES_NOT_WARM, expected=expected, warm=len(warm), timeout_s=timeout)
     if not warm and expected:
         raise RuntimeError(f"no probe finished a pass within {timeout:.0f}s (guests failed to boot or hung): "
                            "nothing to measure")
 
 
-def start_sampler(plan: dict) -> subprocess.Popen | None:
+def start_sampler(plan: GuestPlan) -> subprocess.Popen | None:
     """Kernel under test only: counters from before the first guest boots to the end (boot-time shadow
     paging is on record too; the report only compares what lies inside the phases)."""
-    if not plan.get("conductor"):
+    if plan.schedule is None:
         return None
     return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "sampler.py"),
-                             json.dumps(dict(plan["conductor"]["sampler"], out=OUT))],
+                             SamplerJob(spec=plan.schedule.sampler, out=OUT).to_json()],
                             stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
                             stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
 
 
-def conduct(plan: dict, kids: list[Child], ev: Events) -> None:
+def conduct(plan: GuestPlan, kids: list[Child], ev: Events) -> None:
     """Kernel under test only: the phase schedule with the pressure each phase asks for."""
-    c = plan["conductor"]
-    if plan.get("children") and not kids:
+    schedule = plan.schedule
+    assert schedule is not None
+    if plan.children and not kids:
         raise RuntimeError("no guest came up (the boot_failed events say why): nothing to measure")
-    wait_probes_warm(c["expected_probes"], c["warm_timeout_s"], kids, ev)
+    wait_probes_warm(schedule.expected_probes, schedule.warm_timeout_s, kids, ev)
     deadline = time.monotonic() + 120                       # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for phase in c["phases"]:
-        mode = phase.get("mode") or "none"
-        pr = PressureRun(mode, c["pressure"], f"{plan['run_id']}-{phase['name']}", OUT, ev)
+    for phase in schedule.phases:
+        pr = PressureRun(phase.mode, schedule.pressure, f"{plan.run_id}-{phase.name}", OUT, ev)
         try:
             pr.start()
-            ev("phase_start", phase=phase["name"], mode=mode, duration_s=phase["duration_s"])
-            end = time.monotonic() + phase["duration_s"]
+            ev(EventKind.PHASE_START, phase=phase.name, mode=phase.mode.value, duration_s=phase.duration_s)
+            end = time.monotonic() + phase.duration_s
             while time.monotonic() < end:
                 report_deaths(kids, ev)
                 time.sleep(min(0.5, max(0.0, end - time.monotonic())))
         finally:
             pr.stop()
-            ev("phase_end", phase=phase["name"], mode=mode)
+            ev(EventKind.PHASE_END, phase=phase.name, mode=phase.mode.value)
 
 
-def wait_for_stop(plan: dict, kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
+def wait_for_stop(plan: GuestPlan, kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
     """Below the kernel under test: run until the parent says stop; a probe or guest that dies says so at once."""
-    deadline = time.monotonic() + plan.get("max_s", 3600)
+    deadline = time.monotonic() + plan.max_s
     while not os.path.exists(os.path.join(OUT, "stop")) and time.monotonic() < deadline:
         report_deaths(kids, ev)
         if probe is not None and probe.poll() is not None:
-            ev("probe_died", status=probe.returncode, stderr=tail(os.path.join(OUT, "probe.stderr"), 5))
+            ev(EventKind.PROBE_DIED, status=probe.returncode, stderr=tail(os.path.join(OUT, "probe.stderr"), 5))
             with open(os.path.join(OUT, "probe.status"), "w") as f:
                 json.dump({"passes": 0, "failed": f"probe exited with {probe.returncode}"}, f)
             probe = None
@@ -348,12 +347,12 @@ def stop_process(p: subprocess.Popen | None, grace: float) -> int | None:
 
 def finish(kids: list[Child], probe: subprocess.Popen | None, sampler: subprocess.Popen | None, ev: Events) -> None:
     if probe:
-        ev("probe_exit", status=stop_process(probe, 20))
+        ev(EventKind.PROBE_EXIT, status=stop_process(probe, 20))
     for k in kids:
         open(os.path.join(k.export, "stop"), "w").close()
     for k in kids:
         status = k.wait_exit(60)
-        ev("guest_exit", guest=k.name, status=status, clean=status is not None)
+        ev(EventKind.GUEST_EXIT, guest=k.name, status=status, clean=status is not None)
         k.stop()
     stop_process(sampler, 10)     # last: the guests' shutdown is on record too
 
@@ -368,40 +367,40 @@ def main() -> int:
     os.environ.update(PATH=PATH, HOME="/run/tmp", TMPDIR="/run/tmp")
     copy_kmsg(os.path.join(OUT, "kmsg.log"))
     ev = Events(os.path.join(OUT, "events.jsonl"))
-    status, error = 0, None
+    kind, error, message = ExitKind.OK, None, None
     kids: list[Child] = []
     probe = sampler = None
     try:
-        with open(os.path.join(OUT, "plan.json")) as f:
-            plan = json.load(f)
+        plan = GuestPlan.load(os.path.join(OUT, "plan.json"))
         set_clock(ev)
-        if plan.get("swap_device"):
-            enable_swap(plan["swap_device"], ev)
+        if plan.swap_device:
+            enable_swap(plan.swap_device, ev)
         time.sleep(0.2)   # let the kmsg pump catch up before facts read it
         with open(os.path.join(OUT, "facts.json"), "w") as f:
             json.dump(level_facts(plan), f, indent=1)
         with open(os.path.join(OUT, "ready.json"), "w") as f:
             json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, f)
-        ev("ready", guest=plan["name"])
-        if plan.get("conductor"):
-            modes = {ph.get("mode") or "none" for ph in plan["conductor"]["phases"]}
-            for note in preflight(modes, plan["run_id"]):
-                ev("pressure_unavailable", reason=note, when="preflight")
-        if plan.get("cgroup_controllers"):
+        ev(EventKind.READY, guest=plan.name)
+        if plan.schedule is not None:
+            for note in preflight({phase.mode for phase in plan.schedule.phases}, plan.run_id):
+                ev(EventKind.PRESSURE_UNAVAILABLE, reason=note, when="preflight")
+        if plan.cgroup_controllers:
             with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
-                f.write(" ".join("+" + c for c in plan["cgroup_controllers"]))
+                f.write(" ".join("+" + c for c in plan.cgroup_controllers))
         sampler = start_sampler(plan)
-        if plan.get("kvm_trace_on_failure"):
+        if plan.kvm_trace_on_failure:
             start_kvm_trace(ev)
         kids = start_children(plan, ev)
         probe = start_probe(plan, ev)
         run_command(plan, ev)
-        if plan.get("conductor"):
+        if plan.schedule is not None:
             conduct(plan, kids, ev)
         else:
             wait_for_stop(plan, kids, probe, ev)
-    except BaseException as e:  # noqa: BLE001 - PID 1 must always reach poweroff
-        status, error = 1, "".join(traceback.format_exception(e))
+    except BaseException as e:
+        # a kernel that cannot run the schedule, or a plan this agent cannot read, fails the same way every time
+        kind = ExitKind.PREFLIGHT if isinstance(e, (PreflightError, ContractError)) else ExitKind.ERROR
+        error, message = "".join(traceback.format_exception(e)), f"{type(e).__name__}: {e}"
         print(error, file=sys.stderr)
     finally:
         try:
@@ -409,9 +408,9 @@ def main() -> int:
         except Exception:
             print(traceback.format_exc(), file=sys.stderr)
         stop_all()
-        with open(os.path.join(OUT, "exit.json"), "w") as f:
-            json.dump({"status": status, "error": error, "t": time.time_ns()}, f)
-    return status
+        ExitRecord(status=0 if kind is ExitKind.OK else 1, kind=kind, error=error, message=message,
+                   t=time.time_ns()).save(os.path.join(OUT, "exit.json"))
+    return 0 if kind is ExitKind.OK else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,282 @@
-"""What the host side and the in-guest agent must agree on, in one place. Standard library only:
-the agent imports it by file from its own directory, the host as harness.guest.contract."""
+"""What crosses between the host and its guests, and between a guest and its children: one definition
+both sides import. Standard library only: the agent imports it by file from its own directory, the host
+as harness.guest.contract.
 
+The host writes a GuestPlan to each guest's export as plan.json; the guest reads it back with
+GuestPlan.load(), which checks the version and every field, and ends by writing an ExitRecord to
+exit.json. Events (events.jsonl) carry an EventKind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+VERSION = 1
 OUT = "/run/nestpress/out"            # where every agent mounts its results export (9p tag `nestout`)
 SCRATCH = "/run/nestpress"            # tmpfs in every guest: its children's sockets live here
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # the agent's, and its command's
+
+
+class ContractError(ValueError):
+    """A record that does not fit the contract (another version, a missing or unknown field, a wrong type)."""
+
+
+class PressureMode(enum.StrEnum):
+    NONE = "none"
+    GLOBAL = "global"
+    DROP_CACHES = "drop-caches"
+    ROOT_RECLAIM = "root-reclaim"
+    SHRINKER_SCAN = "shrinker-scan"
+    MEMCG_LIMIT = "memcg-limit"
+
+
+class EventKind(enum.StrEnum):
+    CLOCK = "clock"
+    SWAP = "swap"
+    READY = "ready"
+    KVM_TRACE = "kvm_trace"
+    BOOT_START = "boot_start"
+    BOOT_READY = "boot_ready"
+    BOOT_FAILED = "boot_failed"
+    GUEST_DIED = "guest_died"
+    GUEST_EXIT = "guest_exit"
+    PROBE_START = "probe_start"
+    PROBE_DIED = "probe_died"
+    PROBE_EXIT = "probe_exit"
+    PROBES_WARM = "probes_warm"
+    PROBES_NOT_WARM = "probes_not_warm"
+    COMMAND_EXIT = "command_exit"
+    PHASE_START = "phase_start"
+    PHASE_END = "phase_end"
+    PRESSURE_UNAVAILABLE = "pressure_unavailable"
+    PRESSURE_START = "pressure_start"
+    PRESSURE_STOP = "pressure_stop"
+    CGROUP_REMOVED = "cgroup_removed"
+
+
+# the events that say a guest did not give what it should: a cell with any of them is marked in its record
+GUEST_FAILURES = (EventKind.BOOT_FAILED, EventKind.GUEST_DIED, EventKind.PROBES_NOT_WARM)
+
+
+class ExitKind(enum.StrEnum):
+    OK = "ok"
+    PREFLIGHT = "preflight"       # the kernel cannot run the schedule: said before any guest starts, never retried
+    ERROR = "error"
+
+
+def _convert(tp, value, where: str):
+    """value as type tp, recursively (dataclasses, enums, lists, dicts, optionals); ContractError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ContractError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ContractError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ContractError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ContractError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ContractError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ContractError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ContractError(f"{where}: missing field {f.name!r} of {cls.__name__}")
+    return cls(**kwargs)
+
+
+class Record:
+    """A dataclass that travels as JSON: to_json() on one side, from_json() (checked) on the other."""
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda e: e.value))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str | None = None):
+        return _from_dict(cls, data, where or cls.__name__)
+
+    @classmethod
+    def load(cls, path: str):
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except ValueError as e:
+                raise ContractError(f"{path}: not JSON ({e})") from None
+        return cls.from_dict(data, path)
+
+    def save(self, path: str) -> None:
+        """Write-then-rename, so a reader never sees half a record."""
+        with open(path + ".tmp", "w") as f:
+            f.write(self.to_json())
+        os.replace(path + ".tmp", path)
+
+
+@dataclass
+class GlobalHog(Record):
+    target_available_mb: int
+    overshoot_mb: int
+    chunk_mb: int
+    ramp_s: float
+
+
+@dataclass
+class PressureParams(Record):
+    """The knobs of every pressure mode (config.Pressure as the guest needs it)."""
+    global_hog: GlobalHog
+    drop_caches_period_s: float
+    root_reclaim_mb: int
+    root_reclaim_period_s: float
+    shrinker_scan_objects: int
+    shrinker_scan_period_s: float
+    memcg_limit_mb: int
+    memcg_hog_mb: int
+
+
+@dataclass
+class PressureJob(Record):
+    """What the agent hands one pressure actor process (guest/pressure.py), in its argv."""
+    mode: PressureMode
+    params: PressureParams
+    cgroup: str
+    log: str
+
+
+@dataclass
+class SamplerSpec(Record):
+    interval_s: float
+    trace_shrinker: bool
+
+
+@dataclass
+class SamplerJob(Record):
+    spec: SamplerSpec
+    out: str                      # the directory its counters.jsonl and shrinker.jsonl go to
+
+
+@dataclass
+class ProbeSpec(Record):
+    size_mb: int
+    access: str                   # write | read
+    pattern: str                  # sequential | random
+    stride: int
+    interval_s: float
+
+
+@dataclass
+class ProbeJob(Record):
+    """What the agent hands the probe process (guest/probe.py), in its argv."""
+    spec: ProbeSpec
+    out: str                      # probe.jsonl
+    status: str                   # probe.status: passes so far, or why it failed
+    stop: str                     # the file whose existence ends it
+    pause_s: float = 0.0
+
+
+@dataclass
+class PhaseSpec(Record):
+    name: str
+    duration_s: float
+    mode: PressureMode
+
+
+@dataclass
+class Schedule(Record):
+    """What the kernel under test's agent conducts: the phases and their pressure, and the sampler."""
+    phases: list[PhaseSpec]
+    pressure: PressureParams
+    sampler: SamplerSpec
+    warm_timeout_s: float
+    expected_probes: int = 0
+
+
+@dataclass
+class RootServer(Record):
+    """The process that serves a child's root over virtiofs (guest/rootfs.py) before its QEMU starts."""
+    argv: list[str]
+    socket: str
+
+
+@dataclass
+class ChildSpec(Record):
+    """One guest a level starts: its QEMU command line, where its files go, and the plan it will follow."""
+    name: str
+    export: str
+    console: str
+    timeout_s: float
+    argv: list[str]
+    plan: GuestPlan
+    rootfs_server: RootServer | None = None
+    monitor: str | None = None
+    system_map: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GuestPlan(Record):
+    """Everything one level's agent does: its children, its probe and command, and (the kernel under test)
+    the schedule it conducts."""
+    name: str
+    level: str                    # kut | l1 | l2
+    run_id: str
+    version: int = VERSION
+    cell: str | None = None
+    children: list[ChildSpec] = field(default_factory=list)
+    probe: ProbeSpec | None = None
+    command: list[str] | None = None
+    on_guest_failure: str = "continue"
+    swap_device: str | None = None
+    cgroup_controllers: list[str] = field(default_factory=list)
+    topology: str | None = None
+    schedule: Schedule | None = None
+    kvm_trace_on_failure: bool = False
+    max_s: float = 3600.0         # below the kernel under test: how long to wait for the parent's stop
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str | None = None):
+        if isinstance(data, dict) and data.get("version") != VERSION:
+            raise ContractError(f"{where or 'plan'}: a plan of version {data.get('version')!r}; this agent "
+                                f"speaks version {VERSION} (host and guest run different harness versions)")
+        return super().from_dict(data, where)
+
+
+@dataclass
+class ExitRecord(Record):
+    """How an agent ended (exit.json): the host decides from `kind`, never from the error's text."""
+    status: int
+    kind: ExitKind
+    error: str | None             # the traceback
+    t: int
+    message: str | None = None    # the exception's own words, for the user

@@ -25,6 +25,11 @@ import subprocess
 import sys
 import time
 
+try:
+    from .contract import EventKind, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
+except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+    from contract import EventKind, PressureJob, PressureMode, PressureParams
+
 CG = "/sys/fs/cgroup"
 PAGE = 4096
 READY_TIMEOUT_S = 120
@@ -68,61 +73,61 @@ class Hog:
                 m[off] = 2
 
 
-def actor(mode: str, p: dict, log) -> None:
+def actor(mode: PressureMode, p: PressureParams, log) -> None:
     """The body of a pressure phase; runs until SIGTERM."""
-    if mode == "global":
-        g = p["global"]
+    if mode is PressureMode.GLOBAL:
+        g = p.global_hog
         avail = meminfo_mb("MemAvailable")
-        goal = max(0, avail - g["target_available_mb"]) + g["overshoot_mb"]
-        steps = max(1, goal // g["chunk_mb"])
+        goal = max(0, avail - g.target_available_mb) + g.overshoot_mb
+        steps = max(1, goal // g.chunk_mb)
         log("hog_plan", mem_available_mb=avail, goal_mb=goal, chunks=steps)
         hog = Hog()
         while hog.mb < goal:
-            hog.grow(min(g["chunk_mb"], goal - hog.mb))
-            time.sleep(g["ramp_s"] / steps)
+            hog.grow(min(g.chunk_mb, goal - hog.mb))
+            time.sleep(g.ramp_s / steps)
         log("hog_holding", hog_mb=hog.mb, mem_available_mb=meminfo_mb("MemAvailable"))
         while True:
             hog.touch()
-    elif mode == "memcg-limit":
+    elif mode is PressureMode.MEMCG_LIMIT:
         hog = Hog()
-        while hog.mb < p["memcg_hog_mb"]:
-            hog.grow(min(32, p["memcg_hog_mb"] - hog.mb))
+        while hog.mb < p.memcg_hog_mb:
+            hog.grow(min(32, p.memcg_hog_mb - hog.mb))
         log("hog_holding", hog_mb=hog.mb)
         while True:
             hog.touch()
-    elif mode == "drop-caches":
+    elif mode is PressureMode.DROP_CACHES:
         while True:
             write("/proc/sys/vm/drop_caches", "2")
             log("drop_caches")
-            time.sleep(p["drop_caches_period_s"])
-    elif mode == "root-reclaim":
+            time.sleep(p.drop_caches_period_s)
+    elif mode is PressureMode.ROOT_RECLAIM:
         while True:
-            log("root_reclaim_request", mb=p["root_reclaim_mb"])    # the write may block for the whole phase
+            log("root_reclaim_request", mb=p.root_reclaim_mb)    # the write may block for the whole phase
             try:
-                write(f"{CG}/memory.reclaim", f"{p['root_reclaim_mb']}M")
+                write(f"{CG}/memory.reclaim", f"{p.root_reclaim_mb}M")
                 log("root_reclaim", ok=True)
             except OSError as e:     # EAGAIN: could not reclaim all that was asked
                 log("root_reclaim", ok=False, error=e.strerror)
-            time.sleep(p["root_reclaim_period_s"])
-    elif mode == "shrinker-scan":
+            time.sleep(p.root_reclaim_period_s)
+    elif mode is PressureMode.SHRINKER_SCAN:
         while True:
             for d in glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
-                write(d + "/scan", f"0 0 {p['shrinker_scan_objects']}")
-                log("shrinker_scan", shrinker=os.path.basename(d), objects=p["shrinker_scan_objects"])
-            time.sleep(p["shrinker_scan_period_s"])
+                write(d + "/scan", f"0 0 {p.shrinker_scan_objects}")
+                log("shrinker_scan", shrinker=os.path.basename(d), objects=p.shrinker_scan_objects)
+            time.sleep(p.shrinker_scan_period_s)
     else:
-        raise ValueError(f"unknown pressure mode {mode}")
+        raise ValueError(f"pressure mode {mode.value} has no actor")
 
 
-def unavailable(mode: str) -> str | None:
+def unavailable(mode: PressureMode) -> str | None:
     """Why this mode cannot act on this kernel (said clearly, recorded, and the phase goes on)."""
-    if mode == "root-reclaim" and not os.path.exists(f"{CG}/memory.reclaim"):
+    if mode is PressureMode.ROOT_RECLAIM and not os.path.exists(f"{CG}/memory.reclaim"):
         return "root-reclaim: this kernel has no root memory.reclaim (needs 5.19+ and cgroup v2)"
-    if mode == "shrinker-scan" and not glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
+    if mode is PressureMode.SHRINKER_SCAN and not glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
         return ("shrinker-scan: no /sys/kernel/debug/shrinker/x86-mmu-* here: the KVM MMU shrinker does "
                 "not exist on this kernel (expected on the patched kernel) or CONFIG_SHRINKER_DEBUG is off")
     if not os.path.exists(f"{CG}/cgroup.procs"):
-        return f"{mode}: no cgroup v2 hierarchy at {CG}"
+        return f"{mode.value}: no cgroup v2 hierarchy at {CG}"
     return None
 
 
@@ -130,14 +135,14 @@ class PreflightError(RuntimeError):
     """The kernel under test cannot run this schedule: said before any guest starts, never retried."""
 
 
-def preflight(modes: set[str], run_id: str) -> list[str]:
+def preflight(modes: set[PressureMode], run_id: str) -> list[str]:
     """Raise PreflightError for what would make the run meaningless; return notes for modes that will idle."""
-    from supervise import read      # the agent's helper; the pressure actors themselves never load it
+    from supervise import read  # the agent's helper; the pressure actors themselves never load it
     problems = []
     if not os.path.isdir("/sys/kernel/debug/kvm"):
         problems.append("no /sys/kernel/debug/kvm: debugfs is not mounted or not in this kernel "
                         "(CONFIG_DEBUG_FS, and no debugfs=off on the command line); the sampler needs KVM's stats")
-    if modes - {"none"}:
+    if modes - {PressureMode.NONE}:
         controllers = read(f"{CG}/cgroup.controllers", None)
         if controllers is None:
             problems.append(f"no cgroup v2 hierarchy at {CG} (CONFIG_CGROUPS/CONFIG_MEMCG, cgroup2 mount)")
@@ -151,7 +156,7 @@ def preflight(modes: set[str], run_id: str) -> list[str]:
                 os.rmdir(probe)
             except OSError as e:
                 problems.append(f"cannot create a cgroup under {CG}: {e.strerror}")
-    if "shrinker-scan" in modes and not os.path.isdir("/sys/kernel/debug/shrinker"):
+    if PressureMode.SHRINKER_SCAN in modes and not os.path.isdir("/sys/kernel/debug/shrinker"):
         problems.append("shrinker-scan needs /sys/kernel/debug/shrinker (CONFIG_SHRINKER_DEBUG, 6.0+)")
     if problems:
         raise PreflightError("the kernel under test cannot run this schedule: " + "; ".join(problems))
@@ -161,28 +166,28 @@ def preflight(modes: set[str], run_id: str) -> list[str]:
 class PressureRun:
     """One phase's pressure: cgroup created, actor started in it; stop() undoes both."""
 
-    def __init__(self, mode: str, params: dict, name: str, out: str, events):
+    def __init__(self, mode: PressureMode, params: PressureParams, name: str, out: str, events):
         self.mode, self.params, self.events = mode, params, events
-        self.cgroup = f"{CG}/nestpress-{name}-{mode}"
+        self.cgroup = f"{CG}/nestpress-{name}-{mode.value}"
         self.out = out
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        if self.mode == "none":
+        if self.mode is PressureMode.NONE:
             return
         why = unavailable(self.mode)
         if why:
-            self.events("pressure_unavailable", mode=self.mode, reason=why)
+            self.events(EventKind.PRESSURE_UNAVAILABLE, mode=self.mode.value, reason=why)
             return
         os.makedirs(self.cgroup)
-        if self.mode == "global":
+        if self.mode is PressureMode.GLOBAL:
             # the bound that keeps the machine alive: never more than the memory there is, less a reserve
             write(self.cgroup + "/memory.max", str(max(64, meminfo_mb("MemTotal") - 128) << 20))
-        elif self.mode == "memcg-limit":
-            write(self.cgroup + "/memory.max", str(self.params["memcg_limit_mb"] << 20))
-        self.proc = subprocess.Popen([sys.executable, "-E", "-S", os.path.abspath(__file__), self.mode,
-                                      json.dumps(self.params), self.cgroup,
-                                      os.path.join(self.out, "pressure.jsonl")],
+        elif self.mode is PressureMode.MEMCG_LIMIT:
+            write(self.cgroup + "/memory.max", str(self.params.memcg_limit_mb << 20))
+        job = PressureJob(mode=self.mode, params=self.params, cgroup=self.cgroup,
+                          log=os.path.join(self.out, "pressure.jsonl"))
+        self.proc = subprocess.Popen([sys.executable, "-E", "-S", os.path.abspath(__file__), job.to_json()],
                                      stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),
                                      stderr=open(os.path.join(self.out, "pressure.stderr"), "a"))
         # the phase clock starts when the pressure is on, not when a (slow, under TCG) Python starts
@@ -190,11 +195,11 @@ class PressureRun:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.exists(ready):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pressure actor for {self.mode} did not start (status {self.proc.poll()}): "
+                raise RuntimeError(f"pressure actor for {self.mode.value} did not start (status {self.proc.poll()}): "
                                    + open(os.path.join(self.out, "pressure.stderr")).read()[-500:])
             time.sleep(0.1)
         os.unlink(ready)
-        self.events("pressure_start", mode=self.mode, cgroup=self.cgroup, pid=self.proc.pid)
+        self.events(EventKind.PRESSURE_START, mode=self.mode.value, cgroup=self.cgroup, pid=self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -204,7 +209,7 @@ class PressureRun:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self.events("pressure_stop", mode=self.mode, status=self.proc.returncode)
+            self.events(EventKind.PRESSURE_STOP, mode=self.mode.value, status=self.proc.returncode)
         if os.path.isdir(self.cgroup):
             try:
                 write(self.cgroup + "/cgroup.kill", "1")
@@ -216,21 +221,21 @@ class PressureRun:
                     break
                 except OSError:
                     time.sleep(0.1)
-            self.events("cgroup_removed", cgroup=self.cgroup, removed=not os.path.exists(self.cgroup))
+            self.events(EventKind.CGROUP_REMOVED, cgroup=self.cgroup, removed=not os.path.exists(self.cgroup))
 
 
-def _main(argv: list[str]) -> None:
-    mode, params, cgroup, log_path = argv[0], json.loads(argv[1]), argv[2], argv[3]
-    write(cgroup + "/cgroup.procs", str(os.getpid()))      # join the group before allocating anything
+def _main(arg: str) -> None:
+    job = PressureJob.from_dict(json.loads(arg))
+    write(job.cgroup + "/cgroup.procs", str(os.getpid()))      # join the group before allocating anything
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    out = open(log_path, "a", buffering=1)
-    open(os.path.join(os.path.dirname(log_path), f"pressure.ready.{os.getpid()}"), "w").close()
+    out = open(job.log, "a", buffering=1)
+    open(os.path.join(os.path.dirname(job.log), f"pressure.ready.{os.getpid()}"), "w").close()
 
     def log(kind: str, **fields) -> None:
-        out.write(json.dumps({"t": time.time_ns(), "kind": kind, "mode": mode, **fields}) + "\n")
+        out.write(json.dumps({"t": time.time_ns(), "kind": kind, "mode": job.mode.value, **fields}) + "\n")
 
-    actor(mode, params, log)
+    actor(job.mode, job.params, log)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    _main(sys.argv[1])

@@ -23,6 +23,11 @@ import sys
 import threading
 import time
 
+try:
+    from .contract import ProbeJob  # imported by the host as harness.guest.*
+except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+    from contract import ProbeJob
+
 SUB_BITS = 4                 # 16 sub-buckets per power of two
 OUTLIER_NS = 1_000_000       # touches >= 1 ms are also kept raw
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)   # Linux value; older Pythons do not export it
@@ -104,17 +109,18 @@ class Writer:
         self.f.close()
 
 
-def run(cfg: dict) -> None:
-    size = cfg["size_mb"] << 20
-    stride = cfg["stride"]
+def run(job: ProbeJob) -> None:
+    spec = job.spec
+    size = spec.size_mb << 20
+    stride = spec.stride
     offsets = list(range(0, size, stride))
-    if cfg["pattern"] == "random":
+    if spec.pattern == "random":
         offsets = permuted(offsets)
-    write = cfg["access"] == "write"
-    interval = int(cfg["interval_s"] * 1e9)
-    out = Writer(cfg["out"])
-    out({"type": "header", "t": time.time_ns(), "pid": os.getpid(), "size_mb": cfg["size_mb"], "stride": stride,
-         "touches_per_pass": len(offsets), "pattern": cfg["pattern"], "access": cfg["access"],
+    write = spec.access == "write"
+    interval = int(spec.interval_s * 1e9)
+    out = Writer(job.out)
+    out({"type": "header", "t": time.time_ns(), "pid": os.getpid(), "size_mb": spec.size_mb, "stride": stride,
+         "touches_per_pass": len(offsets), "pattern": spec.pattern, "access": spec.access,
          "sub_bits": SUB_BITS, "outlier_ns": OUTLIER_NS, **calibrate()})
     # the span may exceed the guest's RAM (only size * 4096 / stride is touched): no overcommit accounting
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
@@ -128,7 +134,7 @@ def run(cfg: dict) -> None:
     mono0, wall0 = clock(), wall()
     t_int = mono0
     try:
-        while not os.path.exists(cfg["stop"]):
+        while not os.path.exists(job.stop):
             p_start = clock()
             prev = p_start
             for off in offsets:
@@ -148,7 +154,8 @@ def run(cfg: dict) -> None:
                 if d >= OUTLIER_NS and passes:     # the first pass is page population: histogram only
                     outliers.append([now - mono0 + wall0, d])
                 if now - t_int >= interval:
-                    out({"type": "hist", "t0": t_int - mono0 + wall0, "t1": now - mono0 + wall0, "n": n, "sum_ns": total,
+                    out({"type": "hist", "t0": t_int - mono0 + wall0, "t1": now - mono0 + wall0, "n": n,
+                         "sum_ns": total,
                          "max_ns": worst, "pass": passes, "counts": hist, "outliers": outliers})
                     hist, outliers, n, total, worst = {}, [], 0, 0, 0
                     t_int = now
@@ -156,10 +163,10 @@ def run(cfg: dict) -> None:
             passes += 1
             out({"type": "pass", "t0": p_start - mono0 + wall0, "t1": prev - mono0 + wall0, "pass": passes,
                  "touches": len(offsets)})
-            with open(cfg["status"] + ".tmp", "w") as f:
+            with open(job.status + ".tmp", "w") as f:
                 json.dump({"passes": passes, "t": wall()}, f)
-            os.replace(cfg["status"] + ".tmp", cfg["status"])
-            time.sleep(cfg.get("pause_s", 0.0))
+            os.replace(job.status + ".tmp", job.status)
+            time.sleep(job.pause_s)
     finally:
         out.close()
 
@@ -167,4 +174,4 @@ def run(cfg: dict) -> None:
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run(json.loads(sys.argv[1]))
+    run(ProbeJob.from_dict(json.loads(sys.argv[1])))

@@ -21,6 +21,11 @@ import sys
 import threading
 import time
 
+try:
+    from .contract import SamplerJob  # imported by the host as harness.guest.*
+except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+    from contract import SamplerJob
+
 KVM = "/sys/kernel/debug/kvm"
 VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
                "pswpin", "pswpout", "allocstall_normal", "allocstall_movable", "pgmajfault", "drop_slab",
@@ -126,14 +131,14 @@ def follow_shrinker(out_path: str, stop: threading.Event) -> None:
                 break
 
 
-def main(cfg: dict) -> None:
+def main(job: SamplerJob) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if cfg.get("trace_shrinker"):
-        threading.Thread(target=follow_shrinker, args=(os.path.join(cfg["out"], "shrinker.jsonl"), stop),
+    if job.spec.trace_shrinker:
+        threading.Thread(target=follow_shrinker, args=(os.path.join(job.out, "shrinker.jsonl"), stop),
                          daemon=True).start()
-    interval = cfg["interval_s"]
-    with open(os.path.join(cfg["out"], "counters.jsonl"), "a", buffering=1) as out:
+    interval = job.spec.interval_s
+    with open(os.path.join(job.out, "counters.jsonl"), "a", buffering=1) as out:
         while not stop.is_set():
             t = time.time_ns()
             out.write(json.dumps({"t": t, "v": sample()}) + "\n")
@@ -141,4 +146,4 @@ def main(cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    main(SamplerJob.from_dict(json.loads(sys.argv[1])))

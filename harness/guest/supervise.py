@@ -19,7 +19,7 @@ import subprocess
 import time
 
 PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic", "Attempted to kill init")
-_LIVE: set["Child"] = set()
+_LIVE: set[Child] = set()
 
 
 def _die_with_parent() -> None:
@@ -105,7 +105,7 @@ def symbolize(rip: int, system_map: str | None) -> str:
 class Child:
     """One QEMU process whose guest reports readiness by writing <export>/ready.json.
 
-    rootfs_server: {"argv", "socket"} of the virtiofs server of the guest's root (qemu.rootfs_server),
+    rootfs_server: the virtiofs server of the guest's root (contract.RootServer: argv, socket),
     started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
     system_map: the guest kernel's System.map, to name the function each vCPU is in. env: added to QEMU's
@@ -113,7 +113,7 @@ class Child:
     """
 
     def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0,
-                 rootfs_server: dict | None = None, monitor: str | None = None, system_map: str | None = None,
+                 rootfs_server=None, monitor: str | None = None, system_map: str | None = None,
                  env: dict[str, str] | None = None):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.boot_timeout = boot_timeout
@@ -142,9 +142,9 @@ class Child:
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
         with open(log, "wb") as f:
-            self.server = _spawn(self.rootfs_server["argv"], f, subprocess.STDOUT)
+            self.server = _spawn(self.rootfs_server.argv, f, subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.rootfs_server["socket"]):
+        while not os.path.exists(self.rootfs_server.socket):
             if self.server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: the virtiofs server of its root did not start "
                                    f"(status {self.server.poll()}): {tail(log, 5)}")
@@ -231,7 +231,7 @@ class Child:
         if self.server:
             _end(self.server, 2.0)
             # its read-only view of / was mounted in its own namespace: here `root` is an empty directory
-            shutil.rmtree(os.path.dirname(self.rootfs_server["socket"]), ignore_errors=True)
+            shutil.rmtree(os.path.dirname(self.rootfs_server.socket), ignore_errors=True)
         for f in (self._stdout, self._stderr):
             f.close()
         _LIVE.discard(self)

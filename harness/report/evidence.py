@@ -6,7 +6,11 @@ import json
 
 import pandas as pd
 
-REACHES_SHRINKER = {"global", "drop-caches", "root-reclaim", "shrinker-scan"}
+from ..guest.contract import EventKind, PressureMode
+
+# the modes whose reclaim calls a non-memcg-aware shrinker (guest/pressure.py says why), as the tables spell them
+REACHES_SHRINKER = {m.value for m in (PressureMode.GLOBAL, PressureMode.DROP_CACHES, PressureMode.ROOT_RECLAIM,
+                                      PressureMode.SHRINKER_SCAN)}
 DELTA_COUNTERS = {"kvm.mmu_recycled": "mmu_recycled", "kvm.mmu_shadow_zapped": "shadow_zapped",
                   "vmstat.slabs_scanned": "slabs_scanned", "vmstat.pgscan_kswapd": "pgscan_kswapd",
                   "vmstat.pgscan_direct": "pgscan_direct", "vmstat.pswpin": "pswpin",
@@ -31,9 +35,9 @@ def l2_vms(events: pd.DataFrame, cell: str) -> dict[str, str]:
     """KVM's per-VM debugfs directories (<pid>-<fd>) in the kernel under test of the L1 guests that run L2s:
     the shadow pages of a nested L2 belong to its L1's VM there. vm prefix ("<pid>-") -> L1 guest name."""
     e = events[events["cell"] == cell]
-    runs_l2 = set(e.loc[(e["level"] == "l1") & (e["kind"] == "boot_start"), "guest"])
+    runs_l2 = set(e.loc[(e["level"] == "l1") & (e["kind"] == EventKind.BOOT_START.value), "guest"])
     out = {}
-    for d in e.loc[(e["level"] == "kut") & (e["kind"] == "boot_start"), "detail"]:
+    for d in e.loc[(e["level"] == "kut") & (e["kind"] == EventKind.BOOT_START.value), "detail"]:
         started = json.loads(d)
         if started.get("guest") in runs_l2 and started.get("pid"):
             out[f"{started['pid']}-"] = started["guest"]
@@ -135,7 +139,7 @@ def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
         lines.append("Patched: no shrinker calls and no mmu_recycled zapping." if ok else
                      f"Patched: shrinker activity seen ({int(others['shrinker_calls'].sum())} calls, mmu_recycled "
                      f"+{others['mmu_recycled'].sum():.0f}) - check that the patch took effect.")
-    ctrl = evidence[evidence["mode"] == "memcg-limit"]
+    ctrl = evidence[evidence["mode"] == PressureMode.MEMCG_LIMIT.value]
     if not ctrl.empty:
         lines.append("Control (memcg-limit): " + ("no shrinker activity in any variant, as expected."
                                                   if ctrl["shrinker_calls"].sum() == 0 else

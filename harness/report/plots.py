@@ -7,12 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from .. import stats  # noqa: E402
-from ..manifest import Manifest  # noqa: E402
+from .. import stats
+from ..manifest import Manifest
 
 COLORS = {0: "#1f77b4", 1: "#d62728", 2: "#2ca02c", 3: "#9467bd"}
 def _title(manifest: Manifest, what: str) -> str:
@@ -22,7 +22,7 @@ def _title(manifest: Manifest, what: str) -> str:
 
 
 def _shade(ax, phases: pd.DataFrame) -> None:
-    for i, (_, p) in enumerate(phases.drop_duplicates("phase").iterrows()):
+    for _, p in phases.drop_duplicates("phase").iterrows():
         if p["mode"] != "none":
             ax.axvspan(p["t_start"], p["t_end"], color="orange", alpha=0.15, lw=0)
             ax.text((p["t_start"] + p["t_end"]) / 2, 1.0, p["phase"], transform=ax.get_xaxis_transform(),
@@ -113,7 +113,8 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
                 sub = summary[summary["variant"] == v]
                 g = sub.set_index(sub["phase"] + " " + sub["level"]).reindex(labels)
                 y = g[f"{q}_ns"] / 1e3
-                err = np.vstack([(y - g[f"{q}_ci_lo_ns"] / 1e3).clip(lower=0), (g[f"{q}_ci_hi_ns"] / 1e3 - y).clip(lower=0)])
+                err = np.vstack([(y - g[f"{q}_ci_lo_ns"] / 1e3).clip(lower=0),
+                                 (g[f"{q}_ci_hi_ns"] / 1e3 - y).clip(lower=0)])
                 ax.bar(np.arange(len(labels)) + i * width, y, width, yerr=np.nan_to_num(err), capsize=3,
                        color=COLORS[i % 4], label=v)
             ax.set_xticks(np.arange(len(labels)) + width * (len(variants) - 1) / 2)

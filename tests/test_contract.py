@@ -1,0 +1,59 @@
+"""The host-guest contract: what the host writes, a guest reads back the same, typed and checked."""
+import json
+
+import pytest
+
+from harness.config import load
+from harness.guest.contract import (
+    ContractError,
+    ExitKind,
+    ExitRecord,
+    GuestPlan,
+    PressureMode,
+    ProbeJob,
+    ProbeSpec,
+    Schedule,
+)
+from harness.schedule import conductor_schedule
+
+
+def test_schedule_round_trips_with_its_modes():
+    exp = load("shrinker-ab").experiment
+    schedule = conductor_schedule(exp, 240, 1)
+    back = Schedule.from_dict(json.loads(schedule.to_json()))
+    assert back == schedule
+    assert [p.mode for p in back.phases][:4] == [PressureMode.NONE, PressureMode.MEMCG_LIMIT, PressureMode.NONE,
+                                                 PressureMode.GLOBAL]
+    assert back.pressure.global_hog.overshoot_mb == exp.pressure.global_.overshoot_mb
+
+
+def test_a_plan_of_another_version_is_refused_with_both_versions():
+    data = GuestPlan(name="kut", level="kut", run_id="r").to_dict()
+    data["version"] = 99
+    with pytest.raises(ContractError, match=r"version 99.*speaks version 1"):
+        GuestPlan.from_dict(data)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"bogus": 1}, r"unknown field\(s\) \['bogus'\]"),
+    ({"run_id": 7}, "run_id: expected str, got int"),
+    ({"children": [{"name": "l1-0"}]}, "missing field 'export' of ChildSpec"),
+    ({"schedule": {"phases": [{"name": "p", "duration_s": 1, "mode": "gobal"}]}}, "'gobal' is not one of"),
+])
+def test_a_malformed_plan_says_which_field(change, says):
+    data = dict(GuestPlan(name="kut", level="kut", run_id="r").to_dict(), **change)
+    with pytest.raises(ContractError, match=says):
+        GuestPlan.from_dict(data)
+
+
+def test_probe_job_and_exit_record_files(tmp_path):
+    job = ProbeJob(spec=ProbeSpec(size_mb=8, access="write", pattern="random", stride=4096, interval_s=1.0),
+                   out="/o/probe.jsonl", status="/o/probe.status", stop="/o/stop")
+    assert ProbeJob.from_dict(json.loads(job.to_json())) == job
+    record = ExitRecord(status=1, kind=ExitKind.PREFLIGHT, error="Traceback ...", message="PreflightError: no cgroup",
+                        t=1)
+    record.save(str(tmp_path / "exit.json"))
+    assert ExitRecord.load(str(tmp_path / "exit.json")).kind is ExitKind.PREFLIGHT
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ContractError, match="not JSON"):
+        ExitRecord.load(str(tmp_path / "bad.json"))
