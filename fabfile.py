@@ -1,91 +1,102 @@
-"""nestpress tasks. `fab --list`; `fab <task> --help`. With -H they run on those hosts over SSH,
-without -H on this machine (the first line of output always says which)."""
+"""nestpress tasks. `fab --list`; `fab <task> --help`. Without hosts they run on this machine; with
+`-H host` (one host) or `--hosts h1,h2,...` (a fleet: the cells are sharded across the hosts) over SSH.
+The first line of output always says where. Each task only turns its options into a fleet.Request."""
 from __future__ import annotations
 
-from fabric import task
+import functools
+import inspect
+
+from fabric import Connection, task
 from invoke.exceptions import Exit
 
-from harness import fleet
+from harness.fleet import Lab, Request, execute
 
-HOST_HELP = {"accept_new_host": "trust an unknown SSH host key on first use (default: reject)",
-             "remote_dir": "where the harness lives on the host (default ~/.nestpress; {host} becomes host-port, "
-                           "for homes shared between hosts)",
-             "cache": "build cache directory on the host (default ~/.cache/nestpress)"}
+LAB_OPTIONS = {   # name: (default, help) - declared once, added to every task that can run on lab hosts
+    "hosts": ("", "lab hosts, comma-separated (user@host:port): one sharded run across all of them; "
+                  "Fabric's -H instead runs the task once per host"),
+    "accept_new_host": (False, "trust an unknown SSH host key on first use (default: reject)"),
+    "remote_dir": ("~/.nestpress", "where the harness lives on the host ({host} becomes host-port, for homes "
+                                   "shared between hosts)"),
+    "cache": (None, "build cache directory (default ~/.cache/nestpress)"),
+}
 CONFIG_HELP = {"config": "experiment YAML (a path, or a name under configs/, e.g. shrinker-ab)",
                "set_": "override a config value, repeatable: --set repetitions=1 --set phases.global.duration_s=5"}
-RUN_HELP = {**CONFIG_HELP, **HOST_HELP, "run_id": "run directory name; an existing one is resumed (complete cells "
-                                                   "are skipped)", "resume": "resume the newest run of this config"}
+RUN_HELP = {**CONFIG_HELP, "run_id": "run directory name; an existing one is resumed (complete cells are skipped)",
+            "resume": "resume the newest run of this config"}
 
 
-def _go(c, task_name: str, args: list[str], **kw) -> None:
-    rc = fleet.dispatch(c, task_name, args, **kw)
-    if rc:
-        raise Exit(code=rc)
+def lab_task(help: dict | None = None, iterable: list[str] | None = None):
+    """@task with the lab options; the body gets a Lab instead of them and returns a Request to execute."""
+    def wrap(body):
+        @functools.wraps(body)
+        def call(c, *args, hosts="", accept_new_host=False, remote_dir="~/.nestpress", cache=None, **kwargs):
+            names = [h for h in hosts.split(",") if h] or (
+                [f"{c.user}@{c.host}:{c.port}"] if isinstance(c, Connection) else [])
+            lab = Lab(names, accept_new_host, remote_dir, cache, config=c.config)
+            rc = execute(body(c, *args, **kwargs), lab)
+            if rc:
+                raise Exit(code=rc)
+        sig = inspect.signature(body)
+        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                 for n, (d, _) in LAB_OPTIONS.items()]
+        call.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+        return task(help={**(help or {}), **{n: h for n, (_, h) in LAB_OPTIONS.items()}},
+                    iterable=iterable or [], auto_shortflags=False)(call)
+    return wrap
 
 
-def _sets(set_) -> list[str]:
-    return [a for s in set_ or [] for a in ("--set", s)]
+@lab_task(help={"json": "print JSON (keys include accel, topologies and qemu)"})
+def doctor(c, json=False):
+    """Host readiness: accelerator and topology decisions with their reasons, QEMUs, tools, memory, disk."""
+    return Request("doctor", json=json)
 
 
-@task(help={"json": "print JSON (keys include accel and reasons)", **HOST_HELP})
-def doctor(c, json=False, accept_new_host=False, remote_dir="~/.nestpress", cache=None):
-    """Host readiness: accelerator decision with its reasons, nested KVM, QEMU, tools, memory, disk."""
-    _go(c, "doctor", ["doctor"] + (["--json"] if json else []), accept_new_host=accept_new_host,
-        remote_dir=remote_dir, cache=cache)
+@lab_task(help=CONFIG_HELP, iterable=["set_"])
+def validate(c, config, set_=None):
+    """Validate an experiment config and print the expanded matrix (nothing runs on a bad config)."""
+    return Request("validate", config=config, sets=set_ or [])
 
 
-@task(help={**CONFIG_HELP, **HOST_HELP}, iterable=["set_"])
-def validate(c, config, set_=None, accept_new_host=False, remote_dir="~/.nestpress", cache=None):
-    """Validate an experiment config and print the expanded plan (nothing runs on a bad config)."""
-    _go(c, "validate", ["validate", "--config", config, *_sets(set_)], config=config,
-        accept_new_host=accept_new_host, remote_dir=remote_dir, cache=cache)
+@lab_task(help={"sources": "also install these kernel source packages (default: linux-source-6.1)"},
+          iterable=["sources"])
+def setup(c, sources=None):
+    """Install the packages the harness needs, the QEMUs (harness/setup_qemu.sh), kernel sources, the harness."""
+    return Request("setup", packages=sources or ["linux-source-6.1"])
 
 
-@task(help={"sources": "also install these kernel source packages (default: linux-source-6.1)", **HOST_HELP},
-      iterable=["sources"])
-def setup(c, sources=None, accept_new_host=False, remote_dir="~/.nestpress", cache=None):
-    """Install the Debian/Ubuntu packages the harness needs, kernel sources, and the harness itself."""
-    _go(c, "setup", ["setup", "--extra", *(sources or ["linux-source-6.1"])], accept_new_host=accept_new_host,
-        remote_dir=remote_dir, cache=cache)
-
-
-@task(help={**CONFIG_HELP, **HOST_HELP}, iterable=["set_"])
-def build(c, config, set_=None, accept_new_host=False, remote_dir="~/.nestpress", cache=None):
+@lab_task(help=CONFIG_HELP, iterable=["set_"])
+def build(c, config, set_=None):
     """Build every variant the config names (cached: an unchanged input is never rebuilt)."""
-    _go(c, "build", ["build", "--config", config, *_sets(set_)], config=config, accept_new_host=accept_new_host,
-        remote_dir=remote_dir, cache=cache)
+    return Request("build", config=config, sets=set_ or [])
 
 
-@task(help=RUN_HELP, iterable=["set_"])
-def run(c, config, set_=None, run_id=None, resume=False, accept_new_host=False, remote_dir="~/.nestpress",
-        cache=None):
+@lab_task(help=RUN_HELP, iterable=["set_"])
+def run(c, config, set_=None, run_id=None, resume=False):
     """Run the experiment's cells (builds first if needed); remote results are fetched into results/."""
-    _go(c, "run", ["run", "--config", config, *_sets(set_)], config=config, run_id=run_id, resume=resume,
-        accept_new_host=accept_new_host, remote_dir=remote_dir, cache=cache)
+    return Request("run", config=config, sets=set_ or [], run_id=run_id, resume=resume)
 
 
-@task(help=RUN_HELP, iterable=["set_"])
-def experiment(c, config="shrinker-ab", set_=None, run_id=None, resume=False, accept_new_host=False,
-               remote_dir="~/.nestpress", cache=None):
-    """Build + run + fetch + report. With several -H hosts the cells are sharded across them in parallel."""
-    _go(c, "experiment", ["experiment", "--config", config, *_sets(set_)], config=config, run_id=run_id,
-        resume=resume, accept_new_host=accept_new_host, remote_dir=remote_dir, cache=cache)
+@lab_task(help=RUN_HELP, iterable=["set_"])
+def experiment(c, config="shrinker-ab", set_=None, run_id=None, resume=False):
+    """Build + run + fetch + report. With several hosts (--hosts) the cells are sharded across them in parallel."""
+    return Request("experiment", config=config, sets=set_ or [], run_id=run_id, resume=resume)
 
 
-@task(help={"experiment": "experiment name", "run_id": "run id to fetch", **HOST_HELP})
-def fetch(c, experiment, run_id, accept_new_host=False, remote_dir="~/.nestpress", cache=None):
+@lab_task(help={"experiment": "experiment name", "run_id": "run id to fetch"})
+def fetch(c, experiment, run_id):
     """Bring a run's results from the host(s) into the local results/ tree and regenerate its report."""
-    _go(c, "fetch", [], experiment=experiment, run_id=run_id, accept_new_host=accept_new_host,
-        remote_dir=remote_dir, cache=cache)
+    return Request("fetch", experiment=experiment, run_id=run_id)
 
 
 @task(help={"run": "run directory, results/<experiment>/<run-id>"})
 def report(c, run):
-    """Regenerate tables, plots, report.md and report.html from a run directory (no rerun)."""
-    _go(c, "report", ["report", "--run", run], local_only=True)
+    """Regenerate tables, plots, report.md and report.html from a run directory (no rerun; always local)."""
+    if rc := execute(Request("report", run=run), Lab()):
+        raise Exit(code=rc)
 
 
 @task(help={"run_a": "first run directory", "run_b": "second run directory"})
 def compare(c, run_a, run_b):
-    """Put two runs side by side (verdicts and p99s)."""
-    _go(c, "compare", ["compare", run_a, run_b], local_only=True)
+    """Put two runs side by side: verdicts and p99s (always local)."""
+    if rc := execute(Request("compare", runs=[run_a, run_b]), Lab()):
+        raise Exit(code=rc)

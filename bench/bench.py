@@ -159,7 +159,7 @@ def bench_nested() -> None:
                 counters = jsonl(cell / "counters.jsonl")
                 rates = {k: counter_rate(counters, f"kvm.{k}", t0, t1) for k in ("exits", "nested_run",
                                                                                   "insn_emulation")}
-                if rates["nested_run"]:
+                if rates["nested_run"] and rates["exits"] is not None:
                     row(f"{cell.name}: exits per L2 entry (steady)", f"{rates['exits'] / rates['nested_run']:.1f}",
                         f"{rates['nested_run']:.0f} L2 entries/s, {rates['insn_emulation']:.0f} emulated "
                         "instructions/s")

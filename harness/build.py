@@ -177,7 +177,7 @@ class Builder:
         if pv:
             log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
             apply(tree, pv)
-            for line in verify(tree, load_series(v.series)):
+            for line in verify(tree, load_series(pv.series)):
                 log(f"build {v.name}: verified {line}")
             write_json(state, want)
 
@@ -201,7 +201,7 @@ class Builder:
                 cwd=tree, capture=True, env=env)
         self._make(tree, "olddefconfig", env=env)
         check_config(cfg, requested_options(frags))
-        if old is not None and cfg.read_bytes() == old:
+        if old is not None and old_mtime is not None and cfg.read_bytes() == old:
             os.utime(cfg, ns=(old_mtime, old_mtime))   # same config: keep make's view of it unchanged
         return cfg
 
@@ -261,6 +261,7 @@ class Builder:
         with open(log_path, "w", buffering=1) as logf, \
                 status(f"build {name}: make bzImage", every_s=60) as progress:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            assert proc.stdout is not None
             try:
                 for line in proc.stdout:
                     logf.write(line)

@@ -61,8 +61,7 @@ def cmd_run(args, report: bool = False) -> int:
     matrix = _matrix(args)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
-        per_rep = len(matrix.experiment.variants)     # whole repetitions per host: A and B stay interleaved
-        matrix.cells = [c for c in matrix.cells if (c.order // per_rep) % n == i]
+        matrix.cells = matrix.shard(i, n)
         log(f"shard {i}/{n}: {len(matrix.cells)} cell(s) on this host")
     from .config import describe
     from .run import Runner, find_run_dir

@@ -22,6 +22,8 @@ from .errors import ConfigError
 from .guest.contract import PressureMode
 
 TopologyKind = Literal["auto", "nested", "shadow"]
+ProbeLevel = Literal["l1", "l2"]
+PROBE_LEVELS: list[ProbeLevel] = ["l2", "l1"]
 
 
 def axis(default: Any = ..., **kw: Any) -> Any:
@@ -40,6 +42,11 @@ class Source(Strict):
     url: str | None = Field(None, description="git repository: URL or path (git)")
     ref: str = Field("HEAD", description="git ref to build (git)")
     package: str | None = Field(None, description="Debian package that provides the tarball (installed by `fab setup`)")
+
+    @property
+    def where(self) -> str:
+        """The tarball, the local tree or the repository (the validator below made sure it is there)."""
+        return str(self.url if self.kind == "git" else self.path)
 
     @model_validator(mode="after")
     def _needs_location(self) -> Source:
@@ -98,14 +105,13 @@ class Probe(Strict):
     pattern: Literal["sequential", "random"] = "sequential"
     stride: int = Field(4096, ge=8, description="bytes between touches (4096: every page; resident memory is "
                                                 "size_mb * 4096 / stride when stride > 4096)")
-
-    @property
-    def resident_mb(self) -> float:
-        return self.size_mb * min(1.0, 4096 / self.stride)
     interval_s: float = Field(1.0, gt=0, description="histogram interval")
-    levels: list[Literal["l1", "l2"]] = Field(default_factory=lambda: ["l2", "l1"],
-                                               description="where the probe runs (levels absent in the topology "
-                                                           "are skipped)")
+    levels: list[ProbeLevel] = Field(default_factory=lambda: list(PROBE_LEVELS),
+                                     description="where the probe runs (levels absent in the topology are skipped)")
+
+    def resident_mb(self, thp: str = "never") -> float:
+        """What the probe keeps resident: with transparent huge pages every 2 MiB it touches is all there."""
+        return self.size_mb * (1.0 if thp == "always" else min(1.0, 4096 / self.stride))
 
 
 class Workload(Strict):
@@ -153,7 +159,7 @@ class Sampler(Strict):
 
 
 class Boot(Strict):
-    timeout_s: dict[str, float] = Field(default_factory=lambda: {"kut": 120, "l1": 300, "l2": 900},
+    timeout_s: dict[str, float] = Field(default_factory=lambda: {"kut": 120.0, "l1": 300.0, "l2": 900.0},
                                         description="per level: QEMU start to agent ready")
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
     on_guest_failure: Literal["fail", "continue"] = "continue"
@@ -322,6 +328,12 @@ class Matrix(BaseModel):
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+    def shard(self, i: int, n: int) -> list[Cell]:
+        """Host i of n's cells: every n-th block of one cell per variant, so each host runs baseline and
+        patched of the same repetition and axis values together, interleaved."""
+        block = len(self.experiment.variants)
+        return [c for c in self.cells if (c.order // block) % n == i]
 
 
 class Cell(BaseModel):

@@ -1,16 +1,20 @@
-"""What a fab task does, decided in one place: here or on hosts, one host or a sharded fleet.
+"""What a fab task does, decided in one place: here or on lab hosts, one host or a sharded fleet.
 
-Without -H a task runs on this machine and says so first. With -H it runs on every host
-over SSH. `run`/`experiment` with several hosts shard the cells (whole repetitions, so each
-host interleaves baseline and patched itself) across them in parallel; each host runs its
-shard detached under one run id, results are fetched into one local run directory with
-the host recorded per cell, and a host that fails leaves the others' results intact.
+A task is a Request (what to do) and a Lab (where). Without hosts it runs on this machine and says so
+first. With hosts it runs on every host over SSH; `run`/`experiment` with several hosts shard the cells
+(whole repetitions, so each host interleaves baseline and patched itself, Matrix.shard) across them in
+parallel; each host runs its shard detached under one run id, results are fetched into one local run
+directory with the host recorded per cell, and a host that fails leaves the others' results intact.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import platform
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fabric import Connection
 
@@ -22,73 +26,91 @@ from .remote import Remote, run_on_hosts
 from .run import new_run_id
 from .util import SETUP_PACKAGES, console, log, warn
 
-_fleet_results: dict[tuple, int] = {}
+
+@dataclass
+class Request:
+    """One task as the harness's command line takes it (`python -m harness ...`), here or on a host."""
+    task: str                             # doctor validate setup build run experiment fetch report compare
+    config: str | None = None
+    sets: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    resume: bool = False
+    json: bool = False                    # doctor
+    packages: list[str] = field(default_factory=list)    # setup: more Debian packages (kernel sources)
+    experiment: str | None = None         # fetch
+    run: str | None = None                # report
+    runs: list[str] = field(default_factory=list)        # compare
+    output: str | None = None             # run/experiment: results root
+    shard: str | None = None              # run: I/N of a fleet
+
+    def argv(self) -> list[str]:
+        config = ["--config", self.config] if self.config else []
+        sets = [a for s in self.sets for a in ("--set", s)]
+        if self.task == "doctor":
+            return ["doctor", *(["--json"] if self.json else [])]
+        if self.task in ("validate", "build"):
+            return [self.task, *config, *sets]
+        if self.task in ("run", "experiment"):
+            return [self.task, *config, *sets, *(["--run-id", self.run_id] if self.run_id else []),
+                    *(["--resume"] if self.resume else []), *(["--output", self.output] if self.output else []),
+                    *(["--shard", self.shard] if self.shard else [])]
+        if self.task == "setup":
+            return ["setup", "--extra", *self.packages]
+        if self.task == "report":
+            return ["report", "--run", str(self.run)]
+        if self.task == "compare":
+            return ["compare", *self.runs]
+        raise HarnessError(f"{self.task}: not something a host can be asked to do")
 
 
-def cli_hosts() -> list[str]:
-    """All hosts given with -H (Fabric calls a task once per host; a fleet needs them all at once)."""
+@dataclass
+class Lab:
+    """Where a task runs: this machine (no hosts) or these lab hosts over SSH, and how to reach them."""
+    hosts: list[str] = field(default_factory=list)
+    accept_new_host: bool = False
+    remote_dir: str = "~/.nestpress"
+    cache: str | None = None
+    config: Any = None                    # Fabric's config (keys from -i, ssh_config), for our Connections
+
+
+def execute(request: Request, lab: Lab) -> int:
+    if not lab.hosts or request.task in ("report", "compare"):
+        why = "it reads local results" if lab.hosts else "no hosts given"
+        console.print(f"[bold]nestpress {request.task}: running on THIS MACHINE ({platform.node()}) - {why}[/bold]")
+        if request.task == "fetch":
+            raise HarnessError("fetch brings results from hosts: give them with -H or --hosts")
+        if lab.cache:
+            os.environ["NESTPRESS_CACHE"] = lab.cache
+        return cli.main(request.argv())
+    remotes = [Remote(Connection(h, config=lab.config), lab.remote_dir, lab.accept_new_host, lab.cache)
+               for h in lab.hosts]
+    console.print(f"[bold]nestpress {request.task}: running on {', '.join(r.name for r in remotes)} over SSH"
+                  + (" (one host; --hosts h1,h2 shards one run across several)" if len(remotes) == 1 else "")
+                  + "[/bold]")
     try:
-        from fabric.main import program
-        value = program.core[0].args.hosts.value
-        return [h for h in value.split(",") if h] if value else []
-    except Exception:
-        return []
-
-
-def _flags(run_id: str | None, resume: bool) -> list[str]:
-    return (["--run-id", run_id] if run_id else []) + (["--resume"] if resume else [])
-
-
-def dispatch(c, task: str, args: list[str], *, config: str | None = None, run_id: str | None = None,
-             resume: bool = False, experiment: str | None = None, accept_new_host: bool = False,
-             remote_dir: str = "~/.nestpress", cache: str | None = None, local_only: bool = False) -> int:
-    if not isinstance(c, Connection) or local_only:
-        where = "no -H given" if not isinstance(c, Connection) else "it reads local results; -H is not used"
-        console.print(f"[bold]nestpress {task}: running on THIS MACHINE ({platform.node()}) - {where}[/bold]")
-        if task == "fetch":
-            raise HarnessError("fetch brings results from hosts: give them with -H")
-        if cache:
-            import os
-            os.environ["NESTPRESS_CACHE"] = cache
-        return cli.main(args + (_flags(run_id, resume) if task in ("run", "experiment") else []))
-    hosts = cli_hosts() or [f"{c.user}@{c.host}:{c.port}"]
-    key = (task, tuple(hosts))
-    if key in _fleet_results:
-        log(f"{c.host}: handled in the fleet run above")
-        return _fleet_results[key]
-    remotes = [Remote(Connection(h, config=c.config) if len(hosts) > 1 else c, remote_dir, accept_new_host, cache)
-               for h in hosts]
-    console.print(f"[bold]nestpress {task}: running on {', '.join(r.name for r in remotes)} over SSH[/bold]")
-    try:
-        if task in ("run", "experiment"):
-            rc = run_fleet(remotes, config, [a for a in args[3:]], run_id, resume, report=task == "experiment")
-        elif task == "fetch":
-            rc = fetch_fleet(remotes, experiment, run_id)
-        else:
-            rc = max(_simple(r, task, args, config) for r in remotes)
+        if request.task in ("run", "experiment"):
+            return run_fleet(remotes, request)
+        if request.task == "fetch":
+            return fetch_fleet(remotes, str(request.experiment), str(request.run_id))
+        return max(_simple(r, request) for r in remotes)
     except RemoteError as e:
         console.print(f"[bold red]error:[/bold red] {e}", markup=True)
-        rc = 2
-    _fleet_results[key] = rc
-    return rc
+        return 2
 
 
-def _simple(r: Remote, task: str, args: list[str], config: str | None) -> int:
-    if task == "setup":
+def _simple(r: Remote, request: Request) -> int:
+    if request.task == "setup":
         r.connect()
-        extra = args[2:]
         r.sh("export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "
-             "--no-install-recommends " + " ".join(SETUP_PACKAGES + extra), timeout=1800, hide=False)
-    remote_config = r.ship(resolve_config_path(config) if config else None)
-    if task == "setup":        # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
+             "--no-install-recommends " + " ".join(SETUP_PACKAGES + request.packages), timeout=1800, hide=False)
+    remote_config = r.ship(resolve_config_path(request.config) if request.config else None)
+    if request.task == "setup":        # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
         r.sh(f"bash {shlex.quote(r.app)}/harness/setup_qemu.sh", timeout=1800, hide=False)
     r.ensure_env()
-    if task == "setup":
+    if request.task == "setup":
         log(f"{r.name}: ready")
         return 0
-    if remote_config:
-        args = [remote_config if a == config else a for a in args]
-    return r.python(args, timeout=3600).exited
+    return r.python(dataclasses.replace(request, config=remote_config).argv(), timeout=3600).exited
 
 
 def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
@@ -107,26 +129,26 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
     m.save(run_dir / "manifest.json")
 
 
-def run_fleet(remotes: list[Remote], config: str, sets: list[str], run_id: str | None, resume: bool,
-              report: bool) -> int:
-    plan = load(config, [s for s in sets if s != "--set"])      # validate here, before any host is touched
-    exp = plan.experiment
-    run_id = run_id or new_run_id()
+def run_fleet(remotes: list[Remote], request: Request) -> int:
+    config = str(request.config)
+    matrix = load(config, request.sets)          # validate here, before any host is touched
+    exp = matrix.experiment
+    run_id = request.run_id or new_run_id()
     local_run = Path(exp.output).resolve() / exp.name / run_id
     n = len(remotes)
-    per_rep = len(exp.variants)
-    hosts_by_cell = {c.id: remotes[(c.order // per_rep) % n].name for c in plan.cells}
+    hosts_by_cell = {c.id: r.name for i, r in enumerate(remotes) for c in matrix.shard(i, n)}
 
     def one(r: Remote, i: int) -> int:
         remote_config = r.ship(resolve_config_path(config))
         r.ensure_env()
         job = f"{exp.name}-{run_id}-{i}of{n}"
-        state = r.job_state(job)
-        if state == "running":
+        if r.job_state(job) == "running":
             log(f"{r.name}: job {job} is still running - reattaching")
+            r.job = job
         else:
-            r.start_job(job, ["run", "--config", remote_config, *sets, "--run-id", run_id, "--output", "results",
-                              *(["--shard", f"{i}/{n}"] if n > 1 else [])])
+            r.start_job(job, dataclasses.replace(request, task="run", config=remote_config, run_id=run_id,
+                                                 resume=False, output="results",
+                                                 shard=f"{i}/{n}" if n > 1 else None).argv())
         rc = r.follow(job, prefix=f"[{r.c.host}:{r.c.port}] " if n > 1 else "")
         r.fetch(f"{r.app}/results/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
         return rc
@@ -139,7 +161,7 @@ def run_fleet(remotes: list[Remote], config: str, sets: list[str], run_id: str |
              + " - its cells are reported as missing")
     if local_run.exists() and (local_run / "manifest.json").exists():
         from .report import generate
-        if report or failed:
+        if request.task == "experiment" or failed:
             print(f"report: {generate(local_run).html}")
         print(f"run directory: {local_run}")
     return 1 if failed else 0

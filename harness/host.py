@@ -40,7 +40,7 @@ class AccelDecision:
 
 def cpu_virt_flags(cpuinfo: str | None = None) -> list[str]:
     text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    flags = set()
+    flags: set[str] = set()
     for line in text.splitlines():
         if line.startswith("flags"):
             flags.update(f for f in line.split(":", 1)[1].split() if f in ("vmx", "svm"))
@@ -221,8 +221,9 @@ def decide_environment(matrix: Matrix) -> Environment:
     """Every decision a run depends on; a cell that cannot run here fails the whole run before anything starts."""
     accel = decide_accel(matrix.experiment.accel)
     installs = qemu_installs()
-    topologies = {c.config.topology.kind: decide_topology(c.config.topology.kind, accel.accel, installs,
-                                                          c.config.topology.kut.cpus) for c in matrix.cells}
+    topologies: dict[str, TopologyDecision] = {
+        c.config.topology.kind: decide_topology(c.config.topology.kind, accel.accel, installs,
+                                                c.config.topology.kut.cpus) for c in matrix.cells}
     return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs), topologies)
 
 

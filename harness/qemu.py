@@ -125,7 +125,7 @@ def kut_params(topology: str) -> list[str]:
 
 def probe_levels(exp: Experiment, topology: str) -> set[str]:
     present = {"l1", "l2"} if topology == "nested" else {"l1"}
-    return set(exp.workload.probe.levels) & present
+    return {str(level) for level in exp.workload.probe.levels} & present
 
 
 def build_plan(exp: Experiment, kernel: str, accel: str, decision: TopologyDecision, rootfs: str, cell_dir: Path,

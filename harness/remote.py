@@ -10,14 +10,15 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import os
 import shlex
 import subprocess
 import tarfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -65,6 +66,7 @@ class Remote:
         self.cache = cache
         self.name = f"{c.user}@{c.host}:{c.port}"
         self._home: str | None = None
+        self.job: str | None = None       # the detached job this controller follows, if any
 
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> None:
@@ -159,6 +161,7 @@ class Remote:
 
     # -- detached jobs --------------------------------------------------------------------------
     def start_job(self, job: str, args: list[str]) -> None:
+        self.job = job
         jobs = shlex.quote(f"{self.root}/jobs")
         j = shlex.quote(f"{self.root}/jobs/{job}")
         inner = f"{self._python_cmd(args)}; echo $? > {j}.rc"
@@ -175,40 +178,37 @@ class Remote:
         return r.stdout.strip()
 
     def follow(self, job: str, prefix: str = "") -> int:
-        """Stream the job's log until it ends; reattach after drops; Ctrl-C stops the job on the host."""
+        """Stream the job's log until it ends; reattach after drops (run_on_hosts stops it on Ctrl-C)."""
         j = f"{self.root}/jobs/{job}"
         reconnect_for_s = float(os.environ.get("NESTPRESS_RECONNECT_S", RECONNECT_S))
         offset = 0
         lost_since = None
-        try:
-            while True:
-                try:
-                    out = self.sh(f"tail -c +{offset + 1} {shlex.quote(j + '.log')}", warn_only=True).stdout
-                    if out:
-                        offset += len(out.encode())
-                        for line in out.splitlines():
-                            print(f"{prefix}{line}", flush=True)
-                    rc = self.sh(f"cat {shlex.quote(j + '.rc')}", warn_only=True)
-                    if not rc.failed and rc.stdout.strip():
-                        return int(rc.stdout.strip())
-                    if self.job_state(job) == "absent":
-                        raise RemoteError(f"{self.name}: job {job} vanished without an exit status")
-                    lost_since = None
-                except RemoteError as e:
-                    if "vanished" in str(e):
-                        raise
-                    lost_since = lost_since or time.monotonic()
-                    if time.monotonic() - lost_since > reconnect_for_s:
-                        raise RemoteError(f"{self.name}: connection lost for {reconnect_for_s:.0f}s; the job keeps "
-                                          f"running on the host. Re-run the same command with the same --run-id "
-                                          f"to reattach or resume.") from None
-                    warn(f"{self.name}: connection problem ({e}); reconnecting")
-                    self.c.close()
-                time.sleep(2)
-        except KeyboardInterrupt:
-            warn(f"{self.name}: Ctrl-C - stopping the remote job")
-            self.stop_job(job)
-            raise
+        while True:
+            try:
+                out = self.sh(f"tail -c +{offset + 1} {shlex.quote(j + '.log')}", warn_only=True).stdout
+                if out:
+                    offset += len(out.encode())
+                    for line in out.splitlines():
+                        print(f"{prefix}{line}", flush=True)
+                rc = self.sh(f"cat {shlex.quote(j + '.rc')}", warn_only=True)
+                if not rc.failed and rc.stdout.strip():
+                    self.job = None
+                    return int(rc.stdout.strip())
+                if self.job_state(job) == "absent":
+                    self.job = None
+                    raise RemoteError(f"{self.name}: job {job} vanished without an exit status")
+                lost_since = None
+            except RemoteError as e:
+                if "vanished" in str(e):
+                    raise
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > reconnect_for_s:
+                    raise RemoteError(f"{self.name}: connection lost for {reconnect_for_s:.0f}s; the job keeps "
+                                      f"running on the host. Re-run the same command with the same --run-id "
+                                      f"to reattach or resume.") from None
+                warn(f"{self.name}: connection problem ({e}); reconnecting")
+                self.c.close()
+            time.sleep(2)
 
     def stop_job(self, job: str) -> None:
         j = shlex.quote(f"{self.root}/jobs/{job}")
@@ -240,20 +240,33 @@ class Remote:
         return dest
 
 
-def run_on_hosts(remotes: list[Remote], fn) -> dict[str, object]:
-    """Call fn(remote, index) for every host in parallel; one host's failure does not stop the others."""
-    results: dict[str, object] = {}
+def run_on_hosts(remotes: list[Remote], fn: Callable[[Remote, int], int]) -> dict[str, object]:
+    """Call fn(remote, index) for every host in parallel; one host's failure does not stop the others.
 
-    def one(i: int, r: Remote) -> None:
+    Ctrl-C reaches only this (the main) thread: it stops the remote job of every host that has one, and
+    says so; a second Ctrl-C while they stop leaves them running and says how to reattach."""
+    results: dict[str, object] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(remotes), thread_name_prefix="host")
+    futures = {pool.submit(fn, r, i): r for i, r in enumerate(remotes)}
+    try:
+        pending = set(futures)
+        while pending:
+            _, pending = concurrent.futures.wait(pending, timeout=0.5)
+    except KeyboardInterrupt:
+        running = [r for r in remotes if r.job]
+        warn(f"Ctrl-C: stopping the remote job on {', '.join(r.name for r in running) or 'no host'} "
+             "(Ctrl-C again to leave them running)")
         try:
-            results[r.name] = fn(r, i)
+            for r in running:
+                r.stop_job(str(r.job))
+        except KeyboardInterrupt:
+            warn("left the remote jobs running; reattach with the same command and --run-id")
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    for f, r in futures.items():
+        try:
+            results[r.name] = f.result()
         except BaseException as e:
             results[r.name] = e
-
-    threads = [threading.Thread(target=one, args=(i, r), daemon=True) for i, r in enumerate(remotes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)
     return results

@@ -169,7 +169,7 @@ class Runner:
 
     def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
         attempts = cell.config.boot.retries + 1
-        errors = []
+        errors: list[str] = []
         for attempt in range(1, attempts + 1):
             cell_dir = self.run_dir / "cells" / cell.id
             if cell_dir.exists():            # an incomplete earlier attempt: kept aside for diagnosis, redone whole
@@ -229,7 +229,7 @@ class Runner:
             exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
             kut.stop()
             if exit_info is None:
-                raise GuestError(f"kut exited without exit.json (QEMU status {kut.proc.returncode}: 0 with -no-reboot "
+                raise GuestError(f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
                                  f"is a reset, e.g. a triple fault; qemu.debug.log has the CPU state); console:\n"
                                  f"{tail(spec.console)}")
             if exit_info.kind is ExitKind.PREFLIGHT:
@@ -256,7 +256,7 @@ class Runner:
         deadline = time.monotonic() + budget
         est = self._estimate(cell)
         with status(f"cell {k}/{n} {cell.id}: {stage}") as progress:
-            while kut.proc.poll() is None:
+            while kut.running():
                 if time.monotonic() > deadline:
                     raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
                 if events.exists():

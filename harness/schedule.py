@@ -33,8 +33,8 @@ def check(exp: Experiment, topology: str) -> None:
     if topology == "nested" and t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) + 128 > t.l1.memory_mb:
         raise PressureError(f"topology: {t.l2.count} L2 guest(s) of {t.l2.memory_mb} MiB do not fit in an L1 "
                             f"of {t.l1.memory_mb} MiB")
-    probe = exp.workload.probe.resident_mb
     for level, spec in (("l1", t.l1), ("l2", t.l2)):
+        probe = exp.workload.probe.resident_mb(spec.thp)
         if level in exp.workload.probe.levels and (level == "l1" or topology == "nested"):
             room = spec.memory_mb - 128 - (t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB)
                                            if level == "l1" and topology == "nested" else 0)

@@ -76,7 +76,7 @@ def _tree_fingerprint(tree: Path) -> str:
 def prepare(src: Source, cache: Path) -> PreparedSource:
     """Return a pristine tree for `src`, extracting/exporting it once per identity."""
     if src.kind == "tarball":
-        tar = Path(src.path).expanduser()
+        tar = Path(src.where).expanduser()
         if not tar.exists():
             hint = f" (install it: apt-get install {src.package}, or `fab setup`)" if src.package else ""
             raise SourceError(f"kernel tarball {tar} does not exist{hint}")
@@ -84,7 +84,7 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
         desc = str(tar)
     elif src.kind == "git":
         need_tool("git", "git")
-        url = os.path.expanduser(src.url)
+        url = os.path.expanduser(src.where)
         r = run(["git", "ls-remote", url, src.ref], capture=True, check=False)
         sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else None
         if sha is None and Path(url).exists():
@@ -95,7 +95,7 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
         identity = "git:" + sha
         desc = f"{src.url}@{src.ref} ({sha[:12]})"
     else:
-        tree = Path(src.path).expanduser().resolve()
+        tree = Path(src.where).expanduser().resolve()
         if not tree.is_dir():
             raise SourceError(f"local kernel tree {tree} does not exist")
         makefile_version(tree)
@@ -109,17 +109,17 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
             log(f"source: preparing {desc} -> {dest}")
             if src.kind == "tarball":
                 need_tool("tar", "tar")
-                run(["tar", "-xf", str(Path(src.path).expanduser()), "-C", str(tmp), "--strip-components=1"])
+                run(["tar", "-xf", str(Path(src.where).expanduser()), "-C", str(tmp), "--strip-components=1"])
             elif src.kind == "git":
-                archive = subprocess.Popen(["git", "-C", os.path.expanduser(src.url), "archive", identity[4:]]
-                                           if Path(os.path.expanduser(src.url)).exists()
-                                           else ["git", "archive", "--remote", src.url, src.ref],
+                archive = subprocess.Popen(["git", "-C", os.path.expanduser(src.where), "archive", identity[4:]]
+                                           if Path(os.path.expanduser(src.where)).exists()
+                                           else ["git", "archive", "--remote", src.where, src.ref],
                                            stdout=subprocess.PIPE)
                 run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
                 if archive.wait() != 0:
                     raise SourceError(f"git archive of {desc} failed")
             else:
-                shutil.copytree(Path(src.path).expanduser(), tmp, symlinks=True, dirs_exist_ok=True,
+                shutil.copytree(Path(src.where).expanduser(), tmp, symlinks=True, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns(".git"))
             if (tmp / ".config").exists():
                 log("source: the local tree was configured in-tree; running `make mrproper` on our copy")

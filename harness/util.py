@@ -44,12 +44,12 @@ class _LogStatus:
 def status(msg: str, every_s: float = 30.0) -> Iterator[Any]:
     """A live status line on a terminal; elsewhere a progress line every `every_s` seconds."""
     if console.is_terminal:
-        with console.status(msg) as s:
-            yield s
+        with console.status(msg) as live:
+            yield live
     else:
-        s = _LogStatus(every_s)
-        s.update(msg)
-        yield s
+        lines = _LogStatus(every_s)
+        lines.update(msg)
+        yield lines
 
 
 def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str | Path | None = None,

@@ -47,7 +47,7 @@ def src612() -> Path:
 def qemu() -> str:
     q = shutil.which("qemu-system-x86_64")
     require(q is not None, "qemu-system-x86_64 (apt-get install qemu-system-x86)")
-    return q
+    return str(q)
 
 
 @pytest.fixture(scope="session")

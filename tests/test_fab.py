@@ -50,10 +50,11 @@ class Sshd:
         raise RuntimeError("sshd did not start")
 
     def stop(self):
-        """Kill sshd and every session it serves: connections drop, detached jobs go on."""
+        """Kill this sshd and the sessions it serves (its children), nobody else's: connections drop,
+        detached jobs go on."""
+        subprocess.run(["pkill", "-KILL", "-P", str(self.proc.pid)], capture_output=True)
         self.proc.kill()
         self.proc.wait()
-        subprocess.run(["pkill", "-KILL", "-f", "sshd: root@notty"], capture_output=True)
 
     @property
     def known_host(self) -> str:
@@ -93,7 +94,7 @@ def fab(keys, *args, hosts=None, env_extra=None, timeout=1800, known=True):
         env["NESTPRESS_KNOWN_HOSTS"] = str(keys / "known_hosts")
     else:
         env.pop("NESTPRESS_KNOWN_HOSTS", None)
-    cmd = [FAB, "-i", str(keys / "id")] + (["-H", ",".join(h.host for h in hosts)] if hosts else []) + list(args)
+    cmd = [FAB, "-i", str(keys / "id"), *args, *(["--hosts", ",".join(h.host for h in hosts)] if hosts else [])]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -179,7 +180,7 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     args = ["experiment", *FLEET, "--set", f"output={results}", "--run-id", "fleet1", "--cache", str(cache_dir),
             *remote_dir(rdir)]
     # drop host 1's connections once its job is running; host 0 finishes on its own
-    proc = subprocess.Popen([FAB, "-i", str(keys / "id"), "-H", ",".join(h.host for h in hosts), *args],
+    proc = subprocess.Popen([FAB, "-i", str(keys / "id"), *args, "--hosts", ",".join(h.host for h in hosts)],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"), **env))
     local_run = results / "shrinker-ab" / "fleet1"

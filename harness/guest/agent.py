@@ -376,17 +376,17 @@ def main() -> int:
         if plan.swap_device:
             enable_swap(plan.swap_device, ev)
         time.sleep(0.2)   # let the kmsg pump catch up before facts read it
-        with open(os.path.join(OUT, "facts.json"), "w") as f:
-            json.dump(level_facts(plan), f, indent=1)
-        with open(os.path.join(OUT, "ready.json"), "w") as f:
-            json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, f)
+        with open(os.path.join(OUT, "facts.json"), "w") as facts:
+            json.dump(level_facts(plan), facts, indent=1)
+        with open(os.path.join(OUT, "ready.json"), "w") as ready:
+            json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, ready)
         ev(EventKind.READY, guest=plan.name)
         if plan.schedule is not None:
             for note in preflight({phase.mode for phase in plan.schedule.phases}, plan.run_id):
                 ev(EventKind.PRESSURE_UNAVAILABLE, reason=note, when="preflight")
         if plan.cgroup_controllers:
-            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
-                f.write(" ".join("+" + c for c in plan.cgroup_controllers))
+            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as control:
+                control.write(" ".join("+" + c for c in plan.cgroup_controllers))
         sampler = start_sampler(plan)
         if plan.kvm_trace_on_failure:
             start_kvm_trace(ev)

@@ -119,7 +119,7 @@ class Record:
     """A dataclass that travels as JSON: to_json() on one side, from_json() (checked) on the other."""
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda e: e.value))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

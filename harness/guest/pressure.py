@@ -28,7 +28,7 @@ import time
 try:
     from .contract import EventKind, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
 except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
-    from contract import EventKind, PressureJob, PressureMode, PressureParams
+    from contract import EventKind, PressureJob, PressureMode, PressureParams  # type: ignore[no-redef]
 
 CG = "/sys/fs/cgroup"
 PAGE = 4096

@@ -26,7 +26,7 @@ import time
 try:
     from .contract import ProbeJob  # imported by the host as harness.guest.*
 except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
-    from contract import ProbeJob
+    from contract import ProbeJob  # type: ignore[no-redef]
 
 SUB_BITS = 4                 # 16 sub-buckets per power of two
 OUTLIER_NS = 1_000_000       # touches >= 1 ms are also kept raw
@@ -152,7 +152,7 @@ def run(job: ProbeJob) -> None:
                 if d > worst:
                     worst = d
                 if d >= OUTLIER_NS and passes:     # the first pass is page population: histogram only
-                    outliers.append([now - mono0 + wall0, d])
+                    outliers.append((now - mono0 + wall0, d))
                 if now - t_int >= interval:
                     out({"type": "hist", "t0": t_int - mono0 + wall0, "t1": now - mono0 + wall0, "n": n,
                          "sum_ns": total,

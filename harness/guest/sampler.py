@@ -24,7 +24,7 @@ import time
 try:
     from .contract import SamplerJob  # imported by the host as harness.guest.*
 except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
-    from contract import SamplerJob
+    from contract import SamplerJob  # type: ignore[no-redef]
 
 KVM = "/sys/kernel/debug/kvm"
 VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
@@ -122,7 +122,8 @@ def follow_shrinker(out_path: str, stop: threading.Event) -> None:
         for line in pipe:
             m = SHRINK_RE.search(line)
             if m:
-                fields = {k: int(f.group(1)) for k, rx in SHRINK_FIELDS.items() if (f := re.search(rx, m.group(3)))}
+                fields = {k: int(hit.group(1)) for k, rx in SHRINK_FIELDS.items()
+                          if (hit := re.search(rx, m.group(3)))}
                 out.write(json.dumps({"t": int(float(m.group(1)) * 1e9) + offset, "kind": f"shrink_{m.group(2)}",
                                       "raw": m.group(3).strip()[:300],
                                       "fields": fields})

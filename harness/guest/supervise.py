@@ -150,6 +150,13 @@ class Child:
                                    f"(status {self.server.poll()}): {tail(log, 5)}")
             time.sleep(0.05)
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
     def console_text(self) -> str:
         try:
             with open(self.console, "rb") as f:
@@ -211,7 +218,7 @@ class Child:
     def _uptime_at_ready(path: str) -> float | None:
         for _ in range(10):               # the file may show up before its content does
             try:
-                return float(json.loads(read(path))["uptime_s"])
+                return float(json.loads(read(path) or "")["uptime_s"])
             except (ValueError, KeyError, TypeError):
                 time.sleep(0.1)
         return None
