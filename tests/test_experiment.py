@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from harness import REPO_ROOT
+from harness.errors import ResultsError
 from harness.host import decide_accel, decide_topology, qemu_installs
 from harness.report import generate, shrinker_evidence
 from harness.results import load as load_tables
@@ -37,8 +38,8 @@ def e2e(builds, qemu, tmp_path_factory):
             "evidence": shrinker_evidence(frames), "cmd": cmd}
 
 
-def _phase(ev, variant, phase):
-    rows = ev[(ev["variant"] == variant) & (ev["phase"] == phase)]
+def _phase(evidence, variant, phase):
+    rows = evidence[(evidence["variant"] == variant) & (evidence["phase"] == phase)]
     assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
     return rows.iloc[0]
 
@@ -70,29 +71,30 @@ def test_l1_runs_on_kvm_with_the_paging_its_topology_asks_for_and_its_command_ou
 
 
 def test_baseline_shrinker_runs_under_pressure_that_reaches_it(e2e):
-    ev = e2e["evidence"]
-    scan = _phase(ev, "baseline", "shrinker-scan")
+    evidence = e2e["evidence"]
+    scan = _phase(evidence, "baseline", "shrinker-scan")
     assert scan["shrinker_present"] and scan["shrinker_calls"] > 0 and scan["mmu_recycled"] > 0
-    glob = _phase(ev, "baseline", "global")
+    glob = _phase(evidence, "baseline", "global")
     assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0          # global reclaim really happened
 
 
 def test_patched_has_no_shrinker_and_no_shrinker_zapping(e2e):
-    ev = e2e["evidence"]
-    pat = ev[ev["variant"] == "patched"]
+    evidence = e2e["evidence"]
+    pat = evidence[evidence["variant"] == "patched"]
     assert not pat["shrinker_present"].any()
     assert pat["shrinker_calls"].sum() == 0 and pat["mmu_recycled"].fillna(0).sum() == 0
     facts = json.loads((e2e["run_dir"] / "cells" / "patched.r1" / "facts.json").read_text())
     assert facts["x86_mmu_shrinker_dirs"] == [] and not facts["mmu_shrink_scan_in_kallsyms"]
     e = e2e["frames"]["events"]
     assert ((e["cell"] == "patched.r1") & (e["kind"] == "pressure_unavailable")).any()
-    assert _phase(ev, "patched", "global")["pgscan_kswapd"] + _phase(ev, "patched", "global")["pgscan_direct"] > 0
+    glob = _phase(evidence, "patched", "global")
+    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0
 
 
 def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):
-    ev = e2e["evidence"]
+    evidence = e2e["evidence"]
     for variant in ("baseline", "patched"):
-        ctrl = _phase(ev, variant, "memcg-limit")
+        ctrl = _phase(evidence, variant, "memcg-limit")
         assert ctrl["shrinker_calls"] == 0 and ctrl["memcg_max_events"] > 0
 
 
@@ -146,7 +148,7 @@ def test_report_regenerates_from_tables_and_truncated_run_is_incomplete(e2e, tmp
     generate(bare)
     assert "INCOMPLETE" in (bare / "report.md").read_text() and "0 of 2 cells" in (bare / "report.md").read_text()
     (broken / "tables" / "samples.parquet").write_bytes(b"not parquet")
-    with pytest.raises(Exception, match="samples"):
+    with pytest.raises(ResultsError, match="samples"):
         load_tables(broken)
 
 

@@ -206,12 +206,12 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     from harness.report import shrinker_evidence
     from harness.results import load as load_tables
     frames = load_tables(local_run)
-    ev = shrinker_evidence(frames)
-    dc = ev[ev["phase"] == "drop-caches"]
+    evidence = shrinker_evidence(frames)
+    dc = evidence[evidence["phase"] == "drop-caches"]
     assert len(dc) == 2 and (dc["shrinker_calls"] > 0).all() and (dc["shrinker_freed"] > 0).all()
     assert (dc["mmu_recycled"] > 0).all() and (dc["slabs_scanned"] > 0).all()
     e = frames["events"]
     rr = e[e["kind"] == "pressure.root_reclaim_request"]
     assert rr["cell"].nunique() == 2                          # root memory.reclaim written in both cells
-    root = ev[ev["phase"] == "root-reclaim"]
+    root = evidence[evidence["phase"] == "root-reclaim"]
     assert (root["slabs_scanned"] > 0).all()                  # root reclaim runs shrink_slab

@@ -34,8 +34,8 @@ def nested(builds, qemu, tmp_path_factory):
             "manifest": json.loads((run_dir / "manifest.json").read_text())}
 
 
-def _phase(ev, variant, phase):
-    rows = ev[(ev["variant"] == variant) & (ev["phase"] == phase)]
+def _phase(evidence, variant, phase):
+    rows = evidence[(evidence["variant"] == variant) & (evidence["phase"] == phase)]
     assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
     return rows.iloc[0]
 
@@ -65,21 +65,21 @@ def test_l2_is_measured_on_both_kernels(nested):
 
 
 def test_baseline_shrinker_zaps_the_shadow_pages_of_the_vm_that_runs_l2(nested):
-    ev = nested["evidence"]
-    scan = _phase(ev, "baseline", "shrinker-scan")
+    evidence = nested["evidence"]
+    scan = _phase(evidence, "baseline", "shrinker-scan")
     assert scan["l2_vm"] == "l1-0" and scan["l2_vm_shadow_zapped"] > 100 and scan["x86_mmu_count_drop"] > 100
-    glob = _phase(ev, "baseline", "global")
+    glob = _phase(evidence, "baseline", "global")
     assert glob["shrinker_calls"] > 0 and glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0
-    ctrl = _phase(ev, "baseline", "memcg-limit")
+    ctrl = _phase(evidence, "baseline", "memcg-limit")
     assert ctrl["shrinker_calls"] == 0 and ctrl["l2_vm_shadow_zapped"] == 0 and ctrl["memcg_max_events"] > 0
 
 
 def test_patched_has_no_shrinker_and_zaps_nothing_of_l2(nested):
-    ev = nested["evidence"]
-    pat = ev[ev["variant"] == "patched"]
+    evidence = nested["evidence"]
+    pat = evidence[evidence["variant"] == "patched"]
     assert not pat["shrinker_present"].any() and pat["shrinker_calls"].sum() == 0
     assert pat["l2_vm_shadow_zapped"].fillna(0).sum() == 0
-    glob = _phase(ev, "patched", "global")
+    glob = _phase(evidence, "patched", "global")
     assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0                   # as much pressure, no shrinker
 
 

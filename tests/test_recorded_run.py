@@ -36,12 +36,12 @@ def test_tables_have_both_variants_measured_in_l2(run):
 
 
 def test_evidence_baseline_zaps_l2s_shadow_pages_and_patched_has_no_shrinker(run):
-    ev = analyze(run, rebuild_tables=True).evidence
-    base = ev[ev["variant"] == "baseline"].set_index("phase")
+    evidence = analyze(run, rebuild_tables=True).evidence
+    base = evidence[evidence["variant"] == "baseline"].set_index("phase")
     assert base.loc["shrinker-scan", "x86_mmu_count_drop"] > 100
     assert base.loc["shrinker-scan", "l2_vm_shadow_zapped"] > 100 and base.loc["shrinker-scan", "l2_vm"] == "l1-0"
     assert base.loc["memcg-limit", "shrinker_calls"] == 0 and base.loc["memcg-limit", "memcg_max_events"] > 0
-    pat = ev[ev["variant"] == "patched"]
+    pat = evidence[evidence["variant"] == "patched"]
     assert not pat["shrinker_present"].any() and pat["shrinker_calls"].sum() == 0
     assert pat["l2_vm_shadow_zapped"].fillna(0).sum() == 0
 
