@@ -71,6 +71,11 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     return " ".join(args)
 
 
+def opt(value: str) -> str:
+    """A path or name inside a QEMU option list: its commas doubled, so `x,readonly=on` stays a name."""
+    return value.replace(",", ",,")
+
+
 def qemu_argv(spec: GuestSpec) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     argv = [*spec.qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc,memory-backend=ram",
@@ -81,17 +86,17 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none", "-vga", "none",
             "-rtc", "base=utc,clock=host",
             "-kernel", spec.kernel, "-append", kernel_cmdline(spec),
-            "-serial", f"file:{spec.console}",
-            *(["-monitor", f"unix:{spec.monitor},server=on,wait=off"] if spec.monitor else []),
-            *{"virtiofs": ["-chardev", f"socket,id=root,path={spec.rootfs_socket}",
+            "-serial", f"file:{opt(spec.console)}",
+            *(["-monitor", f"unix:{opt(spec.monitor)},server=on,wait=off"] if spec.monitor else []),
+            *{"virtiofs": ["-chardev", f"socket,id=root,path={opt(spec.rootfs_socket)}",
                            "-device", f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"],
               "9p": ["-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
                      "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"],
               "initramfs": ["-initrd", str(spec.initrd)]}[spec.rootfs],
-            "-fsdev", f"local,id=out,path={spec.export},security_model=none",
+            "-fsdev", f"local,id=out,path={opt(spec.export)},security_model=none",
             "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
     if spec.swap_image:
-        argv += ["-drive", f"file={spec.swap_image},if=virtio,format=raw,cache=unsafe"]
+        argv += ["-drive", f"file={opt(spec.swap_image)},if=virtio,format=raw,cache=unsafe"]
     if spec.mlock:
         argv += ["-overcommit", "mem-lock=on"]
     # Below the kernel under test guest RAM is resident from the start (LevelSpec.prealloc), as on a

@@ -161,6 +161,21 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE   # L1 and L2
 
 
+def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
+    from harness.qemu import GuestSpec, qemu_argv
+    evil = str(tmp_path / "x,readonly=on")
+    spec = GuestSpec("kut", "kut", "/k/bzImage", 512, 1, "tcg", evil, f"{evil}/console.log", "/usr/bin/python3",
+                     rootfs="virtiofs", rootfs_dir=evil, swap_image=f"{evil}/swap", monitor=f"{evil}/mon")
+    argv = qemu_argv(spec)
+    doubled = evil.replace(",", ",,")
+    assert f"local,id=out,path={doubled},security_model=none" in argv
+    assert f"file:{doubled}/console.log" in argv and f"socket,id=root,path={doubled}/sock" in argv
+    assert f"file={doubled}/swap,if=virtio,format=raw,cache=unsafe" in argv
+    assert f"unix:{doubled}/mon,server=on,wait=off" in argv
+    # QEMU splits an option list on single commas only; no list may gain a `readonly=on` of its own.
+    assert not any("readonly=on" in a.replace(",,", "\0").split(",") for a in argv)
+
+
 def test_nested_l2_needs_its_initramfs(tmp_path):
     from harness.qemu import build_plan
     exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
