@@ -57,3 +57,14 @@ def test_probe_job_and_exit_record_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ContractError, match="not JSON"):
         ExitRecord.load(str(tmp_path / "bad.json"))
+
+
+def test_child_gets_the_refined_tsc_rate_only_when_this_kernel_refined_it():
+    from harness.guest.agent import pin_child_tsc
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512"]
+    refined = ("[    0.080000] tsc: Detected 2593.307 MHz processor\n"
+               "[    1.600957] tsc: Refined TSC clocksource calibration: 2596.152 MHz\n")
+    assert pin_child_tsc(argv, refined)[4] == "host,tsc-frequency=2596152000"
+    assert pin_child_tsc(argv, refined)[:4] == argv[:4] and pin_child_tsc(argv, refined)[5:] == argv[5:]
+    assert pin_child_tsc(argv, "[    0.000000] tsc: Detected 2596.120 MHz processor\n") == argv
+    assert pin_child_tsc(["q", "-cpu", "max"], refined) == ["q", "-cpu", "max"]
