@@ -1,5 +1,7 @@
 """The host-guest contract: what the host writes, a guest reads back the same, typed and checked."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +70,10 @@ def test_child_gets_the_refined_tsc_rate_only_when_this_kernel_refined_it():
     assert pin_child_tsc(argv, refined)[:4] == argv[:4] and pin_child_tsc(argv, refined)[5:] == argv[5:]
     assert pin_child_tsc(argv, "[    0.000000] tsc: Detected 2596.120 MHz processor\n") == argv
     assert pin_child_tsc(["q", "-cpu", "max"], refined) == ["q", "-cpu", "max"]
+
+
+def test_harness_process_locks_itself_in_memory():
+    code = ("from harness.guest.supervise import lock_in_memory; assert lock_in_memory() is None; "
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmLck')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[1]) > 0

@@ -26,7 +26,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
 from pressure import PreflightError, PressureRun, preflight
-from supervise import Child, read, stop_all, tail
+from supervise import Child, lock_in_memory, read, stop_all, tail
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -388,6 +388,8 @@ def main() -> int:
     os.environ.update(PATH=PATH, HOME="/run/tmp", TMPDIR="/run/tmp")
     copy_kmsg(os.path.join(OUT, "kmsg.log"))
     ev = Events(os.path.join(OUT, "events.jsonl"))
+    if (refused := lock_in_memory()) is not None:
+        ev(EventKind.NOT_LOCKED, error=refused)
     kind, error, message = ExitKind.OK, None, None
     kids: list[Child] = []
     probe = sampler = None

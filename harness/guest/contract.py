@@ -57,6 +57,7 @@ class EventKind(enum.StrEnum):
     PRESSURE_START = "pressure_start"
     PRESSURE_STOP = "pressure_stop"
     CGROUP_REMOVED = "cgroup_removed"
+    NOT_LOCKED = "not_locked"           # the agent could not lock itself in memory (supervise.lock_in_memory)
 
 
 # the events that say a guest did not give what it should: a cell with any of them is marked in its record

@@ -23,8 +23,10 @@ import time
 
 try:
     from .contract import SamplerJob  # imported by the host as harness.guest.*
+    from .supervise import lock_in_memory
 except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
     from contract import SamplerJob  # type: ignore[no-redef]
+    from supervise import lock_in_memory  # type: ignore[no-redef]
 
 KVM = "/sys/kernel/debug/kvm"
 VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
@@ -133,6 +135,8 @@ def follow_shrinker(out_path: str, stop: threading.Event) -> None:
 
 
 def main(job: SamplerJob) -> None:
+    if (refused := lock_in_memory()) is not None:
+        print(f"sampler: not locked in memory: {refused}", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if job.spec.trace_shrinker:

@@ -29,6 +29,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def lock_in_memory() -> str | None:
+    """Keep this process's pages out of reclaim (mlockall: what it has mapped now and later, each page
+    as it is touched); the error when the kernel refuses.
+
+    The harness's own processes in a guest are not what pressure is meant to reclaim. And under QEMU
+    10's TCG, with a nested guest running, the kernel under test's PID 1 twice segfaulted in libpython
+    after a global phase had swapped it out: what the harness runs on must not depend on that."""
+    if ctypes.CDLL(None, use_errno=True).mlockall(1 | 2 | 4) != 0:   # MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
 def read(path: str, default: str | None = "") -> str | None:
     """A small text file (procfs, sysfs, cgroupfs, an export), stripped; default when it cannot be read."""
     try:
