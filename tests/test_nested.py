@@ -54,6 +54,7 @@ def test_every_level_is_where_it_should_be(nested):
         assert l1["runs_on_kvm"] and l1["kvm_device"] and "svm" in l1["cpu_flags"]
         assert l2["runs_on_kvm"] and l2["rootfs"] == "rootfs"                  # L2 from its initramfs
         assert "transparent_hugepage=always" in l1["cmdline"]
+        assert "not_locked" not in (cell / "events.jsonl").read_text()       # the agent is out of reclaim
 
 
 def test_l2_is_measured_on_both_kernels(nested):
