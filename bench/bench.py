@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import REPO_ROOT
 from harness.build import Builder
 from harness.config import load
+from harness.errors import AccelError
 from harness.guest.probe import calibrate
 from harness.host import decide_accel, decide_rootfs
 from harness.util import default_cache
@@ -80,7 +81,10 @@ def bench_boot_and_probe(repeat: int) -> None:
     """Quick cells per way of sharing the root (9p, and virtiofs where it can be served), `repeat` times
     each: boot figures under TCG vary by a third from one cell to the next, so medians and ranges."""
     accel = decide_accel("auto").accel
-    kinds = ["9p"] + (["virtiofs"] if decide_rootfs().kind == "virtiofs" else [])
+    try:
+        kinds = ["9p", decide_rootfs("virtiofs", accel).kind]
+    except AccelError:
+        kinds = ["9p"]
     l1_overhead = []
     for rootfs, prealloc in [(k, True) for k in kinds] + [(kinds[-1], False)]:
         print(f"boot and probe ({accel.upper()}, root over {rootfs}, L1 RAM "

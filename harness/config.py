@@ -168,7 +168,8 @@ class Boot(Strict):
         "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot")
     rootfs: Literal["auto", "9p", "virtiofs"] = Field(
         "auto", description="how each level shares the host's root with its guests, read-only; "
-        "auto: virtiofs where a virtiofsd exists and the run is root, else virtio-9p")
+        "auto: virtiofs on KVM where a virtiofsd exists and the run is root, else virtio-9p (under TCG the "
+        "host's virtiofsd writes bypass TCG's invalidation of translated code)")
 
 
 class Experiment(Strict):

@@ -85,8 +85,16 @@ class RootfsDecision:
     reasons: list[str]
 
 
-def decide_rootfs(requested: str = "auto") -> RootfsDecision:
-    """virtiofs where a virtiofsd exists and we are root (it needs a mount namespace), else virtio-9p."""
+TCG_VIRTIOFS_WHY = ("auto under TCG: virtio-9p, since the host's virtiofsd writes file data straight into the kernel "
+                    "under test's shared RAM, behind TCG's back: translated code of a reused page frame is not "
+                    "invalidated, and after global reclaim re-read code pages the kernel under test's programs ran "
+                    "stale code (segfaults of PID 1 and of the pressure actor); 9p reads go through QEMU, which "
+                    "invalidates")
+
+
+def decide_rootfs(requested: str, accel: str) -> RootfsDecision:
+    """virtiofs where a virtiofsd exists, we are root (it needs a mount namespace) and guests run on KVM;
+    else virtio-9p (TCG_VIRTIOFS_WHY)."""
     daemon, root = find_virtiofsd(), os.geteuid() == 0
     reasons = [f"virtiofsd: {daemon}" if daemon else "no virtiofsd (Debian: qemu-system-common <= 7.2, "
                "or the virtiofsd package)",
@@ -96,6 +104,12 @@ def decide_rootfs(requested: str = "auto") -> RootfsDecision:
         raise AccelError("boot.rootfs: virtiofs was requested but cannot be served here: " + "; ".join(reasons))
     if requested == "9p":
         return RootfsDecision("9p", reasons + ["9p forced by the config"])
+    if requested == "virtiofs":
+        return RootfsDecision("virtiofs", reasons + ["virtiofs forced by the config"] +
+                              (["under TCG the kernel under test may run stale code after reclaim (auto avoids it)"]
+                               if accel == "tcg" else []))
+    if works and accel == "tcg":
+        return RootfsDecision("9p", reasons + [TCG_VIRTIOFS_WHY])
     return RootfsDecision("virtiofs" if works else "9p", reasons)
 
 
@@ -224,7 +238,7 @@ def decide_environment(matrix: Matrix) -> Environment:
     topologies: dict[str, TopologyDecision] = {
         c.config.topology.kind: decide_topology(c.config.topology.kind, accel.accel, installs,
                                                 c.config.topology.kut.cpus) for c in matrix.cells}
-    return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs), topologies)
+    return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs, accel.accel), topologies)
 
 
 def nested_support() -> dict[str, str]:
@@ -291,7 +305,7 @@ class Doctor:
 
 def doctor(cache_dir: Path | None = None) -> Doctor:
     d = decide_accel("auto")
-    rootfs = decide_rootfs("auto")
+    rootfs = decide_rootfs("auto", d.accel)
     tools = {t: which(t) for t in TOOL_PACKAGES}
     missing = sorted({TOOL_PACKAGES[t] for t, p in tools.items() if not p}
                      | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()})

@@ -213,6 +213,18 @@ def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
     from harness import host
     from harness.errors import AccelError
     monkeypatch.setattr(host, "find_virtiofsd", lambda: None)
-    assert host.decide_rootfs("auto").kind == "9p"
+    assert host.decide_rootfs("auto", "kvm").kind == "9p"
     with pytest.raises(AccelError, match="virtiofs was requested"):
-        host.decide_rootfs("virtiofs")
+        host.decide_rootfs("virtiofs", "kvm")
+
+
+def test_auto_serves_the_root_over_9p_under_tcg_and_virtiofs_on_kvm(monkeypatch):
+    from harness import host
+    monkeypatch.setattr(host, "find_virtiofsd", lambda: "/usr/libexec/virtiofsd")
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    assert host.decide_rootfs("auto", "kvm").kind == "virtiofs"
+    tcg = host.decide_rootfs("auto", "tcg")
+    assert tcg.kind == "9p" and any("behind TCG's back" in r for r in tcg.reasons)
+    forced = host.decide_rootfs("virtiofs", "tcg")           # asked for: served, with the risk said
+    assert forced.kind == "virtiofs" and any("stale code" in r for r in forced.reasons)
+    assert host.decide_rootfs("9p", "kvm").kind == "9p"

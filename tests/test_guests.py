@@ -10,9 +10,10 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.config import load
+from harness.errors import AccelError
 from harness.guest.contract import ChildSpec, ExitKind, ExitRecord, GuestPlan
 from harness.guest.supervise import Child
-from harness.host import decide_rootfs
+from harness.host import decide_accel, decide_rootfs
 from harness.qemu import GuestSpec, qemu_argv, rootfs_server
 from harness.schedule import conductor_schedule
 from harness.util import python_for_guests
@@ -27,8 +28,11 @@ def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path, rootfs):
-    if rootfs == "virtiofs" and (here := decide_rootfs()).kind != "virtiofs":
-        pytest.skip("; ".join(here.reasons))
+    if rootfs == "virtiofs":
+        try:
+            decide_rootfs("virtiofs", decide_accel("auto").accel)
+        except AccelError as e:
+            pytest.skip(str(e))
     out = tmp_path / "kut"
     out.mkdir()
     canary = tmp_path / "written-by-the-guest"
@@ -89,7 +93,7 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         time.sleep(1)
     assert (run_dir / "cells" / "baseline.r1" / "ready.json").exists(), "the kernel under test never came up"
     assert _processes_of(str(run_dir))
-    servers = decide_rootfs().kind == "virtiofs"      # the kernel under test's root comes from a virtiofsd
+    servers = decide_rootfs("auto", decide_accel("auto").accel).kind == "virtiofs"   # kut's root from a virtiofsd
     assert bool(_processes_of(f"/tmp/nestpress-kill-{sig.name}-", "virtiofsd")) == servers
     p.send_signal(sig)
     p.communicate(timeout=90)

@@ -51,6 +51,9 @@ def test_every_level_is_where_it_should_be(nested):
         l1 = json.loads((cell / "l1-0" / "facts.json").read_text())
         l2 = json.loads((cell / "l1-0" / "l2-0" / "facts.json").read_text())
         assert kut["kvm_params"]["kvm_amd.npt"] == "Y"                        # L1 on TDP
+        assert kut["rootfs"] == l1["rootfs"] == m["rootfs"]["kind"]
+        if m["accel"]["kut"] == "tcg":
+            assert kut["rootfs"] == "9p"          # a host virtiofsd's writes would bypass TCG (README)
         assert l1["runs_on_kvm"] and l1["kvm_device"] and "svm" in l1["cpu_flags"]
         assert l2["runs_on_kvm"] and l2["rootfs"] == "rootfs"                  # L2 from its initramfs
         assert "transparent_hugepage=always" in l1["cmdline"]
