@@ -70,10 +70,13 @@ def test_l2_is_measured_on_both_kernels(nested):
 
 def test_baseline_shrinker_zaps_the_shadow_pages_of_the_vm_that_runs_l2(nested):
     evidence = nested["evidence"]
-    scan = _phase(evidence, "baseline", "shrinker-scan")
-    assert scan["l2_vm"] == "l1-0" and scan["l2_vm_shadow_zapped"] > 100 and scan["x86_mmu_count_drop"] > 100
     glob = _phase(evidence, "baseline", "global")
     assert glob["shrinker_calls"] > 0 and glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0
+    assert glob["l2_vm"] == "l1-0" and glob["l2_vm_shadow_zapped"] > 100 and glob["x86_mmu_count_drop"] > 100
+    # shrinker-scan follows global: L2's probe re-faults its shadow pages while the scan zaps them, so the
+    # count may end where it began (seen: +920 zapped, count unchanged); the VM's zap counter is the evidence
+    scan = _phase(evidence, "baseline", "shrinker-scan")
+    assert scan["l2_vm"] == "l1-0" and scan["l2_vm_shadow_zapped"] > 100 and scan["shrinker_calls"] > 0
     ctrl = _phase(evidence, "baseline", "memcg-limit")
     assert ctrl["shrinker_calls"] == 0 and ctrl["l2_vm_shadow_zapped"] == 0 and ctrl["memcg_max_events"] > 0
 
