@@ -1,6 +1,7 @@
 """nestpress tasks. `fab --list`; `fab <task> --help`. Without hosts they run on this machine; with
 `-H host` (one host) or `--hosts h1,h2,...` (a fleet: the cells are sharded across the hosts) over SSH.
 The first line of output always says where. Each task only turns its options into a fleet.Request."""
+
 from __future__ import annotations
 
 import functools
@@ -11,37 +12,56 @@ from invoke.exceptions import Exit
 
 from harness.fleet import Lab, Request, execute
 
-LAB_OPTIONS = {   # name: (default, help) - declared once, added to every task that can run on lab hosts
-    "hosts": ("", "lab hosts, comma-separated (user@host:port): one sharded run across all of them; "
-                  "Fabric's -H instead runs the task once per host"),
+LAB_OPTIONS = {  # name: (default, help) - declared once, added to every task that can run on lab hosts
+    "hosts": (
+        "",
+        "lab hosts, comma-separated (user@host:port): one sharded run across all of them; "
+        "Fabric's -H instead runs the task once per host",
+    ),
     "accept_new_host": (False, "trust an unknown SSH host key on first use (default: reject)"),
-    "remote_dir": ("~/.nestpress", "where the harness lives on the host ({host} becomes host-port, for homes "
-                                   "shared between hosts)"),
+    "remote_dir": (
+        "~/.nestpress",
+        "where the harness lives on the host ({host} becomes host-port, for homes shared between hosts)",
+    ),
     "cache": (None, "build cache directory (default ~/.cache/nestpress)"),
 }
-CONFIG_HELP = {"config": "experiment YAML (a path, or a name under configs/, e.g. shrinker-ab)",
-               "set_": "override a config value, repeatable: --set repetitions=1 --set phases.global.duration_s=5"}
-RUN_HELP = {**CONFIG_HELP, "run_id": "run directory name; an existing one is resumed (complete cells are skipped)",
-            "resume": "resume the newest run of this config"}
+CONFIG_HELP = {
+    "config": "experiment YAML (a path, or a name under configs/, e.g. shrinker-ab)",
+    "set_": "override a config value, repeatable: --set repetitions=1 --set phases.global.duration_s=5",
+}
+RUN_HELP = {
+    **CONFIG_HELP,
+    "run_id": "run directory name; an existing one is resumed (complete cells are skipped)",
+    "resume": "resume the newest run of this config",
+}
 
 
 def lab_task(help: dict | None = None, iterable: list[str] | None = None):
     """@task with the lab options; the body gets a Lab instead of them and returns a Request to execute."""
+
     def wrap(body):
         @functools.wraps(body)
         def call(c, *args, hosts="", accept_new_host=False, remote_dir="~/.nestpress", cache=None, **kwargs):
             names = [h for h in hosts.split(",") if h] or (
-                [f"{c.user}@{c.host}:{c.port}"] if isinstance(c, Connection) else [])
+                [f"{c.user}@{c.host}:{c.port}"] if isinstance(c, Connection) else []
+            )
             lab = Lab(names, accept_new_host, remote_dir, cache, config=c.config)
             rc = execute(body(c, *args, **kwargs), lab)
             if rc:
                 raise Exit(code=rc)
+
         sig = inspect.signature(body)
-        extra = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
-                 for n, (d, _) in LAB_OPTIONS.items()]
+        extra = [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+            for n, (d, _) in LAB_OPTIONS.items()
+        ]
         call.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
-        return task(help={**(help or {}), **{n: h for n, (_, h) in LAB_OPTIONS.items()}},
-                    iterable=iterable or [], auto_shortflags=False)(call)
+        return task(
+            help={**(help or {}), **{n: h for n, (_, h) in LAB_OPTIONS.items()}},
+            iterable=iterable or [],
+            auto_shortflags=False,
+        )(call)
+
     return wrap
 
 
@@ -57,8 +77,9 @@ def validate(c, config, set_=None):
     return Request("validate", config=config, sets=set_ or [])
 
 
-@lab_task(help={"sources": "also install these kernel source packages (default: linux-source-6.1)"},
-          iterable=["sources"])
+@lab_task(
+    help={"sources": "also install these kernel source packages (default: linux-source-6.1)"}, iterable=["sources"]
+)
 def setup(c, sources=None):
     """Install the packages the harness needs, the QEMUs (harness/setup_qemu.sh), kernel sources, the harness."""
     return Request("setup", packages=sources or ["linux-source-6.1"])

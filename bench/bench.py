@@ -11,6 +11,7 @@
 Nothing here is asserted; the numbers go into issue notes and the README. Timing claims stay
 out of the unit tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ from harness.guest.probe import calibrate
 from harness.host import decide_accel, decide_rootfs
 from harness.util import default_cache
 
-QUICK = ["repetitions=1", "variants=[{name: baseline}]", "workload.probe.size_mb=512",
-         "phases=[{name: steady, duration_s: 5}]"]
+QUICK = [
+    "repetitions=1",
+    "variants=[{name: baseline}]",
+    "workload.probe.size_mb=512",
+    "phases=[{name: steady, duration_s: 5}]",
+]
 
 
 def timed(fn):
@@ -58,21 +63,30 @@ def bench_builds(cold: bool) -> float | None:
             base, t_cold = timed(lambda: b.build(exp.variants[0]))
             pat, t_pat = timed(lambda: b.build(exp.variants[1]))
             row("cold build (baseline, empty cache)", f"{t_cold:.0f} s", f"{base.metadata['compiles']} compiles")
-            row("patched build after baseline", f"{t_pat:.0f} s",
-                f"{pat.metadata['compiles']} compiles, {t_pat / t_cold:.1%} of cold")
+            row(
+                "patched build after baseline",
+                f"{t_pat:.0f} s",
+                f"{pat.metadata['compiles']} compiles, {t_pat / t_cold:.1%} of cold",
+            )
             _, t_hit = timed(lambda: Builder(exp, cache).build_all())
             row("cached re-run (both variants)", f"{t_hit:.1f} s", f"{t_hit / t_cold:.2%} of cold, 0 compiles")
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        Builder(exp, default_cache()).build_all()     # what the runs below use
+        Builder(exp, default_cache()).build_all()  # what the runs below use
         return t_cold + t_pat
     else:
         _, t_hit = timed(lambda: Builder(exp, default_cache()).build_all())
-        metas = [json.loads((d / "metadata.json").read_text()) for d in (default_cache() / "builds").iterdir()
-                 if (d / "metadata.json").exists()]
+        metas = [
+            json.loads((d / "metadata.json").read_text())
+            for d in (default_cache() / "builds").iterdir()
+            if (d / "metadata.json").exists()
+        ]
         for m in metas:
-            row(f"recorded build of {m['variant']} ({m['key'][:8]})", f"{m['duration_s']:.0f} s",
-                f"{m['compiles']} compiles")
+            row(
+                f"recorded build of {m['variant']} ({m['key'][:8]})",
+                f"{m['duration_s']:.0f} s",
+                f"{m['compiles']} compiles",
+            )
         row("cached re-run (both variants)", f"{t_hit:.1f} s", "0 compiles")
     return None
 
@@ -87,21 +101,34 @@ def bench_boot_and_probe(repeat: int) -> None:
         kinds = ["9p"]
     l1_overhead = []
     for rootfs, prealloc in [(k, True) for k in kinds] + [(kinds[-1], False)]:
-        print(f"boot and probe ({accel.upper()}, root over {rootfs}, L1 RAM "
-              f"{'preallocated' if prealloc else 'faulted in on demand'}, {repeat} quick cell(s) of shrinker-ab)")
-        cells = [quick_cell([f"boot.rootfs={rootfs}", f"topology.l1.prealloc={str(prealloc).lower()}"])
-                 for _ in range(repeat)]
-        for key, label in (("kut", "kernel under test: QEMU start -> agent ready"),
-                           ("kut_before", "  of which before its kernel ran"),
-                           ("l1", "L1: QEMU start -> agent ready"),
-                           ("l1_before", "  of which before its kernel ran"), ("cell", "whole quick cell")):
-            row(label, spread([c[key] for c in cells], "s"),
-                "QEMU, firmware, RAM prealloc" if key.endswith("before") else "")
+        print(
+            f"boot and probe ({accel.upper()}, root over {rootfs}, L1 RAM "
+            f"{'preallocated' if prealloc else 'faulted in on demand'}, {repeat} quick cell(s) of shrinker-ab)"
+        )
+        cells = [
+            quick_cell([f"boot.rootfs={rootfs}", f"topology.l1.prealloc={str(prealloc).lower()}"])
+            for _ in range(repeat)
+        ]
+        for key, label in (
+            ("kut", "kernel under test: QEMU start -> agent ready"),
+            ("kut_before", "  of which before its kernel ran"),
+            ("l1", "L1: QEMU start -> agent ready"),
+            ("l1_before", "  of which before its kernel ran"),
+            ("cell", "whole quick cell"),
+        ):
+            row(
+                label,
+                spread([c[key] for c in cells], "s"),
+                "QEMU, firmware, RAM prealloc" if key.endswith("before") else "",
+            )
         row("probe overhead per sample in L1", spread([c["probe_ns"] / 1e3 for c in cells], "us", 2))
         l1_overhead += [c["probe_ns"] for c in cells]
     host = calibrate()
-    row("probe overhead per sample on this host", f"{host['loop_overhead_ns'] / 1e3:.2f} us",
-        f"ratio L1/host {statistics.median(l1_overhead) / host['loop_overhead_ns']:.1f}x (median)")
+    row(
+        "probe overhead per sample on this host",
+        f"{host['loop_overhead_ns'] / 1e3:.2f} us",
+        f"ratio L1/host {statistics.median(l1_overhead) / host['loop_overhead_ns']:.1f}x (median)",
+    )
 
 
 def spread(values: list[float], unit: str, digits: int = 1) -> str:
@@ -115,16 +142,21 @@ def quick_cell(sets: list[str]) -> dict:
     """Seconds from QEMU start to agent ready per level, and how much of it came before the guest kernel
     ran; the probe's per-sample cost in L1; the whole cell."""
     with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
-        cmd = [sys.executable, "-m", "harness", "run", "--config", "shrinker-ab", "--output", out, "--run-id", "bench",
-               *[a for s in [*QUICK, *sets] for a in ("--set", s)]]
+        cmd = [sys.executable, "-m", "harness", *"run --config shrinker-ab --run-id bench".split(), "--output", out]
+        cmd += [a for s in [*QUICK, *sets] for a in ("--set", s)]
         _, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True))
         cell = Path(out) / "shrinker-ab" / "bench" / "cells" / "baseline.r1"
         info = json.loads((cell / "cell.json").read_text())
         l1 = next(e for e in jsonl(cell / "events.jsonl") if e["kind"] == "boot_ready" and e["guest"] == "l1-0")
         header = json.loads((cell / "l1-0" / "probe.jsonl").open().readline())
-        return {"kut": info["kut_ready_s"], "kut_before": info["kut_ready_s"] - info["kut_kernel_s"],
-                "l1": l1["seconds"], "l1_before": l1["seconds"] - l1["kernel_s"],
-                "probe_ns": header["loop_overhead_ns"], "cell": t}
+        return {
+            "kut": info["kut_ready_s"],
+            "kut_before": info["kut_ready_s"] - info["kut_kernel_s"],
+            "l1": l1["seconds"],
+            "l1_before": l1["seconds"] - l1["kernel_s"],
+            "probe_ns": header["loop_overhead_ns"],
+            "cell": t,
+        }
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -145,8 +177,8 @@ def bench_nested() -> None:
     one L2 entry costs the kernel under test's KVM, and the wall time of the whole A/B."""
     print(f"nested A/B ({decide_accel('auto').accel.upper()}, configs/shrinker-ab-nested.yaml, 1 repetition)")
     with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
-        cmd = [sys.executable, "-m", "harness", "run", "--config", "shrinker-ab-nested", "--output", out,
-               "--run-id", "nested", "--set", "repetitions=1"]
+        cmd = [sys.executable, "-m", "harness", *"run --config shrinker-ab-nested --run-id nested".split()]
+        cmd += ["--output", out, "--set", "repetitions=1"]
         r, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True))
         for cell in sorted((Path(out) / "shrinker-ab-nested" / "nested" / "cells").iterdir()):
             info = json.loads((cell / "cell.json").read_text())
@@ -155,18 +187,25 @@ def bench_nested() -> None:
             row(f"{cell.name}: kernel under test ready", f"{info.get('kut_ready_s', 0):.1f} s", info["status"])
             for guest, label in (("l1-0", "L1"), ("l1-0.l2-0", "L2")):
                 e = ready.get(guest)
-                row(f"{cell.name}: {label} QEMU start -> agent ready", f"{e['seconds']:.1f} s" if e else "not ready",
-                    f"its kernel's share {e['kernel_s']:.1f} s" if e and e.get("kernel_s") else "")
+                row(
+                    f"{cell.name}: {label} QEMU start -> agent ready",
+                    f"{e['seconds']:.1f} s" if e else "not ready",
+                    f"its kernel's share {e['kernel_s']:.1f} s" if e and e.get("kernel_s") else "",
+                )
             steady = next((e for e in kut_ev if e["kind"] == "phase_start" and e["phase"] == "steady"), None)
             if steady:
                 t0, t1 = steady["t"], steady["t"] + int(steady["duration_s"] * 1e9)
                 counters = jsonl(cell / "counters.jsonl")
-                rates = {k: counter_rate(counters, f"kvm.{k}", t0, t1) for k in ("exits", "nested_run",
-                                                                                  "insn_emulation")}
+                rates = {
+                    k: counter_rate(counters, f"kvm.{k}", t0, t1) for k in ("exits", "nested_run", "insn_emulation")
+                }
                 if rates["nested_run"] and rates["exits"] is not None:
-                    row(f"{cell.name}: exits per L2 entry (steady)", f"{rates['exits'] / rates['nested_run']:.1f}",
+                    row(
+                        f"{cell.name}: exits per L2 entry (steady)",
+                        f"{rates['exits'] / rates['nested_run']:.1f}",
                         f"{rates['nested_run']:.0f} L2 entries/s, {rates['insn_emulation']:.0f} emulated "
-                        "instructions/s")
+                        "instructions/s",
+                    )
         row("nested A/B wall time", f"{t / 60:.1f} min", f"harness exit status {r.returncode}; target <= 25 min")
 
 
@@ -177,8 +216,11 @@ def bench_experiment(cold_builds_s: float | None) -> None:
         _, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True))
         row("default experiment, warm build cache", f"{t / 60:.1f} min", "target <= 20 min on 2 cores/TCG")
     if cold_builds_s is not None:
-        row("default experiment, cold build cache", f"{(t + cold_builds_s) / 60:.1f} min",
-            "the cold builds above + the run; packages not included; target <= 45 min")
+        row(
+            "default experiment, cold build cache",
+            f"{(t + cold_builds_s) / 60:.1f} min",
+            "the cold builds above + the run; packages not included; target <= 45 min",
+        )
 
 
 def main() -> None:

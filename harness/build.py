@@ -14,6 +14,7 @@ paths, gets relinked in a new place, and every object depends on it.) Config cha
 `o/` too: kbuild's per-option dependencies rebuild only what changed. A lock file serialises
 builds in one tree.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -32,7 +33,7 @@ from .patches import PatchVariant, apply, load_series, revert, verify
 from .source import PreparedSource, prepare
 from .util import atomic_dir, default_cache, hash_file, hash_text, log, need_tool, read_json, run, status, write_json
 
-RECIPE = "nestpress-build-1"   # bump when the way we build changes what comes out
+RECIPE = "nestpress-build-1"  # bump when the way we build changes what comes out
 BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "perl")
 
 
@@ -89,11 +90,16 @@ def check_config(final: Path, want: dict[str, str]) -> None:
     for line in final.read_text().splitlines():
         if m := re.fullmatch(r"(CONFIG_[A-Za-z0-9_]+)=(.*)", line):
             have[m.group(1)] = m.group(2)
-    dropped = [f"{k}={v} (final: {have.get(k, 'not set')})" for k, v in want.items()
-               if (v == "n" and have.get(k, "n") not in ("n",)) or (v != "n" and have.get(k) != v)]
+    dropped = [
+        f"{k}={v} (final: {have.get(k, 'not set')})"
+        for k, v in want.items()
+        if (v == "n" and have.get(k, "n") not in ("n",)) or (v != "n" and have.get(k) != v)
+    ]
     if dropped:
-        raise KconfigError(f"{len(dropped)} option(s) the fragments ask for are not in the final .config "
-                           f"(unknown in this kernel, or a dependency is missing):\n  " + "\n  ".join(dropped))
+        raise KconfigError(
+            f"{len(dropped)} option(s) the fragments ask for are not in the final .config "
+            f"(unknown in this kernel, or a dependency is missing):\n  " + "\n  ".join(dropped)
+        )
 
 
 class Builder:
@@ -126,8 +132,9 @@ class Builder:
             "patch_variant": pv.name if pv else None,
             "patches": pv.hashes() if pv else {},
             "config_base": base_identity(self.exp.kernel_config.base),
-            "fragments": {str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f)
-                          for f in frags},
+            "fragments": {
+                str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f) for f in frags
+            },
             "compiler": compiler_version(),
             "arch": "x86_64",
         }
@@ -197,37 +204,60 @@ class Builder:
             self._make(tree, base, env=env)
         frags = fragment_paths(self.exp)
         if frags:
-            run([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(o), str(cfg), *map(str, frags)],
-                cwd=tree, capture=True, env=env)
+            run(
+                [str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(o), str(cfg), *map(str, frags)],
+                cwd=tree,
+                capture=True,
+                env=env,
+            )
         self._make(tree, "olddefconfig", env=env)
         check_config(cfg, requested_options(frags))
         if old is not None and old_mtime is not None and cfg.read_bytes() == old:
-            os.utime(cfg, ns=(old_mtime, old_mtime))   # same config: keep make's view of it unchanged
+            os.utime(cfg, ns=(old_mtime, old_mtime))  # same config: keep make's view of it unchanged
         return cfg
 
     def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
         tree = self._tree(inputs)
         with open(tree.parent / "tree.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if (out / "metadata.json").exists():        # built meanwhile by another process
+            if (out / "metadata.json").exists():  # built meanwhile by another process
                 return BuildResult(v.name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
             self._checkout(tree, v)
             return self._build_locked(v, inputs, key, out, tree)
 
     def _build_locked(self, v: Variant, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
-        env = dict(os.environ, KBUILD_BUILD_TIMESTAMP="nestpress", KBUILD_BUILD_USER="nestpress",
-                   KBUILD_BUILD_HOST="nestpress", LC_ALL="C")
+        env = dict(
+            os.environ,
+            KBUILD_BUILD_TIMESTAMP="nestpress",
+            KBUILD_BUILD_USER="nestpress",
+            KBUILD_BUILD_HOST="nestpress",
+            LC_ALL="C",
+        )
         cc = "gcc"
         if shutil.which("ccache"):
             cc = "ccache gcc"
-            env.update(CCACHE_DIR=str(self.cache / "ccache"), CCACHE_BASEDIR=str(self.cache / "work"),
-                       CCACHE_NOHASHDIR="true", CCACHE_SLOPPINESS="time_macros")
+            env.update(
+                CCACHE_DIR=str(self.cache / "ccache"),
+                CCACHE_BASEDIR=str(self.cache / "work"),
+                CCACHE_NOHASHDIR="true",
+                CCACHE_SLOPPINESS="time_macros",
+            )
         else:
-            log("build: ccache not found (apt-get install ccache): cold builds will not be cached across trees",
-                style="yellow")
+            log(
+                "build: ccache not found (apt-get install ccache): cold builds will not be cached across trees",
+                style="yellow",
+            )
         make_cmd = ["make", "-C", str(tree), "O=o", f"-j{self.jobs}", f"CC={cc}", "bzImage"]
-        meta = {"status": "running", "variant": v.name, "key": key, "inputs": inputs, "started": time.time(),
-                "reproducer": " ".join(make_cmd), "tree": str(tree), "host": os.uname().nodename}
+        meta = {
+            "status": "running",
+            "variant": v.name,
+            "key": key,
+            "inputs": inputs,
+            "started": time.time(),
+            "reproducer": " ".join(make_cmd),
+            "tree": str(tree),
+            "host": os.uname().nodename,
+        }
         write_json(tree / "metadata.json", meta)
         t0 = time.monotonic()
         try:
@@ -237,15 +267,27 @@ class Builder:
             compiles, log_path = self._run_make(v.name, make_cmd, tree, env)
             release = self._make(tree, "kernelrelease", env=env).stdout.strip()
         except BaseException as e:
-            meta.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                        error=str(e)[-2000:], duration_s=time.monotonic() - t0)
+            meta.update(
+                status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                error=str(e)[-2000:],
+                duration_s=time.monotonic() - t0,
+            )
             write_json(tree / "metadata.json", meta)
             raise
-        meta.update(status="complete", duration_s=time.monotonic() - t0, compiles=compiles, kernelrelease=release,
-                    finished=time.time(), ccache=self._ccache_stats(env))
+        meta.update(
+            status="complete",
+            duration_s=time.monotonic() - t0,
+            compiles=compiles,
+            kernelrelease=release,
+            finished=time.time(),
+            ccache=self._ccache_stats(env),
+        )
         with atomic_dir(out) as tmp:
-            for src, name in (("o/arch/x86/boot/bzImage", "bzImage"), ("o/.config", "config"),
-                              ("o/System.map", "System.map")):
+            for src, name in (
+                ("o/arch/x86/boot/bzImage", "bzImage"),
+                ("o/.config", "config"),
+                ("o/System.map", "System.map"),
+            ):
                 shutil.copy2(tree / src, tmp / name)
             shutil.copy2(log_path, tmp / "build.log")
             meta["artifacts"] = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
@@ -258,8 +300,7 @@ class Builder:
         """Stream make's output to build.log with a live status line; the log tail on failure."""
         log_path = tree / "build.log"
         compiles = 0
-        with open(log_path, "w", buffering=1) as logf, \
-                status(f"build {name}: make bzImage", every_s=60) as progress:
+        with open(log_path, "w", buffering=1) as logf, status(f"build {name}: make bzImage", every_s=60) as progress:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             assert proc.stdout is not None
             try:
@@ -276,8 +317,10 @@ class Builder:
         if rc != 0:
             tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
             if "No space left on device" in tail:
-                raise BuildError(f"kernel build of {name} failed: disk full under {tree} "
-                                 f"({shutil.disk_usage(tree).free >> 20} MiB free); free space or set NESTPRESS_CACHE")
+                raise BuildError(
+                    f"kernel build of {name} failed: disk full under {tree} "
+                    f"({shutil.disk_usage(tree).free >> 20} MiB free); free space or set NESTPRESS_CACHE"
+                )
             raise BuildError(f"kernel build of {name} failed (exit {rc}); log {log_path}; last lines:\n{tail}")
         return compiles, log_path
 
@@ -286,4 +329,3 @@ class Builder:
             return None
         r = run(["ccache", "-s"], capture=True, check=False, env=env)
         return " ".join(l.strip() for l in r.stdout.splitlines() if re.search(r"Hits|Misses", l))[:300] or None
-

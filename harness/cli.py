@@ -1,4 +1,5 @@
 """`python -m harness <command>`: the library as a program. fabfile.py runs these locally or on lab hosts."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,13 @@ from .util import SETUP_PACKAGES, console, default_cache, log
 
 def _matrix(args):
     from .config import load
+
     return load(args.config, args.set)
 
 
 def cmd_doctor(args) -> int:
     from .host import doctor
+
     d = doctor(default_cache())
     print(json.dumps(d.as_dict(), indent=2) if args.json else d.text())
     return 0 if d.ready or not args.strict else 1
@@ -30,6 +33,7 @@ def cmd_validate(args) -> int:
     from .config import describe
     from .host import decide_environment
     from .schedule import check
+
     matrix = _matrix(args)
     env = decide_environment(matrix)
     for cell in matrix.cells:
@@ -43,21 +47,28 @@ def cmd_validate(args) -> int:
 
 def cmd_build(args) -> int:
     from .build import Builder
+
     matrix = _matrix(args)
     for name, b in Builder(matrix.experiment, default_cache()).build_all().items():
-        print(f"{name}: {b.metadata.get('kernelrelease')} {'(cached)' if b.cached else ''}\n  {b.bzimage}\n"
-              f"  metadata: {b.dir / 'metadata.json'}")
+        print(
+            f"{name}: {b.metadata.get('kernelrelease')} {'(cached)' if b.cached else ''}\n  {b.bzimage}\n"
+            f"  metadata: {b.dir / 'metadata.json'}"
+        )
     return 0
 
 
 def _reproduce(args) -> str:
-    return "fab experiment --config " + shlex.quote(str(args.config)) + "".join(
-        f" --set {shlex.quote(s)}" for s in args.set or [])
+    return (
+        "fab experiment --config "
+        + shlex.quote(str(args.config))
+        + "".join(f" --set {shlex.quote(s)}" for s in args.set or [])
+    )
 
 
 def cmd_run(args, report: bool = False) -> int:
     from .manifest import Manifest
     from .report import generate
+
     matrix = _matrix(args)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
@@ -65,12 +76,13 @@ def cmd_run(args, report: bool = False) -> int:
         log(f"shard {i}/{n}: {len(matrix.cells)} cell(s) on this host")
     from .config import describe
     from .run import Runner, find_run_dir
+
     console.print(describe(matrix))
     run_dir = find_run_dir(matrix, args.run_id, args.resume, Path(args.output) if args.output else None)
     try:
         Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()
     except (HarnessError, KeyboardInterrupt):
-        if report and (run_dir / "manifest.json").exists():     # an interrupted run still gets its report
+        if report and (run_dir / "manifest.json").exists():  # an interrupted run still gets its report
             console.print(f"report of what was measured (incomplete): {generate(run_dir).html}")
         raise
     if report:
@@ -87,12 +99,14 @@ def cmd_run(args, report: bool = False) -> int:
 
 def cmd_report(args) -> int:
     from .report import generate
+
     print(f"report: {generate(Path(args.run)).html}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from .report import compare_runs
+
     out = Path(args.out or Path(args.run_a).parent / f"compare-{Path(args.run_a).name}-{Path(args.run_b).name}")
     print(f"comparison: {compare_runs(Path(args.run_a), Path(args.run_b), out)}")
     return 0
@@ -117,8 +131,13 @@ def parser() -> argparse.ArgumentParser:
 
     def with_config(sp):
         sp.add_argument("--config", required=True, help="experiment YAML (path, or name under configs/)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (YAML), e.g. repetitions=1 or phases.global.duration_s=5")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (YAML), e.g. repetitions=1 or phases.global.duration_s=5",
+        )
         return sp
 
     d = sub.add_parser("doctor", help="host readiness: accel decision and reasons, nested, QEMU, tools")
@@ -126,8 +145,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="exit 1 when the host is not ready")
     with_config(sub.add_parser("validate", help="validate a config and print the expanded plan"))
     with_config(sub.add_parser("build", help="build every variant (cached)"))
-    for name, helptext in (("run", "run the cells of an experiment (builds first, cached)"),
-                           ("experiment", "build + run + report")):
+    for name, helptext in (
+        ("run", "run the cells of an experiment (builds first, cached)"),
+        ("experiment", "build + run + report"),
+    ):
         r = with_config(sub.add_parser(name, help=helptext))
         r.add_argument("--run-id", help="run directory name; an existing one is resumed")
         r.add_argument("--resume", action="store_true", help="resume the newest run of this config")
@@ -146,9 +167,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handlers = {"doctor": cmd_doctor, "validate": cmd_validate, "build": cmd_build, "run": cmd_run,
-                "experiment": lambda a: cmd_run(a, report=True), "report": cmd_report, "compare": cmd_compare,
-                "setup": cmd_setup}
+    handlers = {
+        "doctor": cmd_doctor,
+        "validate": cmd_validate,
+        "build": cmd_build,
+        "run": cmd_run,
+        "experiment": lambda a: cmd_run(a, report=True),
+        "report": cmd_report,
+        "compare": cmd_compare,
+        "setup": cmd_setup,
+    }
     try:
         return handlers[args.cmd](args)
     except HarnessError as e:

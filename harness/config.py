@@ -5,6 +5,7 @@ multiplies the matrix of cells (LKP-style), so `pressure.mode: [global, memcg-li
 two cells per variant and repetition. Overrides (`--set a.b=value`) are applied
 to the raw YAML before validation, so they are checked exactly like the file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,7 @@ class Strict(BaseModel):
 
 class Source(Strict):
     """Where the kernel comes from. The tree is never modified: the harness works on a copy."""
+
     kind: Literal["tarball", "git", "local"] = Field(description="tarball file, git repository + ref, or local tree")
     path: str | None = Field(None, description="tarball file or local tree (tarball/local)")
     url: str | None = Field(None, description="git repository: URL or path (git)")
@@ -59,8 +61,10 @@ class Source(Strict):
 
 class KernelConfig(Strict):
     base: str = Field("tinyconfig", description="make target (tinyconfig, defconfig, ...) or a config file path")
-    fragments: list[str] = Field(default_factory=lambda: ["kernel/kvm-host.config"],
-                                 description="fragments, relative to configs/ or absolute, merged in order")
+    fragments: list[str] = Field(
+        default_factory=lambda: ["kernel/kvm-host.config"],
+        description="fragments, relative to configs/ or absolute, merged in order",
+    )
 
 
 class Variant(Strict):
@@ -73,14 +77,22 @@ class LevelSpec(Strict):
     count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
     memory_mb: int = axis(ge=64, description="memory per guest")
     cpus: int = Field(1, ge=1, le=64)
-    prealloc: bool = Field(True, description="guest RAM resident from QEMU start, as on a busy host, so reclaim "
-                                             "in the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to "
-                                             "L1's boot)")
+    prealloc: bool = Field(
+        True,
+        description="guest RAM resident from QEMU start, as on a busy host, so reclaim "
+        "in the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to "
+        "L1's boot)",
+    )
     thp: Literal["never", "always", "madvise"] = Field(
-        "never", description="transparent huge pages in this guest (transparent_hugepage=): with `always` an L1 "
-                             "maps its L2's RAM with 2 MiB pages in its nested page tables")
-    mlock: bool = Field(False, description="guest RAM locked in its parent (QEMU -overcommit mem-lock=on): reclaim "
-                                           "in the parent never swaps it, as on hosts that pin guest memory")
+        "never",
+        description="transparent huge pages in this guest (transparent_hugepage=): with `always` an L1 "
+        "maps its L2's RAM with 2 MiB pages in its nested page tables",
+    )
+    mlock: bool = Field(
+        False,
+        description="guest RAM locked in its parent (QEMU -overcommit mem-lock=on): reclaim "
+        "in the parent never swaps it, as on hosts that pin guest memory",
+    )
 
 
 class KutSpec(Strict):
@@ -88,8 +100,10 @@ class KutSpec(Strict):
     cpus: int = Field(2, ge=1, le=64)
     swap_mb: int = Field(1024, ge=0, description="virtio-blk swap disk, so global reclaim has something to do")
     thp: Literal["never", "always", "madvise"] = Field(
-        "never", description="transparent huge pages in the kernel under test: `never` keeps its guests' RAM in 4 KiB "
-                             "pages, so its nested MMU keeps one shadow page per 2 MiB of L2 memory")
+        "never",
+        description="transparent huge pages in the kernel under test: `never` keeps its guests' RAM in 4 KiB "
+        "pages, so its nested MMU keeps one shadow page per 2 MiB of L2 memory",
+    )
 
 
 class Topology(Strict):
@@ -103,11 +117,17 @@ class Probe(Strict):
     size_mb: int = axis(1200, ge=1, description="address span the probe touches (mapped MAP_NORESERVE)")
     access: Literal["write", "read"] = "write"
     pattern: Literal["sequential", "random"] = "sequential"
-    stride: int = Field(4096, ge=8, description="bytes between touches (4096: every page; resident memory is "
-                                                "size_mb * 4096 / stride when stride > 4096)")
+    stride: int = Field(
+        4096,
+        ge=8,
+        description="bytes between touches (4096: every page; resident memory is "
+        "size_mb * 4096 / stride when stride > 4096)",
+    )
     interval_s: float = Field(1.0, gt=0, description="histogram interval")
-    levels: list[ProbeLevel] = Field(default_factory=lambda: list(PROBE_LEVELS),
-                                     description="where the probe runs (levels absent in the topology are skipped)")
+    levels: list[ProbeLevel] = Field(
+        default_factory=lambda: list(PROBE_LEVELS),
+        description="where the probe runs (levels absent in the topology are skipped)",
+    )
 
     def resident_mb(self, thp: str = "never") -> float:
         """What the probe keeps resident: with transparent huge pages every 2 MiB it touches is all there."""
@@ -116,8 +136,11 @@ class Probe(Strict):
 
 class Workload(Strict):
     probe: Probe = Probe()
-    command: list[str] | None = Field(None, description="argv run in every guest that runs the probe; its stdout, "
-                                                        "stderr and exit status are kept apart in files")
+    command: list[str] | None = Field(
+        None,
+        description="argv run in every guest that runs the probe; its stdout, "
+        "stderr and exit status are kept apart in files",
+    )
 
 
 class GlobalPressure(Strict):
@@ -145,7 +168,8 @@ class Phase(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     duration_s: float = Field(gt=0)
     pressure: bool | PressureMode = Field(
-        False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone")
+        False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone"
+    )
 
     def mode(self, cell_mode: PressureMode) -> PressureMode:
         if self.pressure is True:
@@ -159,17 +183,23 @@ class Sampler(Strict):
 
 
 class Boot(Strict):
-    timeout_s: dict[str, float] = Field(default_factory=lambda: {"kut": 120.0, "l1": 300.0, "l2": 900.0},
-                                        description="per level: QEMU start to agent ready")
+    timeout_s: dict[str, float] = Field(
+        default_factory=lambda: {"kut": 120.0, "l1": 300.0, "l2": 900.0},
+        description="per level: QEMU start to agent ready",
+    )
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
     on_guest_failure: Literal["fail", "continue"] = "continue"
     kvm_trace_on_failure: bool = Field(
-        False, description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
-        "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot")
+        False,
+        description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
+        "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot",
+    )
     rootfs: Literal["auto", "9p", "virtiofs"] = Field(
-        "auto", description="how each level shares the host's root with its guests, read-only; "
+        "auto",
+        description="how each level shares the host's root with its guests, read-only; "
         "auto: virtiofs on KVM where a virtiofsd exists and the run is root, else virtio-9p (under TCG the "
-        "host's virtiofsd writes bypass TCG's invalidation of translated code)")
+        "host's virtiofsd writes bypass TCG's invalidation of translated code)",
+    )
 
 
 class Experiment(Strict):
@@ -178,8 +208,9 @@ class Experiment(Strict):
     source: Source
     kernel_config: KernelConfig = KernelConfig()
     variants: list[Variant] = Field(min_length=1)
-    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="auto: KVM when usable with vmx/svm, else TCG "
-                                                                    "(said loudly)")
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto: KVM when usable with vmx/svm, else TCG (said loudly)"
+    )
     topology: Topology = Topology()
     workload: Workload = Workload()
     pressure: Pressure = Pressure()
@@ -228,7 +259,7 @@ def _set(d: dict, path: str, value: Any) -> None:
             continue
         d = d.setdefault(part, {})
         if not isinstance(d, (dict, list)):
-            raise ConfigError(f"override {path}: {'.'.join(parts[:i + 1])} is not a mapping")
+            raise ConfigError(f"override {path}: {'.'.join(parts[: i + 1])} is not a mapping")
     last = parts[-1]
     if isinstance(d, list):
         idx = _list_index(d, last, path)
@@ -321,6 +352,7 @@ def _combinations(raw: dict, axes: list[str]) -> list[dict]:
 
 class Matrix(BaseModel):
     """The validated experiment and its expanded cells (one per variant x repetition x axis value), in run order."""
+
     config_path: str
     raw: dict
     experiment: Experiment
@@ -339,6 +371,7 @@ class Matrix(BaseModel):
 
 class Cell(BaseModel):
     """One atomic run: a variant, a repetition, one value of every axis."""
+
     id: str
     variant: str
     repetition: int
@@ -362,24 +395,30 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Matrix:
             for var in exp.variants:
                 label = "-".join(f"{a.split('.')[-1]}={axis_values[a]}" for a in lists)
                 cid = f"{var.name}.r{rep}" + (f".{label}" if label else "")
-                cells.append(Cell(id=cid, variant=var.name, repetition=rep, axes=axis_values,
-                                  order=len(cells), config=cfg))
+                cells.append(
+                    Cell(id=cid, variant=var.name, repetition=rep, axes=axis_values, order=len(cells), config=cfg)
+                )
     return Matrix(config_path=str(p), raw=raw, experiment=exp, axes=lists, cells=cells)
 
 
 def describe(matrix: Matrix) -> str:
     exp = matrix.experiment
-    lines = [f"experiment {exp.name}: {len(matrix.cells)} cell(s) from {matrix.config_path}",
-             f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
-             + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
-             f"  kernel config: {exp.kernel_config.base} + "
-             f"{', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
-             "  variants: " + ", ".join(v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)")
-                                      for v in exp.variants),
-             "  phases: " + " -> ".join(f"{p.name} {p.duration_s:g}s"
-                                        + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
-                                        for p in exp.phases),
-             f"  repetitions: {exp.repetitions} (variants interleaved)"]
+    lines = [
+        f"experiment {exp.name}: {len(matrix.cells)} cell(s) from {matrix.config_path}",
+        f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
+        + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
+        f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
+        "  variants: "
+        + ", ".join(
+            v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)") for v in exp.variants
+        ),
+        "  phases: "
+        + " -> ".join(
+            f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
+            for p in exp.phases
+        ),
+        f"  repetitions: {exp.repetitions} (variants interleaved)",
+    ]
     for a, vals in matrix.axes.items():
         lines.append(f"  axis {a}: {vals}")
     lines.append("  cells:")
@@ -395,8 +434,9 @@ def schema_reference() -> str:
 
     def walk(props: dict, required: list[str], prefix: str) -> None:
         for name, spec in props.items():
-            ref = spec.get("$ref") or next((x.get("$ref") for x in spec.get("allOf", []) + spec.get("anyOf", [])
-                                            if "$ref" in x), None)
+            ref = spec.get("$ref") or next(
+                (x.get("$ref") for x in spec.get("allOf", []) + spec.get("anyOf", []) if "$ref" in x), None
+            )
             path = prefix + name
             if ref and "properties" in defs[ref.split("/")[-1]]:
                 sub = defs[ref.split("/")[-1]]

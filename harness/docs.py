@@ -1,4 +1,5 @@
 """`python -m harness.docs`: rewrite the README's config reference from the schema (so it cannot drift)."""
+
 from __future__ import annotations
 
 from . import REPO_ROOT

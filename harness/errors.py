@@ -31,8 +31,10 @@ class BuildError(HarnessError):
 
 class MissingTool(HarnessError):
     def __init__(self, tool: str, package: str):
-        super().__init__(f"required tool '{tool}' not found: install the Debian package '{package}' "
-                         f"(apt-get install {package}, or `fab setup`)")
+        super().__init__(
+            f"required tool '{tool}' not found: install the Debian package '{package}' "
+            f"(apt-get install {package}, or `fab setup`)"
+        )
         self.tool, self.package = tool, package
 
 

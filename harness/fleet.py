@@ -6,6 +6,7 @@ first. With hosts it runs on every host over SSH; `run`/`experiment` with severa
 parallel; each host runs its shard detached under one run id, results are fetched into one local run
 directory with the host recorded per cell, and a host that fails leaves the others' results intact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,18 +31,19 @@ from .util import SETUP_PACKAGES, console, log, warn
 @dataclass
 class Request:
     """One task as the harness's command line takes it (`python -m harness ...`), here or on a host."""
-    task: str                             # doctor validate setup build run experiment fetch report compare
+
+    task: str  # doctor validate setup build run experiment fetch report compare
     config: str | None = None
     sets: list[str] = field(default_factory=list)
     run_id: str | None = None
     resume: bool = False
-    json: bool = False                    # doctor
-    packages: list[str] = field(default_factory=list)    # setup: more Debian packages (kernel sources)
-    experiment: str | None = None         # fetch
-    run: str | None = None                # report
-    runs: list[str] = field(default_factory=list)        # compare
-    output: str | None = None             # run/experiment: results root
-    shard: str | None = None              # run: I/N of a fleet
+    json: bool = False  # doctor
+    packages: list[str] = field(default_factory=list)  # setup: more Debian packages (kernel sources)
+    experiment: str | None = None  # fetch
+    run: str | None = None  # report
+    runs: list[str] = field(default_factory=list)  # compare
+    output: str | None = None  # run/experiment: results root
+    shard: str | None = None  # run: I/N of a fleet
 
     def argv(self) -> list[str]:
         config = ["--config", self.config] if self.config else []
@@ -51,9 +53,15 @@ class Request:
         if self.task in ("validate", "build"):
             return [self.task, *config, *sets]
         if self.task in ("run", "experiment"):
-            return [self.task, *config, *sets, *(["--run-id", self.run_id] if self.run_id else []),
-                    *(["--resume"] if self.resume else []), *(["--output", self.output] if self.output else []),
-                    *(["--shard", self.shard] if self.shard else [])]
+            return [
+                self.task,
+                *config,
+                *sets,
+                *(["--run-id", self.run_id] if self.run_id else []),
+                *(["--resume"] if self.resume else []),
+                *(["--output", self.output] if self.output else []),
+                *(["--shard", self.shard] if self.shard else []),
+            ]
         if self.task == "setup":
             return ["setup", "--extra", *self.packages]
         if self.task == "report":
@@ -66,11 +74,12 @@ class Request:
 @dataclass
 class Lab:
     """Where a task runs: this machine (no hosts) or these lab hosts over SSH, and how to reach them."""
+
     hosts: list[str] = field(default_factory=list)
     accept_new_host: bool = False
     remote_dir: str = "~/.nestpress"
     cache: str | None = None
-    config: Any = None                    # Fabric's config (keys from -i, ssh_config), for our Connections
+    config: Any = None  # Fabric's config (keys from -i, ssh_config), for our Connections
 
 
 def execute(request: Request, lab: Lab) -> int:
@@ -82,11 +91,14 @@ def execute(request: Request, lab: Lab) -> int:
         if lab.cache:
             os.environ["NESTPRESS_CACHE"] = lab.cache
         return cli.main(request.argv())
-    remotes = [Remote(Connection(h, config=lab.config), lab.remote_dir, lab.accept_new_host, lab.cache)
-               for h in lab.hosts]
-    console.print(f"[bold]nestpress {request.task}: running on {', '.join(r.name for r in remotes)} over SSH"
-                  + (" (one host; --hosts h1,h2 shards one run across several)" if len(remotes) == 1 else "")
-                  + "[/bold]")
+    remotes = [
+        Remote(Connection(h, config=lab.config), lab.remote_dir, lab.accept_new_host, lab.cache) for h in lab.hosts
+    ]
+    console.print(
+        f"[bold]nestpress {request.task}: running on {', '.join(r.name for r in remotes)} over SSH"
+        + (" (one host; --hosts h1,h2 shards one run across several)" if len(remotes) == 1 else "")
+        + "[/bold]"
+    )
     try:
         if request.task in ("run", "experiment"):
             return run_fleet(remotes, request)
@@ -101,10 +113,14 @@ def execute(request: Request, lab: Lab) -> int:
 def _simple(r: Remote, request: Request) -> int:
     if request.task == "setup":
         r.connect()
-        r.sh("export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "
-             "--no-install-recommends " + " ".join(SETUP_PACKAGES + request.packages), timeout=1800, hide=False)
+        r.sh(
+            "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "
+            "--no-install-recommends " + " ".join(SETUP_PACKAGES + request.packages),
+            timeout=1800,
+            hide=False,
+        )
     remote_config = r.ship(resolve_config_path(request.config) if request.config else None)
-    if request.task == "setup":        # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
+    if request.task == "setup":  # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
         r.sh(f"bash {shlex.quote(r.app)}/harness/setup_qemu.sh", timeout=1800, hide=False)
     r.ensure_env()
     if request.task == "setup":
@@ -131,7 +147,7 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
 
 def run_fleet(remotes: list[Remote], request: Request) -> int:
     config = str(request.config)
-    matrix = load(config, request.sets)          # validate here, before any host is touched
+    matrix = load(config, request.sets)  # validate here, before any host is touched
     exp = matrix.experiment
     run_id = request.run_id or new_run_id()
     local_run = Path(exp.output).resolve() / exp.name / run_id
@@ -146,9 +162,18 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
             log(f"{r.name}: job {job} is still running - reattaching")
             r.job = job
         else:
-            r.start_job(job, dataclasses.replace(request, task="run", config=remote_config, run_id=run_id,
-                                                 resume=False, output="results",
-                                                 shard=f"{i}/{n}" if n > 1 else None).argv())
+            r.start_job(
+                job,
+                dataclasses.replace(
+                    request,
+                    task="run",
+                    config=remote_config,
+                    run_id=run_id,
+                    resume=False,
+                    output="results",
+                    shard=f"{i}/{n}" if n > 1 else None,
+                ).argv(),
+            )
         rc = r.follow(job, prefix=f"[{r.c.host}:{r.c.port}] " if n > 1 else "")
         r.fetch(f"{r.app}/results/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
         return rc
@@ -157,10 +182,14 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
     _merge_manifests(local_run, hosts_by_cell)
     failed = {h: o for h, o in outcomes.items() if o != 0}
     for h, o in failed.items():
-        warn(f"{h}: " + (f"failed: {o}" if isinstance(o, BaseException) else f"exited {o}")
-             + " - its cells are reported as missing")
+        warn(
+            f"{h}: "
+            + (f"failed: {o}" if isinstance(o, BaseException) else f"exited {o}")
+            + " - its cells are reported as missing"
+        )
     if local_run.exists() and (local_run / "manifest.json").exists():
         from .report import generate
+
         if request.task == "experiment" or failed:
             print(f"report: {generate(local_run).html}")
         print(f"run directory: {local_run}")
@@ -183,5 +212,6 @@ def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:
             warn(f"{h}: fetch failed: {o}")
     if (run_dir / "manifest.json").exists():
         from .report import generate
+
         print(f"report: {generate(run_dir).html}")
     return 0 if all(o == 0 for o in outcomes.values()) else 1

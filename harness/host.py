@@ -5,6 +5,7 @@ a /dev/kvm without them (a software KVM) accepts KVM_CREATE_VM but never boots L
 Otherwise TCG with `-cpu max` (which offers SVM with nested paging). Forcing KVM where it
 cannot work is an error, never a silent fallback.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,7 +26,7 @@ KVM_GET_API_VERSION = 0xAE00
 
 @dataclass
 class AccelDecision:
-    accel: str                     # "kvm" or "tcg"
+    accel: str  # "kvm" or "tcg"
     reasons: list[str]
     cpu_flags: list[str]
     forced: bool = False
@@ -34,8 +35,10 @@ class AccelDecision:
     def banner(self) -> str:
         if self.accel == "kvm":
             return "ACCEL: KVM (hardware virtualization) - " + "; ".join(self.reasons)
-        return ("ACCEL: TCG (software emulation, NOT KVM) - timings are emulated and ~10-100x slower than "
-                "hardware; latency results show relative effects only. Why: " + "; ".join(self.reasons))
+        return (
+            "ACCEL: TCG (software emulation, NOT KVM) - timings are emulated and ~10-100x slower than "
+            "hardware; latency results show relative effects only. Why: " + "; ".join(self.reasons)
+        )
 
 
 def cpu_virt_flags(cpuinfo: str | None = None) -> list[str]:
@@ -81,53 +84,68 @@ def decide_accel(requested: str = "auto", cpuinfo: str | None = None, dev: str =
 
 @dataclass
 class RootfsDecision:
-    kind: str                      # "9p" or "virtiofs": how every level shares its root with its guests
+    kind: str  # "9p" or "virtiofs": how every level shares its root with its guests
     reasons: list[str]
 
 
-TCG_VIRTIOFS_WHY = ("auto under TCG: virtio-9p, since the host's virtiofsd writes file data straight into the kernel "
-                    "under test's shared RAM, behind TCG's back: translated code of a reused page frame is not "
-                    "invalidated, and after global reclaim re-read code pages the kernel under test's programs ran "
-                    "stale code (segfaults of PID 1 and of the pressure actor); 9p reads go through QEMU, which "
-                    "invalidates")
+TCG_VIRTIOFS_WHY = (
+    "auto under TCG: virtio-9p, since the host's virtiofsd writes file data straight into the kernel "
+    "under test's shared RAM, behind TCG's back: translated code of a reused page frame is not "
+    "invalidated, and after global reclaim re-read code pages the kernel under test's programs ran "
+    "stale code (segfaults of PID 1 and of the pressure actor); 9p reads go through QEMU, which "
+    "invalidates"
+)
 
 
 def decide_rootfs(requested: str, accel: str) -> RootfsDecision:
     """virtiofs where a virtiofsd exists, we are root (it needs a mount namespace) and guests run on KVM;
     else virtio-9p (TCG_VIRTIOFS_WHY)."""
     daemon, root = find_virtiofsd(), os.geteuid() == 0
-    reasons = [f"virtiofsd: {daemon}" if daemon else "no virtiofsd (Debian: qemu-system-common <= 7.2, "
-               "or the virtiofsd package)",
-               "running as root" if root else "not root: virtiofsd needs a mount namespace of its own"]
+    reasons = [
+        f"virtiofsd: {daemon}"
+        if daemon
+        else "no virtiofsd (Debian: qemu-system-common <= 7.2, or the virtiofsd package)",
+        "running as root" if root else "not root: virtiofsd needs a mount namespace of its own",
+    ]
     works = bool(daemon) and root
     if requested == "virtiofs" and not works:
         raise AccelError("boot.rootfs: virtiofs was requested but cannot be served here: " + "; ".join(reasons))
     if requested == "9p":
         return RootfsDecision("9p", reasons + ["9p forced by the config"])
     if requested == "virtiofs":
-        return RootfsDecision("virtiofs", reasons + ["virtiofs forced by the config"] +
-                              (["under TCG the kernel under test may run stale code after reclaim (auto avoids it)"]
-                               if accel == "tcg" else []))
+        return RootfsDecision(
+            "virtiofs",
+            reasons
+            + ["virtiofs forced by the config"]
+            + (
+                ["under TCG the kernel under test may run stale code after reclaim (auto avoids it)"]
+                if accel == "tcg"
+                else []
+            ),
+        )
     if works and accel == "tcg":
         return RootfsDecision("9p", reasons + [TCG_VIRTIOFS_WHY])
     return RootfsDecision("virtiofs" if works else "9p", reasons)
 
 
-PRIVATE_QEMUS = Path("/usr/local/lib/nestpress")   # where harness/setup_qemu.sh keeps bookworm's QEMU 7.2 tree
+PRIVATE_QEMUS = Path("/usr/local/lib/nestpress")  # where harness/setup_qemu.sh keeps bookworm's QEMU 7.2 tree
 # Under TCG each topology works with one generation of QEMU's emulated SVM (measured; README "Which QEMU"):
 # nested needs >= 10 (7.2 kills L1 minutes after its L2 starts), shadow needs < 10 (10.0.2 triple-faults an
 # L1 with npt=0 at its first switch of paging mode).
 TCG_QEMU = {"nested": lambda v: v >= (10, 0), "shadow": lambda v: v < (10, 0)}
-TCG_QEMU_WHY = {"nested": "needs QEMU >= 10 under TCG (QEMU 7.2's emulated SVM kills L1 minutes after its L2 "
-                          "starts); bootstrap.sh or `fab setup` installs it from bookworm-backports",
-                "shadow": "needs QEMU < 10 under TCG (10.0.2's emulated SVM triple-faults an L1 with npt=0 at its "
-                          "first switch of paging mode); bootstrap.sh or `fab setup` keeps bookworm's 7.2 beside it"}
+TCG_QEMU_WHY = {
+    "nested": "needs QEMU >= 10 under TCG (QEMU 7.2's emulated SVM kills L1 minutes after its L2 "
+    "starts); bootstrap.sh or `fab setup` installs it from bookworm-backports",
+    "shadow": "needs QEMU < 10 under TCG (10.0.2's emulated SVM triple-faults an L1 with npt=0 at its "
+    "first switch of paging mode); bootstrap.sh or `fab setup` keeps bookworm's 7.2 beside it",
+}
 
 
 @dataclass(frozen=True)
 class Qemu:
     """One QEMU installation: the system's, or a private tree kept by setup_qemu.sh (which needs -L for its
     firmware and QEMU_MODULE_DIR for its TCG accelerator module)."""
+
     binary: str
     version: str
     data_dir: str | None = None
@@ -171,8 +189,14 @@ def qemu_installs(private: Path = PRIVATE_QEMUS) -> list[Qemu]:
     for tree in sorted(private.glob("qemu-*"), reverse=True):
         binary = tree / "usr" / "bin" / "qemu-system-x86_64"
         if binary.exists():
-            out.append(Qemu(str(binary), _version_of(str(binary)), str(tree / "usr" / "share" / "qemu"),
-                            str(tree / "usr" / "lib" / "x86_64-linux-gnu" / "qemu")))
+            out.append(
+                Qemu(
+                    str(binary),
+                    _version_of(str(binary)),
+                    str(tree / "usr" / "share" / "qemu"),
+                    str(tree / "usr" / "lib" / "x86_64-linux-gnu" / "qemu"),
+                )
+            )
     return out
 
 
@@ -181,8 +205,10 @@ def topology_support(accel: str, installs: list[Qemu]) -> dict[str, tuple[Qemu |
     if not installs:
         return {k: (None, "no qemu-system-x86_64 (apt-get install qemu-system-x86)") for k in TCG_QEMU}
     if accel == "kvm":
-        why = {"shadow": "L1 shadow-paged by the kernel under test (npt=0/ept=0)",
-               "nested": "L1 on TDP, L2 on the kernel under test's nested (shadow) MMU"}
+        why = {
+            "shadow": "L1 shadow-paged by the kernel under test (npt=0/ept=0)",
+            "nested": "L1 on TDP, L2 on the kernel under test's nested (shadow) MMU",
+        }
         return {k: (installs[0], f"{why[k]}, hardware virtualization, {installs[0].describe()}") for k in TCG_QEMU}
     out: dict[str, tuple[Qemu | None, str]] = {}
     for kind, fits in TCG_QEMU.items():
@@ -194,8 +220,8 @@ def topology_support(accel: str, installs: list[Qemu]) -> dict[str, tuple[Qemu |
 
 @dataclass
 class TopologyDecision:
-    kind: str                      # "nested" or "shadow"
-    qemu: Qemu                     # runs every level of its cells
+    kind: str  # "nested" or "shadow"
+    qemu: Qemu  # runs every level of its cells
     reasons: list[str]
 
 
@@ -207,11 +233,16 @@ def decide_topology(requested: str, accel: str, installs: list[Qemu], kut_cpus: 
     if qemu is None:
         raise AccelError(f"topology.kind: {kind} cannot run here: {why}")
     if kind == "nested" and accel == "tcg" and kut_cpus > 1:
-        raise AccelError(f"topology.kind: nested under TCG needs topology.kut.cpus: 1 (got {kut_cpus}): with two "
-                         "emulated CPUs the kernel under test's KVM lost L1 within minutes (a triple fault), or its "
-                         "own memory under global reclaim (README, \"Nested under TCG\")")
-    reasons = [why] + (["auto: nested only with hardware virtualization; under TCG shadow keeps the default "
-                        "experiment short"] if requested == "auto" and kind == "shadow" else [])
+        raise AccelError(
+            f"topology.kind: nested under TCG needs topology.kut.cpus: 1 (got {kut_cpus}): with two "
+            "emulated CPUs the kernel under test's KVM lost L1 within minutes (a triple fault), or its "
+            'own memory under global reclaim (README, "Nested under TCG")'
+        )
+    reasons = [why] + (
+        ["auto: nested only with hardware virtualization; under TCG shadow keeps the default experiment short"]
+        if requested == "auto" and kind == "shadow"
+        else []
+    )
     return TopologyDecision(kind, qemu, reasons)
 
 
@@ -219,9 +250,10 @@ def decide_topology(requested: str, accel: str, installs: list[Qemu], kut_cpus: 
 class Environment:
     """What this host can do for one run, decided once and passed to every stage (and into the manifest):
     the accelerator, how guests get their root, and per topology the kind and the QEMU that runs it."""
+
     accel: AccelDecision
     rootfs: RootfsDecision
-    topologies: dict[str, TopologyDecision]     # keyed by topology.kind as the cells ask for it (auto, ...)
+    topologies: dict[str, TopologyDecision]  # keyed by topology.kind as the cells ask for it (auto, ...)
 
     def topology(self, cell: Cell) -> TopologyDecision:
         return self.topologies[cell.config.topology.kind]
@@ -236,8 +268,11 @@ def decide_environment(matrix: Matrix) -> Environment:
     accel = decide_accel(matrix.experiment.accel)
     installs = qemu_installs()
     topologies: dict[str, TopologyDecision] = {
-        c.config.topology.kind: decide_topology(c.config.topology.kind, accel.accel, installs,
-                                                c.config.topology.kut.cpus) for c in matrix.cells}
+        c.config.topology.kind: decide_topology(
+            c.config.topology.kind, accel.accel, installs, c.config.topology.kut.cpus
+        )
+        for c in matrix.cells
+    }
     return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs, accel.accel), topologies)
 
 
@@ -267,8 +302,8 @@ class Doctor:
     nested: dict[str, str]
     rootfs: str
     rootfs_reasons: list[str]
-    qemu: list[str]                # every installation: "version (path)"
-    topologies: dict[str, str]     # kind -> "works: why" / "does not work: why" on this host
+    qemu: list[str]  # every installation: "version (path)"
+    topologies: dict[str, str]  # kind -> "works: why" / "does not work: why" on this host
     cgroup_v2: bool
     mem_total_mb: int
     mem_available_mb: int
@@ -285,18 +320,20 @@ class Doctor:
         return asdict(self)
 
     def text(self) -> str:
-        lines = [f"host: {platform.node()} ({self.kernel}, {self.cpus} CPUs, {self.mem_total_mb} MiB RAM, "
-                 f"{self.mem_available_mb} MiB available, {self.disk_free_mb} MiB free disk for the cache)",
-                 f"accel: {self.accel.upper()}" + ("" if self.accel == "kvm" else "  <-- software emulation"),
-                 *[f"  - {r}" for r in self.reasons],
-                 f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
-                 f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
-                 f"qemu-system-x86_64: {'; '.join(self.qemu) or 'MISSING'}",
-                 *[f"topology {kind}: {what}" for kind, what in self.topologies.items()],
-                 f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
-                 "(pressure runs inside the kernel under test, which mounts its own)",
-                 f"python: {self.python}",
-                 "tools: " + ", ".join(f"{t}{'' if p else ' (MISSING)'}" for t, p in self.tools.items())]
+        lines = [
+            f"host: {platform.node()} ({self.kernel}, {self.cpus} CPUs, {self.mem_total_mb} MiB RAM, "
+            f"{self.mem_available_mb} MiB available, {self.disk_free_mb} MiB free disk for the cache)",
+            f"accel: {self.accel.upper()}" + ("" if self.accel == "kvm" else "  <-- software emulation"),
+            *[f"  - {r}" for r in self.reasons],
+            f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
+            f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
+            f"qemu-system-x86_64: {'; '.join(self.qemu) or 'MISSING'}",
+            *[f"topology {kind}: {what}" for kind, what in self.topologies.items()],
+            f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
+            "(pressure runs inside the kernel under test, which mounts its own)",
+            f"python: {self.python}",
+            "tools: " + ", ".join(f"{t}{'' if p else ' (MISSING)'}" for t, p in self.tools.items()),
+        ]
         if self.missing_packages:
             lines.append("install: apt-get install " + " ".join(self.missing_packages) + "   (or: fab setup)")
         lines.append("ready: yes" if self.ready else "ready: NO - " + "; ".join(self.problems))
@@ -307,8 +344,10 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
     d = decide_accel("auto")
     rootfs = decide_rootfs("auto", d.accel)
     tools = {t: which(t) for t in TOOL_PACKAGES}
-    missing = sorted({TOOL_PACKAGES[t] for t, p in tools.items() if not p}
-                     | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()})
+    missing = sorted(
+        {TOOL_PACKAGES[t] for t, p in tools.items() if not p}
+        | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()}
+    )
     mi = meminfo()
     disk_path = cache_dir or Path.home()
     while not disk_path.exists():
@@ -321,13 +360,28 @@ def doctor(cache_dir: Path | None = None) -> Doctor:
     if mi["MemAvailable"] < 6 << 20:
         problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
     installs = qemu_installs()
-    topologies = {kind: ("works " if q else "does not work: ") + why
-                  for kind, (q, why) in topology_support(d.accel, installs).items()}
-    return Doctor(accel=d.accel, reasons=d.reasons, cpu_flags=d.cpu_flags, nested=nested_support(),
-                  rootfs=rootfs.kind, rootfs_reasons=rootfs.reasons, topologies=topologies,
-                  qemu=[f"{q.version} ({q.binary})" for q in installs],
-                  cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
-                  mem_total_mb=mi["MemTotal"] >> 10, mem_available_mb=mi["MemAvailable"] >> 10,
-                  disk_free_mb=shutil.disk_usage(disk_path).free >> 20, cpus=os.cpu_count() or 1,
-                  kernel=platform.release(), python=platform.python_version(), tools=tools,
-                  missing_packages=missing, ready=not problems, problems=problems)
+    topologies = {
+        kind: ("works " if q else "does not work: ") + why
+        for kind, (q, why) in topology_support(d.accel, installs).items()
+    }
+    return Doctor(
+        accel=d.accel,
+        reasons=d.reasons,
+        cpu_flags=d.cpu_flags,
+        nested=nested_support(),
+        rootfs=rootfs.kind,
+        rootfs_reasons=rootfs.reasons,
+        topologies=topologies,
+        qemu=[f"{q.version} ({q.binary})" for q in installs],
+        cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
+        mem_total_mb=mi["MemTotal"] >> 10,
+        mem_available_mb=mi["MemAvailable"] >> 10,
+        disk_free_mb=shutil.disk_usage(disk_path).free >> 20,
+        cpus=os.cpu_count() or 1,
+        kernel=platform.release(),
+        python=platform.python_version(),
+        tools=tools,
+        missing_packages=missing,
+        ready=not problems,
+        problems=problems,
+    )

@@ -9,6 +9,7 @@ each at its host path so that the agent runs unchanged. L2 then reads nothing fr
 filesystem; its only file channel is its results export. The archive is made once per content
 and cached; it is plain `newc` cpio (no compression: the kernel unpacks it at memory speed).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,10 @@ def command_files(argv: list[str] | None, search_path: str) -> list[str]:
         return []
     exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=search_path)
     if not exe or not os.path.isfile(exe):
-        raise HarnessError(f"workload.command: {argv[0]!r} not found on this host (PATH {search_path}); "
-                           "L2 boots from an initramfs that carries only the command's own executable")
+        raise HarnessError(
+            f"workload.command: {argv[0]!r} not found on this host (PATH {search_path}); "
+            "L2 boots from an initramfs that carries only the command's own executable"
+        )
     interp = interpreter(exe)
     return [exe] + ([interp] if interp else [])
 
@@ -109,7 +112,7 @@ class Archive:
     """newc cpio entries, each path once, with every directory and symlink on the way to it."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[int, bytes, int, tuple[int, int]]] = {}   # path -> (mode, data, mtime, rdev)
+        self.entries: dict[str, tuple[int, bytes, int, tuple[int, int]]] = {}  # path -> (mode, data, mtime, rdev)
 
     def add(self, path: str) -> None:
         """Add a host path as the guest must see it: each symlink in it kept as a symlink, then its target."""
@@ -119,19 +122,20 @@ class Archive:
             cur = f"{cur}/{part}"
             if cur in self.entries:
                 if stat.S_ISLNK(self.entries[cur][0]):
-                    return self.add(os.path.realpath(cur) + "".join("/" + p for p in parts[i + 1:]))
+                    return self.add(os.path.realpath(cur) + "".join("/" + p for p in parts[i + 1 :]))
                 continue
             st = os.lstat(cur)
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(cur)
                 self.entries[cur] = (st.st_mode, target.encode(), int(st.st_mtime), (0, 0))
-                return self.add(os.path.normpath(os.path.join(os.path.dirname(cur), target))
-                                + "".join("/" + p for p in parts[i + 1:]))
+                return self.add(
+                    os.path.normpath(os.path.join(os.path.dirname(cur), target))
+                    + "".join("/" + p for p in parts[i + 1 :])
+                )
             if stat.S_ISDIR(st.st_mode):
                 self.entries[cur] = (stat.S_IFDIR | 0o755, b"", int(st.st_mtime), (0, 0))
             elif stat.S_ISREG(st.st_mode):
-                self.entries[cur] = (stat.S_IFREG | (st.st_mode & 0o755), _file_bytes(cur), int(st.st_mtime),
-                                     (0, 0))
+                self.entries[cur] = (stat.S_IFREG | (st.st_mode & 0o755), _file_bytes(cur), int(st.st_mtime), (0, 0))
             else:
                 raise HarnessError(f"initramfs: {cur} is neither a file, a directory nor a symlink")
         return None

@@ -2,6 +2,7 @@
 when the run ends) and cells/<id>/cell.json (how a cell ended). The runner writes them, the fleet merges
 them, results and report read them; nobody else looks inside by string keys. Reading tolerates fields an
 older or newer harness wrote (extra="ignore"), so old run directories still get reports."""
+
 from __future__ import annotations
 
 import time
@@ -24,6 +25,7 @@ class Record(BaseModel):
 
 class CellEntry(Record):
     """A cell of the matrix as the manifest lists it (config.Cell without its expanded config)."""
+
     id: str
     variant: str
     repetition: int
@@ -77,8 +79,8 @@ class Manifest(Record):
     builds: dict[str, BuildEntry] = {}
     host: dict[str, Any] = {}
     reproduce: str = ""
-    hosts: dict[str, str | None] | None = None     # fleet runs: the status each host's own manifest had
-    cell_hosts: dict[str, str] = {}                # fleet runs: which host ran which cell
+    hosts: dict[str, str | None] | None = None  # fleet runs: the status each host's own manifest had
+    cell_hosts: dict[str, str] = {}  # fleet runs: which host ran which cell
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -97,11 +99,12 @@ class Manifest(Record):
 
 class CellRecord(Record):
     """How a cell ended; `complete` is the only status that a resumed run does not redo."""
+
     status: Literal["complete", "failed"]
     attempt: int
     retried: bool = False
     errors: list[str] = []
-    fatal: bool = False                 # the kernel cannot run the schedule: no retry, no further cells
+    fatal: bool = False  # the kernel cannot run the schedule: no retry, no further cells
     kut_ready_s: float | None = None
     kut_kernel_s: float | None = None
     started: float | None = None

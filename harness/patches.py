@@ -4,6 +4,7 @@ Applying is all-or-nothing: each patch is checked before it is applied, and a fa
 rolls back what was already applied, so no half-patched tree is ever built. After
 applying, the series' `verify` rules prove the change took effect.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ class PatchVariant:
     patches: tuple[Path, ...]
 
     def hashes(self) -> dict[str, str]:
-        return {p.name if len(self.patches) == 1 else str(p.relative_to(PATCHES_DIR)): hash_file(p)
-                for p in self.patches}
+        return {
+            p.name if len(self.patches) == 1 else str(p.relative_to(PATCHES_DIR)): hash_file(p) for p in self.patches
+        }
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ class Series:
             for v in self.variants:
                 if v.name == explicit:
                     return v
-            raise PatchError(f"series {self.name} has no variant '{explicit}' "
-                             f"(variants: {', '.join(v.name for v in self.variants)})")
+            raise PatchError(
+                f"series {self.name} has no variant '{explicit}' (variants: {', '.join(v.name for v in self.variants)})"
+            )
         if self.upstream_since and version.mm >= self.upstream_since:
             raise UnsupportedKernel(
                 f"kernel {version}: '{self.title}' is upstream since "
                 f"{'.'.join(map(str, self.upstream_since))}; there is nothing to patch. An A/B on this kernel "
-                "needs a baseline that reverts the change, which this series does not ship.")
+                "needs a baseline that reverts the change, which this series does not ship."
+            )
         for v in self.variants:
             if v.min <= version.mm <= v.max:
                 return v
@@ -83,9 +87,14 @@ def load_series(name: str, root: Path = PATCHES_DIR) -> Series:
                 raise PatchError(f"{index}: variant {v['name']} lists missing patch {f}")
         variants.append(PatchVariant(name, v["name"], _mm(v["min"]), _mm(v["max"]), v.get("shape", ""), files))
     verify = data.get("verify") or {}
-    return Series(name, data.get("title", name), tuple(variants),
-                  _mm(data["upstream_since"]) if data.get("upstream_since") else None,
-                  verify.get("file"), tuple(verify.get("absent", [])))
+    return Series(
+        name,
+        data.get("title", name),
+        tuple(variants),
+        _mm(data["upstream_since"]) if data.get("upstream_since") else None,
+        verify.get("file"),
+        tuple(verify.get("absent", [])),
+    )
 
 
 def _git_apply(tree: Path, patch: Path, *flags: str):
@@ -143,9 +152,10 @@ def apply(tree: Path, variant: PatchVariant) -> None:
         for p in variant.patches:
             r = _git_apply(tree, p, "--check", "-v")
             if r.returncode != 0:
-                raise PatchError(_failure_message(p, r.stderr + r.stdout) +
-                                 f" (series {variant.series}, variant {variant.name} for "
-                                 f"{variant.shape or 'its range'})")
+                raise PatchError(
+                    _failure_message(p, r.stderr + r.stdout) + f" (series {variant.series}, variant {variant.name} for "
+                    f"{variant.shape or 'its range'})"
+                )
             _break_links(tree, touched_files(p))
             r = _git_apply(tree, p)
             if r.returncode != 0:
@@ -162,8 +172,9 @@ def revert(tree: Path, variant: PatchVariant) -> None:
     for p in reversed(variant.patches):
         r = _git_apply(tree, p, "-R", "--check")
         if r.returncode != 0:
-            raise PatchError(f"cannot take {p.name} out of {tree}: the tree was changed by hand; delete {tree} "
-                             "and build again")
+            raise PatchError(
+                f"cannot take {p.name} out of {tree}: the tree was changed by hand; delete {tree} and build again"
+            )
         _git_apply(tree, p, "-R")
 
 
@@ -174,6 +185,8 @@ def verify(tree: Path, series: Series) -> list[str]:
     text = (tree / series.verify_file).read_text(errors="replace")
     left = [s for s in series.verify_absent if s in text]
     if left:
-        raise PatchError(f"series {series.name} applied but {series.verify_file} still contains "
-                         f"{', '.join(left)}: the patch did not take effect")
+        raise PatchError(
+            f"series {series.name} applied but {series.verify_file} still contains "
+            f"{', '.join(left)}: the patch did not take effect"
+        )
     return [f"{series.verify_file}: no {s}" for s in series.verify_absent]

@@ -8,6 +8,7 @@ agent (harness/guest/agent.py), run by the host's Python from the shared root, s
 see the same tools as the host. The kernel under test also gets
 a virtio-blk swap disk so that global reclaim has something to do.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -28,26 +29,26 @@ KUT_SWAP_DEVICE = "/dev/vda"
 
 @dataclass
 class GuestSpec:
-    name: str                 # kut, l1-0, l1-0.l2-0 ...
-    level: str                # kut | l1 | l2
+    name: str  # kut, l1-0, l1-0.l2-0 ...
+    level: str  # kut | l1 | l2
     kernel: str
     memory_mb: int
     cpus: int
-    accel: str                # kvm | tcg
-    export: str               # writable results dir, as the parent sees it
-    console: str              # serial console log, as the parent sees it
+    accel: str  # kvm | tcg
+    export: str  # writable results dir, as the parent sees it
+    console: str  # serial console log, as the parent sees it
     python: str
-    prealloc: bool = False    # guest RAM faulted in before the guest starts
-    mlock: bool = False       # guest RAM locked in the parent (never swapped)
-    rootfs: str = "9p"        # 9p | virtiofs (the host's root, shared) | initramfs (initramfs.py)
-    rootfs_dir: str = ""      # virtiofs: where its server puts its socket (and its read-only view of /)
+    prealloc: bool = False  # guest RAM faulted in before the guest starts
+    mlock: bool = False  # guest RAM locked in the parent (never swapped)
+    rootfs: str = "9p"  # 9p | virtiofs (the host's root, shared) | initramfs (initramfs.py)
+    rootfs_dir: str = ""  # virtiofs: where its server puts its socket (and its read-only view of /)
     initrd: str | None = None  # initramfs: the archive
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
-    monitor: str | None = None     # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
-    thp: str = "never"             # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
-    qemu: tuple[str, ...] = ("qemu-system-x86_64",)   # the command that starts it (host.Qemu.command)
-    bios: str | None = None        # firmware (host.Qemu.qboot); None: QEMU's default, SeaBIOS
+    monitor: str | None = None  # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
+    thp: str = "never"  # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
+    qemu: tuple[str, ...] = ("qemu-system-x86_64",)  # the command that starts it (host.Qemu.command)
+    bios: str | None = None  # firmware (host.Qemu.qboot); None: QEMU's default, SeaBIOS
 
     @property
     def rootfs_socket(self) -> str:
@@ -58,16 +59,36 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     # Below the kernel under test the console is a file on a 9p export, written through emulated
     # I/O: only emergencies (panics) go there; the agent keeps the whole kernel log in kmsg.log.
     quiet = spec.level != "kut"
-    root = {"virtiofs": [f"root={ROOT_TAG}", "rootfstype=virtiofs", "ro", f"init={spec.python}"],
-            "9p": ["root=/dev/root", "rootfstype=9p",
-                   "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any", "ro",
-                   f"init={spec.python}"],
-            "initramfs": [f"rdinit={spec.python}"]}[spec.rootfs]
-    args = ["console=ttyS0", *([] if quiet else ["earlyprintk=serial,ttyS0"]), f"loglevel={1 if quiet else 5}",
-            "panic=-1", "oops=panic", "random.trust_cpu=on",   # getrandom() must not block PID 1
-            "mitigations=off", "nokaslr", f"transparent_hugepage={spec.thp}",
-            f"nestpress.level={spec.level}", f"nestpress.name={spec.name}",
-            *spec.cmdline_extra, *root, "--", "-E", "-S", str(AGENT)]
+    root = {
+        "virtiofs": [f"root={ROOT_TAG}", "rootfstype=virtiofs", "ro", f"init={spec.python}"],
+        "9p": [
+            "root=/dev/root",
+            "rootfstype=9p",
+            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
+            "ro",
+            f"init={spec.python}",
+        ],
+        "initramfs": [f"rdinit={spec.python}"],
+    }[spec.rootfs]
+    args = [
+        "console=ttyS0",
+        *([] if quiet else ["earlyprintk=serial,ttyS0"]),
+        f"loglevel={1 if quiet else 5}",
+        "panic=-1",
+        "oops=panic",
+        "random.trust_cpu=on",  # getrandom() must not block PID 1
+        "mitigations=off",
+        "nokaslr",
+        f"transparent_hugepage={spec.thp}",
+        f"nestpress.level={spec.level}",
+        f"nestpress.name={spec.name}",
+        *spec.cmdline_extra,
+        *root,
+        "--",
+        "-E",
+        "-S",
+        str(AGENT),
+    ]
     return " ".join(args)
 
 
@@ -78,23 +99,57 @@ def opt(value: str) -> str:
 
 def qemu_argv(spec: GuestSpec) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
-    argv = [*spec.qemu, "-name", f"nestpress-{spec.name}", *cpu, "-machine", "pc,memory-backend=ram",
-            # under TCG a guest that resets (a triple fault: QEMU exits 0 under -no-reboot) logs its CPU state
-            *(["-d", "cpu_reset,guest_errors", "-D", f"{spec.export}/qemu.debug.log"] if spec.accel == "tcg" else []),
-            *(["-bios", spec.bios] if spec.bios else []),
-            "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-display", "none", "-vga", "none",
-            "-rtc", "base=utc,clock=host",
-            "-kernel", spec.kernel, "-append", kernel_cmdline(spec),
-            "-serial", f"file:{opt(spec.console)}",
-            *(["-monitor", f"unix:{opt(spec.monitor)},server=on,wait=off"] if spec.monitor else []),
-            *{"virtiofs": ["-chardev", f"socket,id=root,path={opt(spec.rootfs_socket)}",
-                           "-device", f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"],
-              "9p": ["-fsdev", "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
-                     "-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"],
-              "initramfs": ["-initrd", str(spec.initrd)]}[spec.rootfs],
-            "-fsdev", f"local,id=out,path={opt(spec.export)},security_model=none",
-            "-device", "virtio-9p-pci,fsdev=out,mount_tag=nestout"]
+    argv = [
+        *spec.qemu,
+        "-name",
+        f"nestpress-{spec.name}",
+        *cpu,
+        "-machine",
+        "pc,memory-backend=ram",
+        # under TCG a guest that resets (a triple fault: QEMU exits 0 under -no-reboot) logs its CPU state
+        *(["-d", "cpu_reset,guest_errors", "-D", f"{spec.export}/qemu.debug.log"] if spec.accel == "tcg" else []),
+        *(["-bios", spec.bios] if spec.bios else []),
+        "-m",
+        str(spec.memory_mb),
+        "-smp",
+        str(spec.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-rtc",
+        "base=utc,clock=host",
+        "-kernel",
+        spec.kernel,
+        "-append",
+        kernel_cmdline(spec),
+        "-serial",
+        f"file:{opt(spec.console)}",
+        *(["-monitor", f"unix:{opt(spec.monitor)},server=on,wait=off"] if spec.monitor else []),
+        *{
+            "virtiofs": [
+                "-chardev",
+                f"socket,id=root,path={opt(spec.rootfs_socket)}",
+                "-device",
+                f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}",
+            ],
+            "9p": [
+                "-fsdev",
+                "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+                "-device",
+                "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
+            ],
+            "initramfs": ["-initrd", str(spec.initrd)],
+        }[spec.rootfs],
+        "-fsdev",
+        f"local,id=out,path={opt(spec.export)},security_model=none",
+        "-device",
+        "virtio-9p-pci,fsdev=out,mount_tag=nestout",
+    ]
     if spec.swap_image:
         argv += ["-drive", f"file={opt(spec.swap_image)},if=virtio,format=raw,cache=unsafe"]
     if spec.mlock:
@@ -123,7 +178,7 @@ def dry_run(argv: list[str]) -> str:
 def kut_params(topology: str) -> list[str]:
     """Module parameters of the kernel under test's own KVM for this topology."""
     params = ["kvm_amd.nested=1", "kvm_intel.nested=1"]
-    if topology == "shadow":                      # TDP off: every L1 is shadow-paged by the kernel under test
+    if topology == "shadow":  # TDP off: every L1 is shadow-paged by the kernel under test
         params += ["kvm_amd.npt=0", "kvm_intel.ept=0"]
     return params
 
@@ -133,9 +188,20 @@ def probe_levels(exp: Experiment, topology: str) -> set[str]:
     return {str(level) for level in exp.workload.probe.levels} & present
 
 
-def build_plan(exp: Experiment, kernel: str, accel: str, decision: TopologyDecision, rootfs: str, cell_dir: Path,
-               scratch: Path, run_id: str, python: str, warm_timeout_s: float, swap_image: Path | None,
-               l2_initrd: Path | None = None) -> tuple[GuestSpec, GuestPlan]:
+def build_plan(
+    exp: Experiment,
+    kernel: str,
+    accel: str,
+    decision: TopologyDecision,
+    rootfs: str,
+    cell_dir: Path,
+    scratch: Path,
+    run_id: str,
+    python: str,
+    warm_timeout_s: float,
+    swap_image: Path | None,
+    l2_initrd: Path | None = None,
+) -> tuple[GuestSpec, GuestPlan]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
     The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
     every level runs the one QEMU decided for the topology. cell_dir is the results directory (the kernel
@@ -148,41 +214,82 @@ def build_plan(exp: Experiment, kernel: str, accel: str, decision: TopologyDecis
     timeouts = exp.boot.timeout_s
 
     def guest_plan(name: str, level: str, children: list[ChildSpec]) -> GuestPlan:
-        return GuestPlan(name=name, level=level, run_id=run_id, children=children,
-                         probe=probe if level in levels else None,
-                         command=exp.workload.command if level in levels else None,
-                         on_guest_failure=exp.boot.on_guest_failure)
+        return GuestPlan(
+            name=name,
+            level=level,
+            run_id=run_id,
+            children=children,
+            probe=probe if level in levels else None,
+            command=exp.workload.command if level in levels else None,
+            on_guest_failure=exp.boot.on_guest_failure,
+        )
 
     def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[ChildSpec]) -> ChildSpec:
         export = f"{parent_out}/{name.split('.')[-1]}"
-        spec = GuestSpec(name=name, level=level, kernel=kernel, memory_mb=spec_level.memory_mb,
-                         cpus=spec_level.cpus, prealloc=spec_level.prealloc, mlock=spec_level.mlock, accel="kvm",
-                         export=export, console=f"{export}/console.log", python=python,
-                         rootfs="initramfs" if level == "l2" else rootfs,
-                         initrd=str(l2_initrd) if level == "l2" else None, thp=spec_level.thp,
-                         qemu=tuple(qemu.command), bios=qemu.qboot,
-                         rootfs_dir=f"{SCRATCH}/{name}.rootfs", monitor=f"{SCRATCH}/{name}.monitor")
-        return ChildSpec(name=name, export=export, console=spec.console, timeout_s=timeouts.get(level, 600),
-                         argv=qemu_argv(spec), plan=guest_plan(name, level, grandchildren),
-                         rootfs_server=rootfs_server(spec), monitor=spec.monitor, system_map=system_map,
-                         env=qemu.env)
+        spec = GuestSpec(
+            name=name,
+            level=level,
+            kernel=kernel,
+            memory_mb=spec_level.memory_mb,
+            cpus=spec_level.cpus,
+            prealloc=spec_level.prealloc,
+            mlock=spec_level.mlock,
+            accel="kvm",
+            export=export,
+            console=f"{export}/console.log",
+            python=python,
+            rootfs="initramfs" if level == "l2" else rootfs,
+            initrd=str(l2_initrd) if level == "l2" else None,
+            thp=spec_level.thp,
+            qemu=tuple(qemu.command),
+            bios=qemu.qboot,
+            rootfs_dir=f"{SCRATCH}/{name}.rootfs",
+            monitor=f"{SCRATCH}/{name}.monitor",
+        )
+        return ChildSpec(
+            name=name,
+            export=export,
+            console=spec.console,
+            timeout_s=timeouts.get(level, 600),
+            argv=qemu_argv(spec),
+            plan=guest_plan(name, level, grandchildren),
+            rootfs_server=rootfs_server(spec),
+            monitor=spec.monitor,
+            system_map=system_map,
+            env=qemu.env,
+        )
 
     if topology == "nested" and l2_initrd is None:
         raise ValueError("nested topology: the L2 initramfs must be built first (initramfs.build)")
     l1s = []
     for i in range(exp.topology.l1.count):
         l1_name = f"l1-{i}"
-        l2s = ([child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, [])
-                for j in range(exp.topology.l2.count)] if topology == "nested" else [])
+        l2s = (
+            [child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, []) for j in range(exp.topology.l2.count)]
+            if topology == "nested"
+            else []
+        )
         l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s))
-    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c.plan.children) for c in l1s
-                                                                    if "l2" in levels)
-    kut = GuestSpec(name="kut", level="kut", kernel=kernel, memory_mb=exp.topology.kut.memory_mb,
-                    cpus=exp.topology.kut.cpus, accel=accel, export=str(cell_dir),
-                    console=str(cell_dir / "console.log"), python=python, rootfs=rootfs,
-                    rootfs_dir=str(scratch / "kut.rootfs"), monitor=str(scratch / "monitor"),
-                    cmdline_extra=kut_params(topology), thp=exp.topology.kut.thp, qemu=tuple(qemu.command),
-                    bios=qemu.qboot, swap_image=str(swap_image) if swap_image else None)
+    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c.plan.children) for c in l1s if "l2" in levels)
+    kut = GuestSpec(
+        name="kut",
+        level="kut",
+        kernel=kernel,
+        memory_mb=exp.topology.kut.memory_mb,
+        cpus=exp.topology.kut.cpus,
+        accel=accel,
+        export=str(cell_dir),
+        console=str(cell_dir / "console.log"),
+        python=python,
+        rootfs=rootfs,
+        rootfs_dir=str(scratch / "kut.rootfs"),
+        monitor=str(scratch / "monitor"),
+        cmdline_extra=kut_params(topology),
+        thp=exp.topology.kut.thp,
+        qemu=tuple(qemu.command),
+        bios=qemu.qboot,
+        swap_image=str(swap_image) if swap_image else None,
+    )
     plan = guest_plan("kut", "kut", l1s)
     plan.swap_device = KUT_SWAP_DEVICE if kut.swap_image else None
     plan.cgroup_controllers = ["memory"]

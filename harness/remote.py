@@ -8,6 +8,7 @@
   on Ctrl-C it stops the remote job (whose own handlers stop every QEMU it started).
 - Results come back with tar + get into the local results/ tree.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -30,14 +31,15 @@ from .util import log, warn
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15
-RECONNECT_S = 300            # how long the controller keeps trying to reattach after a drop
+RECONNECT_S = 300  # how long the controller keeps trying to reattach after a drop
 SHIP_EXCLUDE = (".venv", "results", ".git", "__pycache__", ".pytest_cache", "build")
 
 
 def project_files() -> list[str]:
     """Files to ship: what git tracks (plus untracked, not ignored), else a walk minus build outputs."""
-    r = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-co", "--exclude-standard"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True, text=True
+    )
     if r.returncode == 0 and r.stdout.strip():
         return [f for f in r.stdout.splitlines() if (REPO_ROOT / f).is_file()]
     out = []
@@ -58,15 +60,16 @@ def _tarball(files: list[tuple[str, Path]]) -> bytes:
 class Remote:
     """One lab host: connect safely, ship, bootstrap, run detached, reattach, fetch."""
 
-    def __init__(self, c: Connection, remote_dir: str = "~/.nestpress", accept_new_host: bool = False,
-                 cache: str | None = None):
+    def __init__(
+        self, c: Connection, remote_dir: str = "~/.nestpress", accept_new_host: bool = False, cache: str | None = None
+    ):
         self.c = c
         self.accept_new_host = accept_new_host
         self.remote_dir_spec = remote_dir
         self.cache = cache
         self.name = f"{c.user}@{c.host}:{c.port}"
         self._home: str | None = None
-        self.job: str | None = None       # the detached job this controller follows, if any
+        self.job: str | None = None  # the detached job this controller follows, if any
 
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> None:
@@ -77,8 +80,9 @@ class Remote:
         extra = os.environ.get("NESTPRESS_KNOWN_HOSTS")
         if extra and Path(extra).exists():
             c.client.load_host_keys(extra)
-        c.client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if self.accept_new_host
-                                             else paramiko.RejectPolicy())
+        c.client.set_missing_host_key_policy(
+            paramiko.AutoAddPolicy() if self.accept_new_host else paramiko.RejectPolicy()
+        )
         c.connect_timeout = CONNECT_TIMEOUT_S
         c.connect_kwargs.setdefault("banner_timeout", CONNECT_TIMEOUT_S)
         c.connect_kwargs.setdefault("auth_timeout", CONNECT_TIMEOUT_S)
@@ -88,8 +92,10 @@ class Remote:
             raise RemoteError(f"{self.name}: authentication failed ({e}); check the user and key (-i)") from None
         except paramiko.SSHException as e:
             if "not found in known_hosts" in str(e):
-                raise RemoteError(f"{self.name}: unknown host key - verify it and add it to ~/.ssh/known_hosts, "
-                                  "or pass --accept-new-host to trust it on first use") from None
+                raise RemoteError(
+                    f"{self.name}: unknown host key - verify it and add it to ~/.ssh/known_hosts, "
+                    "or pass --accept-new-host to trust it on first use"
+                ) from None
             raise RemoteError(f"{self.name}: SSH error: {e}") from None
         except (TimeoutError, OSError, paramiko.ssh_exception.NoValidConnectionsError) as e:
             raise RemoteError(f"{self.name}: unreachable within {CONNECT_TIMEOUT_S}s ({e})") from None
@@ -138,8 +144,10 @@ class Remote:
         tmp = f"{self.root}/incoming-{os.getpid()}.tgz"
         self.sh(f"mkdir -p {shlex.quote(self.app)}")
         self.c.put(io.BytesIO(data), remote=tmp)
-        self.sh(f"cd {shlex.quote(self.app)} && rm -rf harness configs patches && tar -xzf {shlex.quote(tmp)} "
-                f"&& rm -f {shlex.quote(tmp)}")
+        self.sh(
+            f"cd {shlex.quote(self.app)} && rm -rf harness configs patches && tar -xzf {shlex.quote(tmp)} "
+            f"&& rm -f {shlex.quote(tmp)}"
+        )
         log(f"{self.name}: shipped {len(files)} files ({len(data) >> 10} KiB) to {self.app}")
         return remote_config
 
@@ -153,8 +161,11 @@ class Remote:
         if r.failed:
             raise RemoteError(f"{self.name}: python3 not found; run `fab setup` (installs python3, python3-venv)")
         log(f"{self.name}: installing the harness into {self.app}/.venv (once per pyproject change)")
-        self.sh(f"cd {app} && python3 -m venv .venv && .venv/bin/pip install -q -e . && "
-                f"echo {stamp} > .venv/.nestpress-stamp", timeout=1200)
+        self.sh(
+            f"cd {app} && python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+            f"echo {stamp} > .venv/.nestpress-stamp",
+            timeout=1200,
+        )
 
     def python(self, args: list[str], timeout: float = 600):
         return self.sh(self._python_cmd(args), timeout=timeout, hide=False)
@@ -173,8 +184,10 @@ class Remote:
     def job_state(self, job: str) -> str:
         """running | done | absent."""
         j = shlex.quote(f"{self.root}/jobs/{job}")
-        r = self.sh(f"if [ -f {j}.rc ]; then echo done; elif [ -f {j}.pid ] && kill -0 $(cat {j}.pid) 2>/dev/null; "
-                    f"then echo running; else echo absent; fi")
+        r = self.sh(
+            f"if [ -f {j}.rc ]; then echo done; elif [ -f {j}.pid ] && kill -0 $(cat {j}.pid) 2>/dev/null; "
+            f"then echo running; else echo absent; fi"
+        )
         return r.stdout.strip()
 
     def follow(self, job: str, prefix: str = "") -> int:
@@ -203,18 +216,24 @@ class Remote:
                     raise
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > reconnect_for_s:
-                    raise RemoteError(f"{self.name}: connection lost for {reconnect_for_s:.0f}s; the job keeps "
-                                      f"running on the host. Re-run the same command with the same --run-id "
-                                      f"to reattach or resume.") from None
+                    raise RemoteError(
+                        f"{self.name}: connection lost for {reconnect_for_s:.0f}s; the job keeps "
+                        f"running on the host. Re-run the same command with the same --run-id "
+                        f"to reattach or resume."
+                    ) from None
                 warn(f"{self.name}: connection problem ({e}); reconnecting")
                 self.c.close()
             time.sleep(2)
 
     def stop_job(self, job: str) -> None:
         j = shlex.quote(f"{self.root}/jobs/{job}")
-        self.sh(f"[ -f {j}.pid ] && kill -TERM -- -$(cat {j}.pid) 2>/dev/null; "
-                f"for i in $(seq 60); do kill -0 $(cat {j}.pid) 2>/dev/null || break; sleep 1; done; "
-                f"kill -KILL -- -$(cat {j}.pid) 2>/dev/null; true", warn_only=True, timeout=90)
+        self.sh(
+            f"[ -f {j}.pid ] && kill -TERM -- -$(cat {j}.pid) 2>/dev/null; "
+            f"for i in $(seq 60); do kill -0 $(cat {j}.pid) 2>/dev/null || break; sleep 1; done; "
+            f"kill -KILL -- -$(cat {j}.pid) 2>/dev/null; true",
+            warn_only=True,
+            timeout=90,
+        )
 
     # -- results --------------------------------------------------------------------------------
     def fetch(self, remote_run: str, local_root: Path, host_tag: str) -> Path:
@@ -234,7 +253,7 @@ class Remote:
             for m in members:
                 if m.name == f"{rel}/manifest.json":
                     m.name = f"{rel}/hosts/{host_tag}.manifest.json"
-            tar.extractall(local_root, members=members, filter="data")   # "data" refuses absolute and .. paths
+            tar.extractall(local_root, members=members, filter="data")  # "data" refuses absolute and .. paths
         dest = local_root / rel
         log(f"{self.name}: fetched {remote_run} -> {dest}")
         return dest
@@ -254,8 +273,10 @@ def run_on_hosts(remotes: list[Remote], fn: Callable[[Remote, int], int]) -> dic
             _, pending = concurrent.futures.wait(pending, timeout=0.5)
     except KeyboardInterrupt:
         running = [r for r in remotes if r.job]
-        warn(f"Ctrl-C: stopping the remote job on {', '.join(r.name for r in running) or 'no host'} "
-             "(Ctrl-C again to leave them running)")
+        warn(
+            f"Ctrl-C: stopping the remote job on {', '.join(r.name for r in running) or 'no host'} "
+            "(Ctrl-C again to leave them running)"
+        )
         try:
             for r in running:
                 r.stop_job(str(r.job))

@@ -11,6 +11,7 @@
 
 All times share one clock: CLOCK_REALTIME, which every agent aligns to its parent's at boot.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,27 @@ from .manifest import CellEntry, Manifest, cell_record
 from .util import read_json
 
 _CELL = ["variant", "repetition", "cell"]
-COLUMNS = {   # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
+COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
     "samples": _CELL + ["level", "guest", "phase", "t", "latency_ns", "lo_ns", "hi_ns", "count", "interval"],
     "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms"],
     "counters": _CELL + ["source", "name", "t", "value"],
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
     "events": _CELL + ["level", "guest", "kind", "t", "detail"],
-    "cells": ["cell", "variant", "repetition", "host", "status", "attempt", "retried", "kut_ready_s",
-              "x86_mmu_shrinker_present", "mmu_shrink_scan_in_kallsyms", "kvm_params", "children_on_kvm", "errors"],
+    "cells": [
+        "cell",
+        "variant",
+        "repetition",
+        "host",
+        "status",
+        "attempt",
+        "retried",
+        "kut_ready_s",
+        "x86_mmu_shrinker_present",
+        "mmu_shrink_scan_in_kallsyms",
+        "kvm_params",
+        "children_on_kvm",
+        "errors",
+    ],
 }
 TABLES = tuple(COLUMNS)
 
@@ -75,9 +89,16 @@ def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
     if t0 is None:
         t0 = min((e["t"] for e in kut_events), default=0)
     sec = lambda ns: (ns - t0) / 1e9  # noqa: E731
-    phases = [{**base, "phase": name, "mode": e["mode"], "t_start": sec(e["t"]),
-               "t_end": sec(ends[name]["t"]) if name in ends else sec(e["t"]) + e["duration_s"]}
-              for name, e in starts.items()]
+    phases = [
+        {
+            **base,
+            "phase": name,
+            "mode": e["mode"],
+            "t_start": sec(e["t"]),
+            "t_end": sec(ends[name]["t"]) if name in ends else sec(e["t"]) + e["duration_s"],
+        }
+        for name, e in starts.items()
+    ]
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     rows["phases"] = phases
     for guest, level, d in _guest_dirs(cell_dir):
@@ -86,8 +107,14 @@ def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
             detail = {k: v for k, v in e.items() if k not in ("t", "mono", "kind")}
             rows["events"].append({**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(detail)})
         for e in _jsonl(d / "pressure.jsonl"):
-            rows["events"].append({**g, "kind": "pressure." + e["kind"], "t": sec(e["t"]),
-                                   "detail": json.dumps({k: v for k, v in e.items() if k not in ("t", "kind")})})
+            rows["events"].append(
+                {
+                    **g,
+                    "kind": "pressure." + e["kind"],
+                    "t": sec(e["t"]),
+                    "detail": json.dumps({k: v for k, v in e.items() if k not in ("t", "kind")}),
+                }
+            )
         for e in _jsonl(d / "shrinker.jsonl"):
             if "t" in e:
                 rows["events"].append({**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(e["fields"])})
@@ -97,20 +124,39 @@ def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
                 phase = _phase_of(tm, phases)
                 for k, n in rec["counts"].items():
                     lo, hi = bucket_bounds(int(k))
-                    rows["samples"].append({**g, "phase": phase, "t": tm, "latency_ns": (lo + hi) / 2,
-                                            "lo_ns": lo, "hi_ns": hi, "count": n, "interval": rec["t0"]})
+                    rows["samples"].append(
+                        {
+                            **g,
+                            "phase": phase,
+                            "t": tm,
+                            "latency_ns": (lo + hi) / 2,
+                            "lo_ns": lo,
+                            "hi_ns": hi,
+                            "count": n,
+                            "interval": rec["t0"],
+                        }
+                    )
                 for t, ns in rec.get("outliers", []):
-                    rows["events"].append({**g, "kind": "probe_outlier", "t": sec(t),
-                                           "detail": json.dumps({"latency_ns": ns})})
+                    rows["events"].append(
+                        {**g, "kind": "probe_outlier", "t": sec(t), "detail": json.dumps({"latency_ns": ns})}
+                    )
             elif rec["type"] == "pass":
                 tm = sec(rec["t1"])
-                rows["passes"].append({**g, "pass": rec["pass"], "t": tm, "phase": _phase_of(sec(rec["t0"]), phases),
-                                       "duration_ms": (rec["t1"] - rec["t0"]) / 1e6})
+                rows["passes"].append(
+                    {
+                        **g,
+                        "pass": rec["pass"],
+                        "t": tm,
+                        "phase": _phase_of(sec(rec["t0"]), phases),
+                        "duration_ms": (rec["t1"] - rec["t0"]) / 1e6,
+                    }
+                )
         for rec in _jsonl(d / "counters.jsonl"):
             t = sec(rec["t"])
             for name, value in rec["v"].items():
-                rows["counters"].append({**base, "source": name.split(".", 1)[0], "name": name, "t": t,
-                                         "value": float(value)})
+                rows["counters"].append(
+                    {**base, "source": name.split(".", 1)[0], "name": name, "t": t, "value": float(value)}
+                )
     return rows
 
 
@@ -122,15 +168,21 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str) -> dict:
         if (gd / "facts.json").exists():
             facts[guest] = read_json(gd / "facts.json")
     kut = facts.get("kut", {})
-    return {"cell": cell.id, "variant": cell.variant, "repetition": cell.repetition, "host": host,
-            "status": record.status if record else "missing" if not d.exists() else "incomplete",
-            "attempt": record.attempt if record else 0, "retried": record.retried if record else False,
-            "kut_ready_s": record.kut_ready_s if record else None,
-            "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs")) if kut else None,
-            "mmu_shrink_scan_in_kallsyms": kut.get("mmu_shrink_scan_in_kallsyms"),
-            "kvm_params": json.dumps(kut.get("kvm_params", {})),
-            "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),
-            "errors": json.dumps(record.errors if record else [])}
+    return {
+        "cell": cell.id,
+        "variant": cell.variant,
+        "repetition": cell.repetition,
+        "host": host,
+        "status": record.status if record else "missing" if not d.exists() else "incomplete",
+        "attempt": record.attempt if record else 0,
+        "retried": record.retried if record else False,
+        "kut_ready_s": record.kut_ready_s if record else None,
+        "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs")) if kut else None,
+        "mmu_shrink_scan_in_kallsyms": kut.get("mmu_shrink_scan_in_kallsyms"),
+        "kvm_params": json.dumps(kut.get("kvm_params", {})),
+        "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),
+        "errors": json.dumps(record.errors if record else []),
+    }
 
 
 def collect(run_dir: Path) -> dict[str, pd.DataFrame]:

@@ -7,6 +7,7 @@ running again into the same run directory skips complete cells and redoes the re
 Ctrl-C (or SIGTERM) at any point stops every QEMU of the run, removes its temp dir and
 leaves a manifest that says `interrupted`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ from .schedule import check_kernel
 from .util import console, default_cache, fmt_s, log, python_for_guests, status, warn
 
 WARM_TIMEOUT_S = 240
-STAGES = {EventKind.BOOT_READY.value: "{guest} up, warming probes", EventKind.PROBE_START.value: "warming probes",
-          EventKind.PROBES_WARM.value: "probes warm"}
+STAGES = {
+    EventKind.BOOT_READY.value: "{guest} up, warming probes",
+    EventKind.PROBE_START.value: "warming probes",
+    EventKind.PROBES_WARM.value: "probes warm",
+}
 SHUTDOWN_S = 90
 
 
@@ -40,8 +44,9 @@ def harness_commit() -> str | None:
     r = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if r.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return r.stdout.strip() + ("-dirty" if dirty else "")
 
 
@@ -85,35 +90,63 @@ class Runner:
         path = self.run_dir / "manifest.json"
         old = Manifest.load(path) if path.exists() else None
         return Manifest(
-            experiment=self.exp.name, run_id=self.run_dir.name,
-            started=old.started if old else time.time(), resumed=old.resumed + [time.time()] if old else [],
+            experiment=self.exp.name,
+            run_id=self.run_dir.name,
+            started=old.started if old else time.time(),
+            resumed=old.resumed + [time.time()] if old else [],
             duration_s=old.duration_s if old else 0.0,
-            config_path=matrix.config_path, config_hash=matrix.config_hash(), config=matrix.raw,
-            expanded=self.exp.model_dump(by_alias=True), axes=matrix.axes,
-            cells=[CellEntry(id=c.id, variant=c.variant, repetition=c.repetition, axes=c.axes, order=c.order,
-                             topology=self._topology(c)) for c in matrix.cells],
+            config_path=matrix.config_path,
+            config_hash=matrix.config_hash(),
+            config=matrix.raw,
+            expanded=self.exp.model_dump(by_alias=True),
+            axes=matrix.axes,
+            cells=[
+                CellEntry(
+                    id=c.id,
+                    variant=c.variant,
+                    repetition=c.repetition,
+                    axes=c.axes,
+                    order=c.order,
+                    topology=self._topology(c),
+                )
+                for c in matrix.cells
+            ],
             harness_commit=harness_commit(),
-            accel=AccelRecord(kut=env.accel.accel, l2="kvm" if "nested" in env.kinds else None,
-                              reasons=env.accel.reasons, banner=env.accel.banner),
-            topology=", ".join(env.kinds), topology_reasons={k: d.reasons for k, d in env.topologies.items()},
+            accel=AccelRecord(
+                kut=env.accel.accel,
+                l2="kvm" if "nested" in env.kinds else None,
+                reasons=env.accel.reasons,
+                banner=env.accel.banner,
+            ),
+            topology=", ".join(env.kinds),
+            topology_reasons={k: d.reasons for k, d in env.topologies.items()},
             qemu={d.kind: {"version": d.qemu.version, "binary": d.qemu.binary} for d in env.topologies.values()},
             rootfs={"kind": env.rootfs.kind, "reasons": env.rootfs.reasons},
-            builds={name: BuildEntry(key=b.key, dir=str(b.dir), kernelrelease=b.metadata.get("kernelrelease"),
-                                     kernel_version=b.metadata["inputs"]["kernel_version"],
-                                     source=b.metadata["inputs"]["source_description"],
-                                     patch_variant=b.metadata["inputs"]["patch_variant"],
-                                     patches=b.metadata["inputs"]["patches"],
-                                     config_sha256=b.metadata.get("config_sha256"),
-                                     fragments=b.metadata["inputs"]["fragments"],
-                                     bzImage_sha256=b.metadata.get("artifacts", {}).get("bzImage"))
-                    for name, b in builds.items()},
-            host=doctor(self.cache).as_dict(), reproduce=self.reproduce)
+            builds={
+                name: BuildEntry(
+                    key=b.key,
+                    dir=str(b.dir),
+                    kernelrelease=b.metadata.get("kernelrelease"),
+                    kernel_version=b.metadata["inputs"]["kernel_version"],
+                    source=b.metadata["inputs"]["source_description"],
+                    patch_variant=b.metadata["inputs"]["patch_variant"],
+                    patches=b.metadata["inputs"]["patches"],
+                    config_sha256=b.metadata.get("config_sha256"),
+                    fragments=b.metadata["inputs"]["fragments"],
+                    bzImage_sha256=b.metadata.get("artifacts", {}).get("bzImage"),
+                )
+                for name, b in builds.items()
+            },
+            host=doctor(self.cache).as_dict(),
+            reproduce=self.reproduce,
+        )
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> Path:
         env = self.env
-        console.print(f"[bold]{env.accel.banner}[/bold]",
-                      style="bold green" if env.accel.accel == "kvm" else "bold yellow")
+        console.print(
+            f"[bold]{env.accel.banner}[/bold]", style="bold green" if env.accel.accel == "kvm" else "bold yellow"
+        )
         for d in env.topologies.values():
             console.print(f"topology: {d.kind} ({'; '.join(d.reasons)})")
         console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
@@ -124,8 +157,12 @@ class Runner:
             check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", env.rootfs.kind)
         if "nested" in env.kinds:
             probe = self.exp.workload.probe
-            self.l2_initrd = initramfs.build(python_for_guests(), self.exp.workload.command if "l2" in probe.levels
-                                             else None, PATH, self.cache or default_cache())
+            self.l2_initrd = initramfs.build(
+                python_for_guests(),
+                self.exp.workload.command if "l2" in probe.levels else None,
+                PATH,
+                self.cache or default_cache(),
+            )
             log(f"L2 root: initramfs {self.l2_initrd} ({self.l2_initrd.stat().st_size >> 20} MiB)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         manifest = self._manifest(builds)
@@ -145,8 +182,10 @@ class Runner:
             raise
         except (KeyboardInterrupt, _Terminated):
             manifest.status = "interrupted"
-            raise HarnessError(f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
-                               f"(run again with --run-id {self.run_dir.name} to resume)") from None
+            raise HarnessError(
+                f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
+                f"(run again with --run-id {self.run_dir.name} to resume)"
+            ) from None
         finally:
             stop_all()
             signal.signal(signal.SIGTERM, old)
@@ -172,7 +211,7 @@ class Runner:
         errors: list[str] = []
         for attempt in range(1, attempts + 1):
             cell_dir = self.run_dir / "cells" / cell.id
-            if cell_dir.exists():            # an incomplete earlier attempt: kept aside for diagnosis, redone whole
+            if cell_dir.exists():  # an incomplete earlier attempt: kept aside for diagnosis, redone whole
                 kept = self.run_dir / "failed" / f"{cell.id}.{time.strftime('%H%M%S')}"
                 kept.parent.mkdir(exist_ok=True)
                 cell_dir.rename(kept)
@@ -183,7 +222,8 @@ class Runner:
                 result = self._attempt(cell, build, cell_dir, k, n, t0)
             except PressureError as e:
                 CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(
-                    cell_dir / "cell.json")
+                    cell_dir / "cell.json"
+                )
                 raise
             except GuestError as e:
                 errors.append(str(e))
@@ -194,8 +234,7 @@ class Runner:
             result.attempt, result.retried, result.errors = attempt, attempt > 1, errors
             result.save(cell_dir / "cell.json")
             return
-        log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing",
-            style="red")
+        log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing", style="red")
 
     def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> CellRecord:
         exp = cell.config
@@ -209,15 +248,34 @@ class Runner:
             # nested: L1 is up before its L2s boot, so the probes' warm-up includes an L2 boot
             decision = self.env.topology(cell)
             warm_s = WARM_TIMEOUT_S + (exp.boot.timeout_s.get("l2", 0) if decision.kind == "nested" else 0)
-            spec, guest_plan = build_plan(exp, str(build.bzimage), self.env.accel.accel, decision,
-                                          self.env.rootfs.kind, cell_dir, tmp, self.run_dir.name, python_for_guests(),
-                                          warm_s, swap, self.l2_initrd)
+            spec, guest_plan = build_plan(
+                exp,
+                str(build.bzimage),
+                self.env.accel.accel,
+                decision,
+                self.env.rootfs.kind,
+                cell_dir,
+                tmp,
+                self.run_dir.name,
+                python_for_guests(),
+                warm_s,
+                swap,
+                self.l2_initrd,
+            )
             guest_plan.cell = cell.id
             guest_plan.save(str(cell_dir / "plan.json"))
             argv = qemu_argv(spec)
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
-            kut = Child("kut", argv, str(cell_dir), spec.console, rootfs_server=rootfs_server(spec),
-                        monitor=spec.monitor, system_map=str(build.dir / "System.map"), env=decision.qemu.env)
+            kut = Child(
+                "kut",
+                argv,
+                str(cell_dir),
+                spec.console,
+                rootfs_server=rootfs_server(spec),
+                monitor=spec.monitor,
+                system_map=str(build.dir / "System.map"),
+                env=decision.qemu.env,
+            )
             started = time.time()
             try:
                 kut.start()
@@ -229,22 +287,35 @@ class Runner:
             exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
             kut.stop()
             if exit_info is None:
-                raise GuestError(f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
-                                 f"is a reset, e.g. a triple fault; qemu.debug.log has the CPU state); console:\n"
-                                 f"{tail(spec.console)}")
+                raise GuestError(
+                    f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
+                    f"is a reset, e.g. a triple fault; qemu.debug.log has the CPU state); console:\n"
+                    f"{tail(spec.console)}"
+                )
             if exit_info.kind is ExitKind.PREFLIGHT:
                 # the same kernel fails the same way every time: no retry, no further cells
                 raise PressureError(exit_info.message or "the kernel under test cannot run this schedule")
             if exit_info.kind is ExitKind.ERROR:
                 raise GuestError(f"agent in the kernel under test failed:\n{(exit_info.error or '')[-1500:]}")
-            failures = [e for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
-                        if e["kind"] in {k.value for k in GUEST_FAILURES}]
+            failures = [
+                e
+                for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
+                if e["kind"] in {k.value for k in GUEST_FAILURES}
+            ]
             if failures and exp.boot.on_guest_failure == "fail":
-                raise GuestError(f"guest failure(s) in {cell.id}: " + "; ".join(
-                    e.get("error", e["kind"])[:300] for e in failures))
-            return CellRecord(status="complete", attempt=0, kut_ready_s=ready, kut_kernel_s=kut.kernel_ready_s,
-                              started=started, finished=time.time(), pressure_mode=exp.pressure.mode,
-                              guest_failures=[e.get("error", e["kind"])[:500] for e in failures])
+                raise GuestError(
+                    f"guest failure(s) in {cell.id}: " + "; ".join(e.get("error", e["kind"])[:300] for e in failures)
+                )
+            return CellRecord(
+                status="complete",
+                attempt=0,
+                kut_ready_s=ready,
+                kut_kernel_s=kut.kernel_ready_s,
+                started=started,
+                finished=time.time(),
+                pressure_mode=exp.pressure.mode,
+                guest_failures=[e.get("error", e["kind"])[:500] for e in failures],
+            )
         finally:
             stop_all()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -271,8 +342,8 @@ class Runner:
                             stage = STAGES[e["kind"]].format(guest=e.get("guest"))
                 elapsed = time.monotonic() - t0
                 eta = est * (n - k + 1) - (time.monotonic() - kut.started)
-                progress.update(f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | "
-                              f"remaining ~{fmt_s(max(0, eta))}")
+                progress.update(
+                    f"cell {k}/{n} {cell.id}: {stage} | elapsed {fmt_s(elapsed)} | remaining ~{fmt_s(max(0, eta))}"
+                )
                 time.sleep(1)
         log(f"cell {k}/{n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
-

@@ -5,6 +5,7 @@ modes need that kernel's cgroup v2 hierarchy, debugfs and /proc, and the KVM shr
 under test lives there. Here we only make sure a config cannot ask for the impossible
 and turn the phases into the schedule the conductor follows.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,8 @@ from .config import Experiment
 from .errors import PressureError
 from .guest.contract import GlobalHog, PhaseSpec, PressureMode, PressureParams, SamplerSpec, Schedule
 
-GUEST_OVERHEAD_MB = 160      # QEMU + guest kernel beyond a guest's -m, measured roughly on TCG
-KUT_RESERVE_MB = 256         # the kernel under test's own kernel, agent and sampler
+GUEST_OVERHEAD_MB = 160  # QEMU + guest kernel beyond a guest's -m, measured roughly on TCG
+KUT_RESERVE_MB = 256  # the kernel under test's own kernel, agent and sampler
 
 
 def modes_used(exp: Experiment) -> set[PressureMode]:
@@ -27,61 +28,90 @@ def check(exp: Experiment, topology: str) -> None:
     kut = t.kut.memory_mb
     l1_total = t.l1.count * (t.l1.memory_mb + GUEST_OVERHEAD_MB)
     if l1_total + KUT_RESERVE_MB > kut:
-        raise PressureError(f"topology: {t.l1.count} L1 guest(s) of {t.l1.memory_mb} MiB need about "
-                            f"{l1_total + KUT_RESERVE_MB} MiB but the kernel under test has {kut} MiB "
-                            "(raise topology.kut.memory_mb)")
+        raise PressureError(
+            f"topology: {t.l1.count} L1 guest(s) of {t.l1.memory_mb} MiB need about "
+            f"{l1_total + KUT_RESERVE_MB} MiB but the kernel under test has {kut} MiB "
+            "(raise topology.kut.memory_mb)"
+        )
     if topology == "nested" and t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) + 128 > t.l1.memory_mb:
-        raise PressureError(f"topology: {t.l2.count} L2 guest(s) of {t.l2.memory_mb} MiB do not fit in an L1 "
-                            f"of {t.l1.memory_mb} MiB")
+        raise PressureError(
+            f"topology: {t.l2.count} L2 guest(s) of {t.l2.memory_mb} MiB do not fit in an L1 of {t.l1.memory_mb} MiB"
+        )
     for level, spec in (("l1", t.l1), ("l2", t.l2)):
         probe = exp.workload.probe.resident_mb(spec.thp)
         if level in exp.workload.probe.levels and (level == "l1" or topology == "nested"):
-            room = spec.memory_mb - 128 - (t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB)
-                                           if level == "l1" and topology == "nested" else 0)
+            room = (
+                spec.memory_mb
+                - 128
+                - (t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) if level == "l1" and topology == "nested" else 0)
+            )
             if probe > room:
-                raise PressureError(f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
-                                    f"({spec.memory_mb} MiB, about {room} MiB free for the probe)")
+                raise PressureError(
+                    f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
+                    f"({spec.memory_mb} MiB, about {room} MiB free for the probe)"
+                )
     modes = modes_used(exp)
     if PressureMode.GLOBAL in modes:
         if t.kut.swap_mb == 0:
-            raise PressureError("pressure global needs swap in the kernel under test (topology.kut.swap_mb > 0): "
-                                "without it an anonymous hog meets the OOM killer instead of sustained reclaim")
+            raise PressureError(
+                "pressure global needs swap in the kernel under test (topology.kut.swap_mb > 0): "
+                "without it an anonymous hog meets the OOM killer instead of sustained reclaim"
+            )
         if pr.global_.overshoot_mb >= t.kut.swap_mb:
-            raise PressureError(f"pressure.global.overshoot_mb={pr.global_.overshoot_mb} must stay below the swap "
-                                f"({t.kut.swap_mb} MiB) or the hog ends in the OOM killer")
+            raise PressureError(
+                f"pressure.global.overshoot_mb={pr.global_.overshoot_mb} must stay below the swap "
+                f"({t.kut.swap_mb} MiB) or the hog ends in the OOM killer"
+            )
     if PressureMode.MEMCG_LIMIT in modes and pr.memcg_limit_mb >= kut - l1_total - KUT_RESERVE_MB:
-        raise PressureError(f"pressure.memcg_limit_mb={pr.memcg_limit_mb} is not a tight limit: the kernel under "
-                            f"test has only ~{kut - l1_total - KUT_RESERVE_MB} MiB to spare, so the control would "
-                            "cause global reclaim")
+        raise PressureError(
+            f"pressure.memcg_limit_mb={pr.memcg_limit_mb} is not a tight limit: the kernel under "
+            f"test has only ~{kut - l1_total - KUT_RESERVE_MB} MiB to spare, so the control would "
+            "cause global reclaim"
+        )
 
 
 # what each part of a run needs from the kernel under test's .config, and why
-ALWAYS_NEEDED = {"CONFIG_DEBUG_FS": "the sampler reads KVM's MMU stats from /sys/kernel/debug/kvm",
-                 "CONFIG_KVM": "the kernel under test runs the guests"}
+ALWAYS_NEEDED = {
+    "CONFIG_DEBUG_FS": "the sampler reads KVM's MMU stats from /sys/kernel/debug/kvm",
+    "CONFIG_KVM": "the kernel under test runs the guests",
+}
 MODE_NEEDS = {
-    PressureMode.GLOBAL: {"CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max",
-                          "CONFIG_SWAP": "sustained reclaim"},
+    PressureMode.GLOBAL: {
+        "CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max",
+        "CONFIG_SWAP": "sustained reclaim",
+    },
     PressureMode.MEMCG_LIMIT: {"CONFIG_MEMCG": "the control is a cgroup with a tight memory.max"},
-    PressureMode.DROP_CACHES: {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
-                    "CONFIG_PROC_SYSCTL": "writes /proc/sys/vm/drop_caches"},
+    PressureMode.DROP_CACHES: {
+        "CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+        "CONFIG_PROC_SYSCTL": "writes /proc/sys/vm/drop_caches",
+    },
     PressureMode.ROOT_RECLAIM: {"CONFIG_MEMCG": "writes the root cgroup's memory.reclaim"},
-    PressureMode.SHRINKER_SCAN: {"CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
-                      "CONFIG_SHRINKER_DEBUG": "writes /sys/kernel/debug/shrinker/x86-mmu-*/scan"},
+    PressureMode.SHRINKER_SCAN: {
+        "CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
+        "CONFIG_SHRINKER_DEBUG": "writes /sys/kernel/debug/shrinker/x86-mmu-*/scan",
+    },
 }
 
 
 # every level's root comes over one of these (qemu.py); the kernel under test also serves it to its L1s
 ROOTFS_NEEDS = {
-    "9p": {"CONFIG_9P_FS": "every level's root is the host's over virtio-9p",
-           "CONFIG_NET_9P_VIRTIO": "every level's root is the host's over virtio-9p"},
-    "virtiofs": {"CONFIG_VIRTIO_FS": "every level's root is the host's over virtiofs (boot.rootfs)",
-                 "CONFIG_SECCOMP_FILTER": "virtiofsd serves the guests' root and installs a seccomp filter"},
+    "9p": {
+        "CONFIG_9P_FS": "every level's root is the host's over virtio-9p",
+        "CONFIG_NET_9P_VIRTIO": "every level's root is the host's over virtio-9p",
+    },
+    "virtiofs": {
+        "CONFIG_VIRTIO_FS": "every level's root is the host's over virtiofs (boot.rootfs)",
+        "CONFIG_SECCOMP_FILTER": "virtiofsd serves the guests' root and installs a seccomp filter",
+    },
 }
 
 
 def kernel_options(config_text: str) -> set[str]:
-    return {line.split("=", 1)[0] for line in config_text.splitlines()
-            if line.startswith("CONFIG_") and line.split("=", 1)[1] in ("y", "m")}
+    return {
+        line.split("=", 1)[0]
+        for line in config_text.splitlines()
+        if line.startswith("CONFIG_") and line.split("=", 1)[1] in ("y", "m")
+    }
 
 
 def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str = "9p") -> None:
@@ -94,9 +124,12 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
         need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
     missing = [f"{opt} ({why})" for opt, why in need.items() if opt not in have]
     if missing:
-        raise PressureError(f"kernel of variant {variant!r} ({kernel_config}) lacks what this run needs: "
-                            + "; ".join(missing) + ". Add them to a fragment in kernel_config.fragments "
-                            "(configs/kernel/kvm-host.config has them all).")
+        raise PressureError(
+            f"kernel of variant {variant!r} ({kernel_config}) lacks what this run needs: "
+            + "; ".join(missing)
+            + ". Add them to a fragment in kernel_config.fragments "
+            "(configs/kernel/kvm-host.config has them all)."
+        )
 
 
 def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: int) -> Schedule:
@@ -105,11 +138,21 @@ def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: 
     return Schedule(
         phases=[PhaseSpec(name=p.name, duration_s=p.duration_s, mode=p.mode(pr.mode)) for p in exp.phases],
         pressure=PressureParams(
-            global_hog=GlobalHog(target_available_mb=g.target_available_mb, overshoot_mb=g.overshoot_mb,
-                                 chunk_mb=g.chunk_mb, ramp_s=g.ramp_s),
-            drop_caches_period_s=pr.drop_caches_period_s, root_reclaim_mb=pr.root_reclaim_mb,
-            root_reclaim_period_s=pr.root_reclaim_period_s, shrinker_scan_objects=pr.shrinker_scan_objects,
-            shrinker_scan_period_s=pr.shrinker_scan_period_s, memcg_limit_mb=pr.memcg_limit_mb,
-            memcg_hog_mb=pr.memcg_hog_mb),
+            global_hog=GlobalHog(
+                target_available_mb=g.target_available_mb,
+                overshoot_mb=g.overshoot_mb,
+                chunk_mb=g.chunk_mb,
+                ramp_s=g.ramp_s,
+            ),
+            drop_caches_period_s=pr.drop_caches_period_s,
+            root_reclaim_mb=pr.root_reclaim_mb,
+            root_reclaim_period_s=pr.root_reclaim_period_s,
+            shrinker_scan_objects=pr.shrinker_scan_objects,
+            shrinker_scan_period_s=pr.shrinker_scan_period_s,
+            memcg_limit_mb=pr.memcg_limit_mb,
+            memcg_hog_mb=pr.memcg_hog_mb,
+        ),
         sampler=SamplerSpec(interval_s=exp.sampler.interval_s, trace_shrinker=exp.sampler.trace_shrinker),
-        warm_timeout_s=warm_timeout_s, expected_probes=expected_probes)
+        warm_timeout_s=warm_timeout_s,
+        expected_probes=expected_probes,
+    )

@@ -4,6 +4,7 @@ The user's tree is never touched: tarballs are extracted, git refs are exported 
 `git archive`, local trees are copied. The pristine tree is shared read-only by every
 variant (variants hard-link it and break the links of files a patch changes).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,8 @@ class KernelVersion:
 
 @dataclass(frozen=True)
 class PreparedSource:
-    tree: Path            # pristine tree, do not modify
-    identity: str         # what determines its contents (for cache keys)
+    tree: Path  # pristine tree, do not modify
+    identity: str  # what determines its contents (for cache keys)
     version: KernelVersion
     description: str
 
@@ -52,8 +53,9 @@ def makefile_version(tree: Path) -> KernelVersion:
         m = re.search(rf"^{key}\s*=\s*(.*)$", head, re.M)
         fields[key] = m.group(1).strip() if m else ""
     try:
-        return KernelVersion(int(fields["VERSION"]), int(fields["PATCHLEVEL"]), int(fields["SUBLEVEL"] or 0),
-                             fields["EXTRAVERSION"])
+        return KernelVersion(
+            int(fields["VERSION"]), int(fields["PATCHLEVEL"]), int(fields["SUBLEVEL"] or 0), fields["EXTRAVERSION"]
+        )
     except ValueError:
         raise SourceError(f"{mk}: cannot read VERSION/PATCHLEVEL/SUBLEVEL ({fields})") from None
 
@@ -111,18 +113,24 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
                 need_tool("tar", "tar")
                 run(["tar", "-xf", str(Path(src.where).expanduser()), "-C", str(tmp), "--strip-components=1"])
             elif src.kind == "git":
-                archive = subprocess.Popen(["git", "-C", os.path.expanduser(src.where), "archive", identity[4:]]
-                                           if Path(os.path.expanduser(src.where)).exists()
-                                           else ["git", "archive", "--remote", src.where, src.ref],
-                                           stdout=subprocess.PIPE)
+                archive = subprocess.Popen(
+                    ["git", "-C", os.path.expanduser(src.where), "archive", identity[4:]]
+                    if Path(os.path.expanduser(src.where)).exists()
+                    else ["git", "archive", "--remote", src.where, src.ref],
+                    stdout=subprocess.PIPE,
+                )
                 run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
                 if archive.wait() != 0:
                     raise SourceError(f"git archive of {desc} failed")
             else:
-                shutil.copytree(Path(src.where).expanduser(), tmp, symlinks=True, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns(".git"))
+                shutil.copytree(
+                    Path(src.where).expanduser(),
+                    tmp,
+                    symlinks=True,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".git"),
+                )
             if (tmp / ".config").exists():
                 log("source: the local tree was configured in-tree; running `make mrproper` on our copy")
                 run(["make", "-s", "-C", str(tmp), "mrproper"])
     return PreparedSource(tree=dest, identity=identity, version=makefile_version(dest), description=desc)
-

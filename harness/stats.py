@@ -14,6 +14,7 @@
   not overlap at all and Welch's p < 0.05 (LKP's rule: >= 3 samples, non-overlapping ranges);
   and the %change interval must exclude 0.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ ALPHA = 0.05
 MIN_REPS = 3
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99.9": 0.999}
 CI_QUANTILES = ("p50", "p99", "p99.9")
-OUTSIDE = ("pre", "post")      # before the first phase (the probe populating its working set) and after the last
+OUTSIDE = ("pre", "post")  # before the first phase (the probe populating its working set) and after the last
 
 
 def in_phases(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,13 +45,15 @@ def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: list[float])
 
 def _interval_matrix(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(bin values, counts[interval, bin]) for one group of samples."""
-    piv = df.pivot_table(index=["cell", "guest", "interval"], columns="latency_ns", values="count",
-                         aggfunc="sum", fill_value=0)
+    piv = df.pivot_table(
+        index=["cell", "guest", "interval"], columns="latency_ns", values="count", aggfunc="sum", fill_value=0
+    )
     return piv.columns.to_numpy(float), piv.to_numpy(float)
 
 
-def bootstrap_quantile_ci(df: pd.DataFrame, qs: list[float], n_boot: int = 400, seed: int = 0,
-                          level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_quantile_ci(
+    df: pd.DataFrame, qs: list[float], n_boot: int = 400, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
     values, mat = _interval_matrix(df)
     n = mat.shape[0]
     if n < 2:
@@ -59,7 +62,7 @@ def bootstrap_quantile_ci(df: pd.DataFrame, qs: list[float], n_boot: int = 400, 
     picks = rng.integers(0, n, size=(n_boot, n))
     weights = np.zeros((n_boot, n))
     np.add.at(weights, (np.arange(n_boot)[:, None], picks), 1)
-    boot_hist = weights @ mat                                   # n_boot x bins
+    boot_hist = weights @ mat  # n_boot x bins
     cum = np.cumsum(boot_hist, axis=1)
     est = np.empty((n_boot, len(qs)))
     for j, q in enumerate(qs):
@@ -79,8 +82,14 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
         n = g["count"].sum()
         qv = weighted_quantiles(g["latency_ns"].to_numpy(), g["count"].to_numpy(), list(QUANTILES.values()))
         lo, hi = bootstrap_quantile_ci(g, [QUANTILES[k] for k in CI_QUANTILES])
-        row = {"variant": variant, "phase": phase, "level": level, "count": int(n),
-               "mean_ns": float((g["latency_ns"] * g["count"]).sum() / n), "max_ns": float(g["hi_ns"].max())}
+        row = {
+            "variant": variant,
+            "phase": phase,
+            "level": level,
+            "count": int(n),
+            "mean_ns": float((g["latency_ns"] * g["count"]).sum() / n),
+            "max_ns": float(g["hi_ns"].max()),
+        }
         row.update({f"{k}_ns": float(v) for k, v in zip(QUANTILES, qv)})
         for k, l, h in zip(CI_QUANTILES, lo, hi):
             row[f"{k}_ci_lo_ns"], row[f"{k}_ci_hi_ns"] = float(l), float(h)
@@ -96,12 +105,28 @@ def repetition_metrics(samples: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFr
         for (variant, rep, phase, level), g in samples.groupby(["variant", "repetition", "phase", "level"]):
             p99, p999 = weighted_quantiles(g["latency_ns"].to_numpy(), g["count"].to_numpy(), [0.99, 0.999])
             for metric, val in (("touch p99 (us)", p99 / 1e3), ("touch p99.9 (us)", p999 / 1e3)):
-                rows.append({"variant": variant, "repetition": rep, "phase": phase, "level": level,
-                             "metric": metric, "value": float(val)})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "repetition": rep,
+                        "phase": phase,
+                        "level": level,
+                        "metric": metric,
+                        "value": float(val),
+                    }
+                )
     if not passes.empty:
         for (variant, rep, phase, level), g in passes.groupby(["variant", "repetition", "phase", "level"]):
-            rows.append({"variant": variant, "repetition": rep, "phase": phase, "level": level,
-                         "metric": "pass time mean (ms)", "value": float(g["duration_ms"].mean())})
+            rows.append(
+                {
+                    "variant": variant,
+                    "repetition": rep,
+                    "phase": phase,
+                    "level": level,
+                    "metric": "pass time mean (ms)",
+                    "value": float(g["duration_ms"].mean()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -121,13 +146,20 @@ def pct_change_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
     """Statistics of patched (b) against baseline (a), without any context-dependent verdict."""
     a, b = np.asarray(a, float), np.asarray(b, float)
-    out = {"n_baseline": len(a), "n_patched": len(b),
-           "baseline_mean": float(a.mean()) if len(a) else np.nan,
-           "patched_mean": float(b.mean()) if len(b) else np.nan,
-           "baseline_sd_pct": float(a.std(ddof=1) / a.mean() * 100) if len(a) > 1 and a.mean() else np.nan,
-           "patched_sd_pct": float(b.std(ddof=1) / b.mean() * 100) if len(b) > 1 and b.mean() else np.nan,
-           "mwu_p": np.nan, "welch_p": np.nan, "change_pct": np.nan, "change_ci_lo": np.nan,
-           "change_ci_hi": np.nan, "separated": False}
+    out = {
+        "n_baseline": len(a),
+        "n_patched": len(b),
+        "baseline_mean": float(a.mean()) if len(a) else np.nan,
+        "patched_mean": float(b.mean()) if len(b) else np.nan,
+        "baseline_sd_pct": float(a.std(ddof=1) / a.mean() * 100) if len(a) > 1 and a.mean() else np.nan,
+        "patched_sd_pct": float(b.std(ddof=1) / b.mean() * 100) if len(b) > 1 and b.mean() else np.nan,
+        "mwu_p": np.nan,
+        "welch_p": np.nan,
+        "change_pct": np.nan,
+        "change_ci_lo": np.nan,
+        "change_ci_hi": np.nan,
+        "separated": False,
+    }
     if len(a) and len(b) and a.mean() > 0:
         out["change_pct"], out["change_ci_lo"], out["change_ci_hi"] = pct_change_ci(a, b)
     if len(a) >= 2 and len(b) >= 2:
@@ -177,6 +209,7 @@ def ab_table(metrics: pd.DataFrame, baseline: str, tcg: bool, baseline_shrinker_
             b = g[g["variant"] == variant]["value"].to_numpy()
             c = compare(a, b)
             v, why = verdict(c, tcg=tcg, baseline_shrinker_ran=baseline_shrinker_ran)
-            rows.append({"phase": phase, "level": level, "metric": metric, "variant": variant, **c,
-                         "verdict": v, "reason": why})
+            rows.append(
+                {"phase": phase, "level": level, "metric": metric, "variant": variant, **c, "verdict": v, "reason": why}
+            )
     return pd.DataFrame(rows)

@@ -1,4 +1,5 @@
 """Small shared helpers: logging, subprocesses, atomic cache entries, hashing, tool checks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -52,13 +53,28 @@ def status(msg: str, every_s: float = 30.0) -> Iterator[Any]:
         yield lines
 
 
-def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str | Path | None = None,
-        env: dict | None = None, stdin: Any = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    *,
+    capture: bool = False,
+    check: bool = True,
+    cwd: str | Path | None = None,
+    env: dict | None = None,
+    stdin: Any = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess:
     """Run an argument list (never a shell string); raise HarnessError with the output tail on failure."""
     try:
-        r = subprocess.run(cmd, cwd=cwd, env=env, stdin=stdin, timeout=timeout, text=True,
-                           stdout=subprocess.PIPE if capture else None,
-                           stderr=subprocess.PIPE if capture else None)
+        r = subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout=timeout,
+            text=True,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+        )
     except FileNotFoundError:
         raise HarnessError(f"command not found: {cmd[0]}") from None
     except subprocess.TimeoutExpired:
@@ -71,15 +87,30 @@ def run(cmd: list[str], *, capture: bool = False, check: bool = True, cwd: str |
 
 # Debian package for every external tool the harness calls: one place, used by doctor and setup.
 TOOL_PACKAGES = {
-    "qemu-system-x86_64": "qemu-system-x86", "make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison",
-    "bc": "bc", "cpio": "cpio", "ccache": "ccache", "git": "git", "tar": "tar", "xz": "xz-utils",
-    "mkswap": "util-linux", "ssh": "openssh-client", "sshd": "openssh-server",
-    "perl": "perl", "openssl": "openssl",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "make": "make",
+    "gcc": "gcc",
+    "flex": "flex",
+    "bison": "bison",
+    "bc": "bc",
+    "cpio": "cpio",
+    "ccache": "ccache",
+    "git": "git",
+    "tar": "tar",
+    "xz": "xz-utils",
+    "mkswap": "util-linux",
+    "ssh": "openssh-client",
+    "sshd": "openssh-server",
+    "perl": "perl",
+    "openssl": "openssl",
 }
 # headers found by path rather than by a binary
 HEADER_PACKAGES = {"/usr/include/libelf.h": "libelf-dev", "/usr/include/openssl/ssl.h": "libssl-dev"}
-SETUP_PACKAGES = sorted(set(TOOL_PACKAGES.values()) | set(HEADER_PACKAGES.values())
-                        | {"build-essential", "python3", "python3-venv", "procps", "kmod", "iproute2", "rsync"})
+SETUP_PACKAGES = sorted(
+    set(TOOL_PACKAGES.values())
+    | set(HEADER_PACKAGES.values())
+    | {"build-essential", "python3", "python3-venv", "procps", "kmod", "iproute2", "rsync"}
+)
 
 
 def which(tool: str) -> str | None:

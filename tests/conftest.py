@@ -1,6 +1,7 @@
 """Shared fixtures. Kernel tests share one build cache per run (NESTPRESS_CACHE), so every
 test kernel is built once. Set NESTPRESS_REQUIRE_KERNEL=1 (CI does) to turn a missing kernel
 source or QEMU into a failure instead of a skip."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """A real kernel build through the cache: artifacts, the cache hit, reuse by the patched variant, errors."""
+
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ def test_artifacts_and_metadata(builds):
     # the patch took effect in the built kernel: the shrinker's functions are gone from System.map
     assert " mmu_shrink_scan" in (builds["baseline"].dir / "System.map").read_text()
     assert " mmu_shrink_scan" not in (builds["patched"].dir / "System.map").read_text()
-    for name, b in builds.items():       # the real kernels carry everything the default schedule uses
+    for name, b in builds.items():  # the real kernels carry everything the default schedule uses
         check_kernel(load("shrinker-ab").experiment, name, b.dir / "config")
 
 
@@ -60,7 +61,7 @@ def test_missing_build_tool_names_the_package(builds, cache_dir, tmp_path, monke
     frag = tmp_path / "other.config"
     frag.write_text("CONFIG_PRINTK_TIME=y\n")
     exp = load("shrinker-ab", [f"kernel_config.fragments=[kernel/kvm-host.config, {frag}]"]).experiment
-    monkeypatch.setenv("PATH", str(tmp_path))      # nothing on PATH: no flex, bison, make ...
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: no flex, bison, make ...
     with pytest.raises(MissingTool, match="install the Debian package"):
         Builder(exp, cache_dir).build(exp.variants[0])
 
@@ -70,23 +71,28 @@ def test_ctrl_c_during_build_keeps_nothing_in_the_cache(builds, cache_dir, tmp_p
     frag.write_text("CONFIG_PRINTK_TIME=y\n")
     cfg = ["--config", "shrinker-ab", "--set", f"kernel_config.fragments=[kernel/kvm-host.config, {frag}]"]
     before = set((cache_dir / "builds").iterdir())
-    p = subprocess.Popen([sys.executable, "-m", "harness", "build", *cfg], cwd=REPO_ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, NESTPRESS_CACHE=str(cache_dir)))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "harness", "build", *cfg],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, NESTPRESS_CACHE=str(cache_dir)),
+    )
     deadline = time.monotonic() + 300
     work = None
-    while time.monotonic() < deadline and work is None:     # wait until this build is under way
+    while time.monotonic() < deadline and work is None:  # wait until this build is under way
         time.sleep(1)
         for m in (cache_dir / "work").glob("*/*/metadata.json"):
             meta = json.loads(m.read_text())
             if meta["status"] == "running" and str(frag) in meta["inputs"]["fragments"]:
                 work = m
-    time.sleep(8)                                             # into configure/make
+    time.sleep(8)  # into configure/make
     assert work is not None, "build never started"
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     assert p.returncode != 0
     assert "interrupted" in out
-    assert set((cache_dir / "builds").iterdir()) == before          # no (half-)artifact appeared
+    assert set((cache_dir / "builds").iterdir()) == before  # no (half-)artifact appeared
     assert not list((cache_dir / "builds").glob(".*.tmp-*"))
     assert json.loads(work.read_text())["status"] == "interrupted"

@@ -48,12 +48,15 @@ def test_overrides_by_name_and_yaml_values(tmp_path):
     assert exp.phases[1].mode(exp.pressure.mode) == "drop-caches"
 
 
-@pytest.mark.parametrize("patch, where, what", [
-    ("repetitions: 0", "repetitions", "greater than or equal to 1"),
-    ("pressure: {mode: sometimes}", "pressure.mode", "Input should be"),
-    ("topology: {l1: {memory_mb: 12}}", "topology.l1.memory_mb", "greater than or equal"),
-    ("bogus: 1", "bogus", "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "patch, where, what",
+    [
+        ("repetitions: 0", "repetitions", "greater than or equal to 1"),
+        ("pressure: {mode: sometimes}", "pressure.mode", "Input should be"),
+        ("topology: {l1: {memory_mb: 12}}", "topology.l1.memory_mb", "greater than or equal"),
+        ("bogus: 1", "bogus", "Extra inputs are not permitted"),
+    ],
+)
 def test_bad_config_names_file_field_and_problem(tmp_path, patch, where, what):
     p = write(tmp_path, MINIMAL + patch + "\n")
     with pytest.raises(ConfigError) as e:
@@ -68,13 +71,21 @@ def test_bad_override_is_named(tmp_path):
 
 
 def test_fab_validate_exit_codes(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "harness", "validate", "--config", "shrinker-ab"],
-                          capture_output=True, text=True, cwd=REPO_ROOT)
+    good = subprocess.run(
+        [sys.executable, "-m", "harness", "validate", "--config", "shrinker-ab"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert good.returncode == 0, good.stderr
     assert "config OK" in good.stdout and "baseline.r1" in good.stdout
     bad = write(tmp_path, MINIMAL.replace("repetitions: 2", "repetitions: -1"))
-    r = subprocess.run([sys.executable, "-m", "harness", "validate", "--config", str(bad)],
-                       capture_output=True, text=True, cwd=REPO_ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "validate", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert r.returncode == 2 and "repetitions" in r.stderr and str(bad) in r.stderr
 
 
@@ -97,11 +108,24 @@ def test_every_shipped_config_validates():
 def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path):
     from harness.errors import PressureError
     from harness.schedule import check_kernel
+
     exp = load("shrinker-ab").experiment
     full = tmp_path / "full.config"
-    full.write_text("".join(f"{o}=y\n" for o in ("CONFIG_DEBUG_FS", "CONFIG_KVM", "CONFIG_MEMCG", "CONFIG_SWAP",
-                                                  "CONFIG_SHRINKER_DEBUG", "CONFIG_FTRACE", "CONFIG_9P_FS",
-                                                  "CONFIG_NET_9P_VIRTIO")))
+    full.write_text(
+        "".join(
+            f"{o}=y\n"
+            for o in (
+                "CONFIG_DEBUG_FS",
+                "CONFIG_KVM",
+                "CONFIG_MEMCG",
+                "CONFIG_SWAP",
+                "CONFIG_SHRINKER_DEBUG",
+                "CONFIG_FTRACE",
+                "CONFIG_9P_FS",
+                "CONFIG_NET_9P_VIRTIO",
+            )
+        )
+    )
     check_kernel(exp, "baseline", full)
     with pytest.raises(PressureError, match=r"CONFIG_VIRTIO_FS .*CONFIG_SECCOMP_FILTER \(virtiofsd"):
         check_kernel(exp, "baseline", full, rootfs="virtiofs")
@@ -116,16 +140,26 @@ def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path)
 SYSTEM_10 = Qemu("/usr/bin/qemu-system-x86_64", "10.0.2")
 SYSTEM_72 = Qemu("/usr/bin/qemu-system-x86_64", "7.2.22")
 TREE_72 = "/usr/local/lib/nestpress/qemu-7.2/usr"
-PRIVATE_72 = Qemu(f"{TREE_72}/bin/qemu-system-x86_64", "7.2.22", f"{TREE_72}/share/qemu",
-                  f"{TREE_72}/lib/x86_64-linux-gnu/qemu")
+PRIVATE_72 = Qemu(
+    f"{TREE_72}/bin/qemu-system-x86_64", "7.2.22", f"{TREE_72}/share/qemu", f"{TREE_72}/lib/x86_64-linux-gnu/qemu"
+)
+
+
+def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
+    """build_plan for a nested cell with a kernel and paths that need not exist."""
+    from harness.qemu import build_plan
+
+    decision = TopologyDecision("nested", qemu, [])
+    return build_plan(exp, "/k/bzImage", accel, decision, rootfs, tmp_path / "cell", tmp_path, "run",
+                      "/usr/bin/python3", 240, None, l2_initrd)  # fmt: skip
 
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
-    from harness.qemu import build_plan, qemu_argv, rootfs_server
+    from harness.qemu import qemu_argv, rootfs_server
+
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
-    kut, plan = build_plan(exp, "/k/bzImage", "kvm", TopologyDecision("nested", PRIVATE_72, []), rootfs,
-                           tmp_path / "cell", tmp_path, "run", "/usr/bin/python3", 240, None, tmp_path / "l2.cpio")
+    kut, plan = _nested_plan(exp, "kvm", PRIVATE_72, rootfs, tmp_path, tmp_path / "l2.cpio")
     l1 = plan.children[0]
     l2 = l1.plan.children[0]
     for argv, server in ((qemu_argv(kut), rootfs_server(kut)), (l1.argv, l1.rootfs_server)):
@@ -139,18 +173,23 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
             assert "rootfstype=9p" in cmdline and server is None
             assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
     if rootfs == "virtiofs":
-        assert l1.rootfs_server.socket.startswith("/run/nestpress/")   # a tmpfs inside the kernel under test
+        assert l1.rootfs_server.socket.startswith("/run/nestpress/")  # a tmpfs inside the kernel under test
     # L2: no shared root at all, plain anonymous RAM (THP-able in L1), Python from the archive as init
     argv = l2.argv
     cmdline = argv[argv.index("-append") + 1]
     assert argv[argv.index("-initrd") + 1] == str(tmp_path / "l2.cpio") and l2.rootfs_server is None
-    assert "rdinit=/usr/bin/python3" in cmdline and "root=" not in cmdline and "init=/usr" not in cmdline.replace(
-        "rdinit=", "")
+    assert (
+        "rdinit=/usr/bin/python3" in cmdline
+        and "root=" not in cmdline
+        and "init=/usr" not in cmdline.replace("rdinit=", "")
+    )
     assert not any("fsdev=root" in a or "vhost-user-fs" in a for a in argv)
     assert any(a.startswith("memory-backend-ram,") for a in argv)
     # what backs each level's guests' RAM: 4 KiB in the kernel under test, 2 MiB pages in L1 (configured)
-    thp = {name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
-           for name, a in (("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", argv))}
+    thp = {
+        name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
+        for name, a in (("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", argv))
+    }
     assert thp == {"kut": "never", "l1": "always", "l2": "never"}
     # one QEMU at every level, a private tree with its firmware directory and its module directory
     for a in (qemu_argv(kut), l1.argv, argv):
@@ -158,14 +197,28 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     assert l1.env == l2.env == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
     # the plan crosses into the guest as JSON and comes back the same, typed
     assert GuestPlan.from_dict(json.loads(plan.to_json())) == plan
-    assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE   # L1 and L2
+    assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE  # L1 and L2
 
 
 def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
     from harness.qemu import GuestSpec, qemu_argv
+
     evil = str(tmp_path / "x,readonly=on")
-    spec = GuestSpec("kut", "kut", "/k/bzImage", 512, 1, "tcg", evil, f"{evil}/console.log", "/usr/bin/python3",
-                     rootfs="virtiofs", rootfs_dir=evil, swap_image=f"{evil}/swap", monitor=f"{evil}/mon")
+    spec = GuestSpec(
+        "kut",
+        "kut",
+        "/k/bzImage",
+        512,
+        1,
+        "tcg",
+        evil,
+        f"{evil}/console.log",
+        "/usr/bin/python3",
+        rootfs="virtiofs",
+        rootfs_dir=evil,
+        swap_image=f"{evil}/swap",
+        monitor=f"{evil}/mon",
+    )
     argv = qemu_argv(spec)
     doubled = evil.replace(",", ",,")
     assert f"local,id=out,path={doubled},security_model=none" in argv
@@ -177,30 +230,37 @@ def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
 
 
 def test_nested_l2_needs_its_initramfs(tmp_path):
-    from harness.qemu import build_plan
     exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
     with pytest.raises(ValueError, match="initramfs"):
-        build_plan(exp, "/k/bzImage", "tcg", TopologyDecision("nested", SYSTEM_10, []), "9p", tmp_path / "cell",
-                   tmp_path, "run", "/usr/bin/python3", 240, None)
+        _nested_plan(exp, "tcg", SYSTEM_10, "9p", tmp_path, None)
 
 
 def test_nested_under_tcg_needs_a_kernel_under_test_with_one_cpu():
     from harness.errors import AccelError
     from harness.host import decide_topology
+
     with pytest.raises(AccelError, match=r"topology\.kut\.cpus: 1"):
         decide_topology("nested", "tcg", [SYSTEM_10], kut_cpus=2)
     assert decide_topology("nested", "kvm", [SYSTEM_10], kut_cpus=2).kind == "nested"
 
 
-@pytest.mark.parametrize("accel, installs, requested, kind, version", [
-    ("kvm", [SYSTEM_72], "auto", "nested", "7.2.22"), ("kvm", [SYSTEM_72], "shadow", "shadow", "7.2.22"),
-    ("tcg", [SYSTEM_10, PRIVATE_72], "auto", "shadow", "7.2.22"),
-    ("tcg", [SYSTEM_10, PRIVATE_72], "nested", "nested", "10.0.2"),
-    ("tcg", [SYSTEM_72], "shadow", "shadow", "7.2.22"), ("tcg", [SYSTEM_72], "nested", None, "QEMU >= 10"),
-    ("tcg", [SYSTEM_10], "shadow", None, "QEMU < 10"), ("tcg", [], "nested", None, "no qemu-system-x86_64")])
+@pytest.mark.parametrize(
+    "accel, installs, requested, kind, version",
+    [
+        ("kvm", [SYSTEM_72], "auto", "nested", "7.2.22"),
+        ("kvm", [SYSTEM_72], "shadow", "shadow", "7.2.22"),
+        ("tcg", [SYSTEM_10, PRIVATE_72], "auto", "shadow", "7.2.22"),
+        ("tcg", [SYSTEM_10, PRIVATE_72], "nested", "nested", "10.0.2"),
+        ("tcg", [SYSTEM_72], "shadow", "shadow", "7.2.22"),
+        ("tcg", [SYSTEM_72], "nested", None, "QEMU >= 10"),
+        ("tcg", [SYSTEM_10], "shadow", None, "QEMU < 10"),
+        ("tcg", [], "nested", None, "no qemu-system-x86_64"),
+    ],
+)
 def test_each_topology_gets_the_qemu_that_runs_it(accel, installs, requested, kind, version):
     from harness.errors import AccelError
     from harness.host import decide_topology
+
     if kind is None:
         with pytest.raises(AccelError, match=version):
             decide_topology(requested, accel, installs)
@@ -212,6 +272,7 @@ def test_each_topology_gets_the_qemu_that_runs_it(accel, installs, requested, ki
 def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
     from harness import host
     from harness.errors import AccelError
+
     monkeypatch.setattr(host, "find_virtiofsd", lambda: None)
     assert host.decide_rootfs("auto", "kvm").kind == "9p"
     with pytest.raises(AccelError, match="virtiofs was requested"):
@@ -220,11 +281,12 @@ def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
 
 def test_auto_serves_the_root_over_9p_under_tcg_and_virtiofs_on_kvm(monkeypatch):
     from harness import host
+
     monkeypatch.setattr(host, "find_virtiofsd", lambda: "/usr/libexec/virtiofsd")
     monkeypatch.setattr(host.os, "geteuid", lambda: 0)
     assert host.decide_rootfs("auto", "kvm").kind == "virtiofs"
     tcg = host.decide_rootfs("auto", "tcg")
     assert tcg.kind == "9p" and any("behind TCG's back" in r for r in tcg.reasons)
-    forced = host.decide_rootfs("virtiofs", "tcg")           # asked for: served, with the risk said
+    forced = host.decide_rootfs("virtiofs", "tcg")  # asked for: served, with the risk said
     assert forced.kind == "virtiofs" and any("stale code" in r for r in forced.reasons)
     assert host.decide_rootfs("9p", "kvm").kind == "9p"

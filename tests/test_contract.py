@@ -1,4 +1,5 @@
 """The host-guest contract: what the host writes, a guest reads back the same, typed and checked."""
+
 import json
 import subprocess
 import sys
@@ -24,8 +25,12 @@ def test_schedule_round_trips_with_its_modes():
     schedule = conductor_schedule(exp, 240, 1)
     back = Schedule.from_dict(json.loads(schedule.to_json()))
     assert back == schedule
-    assert [p.mode for p in back.phases][:4] == [PressureMode.NONE, PressureMode.MEMCG_LIMIT, PressureMode.NONE,
-                                                 PressureMode.GLOBAL]
+    assert [p.mode for p in back.phases][:4] == [
+        PressureMode.NONE,
+        PressureMode.MEMCG_LIMIT,
+        PressureMode.NONE,
+        PressureMode.GLOBAL,
+    ]
     assert back.pressure.global_hog.overshoot_mb == exp.pressure.global_.overshoot_mb
 
 
@@ -36,12 +41,15 @@ def test_a_plan_of_another_version_is_refused_with_both_versions():
         GuestPlan.from_dict(data)
 
 
-@pytest.mark.parametrize("change, says", [
-    ({"bogus": 1}, r"unknown field\(s\) \['bogus'\]"),
-    ({"run_id": 7}, "run_id: expected str, got int"),
-    ({"children": [{"name": "l1-0"}]}, "missing field 'export' of ChildSpec"),
-    ({"schedule": {"phases": [{"name": "p", "duration_s": 1, "mode": "gobal"}]}}, "'gobal' is not one of"),
-])
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"bogus": 1}, r"unknown field\(s\) \['bogus'\]"),
+        ({"run_id": 7}, "run_id: expected str, got int"),
+        ({"children": [{"name": "l1-0"}]}, "missing field 'export' of ChildSpec"),
+        ({"schedule": {"phases": [{"name": "p", "duration_s": 1, "mode": "gobal"}]}}, "'gobal' is not one of"),
+    ],
+)
 def test_a_malformed_plan_says_which_field(change, says):
     data = dict(GuestPlan(name="kut", level="kut", run_id="r").to_dict(), **change)
     with pytest.raises(ContractError, match=says):
@@ -49,11 +57,16 @@ def test_a_malformed_plan_says_which_field(change, says):
 
 
 def test_probe_job_and_exit_record_files(tmp_path):
-    job = ProbeJob(spec=ProbeSpec(size_mb=8, access="write", pattern="random", stride=4096, interval_s=1.0),
-                   out="/o/probe.jsonl", status="/o/probe.status", stop="/o/stop")
+    job = ProbeJob(
+        spec=ProbeSpec(size_mb=8, access="write", pattern="random", stride=4096, interval_s=1.0),
+        out="/o/probe.jsonl",
+        status="/o/probe.status",
+        stop="/o/stop",
+    )
     assert ProbeJob.from_dict(json.loads(job.to_json())) == job
-    record = ExitRecord(status=1, kind=ExitKind.PREFLIGHT, error="Traceback ...", message="PreflightError: no cgroup",
-                        t=1)
+    record = ExitRecord(
+        status=1, kind=ExitKind.PREFLIGHT, error="Traceback ...", message="PreflightError: no cgroup", t=1
+    )
     record.save(str(tmp_path / "exit.json"))
     assert ExitRecord.load(str(tmp_path / "exit.json")).kind is ExitKind.PREFLIGHT
     (tmp_path / "bad.json").write_text("{not json")
@@ -63,9 +76,12 @@ def test_probe_job_and_exit_record_files(tmp_path):
 
 def test_child_gets_the_refined_tsc_rate_only_when_this_kernel_refined_it():
     from harness.guest.agent import pin_child_tsc
+
     argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "512"]
-    refined = ("[    0.080000] tsc: Detected 2593.307 MHz processor\n"
-               "[    1.600957] tsc: Refined TSC clocksource calibration: 2596.152 MHz\n")
+    refined = (
+        "[    0.080000] tsc: Detected 2593.307 MHz processor\n"
+        "[    1.600957] tsc: Refined TSC clocksource calibration: 2596.152 MHz\n"
+    )
     assert pin_child_tsc(argv, refined)[4] == "host,tsc-frequency=2596152000"
     assert pin_child_tsc(argv, refined)[:4] == argv[:4] and pin_child_tsc(argv, refined)[5:] == argv[5:]
     assert pin_child_tsc(argv, "[    0.000000] tsc: Detected 2596.120 MHz processor\n") == argv
@@ -73,7 +89,9 @@ def test_child_gets_the_refined_tsc_rate_only_when_this_kernel_refined_it():
 
 
 def test_harness_process_locks_itself_in_memory():
-    code = ("from harness.guest.supervise import lock_in_memory; assert lock_in_memory() is None; "
-            "print(next(l for l in open('/proc/self/status') if l.startswith('VmLck')))")
+    code = (
+        "from harness.guest.supervise import lock_in_memory; assert lock_in_memory() is None; "
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmLck')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[1]) > 0

@@ -1,5 +1,6 @@
 """The default experiment end to end, exactly as a user runs it, with shorter phases and one
 repetition set through --set (the same config). Asserts the science, not just that files exist."""
+
 import json
 import re
 import shutil
@@ -19,23 +20,37 @@ from harness.results import load as load_tables
 
 pytestmark = pytest.mark.kernel
 
-QUICK = ["repetitions=1", "phases.steady.duration_s=6", "phases.memcg-limit.duration_s=10", "phases.gap-1.duration_s=5",
-         "phases.global.duration_s=25", "phases.recovery-1.duration_s=8", "phases.shrinker-scan.duration_s=9",
-         "phases.recovery-2.duration_s=5", "workload.command=[uname, -r]"]
+QUICK = [
+    "repetitions=1",
+    "phases.steady.duration_s=6",
+    "phases.memcg-limit.duration_s=10",
+    "phases.gap-1.duration_s=5",
+    "phases.global.duration_s=25",
+    "phases.recovery-1.duration_s=8",
+    "phases.shrinker-scan.duration_s=9",
+    "phases.recovery-2.duration_s=5",
+    "workload.command=[uname, -r]",
+]
 
 
 @pytest.fixture(scope="session")
 def e2e(builds, qemu, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    cmd = [sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab", "--output", str(out),
-           "--run-id", "e2e", *[a for s in QUICK for a in ("--set", s)]]
+    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --run-id e2e".split()]
+    cmd += ["--output", str(out), *[a for s in QUICK for a in ("--set", s)]]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400)
     print(r.stdout[-5000:], r.stderr[-5000:])
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = out / "shrinker-ab" / "e2e"
     frames = load_tables(run_dir)
-    return {"run_dir": run_dir, "stdout": r.stdout, "stderr": r.stderr, "frames": frames,
-            "evidence": shrinker_evidence(frames), "cmd": cmd}
+    return {
+        "run_dir": run_dir,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "frames": frames,
+        "evidence": shrinker_evidence(frames),
+        "cmd": cmd,
+    }
 
 
 def _phase(evidence, variant, phase):
@@ -48,7 +63,7 @@ def test_run_is_complete_and_states_what_it_ran_on(e2e):
     m = json.loads((e2e["run_dir"] / "manifest.json").read_text())
     accel = decide_accel("auto").accel
     assert m["status"] == "complete" and m["accel"]["kut"] == accel
-    assert m["topology"] == decide_topology("auto", accel, qemu_installs(), 2).kind     # what auto chose here
+    assert m["topology"] == decide_topology("auto", accel, qemu_installs(), 2).kind  # what auto chose here
     if accel == "tcg":
         assert "TCG" in e2e["stderr"] and "NOT KVM" in m["accel"]["banner"]
     assert m["builds"]["patched"]["patch_variant"] == "v6.0-6.6" and m["builds"]["patched"]["patches"]
@@ -75,7 +90,7 @@ def test_baseline_shrinker_runs_under_pressure_that_reaches_it(e2e):
     scan = _phase(evidence, "baseline", "shrinker-scan")
     assert scan["shrinker_present"] and scan["shrinker_calls"] > 0 and scan["mmu_recycled"] > 0
     glob = _phase(evidence, "baseline", "global")
-    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0          # global reclaim really happened
+    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0  # global reclaim really happened
 
 
 def test_patched_has_no_shrinker_and_no_shrinker_zapping(e2e):
@@ -131,18 +146,20 @@ def test_report_verdict_rows_and_valid_pngs(e2e):
 
 def test_report_regenerates_from_tables_and_truncated_run_is_incomplete(e2e, tmp_path):
     run = e2e["run_dir"]
-    r = subprocess.run([sys.executable, "-m", "harness", "report", "--run", str(run)], cwd=REPO_ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "report", "--run", str(run)], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0 and "report.html" in r.stdout
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     shutil.rmtree(broken / "cells" / "patched.r1")
     (broken / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").write_text(
-        (run / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").read_text()[:5000])   # torn mid-line
+        (run / "cells" / "baseline.r1" / "l1-0" / "probe.jsonl").read_text()[:5000]
+    )  # torn mid-line
     generate(broken)
     md = (broken / "report.md").read_text()
     assert "INCOMPLETE" in md and "patched.r1" in md
-    bare = tmp_path / "bare"          # interrupted before any cell measured anything
+    bare = tmp_path / "bare"  # interrupted before any cell measured anything
     bare.mkdir()
     shutil.copy(run / "manifest.json", bare / "manifest.json")
     generate(bare)
@@ -160,8 +177,12 @@ def test_rerun_into_the_same_run_id_resumes_without_redoing_cells(e2e):
 
 def test_compare_puts_two_runs_side_by_side(e2e, tmp_path):
     out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "-m", "harness", "compare", str(e2e["run_dir"]), str(e2e["run_dir"]),
-                        "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "compare", str(e2e["run_dir"]), str(e2e["run_dir"]), "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     md = (out / "compare.md").read_text()
     assert "p99 touch latency" in md and "baseline" in md and (out / "compare.html").exists()

@@ -1,4 +1,5 @@
 """fab tasks through real sshd instances on 127.0.0.1 (throwaway host and user keys)."""
+
 import json
 import os
 import shutil
@@ -33,14 +34,18 @@ class Sshd:
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root}/host_key\nPidFile {root}/sshd.pid\n"
             f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\nClientAliveInterval 15\n")
+            "Subsystem sftp internal-sftp\nClientAliveInterval 15\n"
+        )
         self.proc = None
 
     def start(self):
         Path("/run/sshd").mkdir(exist_ok=True)
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(self.root / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(self.root / "sshd_config")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
@@ -58,8 +63,12 @@ class Sshd:
 
     @property
     def known_host(self) -> str:
-        return f"[127.0.0.1]:{self.port} " + (self.root / "host_key.pub").read_text().split(" ", 2)[0] + " " + \
-            (self.root / "host_key.pub").read_text().split()[1]
+        return (
+            f"[127.0.0.1]:{self.port} "
+            + (self.root / "host_key.pub").read_text().split(" ", 2)[0]
+            + " "
+            + (self.root / "host_key.pub").read_text().split()[1]
+        )
 
     @property
     def host(self) -> str:
@@ -99,7 +108,7 @@ def fab(keys, *args, hosts=None, env_extra=None, timeout=1800, known=True):
 
 
 def remote_dir(base: Path) -> list[str]:
-    return ["--remote-dir", f"{base}/{{host}}"]      # every simulated host has a directory of its own
+    return ["--remote-dir", f"{base}/{{host}}"]  # every simulated host has a directory of its own
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +134,12 @@ def test_doctor_over_ssh(keys, hosts, rdir):
     r = fab(keys, "doctor", "--json", *remote_dir(rdir), hosts=[hosts[0]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"running on {hosts[0].host} over SSH" in r.stdout + r.stderr
-    doc = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    doc = json.loads(r.stdout[r.stdout.index("{") : r.stdout.rindex("}") + 1])
     assert doc["accel"] in ("kvm", "tcg") and doc["reasons"]
 
 
 def test_validate_over_ssh_ships_the_config(keys, hosts, rdir):
-    r = fab(keys, "validate", "--config", "shrinker-ab", "--set", "repetitions=4", *remote_dir(rdir),
-            hosts=[hosts[0]])
+    r = fab(keys, "validate", "--config", "shrinker-ab", "--set", "repetitions=4", *remote_dir(rdir), hosts=[hosts[0]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "config OK" in r.stdout and "patched.r4" in r.stdout
 
@@ -146,6 +154,7 @@ def test_unknown_host_key_is_refused_unless_accepted(keys, hosts, rdir):
 def test_unreachable_host_fails_fast(keys):
     class Dead:
         host = f"root@127.0.0.1:{free_port()}"
+
     t0 = time.monotonic()
     r = fab(keys, "doctor", hosts=[Dead()], timeout=120)
     assert r.returncode != 0 and "unreachable" in r.stdout + r.stderr
@@ -155,8 +164,14 @@ def test_unreachable_host_fails_fast(keys):
 def test_wrong_key_is_an_authentication_failure(keys, hosts, rdir, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
     env = dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"))
-    r = subprocess.run([FAB, "-i", str(tmp_path / "other"), "-H", hosts[0].host, "doctor"], cwd=REPO_ROOT,
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [FAB, "-i", str(tmp_path / "other"), "-H", hosts[0].host, "doctor"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode != 0 and "authentication failed" in r.stdout + r.stderr
 
 
@@ -168,21 +183,43 @@ def test_build_over_ssh_uses_the_cache(keys, hosts, rdir, builds, cache_dir):
 
 
 # The fleet cells also exercise the two pressure modes the default schedule does not use.
-FLEET = ["--config", "shrinker-ab", "--set", "variants=[{name: baseline}]", "--set", "repetitions=2",
-         "--set", "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
-                  "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]"]
+FLEET = [
+    "--config",
+    "shrinker-ab",
+    "--set",
+    "variants=[{name: baseline}]",
+    "--set",
+    "repetitions=2",
+    "--set",
+    "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
+    "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
+]
 
 
 @pytest.mark.kernel
 def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, builds, cache_dir, tmp_path):
     results = tmp_path / "results"
     env = {"NESTPRESS_RECONNECT_S": "20"}
-    args = ["experiment", *FLEET, "--set", f"output={results}", "--run-id", "fleet1", "--cache", str(cache_dir),
-            *remote_dir(rdir)]
+    args = [
+        "experiment",
+        *FLEET,
+        "--set",
+        f"output={results}",
+        "--run-id",
+        "fleet1",
+        "--cache",
+        str(cache_dir),
+        *remote_dir(rdir),
+    ]
     # drop host 1's connections once its job is running; host 0 finishes on its own
-    proc = subprocess.Popen([FAB, "-i", str(keys / "id"), *args, "--hosts", ",".join(h.host for h in hosts)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"), **env))
+    proc = subprocess.Popen(
+        [FAB, "-i", str(keys / "id"), *args, "--hosts", ",".join(h.host for h in hosts)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"), **env),
+    )
     local_run = results / "shrinker-ab" / "fleet1"
     host1_run = rdir / f"127.0.0.1-{hosts[1].port}" / "app" / "results" / "shrinker-ab" / "fleet1"
     deadline = time.monotonic() + 900
@@ -196,15 +233,17 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     r = fab(keys, *args, hosts=hosts, env_extra=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     manifest = json.loads((local_run / "manifest.json").read_text())
-    assert set(manifest["cell_hosts"].values()) == {h.host for h in hosts}     # each host ran its shard
+    assert set(manifest["cell_hosts"].values()) == {h.host for h in hosts}  # each host ran its shard
     assert manifest["status"] == "complete" and sorted(manifest["hosts"]) == sorted(
-        f"127.0.0.1-{h.port}" for h in hosts)
+        f"127.0.0.1-{h.port}" for h in hosts
+    )
     assert (local_run / "cells" / "baseline.r1" / "cell.json").exists()
     assert (local_run / "cells" / "baseline.r2" / "cell.json").exists()
     assert (local_run / "report.html").exists()
     # what the two modes claim, on the baseline 6.1 kernel with the shadow topology
     from harness.report import shrinker_evidence
     from harness.results import load as load_tables
+
     frames = load_tables(local_run)
     evidence = shrinker_evidence(frames)
     dc = evidence[evidence["phase"] == "drop-caches"]
@@ -212,6 +251,6 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     assert (dc["mmu_recycled"] > 0).all() and (dc["slabs_scanned"] > 0).all()
     e = frames["events"]
     rr = e[e["kind"] == "pressure.root_reclaim_request"]
-    assert rr["cell"].nunique() == 2                          # root memory.reclaim written in both cells
+    assert rr["cell"].nunique() == 2  # root memory.reclaim written in both cells
     root = evidence[evidence["phase"] == "root-reclaim"]
-    assert (root["slabs_scanned"] > 0).all()                  # root reclaim runs shrink_slab
+    assert (root["slabs_scanned"] > 0).all()  # root reclaim runs shrink_slab

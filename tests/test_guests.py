@@ -1,4 +1,5 @@
 """Real QEMU, real kernels from the build pipeline: boot to the agent, panic detection, cleanup."""
+
 import json
 import signal
 import subprocess
@@ -22,8 +23,19 @@ pytestmark = pytest.mark.kernel
 
 
 def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "9p") -> GuestSpec:
-    return GuestSpec("kut", "kut", str(kernel), 768, 1, "tcg", str(out), str(out / "console.log"),
-                     python or python_for_guests(), rootfs=rootfs, rootfs_dir=str(out.parent / "rootfs"))
+    return GuestSpec(
+        "kut",
+        "kut",
+        str(kernel),
+        768,
+        1,
+        "tcg",
+        str(out),
+        str(out / "console.log"),
+        python or python_for_guests(),
+        rootfs=rootfs,
+        rootfs_dir=str(out.parent / "rootfs"),
+    )
 
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
@@ -39,7 +51,7 @@ def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path, roo
     # the guest remounts its root read-write and tries to write a host file: the share itself must refuse
     probe_write = f"uname -r; mount -o remount,rw /; touch {canary} && echo WROTE || echo REFUSED"
     GuestPlan(name="kut", level="kut", run_id="t", command=["sh", "-c", probe_write]).save(str(out / "plan.json"))
-    (out / "stop").touch()                     # nothing to conduct: come up, report, power off
+    (out / "stop").touch()  # nothing to conduct: come up, report, power off
     spec = kut_spec(builds["baseline"].bzimage, out, rootfs=rootfs)
     child = Child("kut", qemu_argv(spec), str(out), spec.console, rootfs_server=rootfs_server(spec))
     child.start()
@@ -83,17 +95,21 @@ def _processes_of(run_marker: str, name: str = "qemu-system") -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, sig):
     out = tmp_path / "results"
-    p = subprocess.Popen([sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab",
-                          "--set", "repetitions=1",
-                          "--output", str(out), "--run-id", f"kill-{sig.name}"], cwd=REPO_ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --set repetitions=1".split()]
+    p = subprocess.Popen(
+        [*cmd, "--output", str(out), "--run-id", f"kill-{sig.name}"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (run_dir / "cells" / "baseline.r1" / "ready.json").exists():
         time.sleep(1)
     assert (run_dir / "cells" / "baseline.r1" / "ready.json").exists(), "the kernel under test never came up"
     assert _processes_of(str(run_dir))
-    servers = decide_rootfs("auto", decide_accel("auto").accel).kind == "virtiofs"   # kut's root from a virtiofsd
+    servers = decide_rootfs("auto", decide_accel("auto").accel).kind == "virtiofs"  # kut's root from a virtiofsd
     assert bool(_processes_of(f"/tmp/nestpress-kill-{sig.name}-", "virtiofsd")) == servers
     p.send_signal(sig)
     p.communicate(timeout=90)
@@ -105,20 +121,29 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         assert p.returncode != 0
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
         assert not tmp_dirs
-        assert "INCOMPLETE" in (run_dir / "report.md").read_text()      # the report says what it is
+        assert "INCOMPLETE" in (run_dir / "report.md").read_text()  # the report says what it is
 
 
-@pytest.mark.parametrize("cmdline, says", [("cgroup_disable=memory", "memory controller is not available"),
-                                           ("debugfs=off", "no /sys/kernel/debug/kvm")])
+@pytest.mark.parametrize(
+    "cmdline, says",
+    [("cgroup_disable=memory", "memory controller is not available"), ("debugfs=off", "no /sys/kernel/debug/kvm")],
+)
 def test_kernel_that_cannot_run_the_schedule_fails_before_any_guest_starts(builds, qemu, tmp_path, cmdline, says):
     out = tmp_path / "kut"
     out.mkdir()
     control = load("shrinker-ab", ["phases=[{name: control, duration_s: 1, pressure: memcg-limit}]"]).experiment
     schedule = conductor_schedule(control, warm_timeout_s=5, expected_probes=0)
-    child = ChildSpec(name="l1-0", export=str(out / "l1-0"), console=str(out / "l1-0" / "console.log"), timeout_s=5,
-                      argv=["sleep", "600"], plan=GuestPlan(name="l1-0", level="l1", run_id="t"))
-    GuestPlan(name="kut", level="kut", run_id="t", cgroup_controllers=["memory"], children=[child],
-              schedule=schedule).save(str(out / "plan.json"))
+    child = ChildSpec(
+        name="l1-0",
+        export=str(out / "l1-0"),
+        console=str(out / "l1-0" / "console.log"),
+        timeout_s=5,
+        argv=["sleep", "600"],
+        plan=GuestPlan(name="l1-0", level="l1", run_id="t"),
+    )
+    GuestPlan(
+        name="kut", level="kut", run_id="t", cgroup_controllers=["memory"], children=[child], schedule=schedule
+    ).save(str(out / "plan.json"))
     spec = kut_spec(builds["baseline"].bzimage, out)
     spec.cmdline_extra = [cmdline]
     child = Child("kut", qemu_argv(spec), str(out), spec.console)

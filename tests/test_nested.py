@@ -3,6 +3,7 @@ user runs it (through `python -m harness experiment`). L1 runs on TDP, L2 inside
 test's nested (shadow) MMU; under TCG this needs QEMU >= 10 (harness/setup_qemu.sh installs it).
 Asserts the science: L2 is measured on both kernels, the baseline's shrinker zaps the shadow pages of the
 VM that runs L2, the patched kernel has no shrinker and zaps nothing."""
+
 import json
 import subprocess
 import sys
@@ -23,15 +24,19 @@ def nested(builds, qemu, tmp_path_factory):
     qemu_for_nested, why = topology_support(decide_accel("auto").accel, qemu_installs())["nested"]
     require(qemu_for_nested is not None, why)
     out = tmp_path_factory.mktemp("results")
-    cmd = [sys.executable, "-m", "harness", "experiment", "--config", "shrinker-ab-nested", "--output", str(out),
-           "--run-id", "nested", "--set", "repetitions=1"]
+    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab-nested --run-id nested".split()]
+    cmd += ["--output", str(out), "--set", "repetitions=1"]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2700)
     print(r.stdout[-4000:], r.stderr[-6000:])
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = out / "shrinker-ab-nested" / "nested"
     frames = load_tables(run_dir)
-    return {"run_dir": run_dir, "frames": frames, "evidence": shrinker_evidence(frames),
-            "manifest": json.loads((run_dir / "manifest.json").read_text())}
+    return {
+        "run_dir": run_dir,
+        "frames": frames,
+        "evidence": shrinker_evidence(frames),
+        "manifest": json.loads((run_dir / "manifest.json").read_text()),
+    }
 
 
 def _phase(evidence, variant, phase):
@@ -50,14 +55,14 @@ def test_every_level_is_where_it_should_be(nested):
         kut = json.loads((cell / "facts.json").read_text())
         l1 = json.loads((cell / "l1-0" / "facts.json").read_text())
         l2 = json.loads((cell / "l1-0" / "l2-0" / "facts.json").read_text())
-        assert kut["kvm_params"]["kvm_amd.npt"] == "Y"                        # L1 on TDP
+        assert kut["kvm_params"]["kvm_amd.npt"] == "Y"  # L1 on TDP
         assert kut["rootfs"] == l1["rootfs"] == m["rootfs"]["kind"]
         if m["accel"]["kut"] == "tcg":
-            assert kut["rootfs"] == "9p"          # a host virtiofsd's writes would bypass TCG (README)
+            assert kut["rootfs"] == "9p"  # a host virtiofsd's writes would bypass TCG (README)
         assert l1["runs_on_kvm"] and l1["kvm_device"] and "svm" in l1["cpu_flags"]
-        assert l2["runs_on_kvm"] and l2["rootfs"] == "rootfs"                  # L2 from its initramfs
+        assert l2["runs_on_kvm"] and l2["rootfs"] == "rootfs"  # L2 from its initramfs
         assert "transparent_hugepage=always" in l1["cmdline"]
-        assert "not_locked" not in (cell / "events.jsonl").read_text()       # the agent is out of reclaim
+        assert "not_locked" not in (cell / "events.jsonl").read_text()  # the agent is out of reclaim
 
 
 def test_l2_is_measured_on_both_kernels(nested):
@@ -87,7 +92,7 @@ def test_patched_has_no_shrinker_and_zaps_nothing_of_l2(nested):
     assert not pat["shrinker_present"].any() and pat["shrinker_calls"].sum() == 0
     assert pat["l2_vm_shadow_zapped"].fillna(0).sum() == 0
     glob = _phase(evidence, "patched", "global")
-    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0                   # as much pressure, no shrinker
+    assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0  # as much pressure, no shrinker
 
 
 def test_report_shows_the_l2_vm_evidence(nested):

@@ -1,4 +1,5 @@
 """The shrinker-removal series against the real Debian kernel sources."""
+
 import hashlib
 import subprocess
 from pathlib import Path
@@ -15,8 +16,9 @@ MMU = "arch/x86/kvm/mmu/mmu.c"
 
 
 def numstat(patch: Path) -> str:
-    return subprocess.run(["git", "apply", "--numstat", str(patch)], capture_output=True, text=True,
-                          cwd="/").stdout.strip()
+    return subprocess.run(
+        ["git", "apply", "--numstat", str(patch)], capture_output=True, text=True, cwd="/"
+    ).stdout.strip()
 
 
 def test_rfc_is_faithful_to_the_mail():
@@ -27,12 +29,20 @@ def test_rfc_is_faithful_to_the_mail():
     assert "From: Vipin Sharma <vipinsh@google.com>" in text
     assert "Date: Tue, 03 May 2022 18:14:15 -0500" in text
     assert "Overall, this feature existed for many\nyears without providing meaningful benefit." in text
-    assert "\n-\t\t * unfair on small ones\n" in text          # tabs restored
+    assert "\n-\t\t * unfair on small ones\n" in text  # tabs restored
 
 
-@pytest.mark.parametrize("version, variant", [("5.9.0", "rfc"), ("5.19.17", "rfc"), ("6.1.192", "v6.0-6.6"),
-                                              ("6.6.1", "v6.0-6.6"), ("6.7.0", "v6.7-6.12"),
-                                              ("6.12.117", "v6.7-6.12")])
+@pytest.mark.parametrize(
+    "version, variant",
+    [
+        ("5.9.0", "rfc"),
+        ("5.19.17", "rfc"),
+        ("6.1.192", "v6.0-6.6"),
+        ("6.6.1", "v6.0-6.6"),
+        ("6.7.0", "v6.7-6.12"),
+        ("6.12.117", "v6.7-6.12"),
+    ],
+)
 def test_variant_selected_by_version(version, variant):
     v = KernelVersion(*map(int, version.split(".")))
     assert SERIES.select(v).name == variant
@@ -86,7 +96,7 @@ def test_wrong_variant_fails_cleanly_naming_patch_file_and_hunk(tree612, tmp_pat
         apply(tree, SERIES.select(makefile_version(tree), "v6.0-6.6"))
     msg = str(e.value)
     assert "0001-KVM-x86-mmu-Remove-KVM-memory-shrinker.patch" in msg and MMU in msg and "hunk #" in msg
-    assert (tree / MMU).read_bytes() == before          # nothing half-applied
+    assert (tree / MMU).read_bytes() == before  # nothing half-applied
 
 
 @pytest.mark.kernel

@@ -3,6 +3,7 @@
 tests/data/recorded-run is a real nested A/B (configs/shrinker-ab-nested.yaml under TCG, one baseline and one
 patched cell), shortened: counters every second and only what the report reads, probe intervals inside the
 phases. The full suite produces such runs for real; this tier checks everything after them."""
+
 import json
 import shutil
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_evidence_baseline_zaps_l2s_shadow_pages_and_patched_has_no_shrinker(run
 
 def test_verdicts_are_rows_with_reasons(run):
     report = analyze(run, rebuild_tables=True)
-    assert len(report.ab) and set(report.ab["verdict"]) == {"inconclusive"}     # one repetition, under TCG
+    assert len(report.ab) and set(report.ab["verdict"]) == {"inconclusive"}  # one repetition, under TCG
     assert report.ab["reason"].str.contains("repetitions").all()
     assert report.ab["level"].eq("l2").all() and report.complete
 

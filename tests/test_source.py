@@ -1,4 +1,5 @@
 """Kernel sources other than tarballs: a git repository + ref and a local tree (never modified)."""
+
 import subprocess
 
 import pytest
@@ -46,7 +47,7 @@ def test_local_tree_is_copied_not_touched_and_changes_change_identity(repo, tmp_
     before = sorted(p.name for p in repo.iterdir())
     a = prepare(Source(kind="local", path=str(repo)), tmp_path / "cache")
     assert makefile_version(a.tree).mm == (6, 6) and sorted(p.name for p in repo.iterdir()) == before
-    (repo / "README").write_text("three\n")                      # an uncommitted edit is a new identity
+    (repo / "README").write_text("three\n")  # an uncommitted edit is a new identity
     b = prepare(Source(kind="local", path=str(repo)), tmp_path / "cache")
     assert a.identity != b.identity and (b.tree / "README").read_text() == "three\n"
 

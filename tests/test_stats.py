@@ -28,18 +28,30 @@ def _hist_samples(rng, variant, rep, scale, n_intervals=30, per=2000):
         b = pd.Series([bucket(int(v)) for v in x]).value_counts()
         for k, cnt in b.items():
             lo, hi = bucket_bounds(k)
-            rows.append({"variant": variant, "repetition": rep, "cell": f"{variant}{rep}", "guest": "l1-0",
-                         "interval": i, "phase": "p", "level": "l1", "latency_ns": (lo + hi) / 2, "lo_ns": lo,
-                         "hi_ns": hi, "count": cnt})
+            rows.append(
+                {
+                    "variant": variant,
+                    "repetition": rep,
+                    "cell": f"{variant}{rep}",
+                    "guest": "l1-0",
+                    "interval": i,
+                    "phase": "p",
+                    "level": "l1",
+                    "latency_ns": (lo + hi) / 2,
+                    "lo_ns": lo,
+                    "hi_ns": hi,
+                    "count": cnt,
+                }
+            )
     return rows
 
 
 def test_bootstrap_ci_covers_the_true_percentile():
     rng = np.random.default_rng(2)
     df = pd.DataFrame(_hist_samples(rng, "a", 1, 5000))
-    true_p99 = 1000 + 5000 * -np.log(0.01)          # exponential quantile
+    true_p99 = 1000 + 5000 * -np.log(0.01)  # exponential quantile
     lo, hi = stats.bootstrap_quantile_ci(df, [0.99])
-    assert lo[0] * 0.94 <= true_p99 <= hi[0] * 1.07   # interval (with bin error) holds the truth
+    assert lo[0] * 0.94 <= true_p99 <= hi[0] * 1.07  # interval (with bin error) holds the truth
 
 
 def test_known_shift_is_worse_and_identical_is_no_difference():
@@ -53,7 +65,7 @@ def test_known_shift_is_worse_and_identical_is_no_difference():
     ab = stats.ab_table(m, "baseline", tcg=False, baseline_shrinker_ran=True)
     p99 = ab[ab["metric"] == "touch p99 (us)"].iloc[0]
     assert p99["verdict"] == "worse"
-    assert p99["change_ci_lo"] > 50           # true change ~ +90% (p99 of scale 10000 vs 5000, +1000 offset)
+    assert p99["change_ci_lo"] > 50  # true change ~ +90% (p99 of scale 10000 vs 5000, +1000 offset)
     same = m[m["variant"] == "baseline"].copy()
     same2 = same.copy()
     same2["variant"] = "patched"
@@ -68,4 +80,4 @@ def test_inconclusive_says_why():
     v, why = stats.verdict(stats.compare(np.array([1.0]), np.array([2.0])), tcg=False, baseline_shrinker_ran=True)
     assert v == "inconclusive" and "too few repetitions" in why
     v, _ = stats.verdict(c, tcg=False, baseline_shrinker_ran=True)
-    assert v == "worse"       # 3 vs 3, fully separated, Welch p < 0.05
+    assert v == "worse"  # 3 vs 3, fully separated, Welch p < 0.05

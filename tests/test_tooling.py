@@ -1,4 +1,5 @@
-"""The tree stays clean: ruff (lint) and mypy (types), configured in pyproject.toml, as part of the tests."""
+"""The tree stays clean: ruff (lint and format) and mypy (types), configured in pyproject.toml, as part of the tests."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,11 @@ BIN = Path(sys.executable).parent
 
 def test_ruff_is_clean():
     r = subprocess.run([str(BIN / "ruff"), "check", "."], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_ruff_format_leaves_the_tree_as_it_is():
+    r = subprocess.run([str(BIN / "ruff"), "format", "--check", "."], cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
 
 

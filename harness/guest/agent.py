@@ -7,6 +7,7 @@ in the kernel under test - conducts the phase schedule with the sampler and the 
 modes. Everything goes to the export as it happens. It powers the guest off at the end,
 whatever happened; `exit.json` says how it ended.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -49,9 +50,11 @@ def early_mounts() -> None:
     for d in ("/run", "/dev/shm"):
         mount("tmpfs", d, "tmpfs", "mode=1777")
     os.makedirs("/run/tmp", exist_ok=True)
-    for src, target, fstype in (("debugfs", "/sys/kernel/debug", "debugfs"),
-                                ("tracefs", "/sys/kernel/tracing", "tracefs"),
-                                ("cgroup2", "/sys/fs/cgroup", "cgroup2")):
+    for src, target, fstype in (
+        ("debugfs", "/sys/kernel/debug", "debugfs"),
+        ("tracefs", "/sys/kernel/tracing", "tracefs"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2"),
+    ):
         try:
             mount(src, target, fstype)
         except OSError as e:
@@ -74,6 +77,7 @@ class Events:
 
 def copy_kmsg(dest: str) -> None:
     """The kernel log, line by line, into its own file (apart from the agent's stdout/stderr)."""
+
     def pump() -> None:
         try:
             fd = os.open("/dev/kmsg", os.O_RDONLY)
@@ -83,11 +87,12 @@ def copy_kmsg(dest: str) -> None:
             while True:
                 try:
                     rec = os.read(fd, 8192).decode(errors="replace")
-                except OSError:          # EPIPE: a record was overwritten; keep going
+                except OSError:  # EPIPE: a record was overwritten; keep going
                     continue
                 meta, _, msg = rec.partition(";")
                 usec = meta.split(",")[2] if meta.count(",") >= 2 else "0"
                 f.write(f"[{int(usec) / 1e6:12.6f}] {msg.rstrip()}\n")
+
     threading.Thread(target=pump, daemon=True).start()
 
 
@@ -95,8 +100,15 @@ def level_facts(plan: GuestPlan) -> dict:
     """What makes this level's numbers mean what we say: KVM, nesting, TDP, and who runs us."""
     kmsg = read(os.path.join(OUT, "kmsg.log"))
     cpuinfo = read("/proc/cpuinfo")
-    flags = sorted({f for line in cpuinfo.splitlines() if line.startswith("flags")
-                    for f in line.split(":", 1)[1].split() if f in ("vmx", "svm", "hypervisor")})
+    flags = sorted(
+        {
+            f
+            for line in cpuinfo.splitlines()
+            if line.startswith("flags")
+            for f in line.split(":", 1)[1].split()
+            if f in ("vmx", "svm", "hypervisor")
+        }
+    )
     params = {}
     for p in glob.glob("/sys/module/kvm*/parameters/*"):
         mod, name = p.split("/")[3], os.path.basename(p)
@@ -106,10 +118,14 @@ def level_facts(plan: GuestPlan) -> dict:
     kallsyms = read("/proc/kallsyms")
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
     return {
-        "name": plan.name, "level": plan.level, "uname": os.uname().release,
-        "cpu_flags": flags, "kvm_device": os.path.exists("/dev/kvm"),
-        "kvm_vendor": next((v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")),
-                           None),
+        "name": plan.name,
+        "level": plan.level,
+        "uname": os.uname().release,
+        "cpu_flags": flags,
+        "kvm_device": os.path.exists("/dev/kvm"),
+        "kvm_vendor": next(
+            (v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")), None
+        ),
         "kvm_params": params,
         "runs_on_kvm": "Hypervisor detected: KVM" in kmsg,
         "hypervisor_line": next((l for l in kmsg.splitlines() if "Hypervisor detected" in l), None),
@@ -123,7 +139,7 @@ def level_facts(plan: GuestPlan) -> dict:
     }
 
 
-RTC_RD_TIME = 0x80247009        # _IOR('p', 0x09, struct rtc_time)
+RTC_RD_TIME = 0x80247009  # _IOR('p', 0x09, struct rtc_time)
 
 
 def rtc_seconds(fd: int) -> int:
@@ -188,7 +204,7 @@ def pin_child_tsc(argv: list[str], kmsg: str) -> list[str]:
     if argv[i].split(",")[0] != "host" or "tsc-frequency=" in argv[i]:
         return argv
     hz = (int(mhz) * 1000 + int(khz_frac)) * 1000
-    return [*argv[:i], f"{argv[i]},tsc-frequency={hz}", *argv[i + 1:]]
+    return [*argv[:i], f"{argv[i]},tsc-frequency={hz}", *argv[i + 1 :]]
 
 
 def start_children(plan: GuestPlan, ev: Events) -> list[Child]:
@@ -204,12 +220,20 @@ def start_children(plan: GuestPlan, ev: Events) -> list[Child]:
     for spec in plan.children:
         os.makedirs(spec.export, exist_ok=True)
         spec.plan.save(os.path.join(spec.export, "plan.json"))
-        child = Child(spec.name, pin_child_tsc(spec.argv, kmsg), spec.export, spec.console, boot_timeout=spec.timeout_s,
-                      rootfs_server=spec.rootfs_server, monitor=spec.monitor, system_map=spec.system_map,
-                      env=spec.env)
+        child = Child(
+            spec.name,
+            pin_child_tsc(spec.argv, kmsg),
+            spec.export,
+            spec.console,
+            boot_timeout=spec.timeout_s,
+            rootfs_server=spec.rootfs_server,
+            monitor=spec.monitor,
+            system_map=spec.system_map,
+            env=spec.env,
+        )
         try:
             child.start()
-        except RuntimeError as e:            # its root could not be served: as good as a failed boot
+        except RuntimeError as e:  # its root could not be served: as good as a failed boot
             failed(child, e)
             continue
         ev(EventKind.BOOT_START, guest=spec.name, level=spec.plan.level, pid=child.proc.pid)
@@ -228,12 +252,18 @@ def start_children(plan: GuestPlan, ev: Events) -> list[Child]:
 def start_probe(plan: GuestPlan, ev: Events) -> subprocess.Popen | None:
     if plan.probe is None:
         return None
-    job = ProbeJob(spec=plan.probe, out=os.path.join(OUT, "probe.jsonl"), status=os.path.join(OUT, "probe.status"),
-                   stop=os.path.join(OUT, "stop"))
+    job = ProbeJob(
+        spec=plan.probe,
+        out=os.path.join(OUT, "probe.jsonl"),
+        status=os.path.join(OUT, "probe.status"),
+        stop=os.path.join(OUT, "stop"),
+    )
     ev(EventKind.PROBE_START, guest=plan.name)
-    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "probe.py"), job.to_json()],
-                            stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
-                            stderr=open(os.path.join(OUT, "probe.stderr"), "w"))
+    return subprocess.Popen(
+        [sys.executable, "-E", "-S", os.path.join(HERE, "probe.py"), job.to_json()],
+        stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
+        stderr=open(os.path.join(OUT, "probe.stderr"), "w"),
+    )
 
 
 def run_command(plan: GuestPlan, ev: Events) -> None:
@@ -248,8 +278,17 @@ def run_command(plan: GuestPlan, ev: Events) -> None:
 
 
 KVM_TRACE = "/sys/kernel/tracing/instances/nestpress-kvm"
-KVM_TRACE_EVENTS = ("kvm_exit", "kvm_entry", "kvm_nested_vmenter", "kvm_nested_vmexit_inject", "kvm_inj_exception",
-                    "kvm_inj_virq", "kvm_emulate_insn", "kvm_page_fault", "kvm_nested_vmenter_failed")
+KVM_TRACE_EVENTS = (
+    "kvm_exit",
+    "kvm_entry",
+    "kvm_nested_vmenter",
+    "kvm_nested_vmexit_inject",
+    "kvm_inj_exception",
+    "kvm_inj_virq",
+    "kvm_emulate_insn",
+    "kvm_page_fault",
+    "kvm_nested_vmenter_failed",
+)
 
 
 def start_kvm_trace(ev: Events) -> None:
@@ -291,8 +330,10 @@ def wait_probes_warm(expected: int, timeout: float, kids: list[Child], ev: Event
     while time.monotonic() < deadline:
         if kids and not report_deaths(kids, ev):
             raise RuntimeError("every guest died before its probe finished a pass: nothing to measure")
-        status = [json.loads(read(s, "{}") or "{}")
-                  for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)]
+        status = [
+            json.loads(read(s, "{}") or "{}")
+            for s in glob.glob(os.path.join(OUT, "**", "probe.status"), recursive=True)
+        ]
         failed = [s["failed"] for s in status if s.get("failed")]
         if failed:
             raise RuntimeError(f"probe failed before the phases could start: {'; '.join(failed)}")
@@ -303,8 +344,9 @@ def wait_probes_warm(expected: int, timeout: float, kids: list[Child], ev: Event
         time.sleep(0.5)
     ev(EventKind.PROBES_NOT_WARM, expected=expected, warm=len(warm), timeout_s=timeout)
     if not warm and expected:
-        raise RuntimeError(f"no probe finished a pass within {timeout:.0f}s (guests failed to boot or hung): "
-                           "nothing to measure")
+        raise RuntimeError(
+            f"no probe finished a pass within {timeout:.0f}s (guests failed to boot or hung): nothing to measure"
+        )
 
 
 def start_sampler(plan: GuestPlan) -> subprocess.Popen | None:
@@ -312,10 +354,17 @@ def start_sampler(plan: GuestPlan) -> subprocess.Popen | None:
     paging is on record too; the report only compares what lies inside the phases)."""
     if plan.schedule is None:
         return None
-    return subprocess.Popen([sys.executable, "-E", "-S", os.path.join(HERE, "sampler.py"),
-                             SamplerJob(spec=plan.schedule.sampler, out=OUT).to_json()],
-                            stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
-                            stderr=open(os.path.join(OUT, "sampler.stderr"), "w"))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-E",
+            "-S",
+            os.path.join(HERE, "sampler.py"),
+            SamplerJob(spec=plan.schedule.sampler, out=OUT).to_json(),
+        ],
+        stdout=open(os.path.join(OUT, "sampler.stdout"), "w"),
+        stderr=open(os.path.join(OUT, "sampler.stderr"), "w"),
+    )
 
 
 def conduct(plan: GuestPlan, kids: list[Child], ev: Events) -> None:
@@ -325,7 +374,7 @@ def conduct(plan: GuestPlan, kids: list[Child], ev: Events) -> None:
     if plan.children and not kids:
         raise RuntimeError("no guest came up (the boot_failed events say why): nothing to measure")
     wait_probes_warm(schedule.expected_probes, schedule.warm_timeout_s, kids, ev)
-    deadline = time.monotonic() + 120                       # a baseline sample before the first phase
+    deadline = time.monotonic() + 120  # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
     for phase in schedule.phases:
@@ -375,7 +424,7 @@ def finish(kids: list[Child], probe: subprocess.Popen | None, sampler: subproces
         status = k.wait_exit(60)
         ev(EventKind.GUEST_EXIT, guest=k.name, status=status, clean=status is not None)
         k.stop()
-    stop_process(sampler, 10)     # last: the guests' shutdown is on record too
+    stop_process(sampler, 10)  # last: the guests' shutdown is on record too
 
 
 def main() -> int:
@@ -398,7 +447,7 @@ def main() -> int:
         set_clock(ev)
         if plan.swap_device:
             enable_swap(plan.swap_device, ev)
-        time.sleep(0.2)   # let the kmsg pump catch up before facts read it
+        time.sleep(0.2)  # let the kmsg pump catch up before facts read it
         with open(os.path.join(OUT, "facts.json"), "w") as facts:
             json.dump(level_facts(plan), facts, indent=1)
         with open(os.path.join(OUT, "ready.json"), "w") as ready:
@@ -431,8 +480,9 @@ def main() -> int:
         except Exception:
             print(traceback.format_exc(), file=sys.stderr)
         stop_all()
-        ExitRecord(status=0 if kind is ExitKind.OK else 1, kind=kind, error=error, message=message,
-                   t=time.time_ns()).save(os.path.join(OUT, "exit.json"))
+        ExitRecord(
+            status=0 if kind is ExitKind.OK else 1, kind=kind, error=error, message=message, t=time.time_ns()
+        ).save(os.path.join(OUT, "exit.json"))
     return 0 if kind is ExitKind.OK else 1
 
 
@@ -441,4 +491,4 @@ if __name__ == "__main__":
         main()
     finally:
         os.sync()
-        _libc.reboot(0x4321FEDC)   # RB_POWER_OFF; PID 1 must never just exit
+        _libc.reboot(0x4321FEDC)  # RB_POWER_OFF; PID 1 must never just exit

@@ -6,6 +6,7 @@ The host writes a GuestPlan to each guest's export as plan.json; the guest reads
 GuestPlan.load(), which checks the version and every field, and ends by writing an ExitRecord to
 exit.json. Events (events.jsonl) carry an EventKind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,9 @@ import typing
 from dataclasses import dataclass, field
 
 VERSION = 1
-OUT = "/run/nestpress/out"            # where every agent mounts its results export (9p tag `nestout`)
-SCRATCH = "/run/nestpress"            # tmpfs in every guest: its children's sockets live here
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # the agent's, and its command's
+OUT = "/run/nestpress/out"  # where every agent mounts its results export (9p tag `nestout`)
+SCRATCH = "/run/nestpress"  # tmpfs in every guest: its children's sockets live here
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the agent's, and its command's
 
 
 class ContractError(ValueError):
@@ -57,7 +58,7 @@ class EventKind(enum.StrEnum):
     PRESSURE_START = "pressure_start"
     PRESSURE_STOP = "pressure_stop"
     CGROUP_REMOVED = "cgroup_removed"
-    NOT_LOCKED = "not_locked"           # the agent could not lock itself in memory (supervise.lock_in_memory)
+    NOT_LOCKED = "not_locked"  # the agent could not lock itself in memory (supervise.lock_in_memory)
 
 
 # the events that say a guest did not give what it should: a cell with any of them is marked in its record
@@ -66,7 +67,7 @@ GUEST_FAILURES = (EventKind.BOOT_FAILED, EventKind.GUEST_DIED, EventKind.PROBES_
 
 class ExitKind(enum.StrEnum):
     OK = "ok"
-    PREFLIGHT = "preflight"       # the kernel cannot run the schedule: said before any guest starts, never retried
+    PREFLIGHT = "preflight"  # the kernel cannot run the schedule: said before any guest starts, never retried
     ERROR = "error"
 
 
@@ -156,6 +157,7 @@ class GlobalHog(Record):
 @dataclass
 class PressureParams(Record):
     """The knobs of every pressure mode (config.Pressure as the guest needs it)."""
+
     global_hog: GlobalHog
     drop_caches_period_s: float
     root_reclaim_mb: int
@@ -169,6 +171,7 @@ class PressureParams(Record):
 @dataclass
 class PressureJob(Record):
     """What the agent hands one pressure actor process (guest/pressure.py), in its argv."""
+
     mode: PressureMode
     params: PressureParams
     cgroup: str
@@ -184,14 +187,14 @@ class SamplerSpec(Record):
 @dataclass
 class SamplerJob(Record):
     spec: SamplerSpec
-    out: str                      # the directory its counters.jsonl and shrinker.jsonl go to
+    out: str  # the directory its counters.jsonl and shrinker.jsonl go to
 
 
 @dataclass
 class ProbeSpec(Record):
     size_mb: int
-    access: str                   # write | read
-    pattern: str                  # sequential | random
+    access: str  # write | read
+    pattern: str  # sequential | random
     stride: int
     interval_s: float
 
@@ -199,10 +202,11 @@ class ProbeSpec(Record):
 @dataclass
 class ProbeJob(Record):
     """What the agent hands the probe process (guest/probe.py), in its argv."""
+
     spec: ProbeSpec
-    out: str                      # probe.jsonl
-    status: str                   # probe.status: passes so far, or why it failed
-    stop: str                     # the file whose existence ends it
+    out: str  # probe.jsonl
+    status: str  # probe.status: passes so far, or why it failed
+    stop: str  # the file whose existence ends it
     pause_s: float = 0.0
 
 
@@ -216,6 +220,7 @@ class PhaseSpec(Record):
 @dataclass
 class Schedule(Record):
     """What the kernel under test's agent conducts: the phases and their pressure, and the sampler."""
+
     phases: list[PhaseSpec]
     pressure: PressureParams
     sampler: SamplerSpec
@@ -226,6 +231,7 @@ class Schedule(Record):
 @dataclass
 class RootServer(Record):
     """The process that serves a child's root over virtiofs (guest/rootfs.py) before its QEMU starts."""
+
     argv: list[str]
     socket: str
 
@@ -233,6 +239,7 @@ class RootServer(Record):
 @dataclass
 class ChildSpec(Record):
     """One guest a level starts: its QEMU command line, where its files go, and the plan it will follow."""
+
     name: str
     export: str
     console: str
@@ -249,8 +256,9 @@ class ChildSpec(Record):
 class GuestPlan(Record):
     """Everything one level's agent does: its children, its probe and command, and (the kernel under test)
     the schedule it conducts."""
+
     name: str
-    level: str                    # kut | l1 | l2
+    level: str  # kut | l1 | l2
     run_id: str
     version: int = VERSION
     cell: str | None = None
@@ -263,21 +271,24 @@ class GuestPlan(Record):
     topology: str | None = None
     schedule: Schedule | None = None
     kvm_trace_on_failure: bool = False
-    max_s: float = 3600.0         # below the kernel under test: how long to wait for the parent's stop
+    max_s: float = 3600.0  # below the kernel under test: how long to wait for the parent's stop
 
     @classmethod
     def from_dict(cls, data: dict, where: str | None = None):
         if isinstance(data, dict) and data.get("version") != VERSION:
-            raise ContractError(f"{where or 'plan'}: a plan of version {data.get('version')!r}; this agent "
-                                f"speaks version {VERSION} (host and guest run different harness versions)")
+            raise ContractError(
+                f"{where or 'plan'}: a plan of version {data.get('version')!r}; this agent "
+                f"speaks version {VERSION} (host and guest run different harness versions)"
+            )
         return super().from_dict(data, where)
 
 
 @dataclass
 class ExitRecord(Record):
     """How an agent ended (exit.json): the host decides from `kind`, never from the error's text."""
+
     status: int
     kind: ExitKind
-    error: str | None             # the traceback
+    error: str | None  # the traceback
     t: int
-    message: str | None = None    # the exception's own words, for the user
+    message: str | None = None  # the exception's own words, for the user

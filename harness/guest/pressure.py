@@ -14,6 +14,7 @@ Modes and why they do (or do not) reach the non-memcg-aware KVM shrinker:
   memcg-limit   the control: a hog confined by a tight memory.max reclaims only inside its
                 group, where non-memcg-aware shrinkers are never called.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,7 +28,7 @@ import time
 
 try:
     from .contract import EventKind, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
-except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+except ImportError:  # run as a script in a guest: its directory is sys.path[0]
     from contract import EventKind, PressureJob, PressureMode, PressureParams  # type: ignore[no-redef]
 
 CG = "/sys/fs/cgroup"
@@ -102,11 +103,11 @@ def actor(mode: PressureMode, p: PressureParams, log) -> None:
             time.sleep(p.drop_caches_period_s)
     elif mode is PressureMode.ROOT_RECLAIM:
         while True:
-            log("root_reclaim_request", mb=p.root_reclaim_mb)    # the write may block for the whole phase
+            log("root_reclaim_request", mb=p.root_reclaim_mb)  # the write may block for the whole phase
             try:
                 write(f"{CG}/memory.reclaim", f"{p.root_reclaim_mb}M")
                 log("root_reclaim", ok=True)
-            except OSError as e:     # EAGAIN: could not reclaim all that was asked
+            except OSError as e:  # EAGAIN: could not reclaim all that was asked
                 log("root_reclaim", ok=False, error=e.strerror)
             time.sleep(p.root_reclaim_period_s)
     elif mode is PressureMode.SHRINKER_SCAN:
@@ -124,8 +125,10 @@ def unavailable(mode: PressureMode) -> str | None:
     if mode is PressureMode.ROOT_RECLAIM and not os.path.exists(f"{CG}/memory.reclaim"):
         return "root-reclaim: this kernel has no root memory.reclaim (needs 5.19+ and cgroup v2)"
     if mode is PressureMode.SHRINKER_SCAN and not glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
-        return ("shrinker-scan: no /sys/kernel/debug/shrinker/x86-mmu-* here: the KVM MMU shrinker does "
-                "not exist on this kernel (expected on the patched kernel) or CONFIG_SHRINKER_DEBUG is off")
+        return (
+            "shrinker-scan: no /sys/kernel/debug/shrinker/x86-mmu-* here: the KVM MMU shrinker does "
+            "not exist on this kernel (expected on the patched kernel) or CONFIG_SHRINKER_DEBUG is off"
+        )
     if not os.path.exists(f"{CG}/cgroup.procs"):
         return f"{mode.value}: no cgroup v2 hierarchy at {CG}"
     return None
@@ -138,17 +141,22 @@ class PreflightError(RuntimeError):
 def preflight(modes: set[PressureMode], run_id: str) -> list[str]:
     """Raise PreflightError for what would make the run meaningless; return notes for modes that will idle."""
     from supervise import read  # the agent's helper; the pressure actors themselves never load it
+
     problems = []
     if not os.path.isdir("/sys/kernel/debug/kvm"):
-        problems.append("no /sys/kernel/debug/kvm: debugfs is not mounted or not in this kernel "
-                        "(CONFIG_DEBUG_FS, and no debugfs=off on the command line); the sampler needs KVM's stats")
+        problems.append(
+            "no /sys/kernel/debug/kvm: debugfs is not mounted or not in this kernel "
+            "(CONFIG_DEBUG_FS, and no debugfs=off on the command line); the sampler needs KVM's stats"
+        )
     if modes - {PressureMode.NONE}:
         controllers = read(f"{CG}/cgroup.controllers", None)
         if controllers is None:
             problems.append(f"no cgroup v2 hierarchy at {CG} (CONFIG_CGROUPS/CONFIG_MEMCG, cgroup2 mount)")
         elif "memory" not in controllers.split():
-            problems.append(f"the cgroup v2 memory controller is not available at {CG} (controllers: "
-                            f"{controllers or 'none'}; CONFIG_MEMCG off or cgroup_disable=memory)")
+            problems.append(
+                f"the cgroup v2 memory controller is not available at {CG} (controllers: "
+                f"{controllers or 'none'}; CONFIG_MEMCG off or cgroup_disable=memory)"
+            )
         else:
             probe = f"{CG}/nestpress-{run_id}-preflight"
             try:
@@ -185,18 +193,23 @@ class PressureRun:
             write(self.cgroup + "/memory.max", str(max(64, meminfo_mb("MemTotal") - 128) << 20))
         elif self.mode is PressureMode.MEMCG_LIMIT:
             write(self.cgroup + "/memory.max", str(self.params.memcg_limit_mb << 20))
-        job = PressureJob(mode=self.mode, params=self.params, cgroup=self.cgroup,
-                          log=os.path.join(self.out, "pressure.jsonl"))
-        self.proc = subprocess.Popen([sys.executable, "-E", "-S", os.path.abspath(__file__), job.to_json()],
-                                     stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),
-                                     stderr=open(os.path.join(self.out, "pressure.stderr"), "a"))
+        job = PressureJob(
+            mode=self.mode, params=self.params, cgroup=self.cgroup, log=os.path.join(self.out, "pressure.jsonl")
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-E", "-S", os.path.abspath(__file__), job.to_json()],
+            stdout=open(os.path.join(self.out, "pressure.stdout"), "a"),
+            stderr=open(os.path.join(self.out, "pressure.stderr"), "a"),
+        )
         # the phase clock starts when the pressure is on, not when a (slow, under TCG) Python starts
         ready = os.path.join(self.out, f"pressure.ready.{self.proc.pid}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.exists(ready):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pressure actor for {self.mode.value} did not start (status {self.proc.poll()}): "
-                                   + open(os.path.join(self.out, "pressure.stderr")).read()[-500:])
+                raise RuntimeError(
+                    f"pressure actor for {self.mode.value} did not start (status {self.proc.poll()}): "
+                    + open(os.path.join(self.out, "pressure.stderr")).read()[-500:]
+                )
             time.sleep(0.1)
         os.unlink(ready)
         self.events(EventKind.PRESSURE_START, mode=self.mode.value, cgroup=self.cgroup, pid=self.proc.pid)
@@ -226,7 +239,7 @@ class PressureRun:
 
 def _main(arg: str) -> None:
     job = PressureJob.from_dict(json.loads(arg))
-    write(job.cgroup + "/cgroup.procs", str(os.getpid()))      # join the group before allocating anything
+    write(job.cgroup + "/cgroup.procs", str(os.getpid()))  # join the group before allocating anything
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     out = open(job.log, "a", buffering=1)
     open(os.path.join(os.path.dirname(job.log), f"pressure.ready.{os.getpid()}"), "w").close()

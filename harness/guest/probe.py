@@ -12,6 +12,7 @@ resolution (time.perf_counter_ns, CLOCK_MONOTONIC) and the cost of one timed loo
 iteration with no memory touch, which is the floor under every sample.
 Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,12 @@ import time
 
 try:
     from .contract import ProbeJob  # imported by the host as harness.guest.*
-except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+except ImportError:  # run as a script in a guest: its directory is sys.path[0]
     from contract import ProbeJob  # type: ignore[no-redef]
 
-SUB_BITS = 4                 # 16 sub-buckets per power of two
-OUTLIER_NS = 1_000_000       # touches >= 1 ms are also kept raw
-MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)   # Linux value; older Pythons do not export it
+SUB_BITS = 4  # 16 sub-buckets per power of two
+OUTLIER_NS = 1_000_000  # touches >= 1 ms are also kept raw
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; older Pythons do not export it
 
 
 def bucket(v: int) -> int:
@@ -63,8 +64,7 @@ def calibrate(n: int = 20_000) -> dict:
         prev = now
     loop_ns = (prev - t0) / n
     info = time.get_clock_info("perf_counter")
-    return {"clock": info.implementation, "clock_resolution_ns": info.resolution * 1e9,
-            "loop_overhead_ns": loop_ns}
+    return {"clock": info.implementation, "clock_resolution_ns": info.resolution * 1e9, "loop_overhead_ns": loop_ns}
 
 
 def permuted(items: list) -> list:
@@ -119,9 +119,21 @@ def run(job: ProbeJob) -> None:
     write = spec.access == "write"
     interval = int(spec.interval_s * 1e9)
     out = Writer(job.out)
-    out({"type": "header", "t": time.time_ns(), "pid": os.getpid(), "size_mb": spec.size_mb, "stride": stride,
-         "touches_per_pass": len(offsets), "pattern": spec.pattern, "access": spec.access,
-         "sub_bits": SUB_BITS, "outlier_ns": OUTLIER_NS, **calibrate()})
+    out(
+        {
+            "type": "header",
+            "t": time.time_ns(),
+            "pid": os.getpid(),
+            "size_mb": spec.size_mb,
+            "stride": stride,
+            "touches_per_pass": len(offsets),
+            "pattern": spec.pattern,
+            "access": spec.access,
+            "sub_bits": SUB_BITS,
+            "outlier_ns": OUTLIER_NS,
+            **calibrate(),
+        }
+    )
     # the span may exceed the guest's RAM (only size * 4096 / stride is touched): no overcommit accounting
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     clock = time.perf_counter_ns
@@ -151,18 +163,35 @@ def run(job: ProbeJob) -> None:
                 total += d
                 if d > worst:
                     worst = d
-                if d >= OUTLIER_NS and passes:     # the first pass is page population: histogram only
+                if d >= OUTLIER_NS and passes:  # the first pass is page population: histogram only
                     outliers.append((now - mono0 + wall0, d))
                 if now - t_int >= interval:
-                    out({"type": "hist", "t0": t_int - mono0 + wall0, "t1": now - mono0 + wall0, "n": n,
-                         "sum_ns": total,
-                         "max_ns": worst, "pass": passes, "counts": hist, "outliers": outliers})
+                    out(
+                        {
+                            "type": "hist",
+                            "t0": t_int - mono0 + wall0,
+                            "t1": now - mono0 + wall0,
+                            "n": n,
+                            "sum_ns": total,
+                            "max_ns": worst,
+                            "pass": passes,
+                            "counts": hist,
+                            "outliers": outliers,
+                        }
+                    )
                     hist, outliers, n, total, worst = {}, [], 0, 0, 0
                     t_int = now
-                    prev = clock()   # handing the record over is not the guest's latency
+                    prev = clock()  # handing the record over is not the guest's latency
             passes += 1
-            out({"type": "pass", "t0": p_start - mono0 + wall0, "t1": prev - mono0 + wall0, "pass": passes,
-                 "touches": len(offsets)})
+            out(
+                {
+                    "type": "pass",
+                    "t0": p_start - mono0 + wall0,
+                    "t1": prev - mono0 + wall0,
+                    "pass": passes,
+                    "touches": len(offsets),
+                }
+            )
             with open(job.status + ".tmp", "w") as f:
                 json.dump({"passes": passes, "t": wall()}, f)
             os.replace(job.status + ".tmp", job.status)
@@ -173,5 +202,6 @@ def run(job: ProbeJob) -> None:
 
 if __name__ == "__main__":
     import signal
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     run(ProbeJob.from_dict(json.loads(sys.argv[1])))

@@ -8,6 +8,7 @@ namespace of its own: every mount of the copy is remounted read-only, and the co
 virtiofsd then chroots into the copy (its `namespace` sandbox needs PID namespaces, which
 the trimmed kernel under test does not have).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -16,15 +17,24 @@ import sys
 
 # the Rust daemon (Debian 13+), QEMU <= 7.2's C daemon, or that daemon in the QEMU 7.2 tree that
 # harness/setup_qemu.sh keeps beside a QEMU 10 (which ships none)
-VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd",
-                   "/usr/local/lib/nestpress/qemu-7.2/usr/lib/qemu/virtiofsd")
+VIRTIOFSD_PATHS = (
+    "/usr/libexec/virtiofsd",
+    "/usr/lib/qemu/virtiofsd",
+    "/usr/local/lib/nestpress/qemu-7.2/usr/lib/qemu/virtiofsd",
+)
 CLONE_NEWNS = 0x20000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
 MNT_DETACH = 2
-KEPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-              "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+KEPT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
 DROPPED = ("proc", "sys", "dev")
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -64,8 +74,10 @@ def readonly_root_copy(workdir: str) -> str:
         if os.path.ismount(path):
             _check(_libc.umount2(path.encode(), MNT_DETACH), f"drop {path}")
     for point, flags in _mounts_under(root):
-        _check(_libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None),
-               f"remount {point} read-only")
+        _check(
+            _libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None),
+            f"remount {point} read-only",
+        )
     return root
 
 
@@ -74,8 +86,21 @@ def main(workdir: str) -> None:
     if virtiofsd is None:
         sys.exit(f"rootfs: no virtiofsd in {', '.join(VIRTIOFSD_PATHS)}")
     root = readonly_root_copy(workdir)
-    os.execv(virtiofsd, [virtiofsd, f"--socket-path={os.path.join(workdir, 'sock')}", "-o", f"source={root}",
-                         "-o", "cache=always", "-o", "sandbox=chroot", "-o", "announce_submounts"])
+    os.execv(
+        virtiofsd,
+        [
+            virtiofsd,
+            f"--socket-path={os.path.join(workdir, 'sock')}",
+            "-o",
+            f"source={root}",
+            "-o",
+            "cache=always",
+            "-o",
+            "sandbox=chroot",
+            "-o",
+            "announce_submounts",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ With trace_shrinker, a thread follows the vmscan/mm_shrink_slab_{start,end} trac
 a private tracefs instance and logs every call of the KVM shrinker (mmu_shrink_scan) to
 shrinker.jsonl: exact invocation counts, with the objects it was asked for and freed.
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,20 +25,52 @@ import time
 try:
     from .contract import SamplerJob  # imported by the host as harness.guest.*
     from .supervise import lock_in_memory
-except ImportError:                    # run as a script in a guest: its directory is sys.path[0]
+except ImportError:  # run as a script in a guest: its directory is sys.path[0]
     from contract import SamplerJob  # type: ignore[no-redef]
     from supervise import lock_in_memory  # type: ignore[no-redef]
 
 KVM = "/sys/kernel/debug/kvm"
-VMSTAT_KEYS = ("slabs_scanned", "pgscan_kswapd", "pgscan_direct", "pgsteal_kswapd", "pgsteal_direct",
-               "pswpin", "pswpout", "allocstall_normal", "allocstall_movable", "pgmajfault", "drop_slab",
-               "drop_pagecache", "oom_kill", "workingset_refault_anon", "kswapd_low_wmark_hit_quickly")
+VMSTAT_KEYS = (
+    "slabs_scanned",
+    "pgscan_kswapd",
+    "pgscan_direct",
+    "pgsteal_kswapd",
+    "pgsteal_direct",
+    "pswpin",
+    "pswpout",
+    "allocstall_normal",
+    "allocstall_movable",
+    "pgmajfault",
+    "drop_slab",
+    "drop_pagecache",
+    "oom_kill",
+    "workingset_refault_anon",
+    "kswapd_low_wmark_hit_quickly",
+)
 MEMINFO_KEYS = ("MemAvailable", "MemFree", "SecPageTables", "PageTables", "SwapFree", "AnonPages", "Shmem", "Cached")
-KVM_KEYS = ("mmu_shadow_zapped", "mmu_recycled", "mmu_cache_miss", "mmu_pte_write", "mmu_flooded",
-            "mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "nx_lpage_splits",
-            "max_mmu_page_hash_collisions",
-            # where the time goes under nesting: every exit of a guest vCPU into this kernel's KVM
-            "exits", "nested_run", "halt_exits", "irq_exits", "io_exits", "mmio_exits", "pf_fixed", "insn_emulation")
+KVM_KEYS = (
+    "mmu_shadow_zapped",
+    "mmu_recycled",
+    "mmu_cache_miss",
+    "mmu_pte_write",
+    "mmu_flooded",
+    "mmu_unsync",
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "remote_tlb_flush",
+    "nx_lpage_splits",
+    "max_mmu_page_hash_collisions",
+    # where the time goes under nesting: every exit of a guest vCPU into this kernel's KVM
+    "exits",
+    "nested_run",
+    "halt_exits",
+    "irq_exits",
+    "io_exits",
+    "mmio_exits",
+    "pf_fixed",
+    "insn_emulation",
+)
 CG_EVENTS = ("low", "high", "max", "oom", "oom_kill")
 CG_STAT = ("anon", "sec_pagetables", "pgscan", "pgsteal")
 
@@ -87,7 +120,7 @@ def sample() -> dict[str, float]:
         for f in fields:
             name, _, val = f.partition("=")
             v[f"psi.memory_{kind}_{name}"] = float(val)
-    for cg in glob.glob("/sys/fs/cgroup/nestpress-*/"):   # phases run one at a time: one pressure group
+    for cg in glob.glob("/sys/fs/cgroup/nestpress-*/"):  # phases run one at a time: one pressure group
         name = "pressure"
         for k, n in kv_lines(read(cg + "memory.events"), CG_EVENTS).items():
             v[f"cgroup.{name}.events.{k}"] = n
@@ -100,8 +133,12 @@ def sample() -> dict[str, float]:
 
 SHRINK_RE = re.compile(r"\s(\d+\.\d+): mm_shrink_slab_(start|end): mmu_shrink_scan\S*\s+\S+:?\s*(.*)$")
 # the numbers the two tracepoints print (include/trace/events/vmscan.h)
-SHRINK_FIELDS = {"cache_items": r"cache items (\d+)", "total_scan": r"total_scan (\d+)",
-                 "delta": r"delta (-?\d+)", "freed": r"last shrinker return val (-?\d+)"}
+SHRINK_FIELDS = {
+    "cache_items": r"cache items (\d+)",
+    "total_scan": r"total_scan (\d+)",
+    "delta": r"delta (-?\d+)",
+    "freed": r"last shrinker return val (-?\d+)",
+}
 
 
 def follow_shrinker(out_path: str, stop: threading.Event) -> None:
@@ -124,12 +161,18 @@ def follow_shrinker(out_path: str, stop: threading.Event) -> None:
         for line in pipe:
             m = SHRINK_RE.search(line)
             if m:
-                fields = {k: int(hit.group(1)) for k, rx in SHRINK_FIELDS.items()
-                          if (hit := re.search(rx, m.group(3)))}
-                out.write(json.dumps({"t": int(float(m.group(1)) * 1e9) + offset, "kind": f"shrink_{m.group(2)}",
-                                      "raw": m.group(3).strip()[:300],
-                                      "fields": fields})
-                          + "\n")
+                fields = {k: int(hit.group(1)) for k, rx in SHRINK_FIELDS.items() if (hit := re.search(rx, m.group(3)))}
+                out.write(
+                    json.dumps(
+                        {
+                            "t": int(float(m.group(1)) * 1e9) + offset,
+                            "kind": f"shrink_{m.group(2)}",
+                            "raw": m.group(3).strip()[:300],
+                            "fields": fields,
+                        }
+                    )
+                    + "\n"
+                )
             if stop.is_set():
                 break
 
@@ -140,8 +183,9 @@ def main(job: SamplerJob) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if job.spec.trace_shrinker:
-        threading.Thread(target=follow_shrinker, args=(os.path.join(job.out, "shrinker.jsonl"), stop),
-                         daemon=True).start()
+        threading.Thread(
+            target=follow_shrinker, args=(os.path.join(job.out, "shrinker.jsonl"), stop), daemon=True
+        ).start()
     interval = job.spec.interval_s
     with open(os.path.join(job.out, "counters.jsonl"), "a", buffering=1) as out:
         while not stop.is_set():

@@ -5,6 +5,7 @@ children with this one class. Every process started here (QEMU, and the virtiofs
 of its root where there is one) is put in its own session, dies with its parent
 (PR_SET_PDEATHSIG) and is killed on any exit path of `stop()`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,7 +25,7 @@ _LIVE: set[Child] = set()
 
 def _die_with_parent() -> None:
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
@@ -36,7 +37,7 @@ def lock_in_memory() -> str | None:
     The harness's own processes in a guest are not what pressure is meant to reclaim. And under QEMU
     10's TCG, with a nested guest running, the kernel under test's PID 1 twice segfaulted in libpython
     after a global phase had swapped it out: what the harness runs on must not depend on that."""
-    if ctypes.CDLL(None, use_errno=True).mlockall(1 | 2 | 4) != 0:   # MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT
+    if ctypes.CDLL(None, use_errno=True).mlockall(1 | 2 | 4) != 0:  # MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT
         return os.strerror(ctypes.get_errno())
     return None
 
@@ -61,8 +62,15 @@ def tail(path: str, lines: int = 20) -> str:
 
 
 def _spawn(argv: list[str], stdout, stderr, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
-                            preexec_fn=_die_with_parent, env=dict(os.environ, **env) if env else None)
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        env=dict(os.environ, **env) if env else None,
+    )
 
 
 def _end(proc: subprocess.Popen, grace: float) -> None:
@@ -124,9 +132,18 @@ class Child:
     environment (a private QEMU's module directory).
     """
 
-    def __init__(self, name: str, argv: list[str], export: str, console: str, boot_timeout: float = 300.0,
-                 rootfs_server=None, monitor: str | None = None, system_map: str | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        export: str,
+        console: str,
+        boot_timeout: float = 300.0,
+        rootfs_server=None,
+        monitor: str | None = None,
+        system_map: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
@@ -135,9 +152,9 @@ class Child:
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.ready_s: float | None = None
-        self.kernel_ready_s: float | None = None   # of ready_s, the guest kernel's uptime (the rest: QEMU,
-                                                   # firmware, RAM prealloc)
-        self.failure: str | None = None      # why it is gone, once new_problem() has seen it
+        self.kernel_ready_s: float | None = None  # of ready_s, the guest kernel's uptime (the rest: QEMU,
+        # firmware, RAM prealloc)
+        self.failure: str | None = None  # why it is gone, once new_problem() has seen it
 
     def start(self) -> None:
         os.makedirs(self.export, exist_ok=True)
@@ -158,8 +175,10 @@ class Child:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.rootfs_server.socket):
             if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: the virtiofs server of its root did not start "
-                                   f"(status {self.server.poll()}): {tail(log, 5)}")
+                raise RuntimeError(
+                    f"{self.name}: the virtiofs server of its root did not start "
+                    f"(status {self.server.poll()}): {tail(log, 5)}"
+                )
             time.sleep(0.05)
 
     def running(self) -> bool:
@@ -207,8 +226,10 @@ class Child:
             if why:
                 raise RuntimeError(f"{why}; last console lines:\n{tail(self.console)}")
             time.sleep(poll)
-        raise RuntimeError(f"{self.name}: agent not ready after {timeout:.0f}s (boot hang?); "
-                           f"{self.where()}; last console lines:\n{tail(self.console)}")
+        raise RuntimeError(
+            f"{self.name}: agent not ready after {timeout:.0f}s (boot hang?); "
+            f"{self.where()}; last console lines:\n{tail(self.console)}"
+        )
 
     def where(self, samples: int = 3) -> str:
         """Where the guest's vCPUs are (a few register snapshots, a second apart, saved to hang.txt)."""
@@ -228,7 +249,7 @@ class Child:
 
     @staticmethod
     def _uptime_at_ready(path: str) -> float | None:
-        for _ in range(10):               # the file may show up before its content does
+        for _ in range(10):  # the file may show up before its content does
             try:
                 return float(json.loads(read(path) or "")["uptime_s"])
             except (ValueError, KeyError, TypeError):

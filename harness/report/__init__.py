@@ -5,6 +5,7 @@ rerunning anything, and a crashed run still gets a report of what it has (marked
 analysis lives in evidence.py and stats.py, the pictures in plots.py, the text in render.py; callers
 get the Report's data (the CLI prints its verdict from there), not Markdown to parse.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ class Report:
     run_dir: Path
     manifest: Manifest
     complete: bool
-    cells: pd.DataFrame          # one row per cell of the matrix, with its status
-    ab: pd.DataFrame             # verdict rows: phase x level x metric, patched against baseline
-    evidence: pd.DataFrame       # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
-    summary: pd.DataFrame        # latency percentiles per variant x phase x level
-    frames: dict[str, pd.DataFrame]   # the run's tables (results.TABLES)
+    cells: pd.DataFrame  # one row per cell of the matrix, with its status
+    ab: pd.DataFrame  # verdict rows: phase x level x metric, patched against baseline
+    evidence: pd.DataFrame  # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
+    summary: pd.DataFrame  # latency percentiles per variant x phase x level
+    frames: dict[str, pd.DataFrame]  # the run's tables (results.TABLES)
     plots: list[Path]
 
     @property
@@ -44,8 +45,7 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     """The Report's data from a run directory's tables (collected from the raw outputs when asked or missing);
     writes nothing but the tables."""
     run_dir = Path(run_dir)
-    frames = results.collect(run_dir) if rebuild_tables or not (run_dir / "tables").exists() \
-        else results.load(run_dir)
+    frames = results.collect(run_dir) if rebuild_tables or not (run_dir / "tables").exists() else results.load(run_dir)
     manifest = Manifest.load(run_dir / "manifest.json")
     cells = frames["cells"]
     evidence = shrinker_evidence(frames) if not frames["phases"].empty else pd.DataFrame()
@@ -55,8 +55,17 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     ab = stats.ab_table(metrics, manifest.baseline, tcg=manifest.tcg, baseline_shrinker_ran=base_ran)
     for name, df in (("summary", summary), ("ab", ab), ("evidence", evidence), ("repetition_metrics", metrics)):
         df.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
-    return Report(run_dir, manifest, manifest.status == "complete" and bool((cells["status"] == "complete").all()),
-                  cells, ab, evidence, summary, frames, [])
+    return Report(
+        run_dir,
+        manifest,
+        manifest.status == "complete" and bool((cells["status"] == "complete").all()),
+        cells,
+        ab,
+        evidence,
+        summary,
+        frames,
+        [],
+    )
 
 
 def generate(run_dir: Path, rebuild_tables: bool = True) -> Report:
@@ -64,10 +73,12 @@ def generate(run_dir: Path, rebuild_tables: bool = True) -> Report:
     report = analyze(run_dir, rebuild_tables)
     plots_dir = report.run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
-    report.plots = [plots.plot_ccdf(report.frames, report.manifest, plots_dir / "latency_ccdf.png"),
-                    plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png"),
-                    plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png"),
-                    plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png")]
+    report.plots = [
+        plots.plot_ccdf(report.frames, report.manifest, plots_dir / "latency_ccdf.png"),
+        plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png"),
+        plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png"),
+        plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png"),
+    ]
     md = _markdown(report)
     (report.run_dir / "report.md").write_text(md)
     report.html.write_text(render.html(md, report.run_dir))
@@ -77,43 +88,53 @@ def generate(run_dir: Path, rebuild_tables: bool = True) -> Report:
 def _markdown(r: Report) -> str:
     m, cells = r.manifest, r.cells
     missing = cells[cells["status"] != "complete"]
-    return "\n".join([
-        f"# {m.experiment} - run {m.run_id}",
-        "",
-        f"**Status: {'complete' if r.complete else 'INCOMPLETE'}** - {int((cells['status'] == 'complete').sum())} of "
-        f"{len(cells)} cells complete" + (f"; missing or failed: {', '.join(missing['cell'])}" if len(missing) else ""),
-        "",
-        f"> {m.accel.banner}",
-        "",
-        f"Topology `{m.topology}`; variants " + ", ".join(
-            f"`{n}` ({b.kernelrelease or b.kernel_version}"
-            + (f", patch {b.patch_variant}" if b.patch_variant else ", no patches") + ")"
-            for n, b in m.builds.items()) + f"; order {m.order}.",
-        "",
-        "## Verdict",
-        "",
-        "Latency of single page touches in the guests whose memory the kernel under test shadow-pages; "
-        "one value per repetition, patched against baseline. *worse* = higher latency with the patch.",
-        "",
-        r.verdict_markdown(),
-        "",
-        "## Evidence: did the shrinker run?",
-        "",
-        *evidence_summary(r.evidence, m.baseline),
-        "",
-        "## Plots",
-        "",
-        *[f"![{p.stem}](plots/{p.name})\n" for p in r.plots],
-        "## Latency summary (all repetitions pooled, µs; 95% bootstrap CI over 1 s intervals)",
-        "",
-        render.summary_markdown(r.summary),
-        "",
-        "## Reproduce",
-        "",
-        f"```\n{m.reproduce or 'fab experiment --config ' + m.config_path}\n```",
-        "",
-        f"Regenerate this report: `fab report --run {r.run_dir}`. Tables: `tables/*.parquet` (CSV twins beside them).",
-        ""])
+    return "\n".join(
+        [
+            f"# {m.experiment} - run {m.run_id}",
+            "",
+            f"**Status: {'complete' if r.complete else 'INCOMPLETE'}** - "
+            f"{int((cells['status'] == 'complete').sum())} of "
+            f"{len(cells)} cells complete"
+            + (f"; missing or failed: {', '.join(missing['cell'])}" if len(missing) else ""),
+            "",
+            f"> {m.accel.banner}",
+            "",
+            f"Topology `{m.topology}`; variants "
+            + ", ".join(
+                f"`{n}` ({b.kernelrelease or b.kernel_version}"
+                + (f", patch {b.patch_variant}" if b.patch_variant else ", no patches")
+                + ")"
+                for n, b in m.builds.items()
+            )
+            + f"; order {m.order}.",
+            "",
+            "## Verdict",
+            "",
+            "Latency of single page touches in the guests whose memory the kernel under test shadow-pages; "
+            "one value per repetition, patched against baseline. *worse* = higher latency with the patch.",
+            "",
+            r.verdict_markdown(),
+            "",
+            "## Evidence: did the shrinker run?",
+            "",
+            *evidence_summary(r.evidence, m.baseline),
+            "",
+            "## Plots",
+            "",
+            *[f"![{p.stem}](plots/{p.name})\n" for p in r.plots],
+            "## Latency summary (all repetitions pooled, µs; 95% bootstrap CI over 1 s intervals)",
+            "",
+            render.summary_markdown(r.summary),
+            "",
+            "## Reproduce",
+            "",
+            f"```\n{m.reproduce or 'fab experiment --config ' + m.config_path}\n```",
+            "",
+            f"Regenerate this report: `fab report --run {r.run_dir}`. "
+            "Tables: `tables/*.parquet` (CSV twins beside them).",
+            "",
+        ]
+    )
 
 
 def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
@@ -122,8 +143,14 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
     both = pd.concat([r.summary.assign(run=f"{tag}: {r.run_dir.name}") for tag, r in reports])
     piv = both.pivot_table(index=["variant", "phase", "level"], columns="run", values="p99_ns") / 1e3
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# compare {run_a} vs {run_b}", "", "p99 touch latency (µs):", "",
-          piv.round(1).reset_index().to_markdown(index=False, tablefmt="pipe"), ""]
+    md = [
+        f"# compare {run_a} vs {run_b}",
+        "",
+        "p99 touch latency (µs):",
+        "",
+        piv.round(1).reset_index().to_markdown(index=False, tablefmt="pipe"),
+        "",
+    ]
     for tag, r in reports:
         md += [f"## {tag}: {r.run_dir}", "", r.verdict_markdown(), ""]
     (out / "compare.md").write_text("\n".join(md))

@@ -1,5 +1,6 @@
 """Evidence, from the stored tables: per cell and phase, did the x86-mmu shrinker run and free shadow pages,
 what did reclaim do, and (nested) how many shadow pages of the VM that runs L2 were zapped."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,19 @@ import pandas as pd
 from ..guest.contract import EventKind, PressureMode
 
 # the modes whose reclaim calls a non-memcg-aware shrinker (guest/pressure.py says why), as the tables spell them
-REACHES_SHRINKER = {m.value for m in (PressureMode.GLOBAL, PressureMode.DROP_CACHES, PressureMode.ROOT_RECLAIM,
-                                      PressureMode.SHRINKER_SCAN)}
-DELTA_COUNTERS = {"kvm.mmu_recycled": "mmu_recycled", "kvm.mmu_shadow_zapped": "shadow_zapped",
-                  "vmstat.slabs_scanned": "slabs_scanned", "vmstat.pgscan_kswapd": "pgscan_kswapd",
-                  "vmstat.pgscan_direct": "pgscan_direct", "vmstat.pswpin": "pswpin",
-                  "cgroup.pressure.events.max": "memcg_max_events"}
+REACHES_SHRINKER = {
+    m.value
+    for m in (PressureMode.GLOBAL, PressureMode.DROP_CACHES, PressureMode.ROOT_RECLAIM, PressureMode.SHRINKER_SCAN)
+}
+DELTA_COUNTERS = {
+    "kvm.mmu_recycled": "mmu_recycled",
+    "kvm.mmu_shadow_zapped": "shadow_zapped",
+    "vmstat.slabs_scanned": "slabs_scanned",
+    "vmstat.pgscan_kswapd": "pgscan_kswapd",
+    "vmstat.pgscan_direct": "pgscan_direct",
+    "vmstat.pswpin": "pswpin",
+    "cgroup.pressure.events.max": "memcg_max_events",
+}
 
 
 # -- evidence -------------------------------------------------------------------------------------
@@ -45,8 +53,13 @@ def l2_vms(events: pd.DataFrame, cell: str) -> dict[str, str]:
 
 
 def _vm_delta(c: pd.DataFrame, vms: dict[str, str], stat: str, t0: float, t1: float) -> float:
-    names = [n for n in c["name"].unique() if n.startswith("kvm_vm.") and n.endswith("." + stat)
-             and any(n.split(".")[1].startswith(prefix) for prefix in vms)]
+    names = [
+        n
+        for n in c["name"].unique()
+        if n.startswith("kvm_vm.")
+        and n.endswith("." + stat)
+        and any(n.split(".")[1].startswith(prefix) for prefix in vms)
+    ]
     return float(sum(_delta(c, n, t0, t1) for n in names)) if names else float("nan")
 
 
@@ -66,18 +79,30 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows = []
     for _, ph in phases.iterrows():
         c = counters[counters["cell"] == ph["cell"]] if not counters.empty else counters
-        e = events[(events["cell"] == ph["cell"]) & (events["t"] >= ph["t_start"]) & (events["t"] < ph["t_end"] + 1)] \
-            if not events.empty else events
+        e = (
+            events[(events["cell"] == ph["cell"]) & (events["t"] >= ph["t_start"]) & (events["t"] < ph["t_end"] + 1)]
+            if not events.empty
+            else events
+        )
         present = cells.loc[cells["cell"] == ph["cell"], "x86_mmu_shrinker_present"]
-        row = {"cell": ph["cell"], "variant": ph["variant"], "repetition": ph["repetition"], "phase": ph["phase"],
-               "mode": ph["mode"], "shrinker_present": bool(present.iloc[0]) if len(present) else None,
-               # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file
-               # (which bypasses do_shrink_slab and so its tracepoints)
-               "shrinker_calls": int(e["kind"].isin(["shrink_start", "pressure.shrinker_scan"]).sum())
-               if not e.empty else 0,
-               "shrinker_freed": int(sum(json.loads(d).get("freed", 0) for d in e.loc[e["kind"] == "shrink_end",
-                                                                                       "detail"]))
-               if not e.empty else 0}
+        row = {
+            "cell": ph["cell"],
+            "variant": ph["variant"],
+            "repetition": ph["repetition"],
+            "phase": ph["phase"],
+            "mode": ph["mode"],
+            "shrinker_present": bool(present.iloc[0]) if len(present) else None,
+            # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file
+            # (which bypasses do_shrink_slab and so its tracepoints)
+            "shrinker_calls": int(e["kind"].isin(["shrink_start", "pressure.shrinker_scan"]).sum())
+            if not e.empty
+            else 0,
+            "shrinker_freed": int(
+                sum(json.loads(d).get("freed", 0) for d in e.loc[e["kind"] == "shrink_end", "detail"])
+            )
+            if not e.empty
+            else 0,
+        }
         for name, label in DELTA_COUNTERS.items():
             row[label] = _delta(c, name, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
         row["x86_mmu_count_drop"] = _count_drop(c, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
@@ -93,8 +118,9 @@ def zapped(rows: pd.DataFrame) -> pd.Series:
     """Per phase: did the shrinker free shadow pages (not merely get called)? What it says it freed, the pages
     kvm_mmu_zap_oldest_mmu_pages() recycled, or its count falling (for an L2's nested pages the recursive
     zapping of their children is not in either number: mmu_recycled +13 while the count fell by 512, measured)."""
-    return (rows["shrinker_freed"] > 0) | (rows["mmu_recycled"].fillna(0) > 0) | \
-        (rows["x86_mmu_count_drop"].fillna(0) > 0)
+    return (
+        (rows["shrinker_freed"] > 0) | (rows["mmu_recycled"].fillna(0) > 0) | (rows["x86_mmu_count_drop"].fillna(0) > 0)
+    )
 
 
 def shrinker_ran(evidence: pd.DataFrame, variant: str) -> bool:
@@ -113,36 +139,55 @@ def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
         for mode, m in g.groupby("mode", sort=False):
             if mode == "none":
                 continue
-            l2 = (f", in the VM that runs L2 ({m['l2_vm'].dropna().iloc[0]}) shadow pages zapped "
-                  f"+{m['l2_vm_shadow_zapped'].sum():.0f}" if m["l2_vm"].notna().any() else "")
-            lines.append(f"- `{mode}` phases ({len(m)}): shrinker calls {int(m['shrinker_calls'].sum())}, "
-                         f"objects freed {int(m['shrinker_freed'].sum())}, "
-                         f"mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
-                         f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}{l2}, "
-                         f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
-                         f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "
-                         f"memcg max events +{m['memcg_max_events'].sum():.0f}")
+            l2 = (
+                f", in the VM that runs L2 ({m['l2_vm'].dropna().iloc[0]}) shadow pages zapped "
+                f"+{m['l2_vm_shadow_zapped'].sum():.0f}"
+                if m["l2_vm"].notna().any()
+                else ""
+            )
+            lines.append(
+                f"- `{mode}` phases ({len(m)}): shrinker calls {int(m['shrinker_calls'].sum())}, "
+                f"objects freed {int(m['shrinker_freed'].sum())}, "
+                f"mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
+                f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}{l2}, "
+                f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
+                f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "
+                f"memcg max events +{m['memcg_max_events'].sum():.0f}"
+            )
     lines.append("")
     base_ran = shrinker_ran(evidence, baseline)
     reach = evidence[(evidence["variant"] == baseline) & evidence["mode"].isin(REACHES_SHRINKER)]
     if not base_ran:
-        lines.append("**INCONCLUSIVE**: the baseline's x86-mmu shrinker never freed a shadow page - pressure too weak "
-                     "or shadow footprint too small; this run cannot show what removing it changes.")
+        lines.append(
+            "**INCONCLUSIVE**: the baseline's x86-mmu shrinker never freed a shadow page - pressure too weak "
+            "or shadow footprint too small; this run cannot show what removing it changes."
+        )
     elif not reach.empty:
-        lines.append(f"Baseline: the shrinker freed shadow pages ({int(reach['shrinker_calls'].sum())} calls, "
-                     f"mmu_recycled +{reach['mmu_recycled'].sum():.0f}, count fell by "
-                     f"{reach['x86_mmu_count_drop'].sum():.0f} in phases that reach it); phases where it did: "
-                     + ", ".join(sorted(set(reach.loc[zapped(reach), "phase"]))) + ".")
+        lines.append(
+            f"Baseline: the shrinker freed shadow pages ({int(reach['shrinker_calls'].sum())} calls, "
+            f"mmu_recycled +{reach['mmu_recycled'].sum():.0f}, count fell by "
+            f"{reach['x86_mmu_count_drop'].sum():.0f} in phases that reach it); phases where it did: "
+            + ", ".join(sorted(set(reach.loc[zapped(reach), "phase"])))
+            + "."
+        )
     others = evidence[evidence["variant"] != baseline]
     if not others.empty:
         ok = (others["shrinker_calls"].sum() == 0) and not zapped(others).any()
-        lines.append("Patched: no shrinker calls and no mmu_recycled zapping." if ok else
-                     f"Patched: shrinker activity seen ({int(others['shrinker_calls'].sum())} calls, mmu_recycled "
-                     f"+{others['mmu_recycled'].sum():.0f}) - check that the patch took effect.")
+        lines.append(
+            "Patched: no shrinker calls and no mmu_recycled zapping."
+            if ok
+            else f"Patched: shrinker activity seen ({int(others['shrinker_calls'].sum())} calls, mmu_recycled "
+            f"+{others['mmu_recycled'].sum():.0f}) - check that the patch took effect."
+        )
     ctrl = evidence[evidence["mode"] == PressureMode.MEMCG_LIMIT.value]
     if not ctrl.empty:
-        lines.append("Control (memcg-limit): " + ("no shrinker activity in any variant, as expected."
-                                                  if ctrl["shrinker_calls"].sum() == 0 else
-                                                  f"{int(ctrl['shrinker_calls'].sum())} shrinker calls - the "
-                                                  "control caused global reclaim; tighten memcg_limit_mb."))
+        lines.append(
+            "Control (memcg-limit): "
+            + (
+                "no shrinker activity in any variant, as expected."
+                if ctrl["shrinker_calls"].sum() == 0
+                else f"{int(ctrl['shrinker_calls'].sum())} shrinker calls - the "
+                "control caused global reclaim; tighten memcg_limit_mb."
+            )
+        )
     return lines

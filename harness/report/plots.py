@@ -1,5 +1,6 @@
 """PNG plots of a run, from its tables: latency CCDF per phase, the timeline with pressure and shrinker
 activity, tail percentiles with CIs, the kernel under test's counters."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,18 +16,30 @@ from .. import stats
 from ..manifest import Manifest
 
 COLORS = {0: "#1f77b4", 1: "#d62728", 2: "#2ca02c", 3: "#9467bd"}
+
+
 def _title(manifest: Manifest, what: str) -> str:
     vers = sorted({b.kernelrelease or b.kernel_version for b in manifest.builds.values()})
-    return f"{manifest.experiment}: {what}\naccel {manifest.accel.kut.upper()}, kernel {', '.join(vers)}, " \
-           f"topology {manifest.topology}"
+    return (
+        f"{manifest.experiment}: {what}\naccel {manifest.accel.kut.upper()}, kernel {', '.join(vers)}, "
+        f"topology {manifest.topology}"
+    )
 
 
 def _shade(ax, phases: pd.DataFrame) -> None:
     for _, p in phases.drop_duplicates("phase").iterrows():
         if p["mode"] != "none":
             ax.axvspan(p["t_start"], p["t_end"], color="orange", alpha=0.15, lw=0)
-            ax.text((p["t_start"] + p["t_end"]) / 2, 1.0, p["phase"], transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=7, color="darkorange")
+            ax.text(
+                (p["t_start"] + p["t_end"]) / 2,
+                1.0,
+                p["phase"],
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="darkorange",
+            )
 
 
 def plot_ccdf(frames, manifest, path: Path) -> Path:
@@ -40,12 +53,17 @@ def plot_ccdf(frames, manifest, path: Path) -> Path:
             for level, gl in g.groupby("level"):
                 h = gl.groupby("latency_ns")["count"].sum().sort_index()
                 ccdf = 1 - h.cumsum() / h.sum() + h / h.sum()
-                ax.loglog(h.index / 1e3, ccdf.values, color=COLORS[i % 4], ls="-" if level == "l2" else "--",
-                          label=f"{variant} {level}")
+                ax.loglog(
+                    h.index / 1e3,
+                    ccdf.values,
+                    color=COLORS[i % 4],
+                    ls="-" if level == "l2" else "--",
+                    label=f"{variant} {level}",
+                )
         ax.set_title(phase, fontsize=9)
         ax.set_xlabel("touch latency (µs)")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes.flat[len(phases):]:
+    for ax in axes.flat[len(phases) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("P(latency ≥ x)")
     axes[0][0].legend(fontsize=7)
@@ -68,8 +86,9 @@ def plot_timeline(frames, manifest, path: Path) -> Path:
     """Per variant (first repetition): latency per interval, pressure shaded, shrinker activity beside it."""
     s, c, e, ph = frames["samples"], frames["counters"], frames["events"], frames["phases"]
     variants = list(dict.fromkeys(ph["variant"])) or list(dict.fromkeys(s["variant"]))
-    fig, axes = plt.subplots(len(variants) or 1, 1, figsize=(12, 3.6 * max(1, len(variants))), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        len(variants) or 1, 1, figsize=(12, 3.6 * max(1, len(variants))), squeeze=False, sharex=True
+    )
     for ax, variant in zip(axes[:, 0], variants):
         cell = sorted(ph.loc[ph["variant"] == variant, "cell"].unique())[0]
         _shade(ax, ph[ph["cell"] == cell])
@@ -113,10 +132,18 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
                 sub = summary[summary["variant"] == v]
                 g = sub.set_index(sub["phase"] + " " + sub["level"]).reindex(labels)
                 y = g[f"{q}_ns"] / 1e3
-                err = np.vstack([(y - g[f"{q}_ci_lo_ns"] / 1e3).clip(lower=0),
-                                 (g[f"{q}_ci_hi_ns"] / 1e3 - y).clip(lower=0)])
-                ax.bar(np.arange(len(labels)) + i * width, y, width, yerr=np.nan_to_num(err), capsize=3,
-                       color=COLORS[i % 4], label=v)
+                err = np.vstack(
+                    [(y - g[f"{q}_ci_lo_ns"] / 1e3).clip(lower=0), (g[f"{q}_ci_hi_ns"] / 1e3 - y).clip(lower=0)]
+                )
+                ax.bar(
+                    np.arange(len(labels)) + i * width,
+                    y,
+                    width,
+                    yerr=np.nan_to_num(err),
+                    capsize=3,
+                    color=COLORS[i % 4],
+                    label=v,
+                )
             ax.set_xticks(np.arange(len(labels)) + width * (len(variants) - 1) / 2)
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
             ax.set_yscale("log")
@@ -132,10 +159,12 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
 
 def plot_counters(frames, manifest, path: Path) -> Path:
     c, ph = frames["counters"], frames["phases"]
-    panels = [("shrinker.x86_mmu_count", "x86-mmu shadow pages (count)", False),
-              ("meminfo.SecPageTables_kb", "SecPageTables (kB)", False),
-              ("vmstat.pgscan_kswapd+vmstat.pgscan_direct", "reclaim scans /s (kswapd+direct)", True),
-              ("psi.memory_some_avg10", "PSI memory some avg10 (%)", False)]
+    panels = [
+        ("shrinker.x86_mmu_count", "x86-mmu shadow pages (count)", False),
+        ("meminfo.SecPageTables_kb", "SecPageTables (kB)", False),
+        ("vmstat.pgscan_kswapd+vmstat.pgscan_direct", "reclaim scans /s (kswapd+direct)", True),
+        ("psi.memory_some_avg10", "PSI memory some avg10 (%)", False),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False, sharex=True)
     for ax, (names, label, rate) in zip(axes.flat, panels):
         for i, (variant, g) in enumerate(c.groupby("variant", sort=False) if not c.empty else []):

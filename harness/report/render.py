@@ -1,5 +1,6 @@
 """Rendering only: a Report's data to Markdown (tables through tabulate), and Markdown to one HTML file
 (markdown-it-py) with the PNGs inlined. Nothing here computes a number."""
+
 from __future__ import annotations
 
 import base64
@@ -10,8 +11,10 @@ import numpy as np
 import pandas as pd
 from markdown_it import MarkdownIt
 
-STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;"
-         "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}blockquote{background:#fff3cd;padding:.5em}")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;"
+    "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}blockquote{background:#fff3cd;padding:.5em}"
+)
 
 
 def fmt(v, nd: int = 1) -> str:
@@ -29,13 +32,22 @@ def verdict_markdown(ab: pd.DataFrame) -> str:
     def mean_sd(m, s) -> str:
         return f"{fmt(m, 2)} ±{fmt(s, 0)}%"
 
-    return table([{"phase": r["phase"], "level": r["level"], "metric": r["metric"],
-                   "baseline": mean_sd(r["baseline_mean"], r["baseline_sd_pct"]),
-                   "patched": mean_sd(r["patched_mean"], r["patched_sd_pct"]),
-                   "%change [95% CI]": f"{fmt(r['change_pct'])}% [{fmt(r['change_ci_lo'])}, {fmt(r['change_ci_hi'])}]",
-                   "MWU p": fmt(r["mwu_p"], 3), "Welch p": fmt(r["welch_p"], 3),
-                   "verdict": f"**{r['verdict']}**" + (f" ({r['reason']})" if r["reason"] else "")}
-                  for _, r in ab.iterrows()])
+    return table(
+        [
+            {
+                "phase": r["phase"],
+                "level": r["level"],
+                "metric": r["metric"],
+                "baseline": mean_sd(r["baseline_mean"], r["baseline_sd_pct"]),
+                "patched": mean_sd(r["patched_mean"], r["patched_sd_pct"]),
+                "%change [95% CI]": f"{fmt(r['change_pct'])}% [{fmt(r['change_ci_lo'])}, {fmt(r['change_ci_hi'])}]",
+                "MWU p": fmt(r["mwu_p"], 3),
+                "Welch p": fmt(r["welch_p"], 3),
+                "verdict": f"**{r['verdict']}**" + (f" ({r['reason']})" if r["reason"] else ""),
+            }
+            for _, r in ab.iterrows()
+        ]
+    )
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
@@ -45,19 +57,34 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     def us(r, k) -> str:
         return fmt(r[k] / 1e3)
 
-    return table([{"variant": r["variant"], "phase": r["phase"], "level": r["level"], "touches": r["count"],
-                   "mean": us(r, "mean_ns"), "p50": us(r, "p50_ns"), "p90": us(r, "p90_ns"),
-                   "p99 [CI]": f"{us(r, 'p99_ns')} [{us(r, 'p99_ci_lo_ns')}, {us(r, 'p99_ci_hi_ns')}]",
-                   "p99.9 [CI]": f"{us(r, 'p99.9_ns')} [{us(r, 'p99.9_ci_lo_ns')}, {us(r, 'p99.9_ci_hi_ns')}]",
-                   "max": us(r, "max_ns")} for _, r in summary.iterrows()])
+    return table(
+        [
+            {
+                "variant": r["variant"],
+                "phase": r["phase"],
+                "level": r["level"],
+                "touches": r["count"],
+                "mean": us(r, "mean_ns"),
+                "p50": us(r, "p50_ns"),
+                "p90": us(r, "p90_ns"),
+                "p99 [CI]": f"{us(r, 'p99_ns')} [{us(r, 'p99_ci_lo_ns')}, {us(r, 'p99_ci_hi_ns')}]",
+                "p99.9 [CI]": f"{us(r, 'p99.9_ns')} [{us(r, 'p99.9_ci_lo_ns')}, {us(r, 'p99.9_ci_hi_ns')}]",
+                "max": us(r, "max_ns"),
+            }
+            for _, r in summary.iterrows()
+        ]
+    )
 
 
 def html(md: str, base: Path) -> str:
     """One self-contained HTML file: the Markdown rendered, every image relative to base inlined."""
+
     def inline(m: re.Match) -> str:
         data = base64.b64encode((base / m.group(2)).read_bytes()).decode()
         return f"![{m.group(1)}](data:image/png;base64,{data})"
 
     body = MarkdownIt("commonmark").enable("table").render(re.sub(r"!\[(.*?)\]\((plots/[^)]+)\)", inline, md))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>nestpress report</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>nestpress report</title>"
+        f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
+    )
