@@ -36,10 +36,9 @@ SHIP_EXCLUDE = (".venv", "results", ".git", "__pycache__", ".pytest_cache", "bui
 
 
 def project_files() -> list[str]:
-    """Files to ship: what git tracks (plus untracked, not ignored), else a walk minus build outputs."""
-    r = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True, text=True
-    )
+    """Files to ship: what git tracks (never untracked files: a stray secret would travel to every host);
+    outside a git checkout, a walk minus build outputs."""
+    r = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True)
     if r.returncode == 0 and r.stdout.strip():
         return [f for f in r.stdout.splitlines() if (REPO_ROOT / f).is_file()]
     out = []
@@ -49,11 +48,19 @@ def project_files() -> list[str]:
     return out
 
 
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Shipped code belongs to root and nobody else may write it: root runs it on the lab host."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mode &= ~0o022
+    return info
+
+
 def _tarball(files: list[tuple[str, Path]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for arcname, path in files:
-            tar.add(str(path), arcname=arcname, recursive=False)
+            tar.add(str(path), arcname=arcname, recursive=False, filter=_root_owned)
     return buf.getvalue()
 
 
@@ -145,7 +152,8 @@ class Remote:
         self.sh(f"mkdir -p {shlex.quote(self.app)}")
         self.c.put(io.BytesIO(data), remote=tmp)
         self.sh(
-            f"cd {shlex.quote(self.app)} && rm -rf harness configs patches && tar -xzf {shlex.quote(tmp)} "
+            f"cd {shlex.quote(self.app)} && rm -rf harness configs patches "
+            f"&& tar --no-same-owner --no-same-permissions -xzf {shlex.quote(tmp)} "
             f"&& rm -f {shlex.quote(tmp)}"
         )
         log(f"{self.name}: shipped {len(files)} files ({len(data) >> 10} KiB) to {self.app}")

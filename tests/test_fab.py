@@ -142,6 +142,9 @@ def test_validate_over_ssh_ships_the_config(keys, hosts, rdir):
     r = fab(keys, "validate", "--config", "shrinker-ab", "--set", "repetitions=4", *remote_dir(rdir), hosts=[hosts[0]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "config OK" in r.stdout and "patched.r4" in r.stdout
+    shipped = [f for f in rdir.glob("*/app/**/*") if f.is_file() and ".venv" not in f.parts]
+    assert any(f.name == "agent.py" for f in shipped)
+    assert all(f.stat().st_uid == 0 and not f.stat().st_mode & 0o022 for f in shipped)
 
 
 def test_unknown_host_key_is_refused_unless_accepted(keys, hosts, rdir):
