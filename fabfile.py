@@ -10,7 +10,9 @@ import inspect
 from fabric import Connection, task
 from invoke.exceptions import Exit
 
+from harness.errors import HarnessError
 from harness.fleet import Lab, Request, execute
+from harness.util import console
 
 LAB_OPTIONS = {  # name: (default, help) - declared once, added to every task that can run on lab hosts
     "hosts": (
@@ -46,7 +48,11 @@ def lab_task(help: dict | None = None, iterable: list[str] | None = None):
                 [f"{c.user}@{c.host}:{c.port}"] if isinstance(c, Connection) else []
             )
             lab = Lab(names, accept_new_host, remote_dir, cache, config=c.config)
-            rc = execute(body(c, *args, **kwargs), lab)
+            try:
+                rc = execute(body(c, *args, **kwargs), lab)
+            except HarnessError as e:  # a request the library refuses: one line, not a traceback
+                console.print(f"[bold red]error:[/bold red] {e}")
+                rc = 2
             if rc:
                 raise Exit(code=rc)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .errors import HarnessError
-from .util import SETUP_PACKAGES, console, default_cache, log
+from .util import SETUP_PACKAGES, console, debian_packages, default_cache, log
 
 
 def _matrix(args):
@@ -114,7 +114,7 @@ def cmd_compare(args) -> int:
 
 def cmd_setup(args) -> int:
     """Install what the harness needs on this host (Debian/Ubuntu): system packages and kernel sources."""
-    pkgs = SETUP_PACKAGES + list(args.extra or [])
+    pkgs = SETUP_PACKAGES + debian_packages(list(args.extra or []))
     if os.geteuid() != 0:
         raise HarnessError("setup installs Debian packages: run it as root (or with sudo)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

@@ -25,7 +25,7 @@ from .errors import HarnessError, RemoteError
 from .manifest import Manifest, cell_complete
 from .remote import Remote, run_on_hosts
 from .run import new_run_id
-from .util import SETUP_PACKAGES, console, log, warn
+from .util import SETUP_PACKAGES, console, debian_packages, log, warn
 
 
 @dataclass
@@ -44,6 +44,9 @@ class Request:
     runs: list[str] = field(default_factory=list)  # compare
     output: str | None = None  # run/experiment: results root
     shard: str | None = None  # run: I/N of a fleet
+
+    def __post_init__(self) -> None:
+        debian_packages(self.packages)
 
     def argv(self) -> list[str]:
         config = ["--config", self.config] if self.config else []
@@ -111,22 +114,33 @@ def execute(request: Request, lab: Lab) -> int:
 
 
 def _simple(r: Remote, request: Request) -> int:
+    as_root: list[str] = []
     if request.task == "setup":
         r.connect()
-        r.sh(
-            "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "
-            "--no-install-recommends " + " ".join(SETUP_PACKAGES + request.packages),
-            timeout=1800,
-            hide=False,
-        )
+        as_root = [] if r.sh("id -u").stdout.strip() == "0" else ["sudo", "-n"]
+        apt = shlex.join([*as_root, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"])
+        packages = shlex.join(SETUP_PACKAGES + debian_packages(request.packages))
+        _as_root(r, f"{apt} update -qq && {apt} install -y -qq --no-install-recommends {packages}")
     remote_config = r.ship(resolve_config_path(request.config) if request.config else None)
     if request.task == "setup":  # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
-        r.sh(f"bash {shlex.quote(r.app)}/harness/setup_qemu.sh", timeout=1800, hide=False)
+        _as_root(r, shlex.join([*as_root, "bash", f"{r.app}/harness/setup_qemu.sh"]))
     r.ensure_env()
     if request.task == "setup":
         log(f"{r.name}: ready")
         return 0
     return r.python(dataclasses.replace(request, config=remote_config).argv(), timeout=3600).exited
+
+
+def _as_root(r: Remote, cmd: str) -> None:
+    try:
+        r.sh(cmd, timeout=1800, hide=False)
+    except RemoteError as e:
+        if "password is required" in str(e):
+            raise RemoteError(
+                f"{r.name}: setup installs packages as root: log in as root, or give this user sudo without "
+                "a password (sudo -n asked for one)"
+            ) from None
+        raise
 
 
 def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:

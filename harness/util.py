@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,17 @@ SETUP_PACKAGES = sorted(
     | set(HEADER_PACKAGES.values())
     | {"build-essential", "python3", "python3-venv", "procps", "kmod", "iproute2", "rsync"}
 )
+
+
+DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
+
+
+def debian_packages(names: list[str]) -> list[str]:
+    """Package names as Debian allows them, nothing else: they reach apt-get on this and on lab hosts."""
+    bad = [n for n in names if not DEBIAN_PACKAGE.fullmatch(n)]
+    if bad:
+        raise HarnessError(f"setup: not Debian package names: {', '.join(map(repr, bad))}")
+    return names
 
 
 def which(tool: str) -> str | None:

@@ -147,6 +147,13 @@ def test_validate_over_ssh_ships_the_config(keys, hosts, rdir):
     assert all(f.stat().st_uid == 0 and not f.stat().st_mode & 0o022 for f in shipped)
 
 
+def test_setup_refuses_what_is_no_debian_package_name(keys, tmp_path):
+    pwned = tmp_path / "PWNED"
+    r = fab(keys, "setup", "--sources", f"linux-source-6.1; touch {pwned}", "--hosts", "nobody@127.0.0.1:1")
+    assert r.returncode == 2 and "not Debian package names" in r.stdout + r.stderr and not pwned.exists()
+    assert "Traceback" not in r.stderr
+
+
 def test_unknown_host_key_is_refused_unless_accepted(keys, hosts, rdir):
     r = fab(keys, "doctor", *remote_dir(rdir), hosts=[hosts[0]], known=False)
     assert r.returncode != 0 and "unknown host key" in r.stdout + r.stderr
