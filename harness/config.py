@@ -56,6 +56,9 @@ class Source(Strict):
             raise ValueError(f"source.kind={self.kind} needs source.path")
         if self.kind == "git" and not self.url:
             raise ValueError("source.kind=git needs source.url")
+        for name, value in (("url", self.url), ("ref", self.ref)):
+            if self.kind == "git" and str(value).startswith("-"):  # git would read it as an option
+                raise ValueError(f"source.{name} may not start with '-': {value!r}")
         return self
 
 

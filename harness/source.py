@@ -87,10 +87,14 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
     elif src.kind == "git":
         need_tool("git", "git")
         url = os.path.expanduser(src.where)
-        r = run(["git", "ls-remote", url, src.ref], capture=True, check=False)
+        r = run(["git", "ls-remote", "--end-of-options", url, src.ref], capture=True, check=False)
         sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else None
         if sha is None and Path(url).exists():
-            r = run(["git", "-C", url, "rev-parse", "--verify", src.ref + "^{commit}"], capture=True, check=False)
+            r = run(
+                ["git", "-C", url, "rev-parse", "--verify", "--end-of-options", src.ref + "^{commit}"],
+                capture=True,
+                check=False,
+            )
             sha = r.stdout.strip() if r.returncode == 0 else None
         if not sha:
             raise SourceError(f"git source {src.url}: ref '{src.ref}' not found")
@@ -114,9 +118,9 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
                 run(["tar", "-xf", str(Path(src.where).expanduser()), "-C", str(tmp), "--strip-components=1"])
             elif src.kind == "git":
                 archive = subprocess.Popen(
-                    ["git", "-C", os.path.expanduser(src.where), "archive", identity[4:]]
+                    ["git", "-C", os.path.expanduser(src.where), "archive", "--end-of-options", identity[4:]]
                     if Path(os.path.expanduser(src.where)).exists()
-                    else ["git", "archive", "--remote", src.where, src.ref],
+                    else ["git", "archive", f"--remote={src.where}", "--end-of-options", src.ref],
                     stdout=subprocess.PIPE,
                 )
                 run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)

@@ -43,6 +43,13 @@ def test_unknown_git_ref_is_an_error(repo, tmp_path):
         prepare(Source(kind="git", url=str(repo), ref="nope"), tmp_path / "cache")
 
 
+@pytest.mark.parametrize("field", ["url", "ref"])
+def test_git_url_or_ref_that_git_would_read_as_an_option_is_refused(repo, field):
+    given = {"url": str(repo), "ref": "HEAD", field: "--upload-pack=touch /tmp/PWNED"}
+    with pytest.raises(ValueError, match=f"source.{field} may not start with '-'"):
+        Source(kind="git", **given)
+
+
 def test_local_tree_is_copied_not_touched_and_changes_change_identity(repo, tmp_path):
     before = sorted(p.name for p in repo.iterdir())
     a = prepare(Source(kind="local", path=str(repo)), tmp_path / "cache")
