@@ -31,7 +31,19 @@ from .config import Experiment, Variant
 from .errors import BuildError, KconfigError
 from .patches import PatchVariant, apply, load_series, revert, verify
 from .source import PreparedSource, prepare
-from .util import atomic_dir, default_cache, hash_file, hash_text, log, need_tool, read_json, run, status, write_json
+from .util import (
+    atomic_dir,
+    default_cache,
+    hash_file,
+    hash_text,
+    log,
+    need_tool,
+    own_cache,
+    read_json,
+    run,
+    status,
+    write_json,
+)
 
 RECIPE = "nestpress-build-1"  # bump when the way we build changes what comes out
 BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "perl")
@@ -107,7 +119,7 @@ class Builder:
 
     def __init__(self, exp: Experiment, cache: Path | None = None, jobs: int | None = None):
         self.exp = exp
-        self.cache = (cache or default_cache()).resolve()
+        self.cache = own_cache((cache or default_cache()).resolve())
         self.jobs = jobs or os.cpu_count() or 1
         self._source: PreparedSource | None = None
 

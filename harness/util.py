@@ -204,6 +204,19 @@ def default_cache() -> Path:
     return Path(os.environ.get("NESTPRESS_CACHE") or Path.home() / ".cache" / "nestpress")
 
 
+def own_cache(path: Path) -> Path:
+    """The build cache, made private if new; refused if another user owns it or others may write it: its
+    kernels and trees are what this user (often root) boots and builds."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise HarnessError(
+            f"cache {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}: another user could "
+            f"plant kernels there; use a cache of your own (NESTPRESS_CACHE, or --cache) that only you can write"
+        )
+    return path
+
+
 def python_for_guests() -> str:
     """The interpreter guests run the agent with (stdlib only): the real binary behind this one."""
     return os.path.realpath(getattr(sys, "_base_executable", sys.executable))

@@ -1,5 +1,6 @@
 """Kernel sources other than tarballs: a git repository + ref and a local tree (never modified)."""
 
+import os
 import subprocess
 
 import pytest
@@ -62,3 +63,24 @@ def test_local_tree_is_copied_not_touched_and_changes_change_identity(repo, tmp_
 def test_missing_tarball_names_the_package(tmp_path):
     with pytest.raises(SourceError, match=r"apt-get install linux-source-9\.9"):
         prepare(Source(kind="tarball", path=str(tmp_path / "x.tar.xz"), package="linux-source-9.9"), tmp_path)
+
+
+def test_a_cache_another_user_could_write_is_refused(tmp_path):
+    from harness.build import Builder
+    from harness.config import load
+    from harness.errors import HarnessError
+
+    exp = load("shrinker-ab").experiment
+    mine = tmp_path / "new" / "cache"
+    assert Builder(exp, mine).cache == mine and mine.stat().st_mode & 0o777 == 0o700  # a new cache is private
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # as /var/tmp is: anyone could have made it first
+    with pytest.raises(HarnessError, match="another user could plant kernels"):
+        Builder(exp, shared)
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, 1234, 1234)
+        with pytest.raises(HarnessError, match="owned by uid 1234"):
+            Builder(exp, theirs)
