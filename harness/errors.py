@@ -56,3 +56,7 @@ class ResultsError(HarnessError):
 
 class RemoteError(HarnessError):
     pass
+
+
+class HostResourceError(HarnessError):
+    """The run needs more memory or disk than this host has."""

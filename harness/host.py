@@ -13,11 +13,12 @@ import os
 import platform
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Cell, Matrix
-from .errors import AccelError
+from .errors import AccelError, HostResourceError
 from .guest.rootfs import find_virtiofsd
 from .util import HEADER_PACKAGES, TOOL_PACKAGES, run, which
 
@@ -263,8 +264,31 @@ class Environment:
         return sorted({d.kind for d in self.topologies.values()})
 
 
+QEMU_OVERHEAD_MB = 256  # the kernel under test's QEMU beyond its guest RAM (TCG's code cache, devices)
+
+
+def check_host_resources(matrix: Matrix, available_mb: int | None = None, free_disk_mb: int | None = None) -> None:
+    """One kernel under test runs at a time: its RAM (preallocated by the guests inside it) must fit in what
+    the host has available, and its swap image (sparse, filled under pressure) on the scratch disk."""
+    kut = max((c.config.topology.kut for c in matrix.cells), key=lambda k: k.memory_mb + k.swap_mb)
+    need_mb, swap_mb = kut.memory_mb + QEMU_OVERHEAD_MB, kut.swap_mb
+    available_mb = meminfo()["MemAvailable"] >> 10 if available_mb is None else available_mb
+    scratch = tempfile.gettempdir()
+    free_disk_mb = shutil.disk_usage(scratch).free >> 20 if free_disk_mb is None else free_disk_mb
+    if need_mb > available_mb:
+        raise HostResourceError(
+            f"topology.kut.memory_mb: the kernel under test needs {need_mb} MiB with its QEMU, this host has "
+            f"{available_mb} MiB available"
+        )
+    if swap_mb > free_disk_mb:
+        raise HostResourceError(
+            f"topology.kut.swap_mb: its swap image needs up to {swap_mb} MiB under {scratch}, {free_disk_mb} MiB free"
+        )
+
+
 def decide_environment(matrix: Matrix) -> Environment:
     """Every decision a run depends on; a cell that cannot run here fails the whole run before anything starts."""
+    check_host_resources(matrix)
     accel = decide_accel(matrix.experiment.accel)
     installs = qemu_installs()
     topologies: dict[str, TopologyDecision] = {

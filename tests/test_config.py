@@ -70,6 +70,33 @@ def test_bad_override_is_named(tmp_path):
         load(write(tmp_path, MINIMAL), ["phases.nope.duration_s=3"])
 
 
+def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_starts():
+    from harness.errors import HostResourceError
+    from harness.host import check_host_resources
+
+    matrix = load("shrinker-ab", ["topology.kut.memory_mb=99999999"])
+    with pytest.raises(HostResourceError, match=r"needs 100000255 MiB with its QEMU, this host has 8000 MiB"):
+        check_host_resources(matrix, available_mb=8000, free_disk_mb=10**6)
+    with pytest.raises(HostResourceError, match="swap image needs up to 1536 MiB"):
+        check_host_resources(load("shrinker-ab-nested"), available_mb=10**6, free_disk_mb=1000)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "validate",
+            "--config",
+            "shrinker-ab",
+            "--set",
+            "topology.kut.memory_mb=99999999",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert r.returncode == 2 and "topology.kut.memory_mb" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
 def test_fab_validate_exit_codes(tmp_path):
     good = subprocess.run(
         [sys.executable, "-m", "harness", "validate", "--config", "shrinker-ab"],
