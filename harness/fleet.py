@@ -24,7 +24,7 @@ from .config import load, resolve_config_path
 from .errors import HarnessError, RemoteError
 from .manifest import Manifest, cell_complete
 from .remote import Remote, run_on_hosts
-from .run import new_run_id
+from .run import check_run_id, new_run_id
 from .util import SETUP_PACKAGES, console, debian_packages, log, warn
 
 
@@ -163,7 +163,7 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
     config = str(request.config)
     matrix = load(config, request.sets)  # validate here, before any host is touched
     exp = matrix.experiment
-    run_id = request.run_id or new_run_id()
+    run_id = check_run_id(request.run_id) if request.run_id else new_run_id()
     local_run = Path(exp.output).resolve() / exp.name / run_id
     n = len(remotes)
     hosts_by_cell = {c.id: r.name for i, r in enumerate(remotes) for c in matrix.shard(i, n)}

@@ -11,6 +11,8 @@ leaves a manifest that says `interrupted`.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from pathlib import Path
 from . import REPO_ROOT, initramfs
 from .build import Builder, BuildResult
 from .config import Cell, Matrix
-from .errors import GuestError, HarnessError, PressureError
+from .errors import ConfigError, GuestError, HarnessError, PressureError
 from .guest.contract import GUEST_FAILURES, PATH, EventKind, ExitKind, ExitRecord
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_environment, doctor
@@ -50,15 +52,26 @@ def harness_commit() -> str | None:
     return r.stdout.strip() + ("-dirty" if dirty else "")
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
+    """Sorts by start time; the random tail keeps two runs started in the same second apart."""
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is one directory name under <output>/<experiment>: never a path, never `..`."""
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ConfigError(f"--run-id {run_id!r}: letters, digits, '_', '.', '-' only (a name, not a path)")
+    return run_id
 
 
 def find_run_dir(matrix: Matrix, run_id: str | None, resume: bool, root: Path | None = None) -> Path:
     """An explicit run id (resume into it), the newest run of this config (--resume), or a new one."""
     base = (root or Path(matrix.experiment.output)).resolve() / matrix.experiment.name
     if run_id:
-        return base / run_id
+        return base / check_run_id(run_id)
     if resume and base.exists():
         for d in sorted(base.iterdir(), reverse=True):
             m = d / "manifest.json"

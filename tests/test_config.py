@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,18 @@ def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_sta
         cwd=REPO_ROOT,
     )
     assert r.returncode == 2 and "topology.kut.memory_mb" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("run_id", ["../../etc", "/tmp/x", "a/b", "-x", "..", "a..b"])
+def test_a_run_id_is_a_name_not_a_path(run_id, tmp_path):
+    from harness.errors import ConfigError
+    from harness.run import find_run_dir, new_run_id
+
+    matrix = load("shrinker-ab")
+    with pytest.raises(ConfigError, match="a name, not a path"):
+        find_run_dir(matrix, run_id, False, tmp_path)
+    assert find_run_dir(matrix, "e2e.r-1_x", False, tmp_path) == tmp_path.resolve() / "shrinker-ab" / "e2e.r-1_x"
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", new_run_id())  # time, then a tail for runs in one second
 
 
 def test_fab_validate_exit_codes(tmp_path):
