@@ -28,9 +28,9 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment, Variant
-from .errors import BuildError, KconfigError
+from .errors import BuildError, KconfigError, PatchError
 from .patches import PatchVariant, apply, load_series, revert, verify
-from .source import PreparedSource, prepare
+from .source import PreparedSource, check_present, prepare
 from .util import (
     atomic_dir,
     default_cache,
@@ -73,6 +73,21 @@ def fragment_paths(exp: Experiment) -> list[Path]:
             raise KconfigError(f"config fragment {frag} not found (looked at {p})")
         out.append(p)
     return out
+
+
+def check_inputs(exp: Experiment) -> None:
+    """What a build would refuse, found without building: the source, the fragments, each series and its
+    named patch variant (which variant `auto` picks needs the kernel's version: the build says)."""
+    check_present(exp.source)
+    fragment_paths(exp)
+    for v in exp.variants:
+        if v.series:
+            series = load_series(v.series)
+            if v.patch_variant != "auto" and v.patch_variant not in {pv.name for pv in series.variants}:
+                raise PatchError(
+                    f"variant {v.name}: series {v.series} has no patch variant '{v.patch_variant}' "
+                    f"(it has: {', '.join(pv.name for pv in series.variants)})"
+                )
 
 
 def base_identity(base: str) -> str:

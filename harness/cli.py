@@ -30,11 +30,13 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .build import check_inputs
     from .config import describe
     from .host import decide_environment
     from .schedule import check
 
     matrix = _matrix(args)
+    check_inputs(matrix.experiment)
     env = decide_environment(matrix)
     for cell in matrix.cells:
         check(cell.config, env.topology(cell).kind)

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ def axis(default: Any = ..., **kw: Any) -> Any:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no infinite phase or NaN timeout
 
 
 class Source(Strict):
@@ -64,6 +65,14 @@ class Source(Strict):
 
 class KernelConfig(Strict):
     base: str = Field("tinyconfig", description="make target (tinyconfig, defconfig, ...) or a config file path")
+
+    @field_validator("base")
+    @classmethod
+    def _target_or_file(cls, base: str) -> str:
+        if not (re.fullmatch(r"[a-z0-9_]*config", base) or Path(base).expanduser().is_file()):
+            raise ValueError(f"{base!r} is neither a make *config target nor an existing file")
+        return base
+
     fragments: list[str] = Field(
         default_factory=lambda: ["kernel/kvm-host.config"],
         description="fragments, relative to configs/ or absolute, merged in order",
@@ -72,7 +81,9 @@ class KernelConfig(Strict):
 
 class Variant(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    series: str | None = Field(None, description="patch series under patches/ (none: the baseline)")
+    series: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="patch series under patches/ (none: the baseline)"
+    )
     patch_variant: str = Field("auto", description="variant of the series, or auto to pick by kernel version")
 
 
@@ -164,7 +175,7 @@ class Pressure(Strict):
     memcg_limit_mb: int = Field(64, ge=8, description="memory.max of the control hog")
     memcg_hog_mb: int = Field(512, ge=8, description="what the control hog tries to allocate")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Phase(Strict):
@@ -191,6 +202,17 @@ class Boot(Strict):
         description="per level: QEMU start to agent ready",
     )
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _known_levels(cls, t: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(t) - {"kut", "l1", "l2"})
+        if unknown:
+            raise ValueError(f"levels are kut, l1, l2; unknown: {', '.join(unknown)}")
+        if bad := {k: v for k, v in t.items() if not 0 < v <= 86400}:
+            raise ValueError(f"timeouts must be over 0 s and at most a day: {bad}")
+        return t
+
     on_guest_failure: Literal["fail", "continue"] = "continue"
     kvm_trace_on_failure: bool = Field(
         False,
@@ -284,6 +306,22 @@ def _list_item(items: list, key: str, path: str) -> Any:
     return items[_list_index(items, key, path)]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     """`a.b=value` strings; values are YAML (`3`, `[a, b]`, `true`). List elements by name or index."""
     out = []
@@ -291,7 +329,10 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if "=" not in pair:
             raise ConfigError(f"override '{pair}' is not KEY=VALUE")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
 
 
@@ -308,8 +349,16 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict]:
     p = resolve_config_path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a regular file")
+    with p.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 10} KiB; not an experiment config")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(data.decode(), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -331,6 +380,10 @@ def _format_errors(path: Path, err: ValidationError) -> str:
 def _validate(path: Path, raw: dict) -> Experiment:
     """Validate each axis value on its own (by expanding with the first of each list) and the whole."""
     axes = axis_paths()
+    for a in axes:
+        given = _get(raw, a)
+        if isinstance(given, list) and len({json.dumps(v, sort_keys=True) for v in given}) != len(given):
+            raise ConfigError(f"{path}: {a}: a value is listed twice ({given}); each would be the same cell")
     for combo in _combinations(raw, axes) or [raw]:
         try:
             Experiment.model_validate(combo)

@@ -75,13 +75,21 @@ def _tree_fingerprint(tree: Path) -> str:
     return "walk:" + h.hexdigest()[:16]
 
 
+def check_present(src: Source) -> None:
+    """The tarball or the local tree is there (a git ref is resolved by prepare)."""
+    where = Path(src.where).expanduser()
+    if src.kind == "tarball" and not where.is_file():
+        hint = f" (install it: apt-get install {src.package}, or `fab setup`)" if src.package else ""
+        raise SourceError(f"kernel tarball {where} does not exist{hint}")
+    if src.kind == "local" and not where.is_dir():
+        raise SourceError(f"local kernel tree {where.resolve()} does not exist")
+
+
 def prepare(src: Source, cache: Path) -> PreparedSource:
     """Return a pristine tree for `src`, extracting/exporting it once per identity."""
+    check_present(src)
     if src.kind == "tarball":
         tar = Path(src.where).expanduser()
-        if not tar.exists():
-            hint = f" (install it: apt-get install {src.package}, or `fab setup`)" if src.package else ""
-            raise SourceError(f"kernel tarball {tar} does not exist{hint}")
         identity = "tarball:" + hash_file(tar)
         desc = str(tar)
     elif src.kind == "git":
@@ -102,8 +110,6 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
         desc = f"{src.url}@{src.ref} ({sha[:12]})"
     else:
         tree = Path(src.where).expanduser().resolve()
-        if not tree.is_dir():
-            raise SourceError(f"local kernel tree {tree} does not exist")
         makefile_version(tree)
         identity = "local:" + _tree_fingerprint(tree)
         desc = str(tree)

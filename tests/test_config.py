@@ -56,14 +56,53 @@ def test_overrides_by_name_and_yaml_values(tmp_path):
         ("pressure: {mode: sometimes}", "pressure.mode", "Input should be"),
         ("topology: {l1: {memory_mb: 12}}", "topology.l1.memory_mb", "greater than or equal"),
         ("bogus: 1", "bogus", "Extra inputs are not permitted"),
+        ("name: again", "key 'name' given twice", "line 7"),  # plain YAML would keep the last one, silently
+        ("boot: {timeout_s: {kut: .nan}}", "boot.timeout_s.kut", "finite number"),
+        ("phases: [{name: forever, duration_s: .inf}]", "phases.0.duration_s", "finite number"),
+        ("boot: {timeout_s: {l3: 5}}", "boot.timeout_s", "unknown: l3"),
+        ("kernel_config: {base: nonsense}", "kernel_config.base", "neither a make *config target"),
+        ("pressure: {mode: [global, global]}", "pressure.mode", "listed twice"),
     ],
 )
 def test_bad_config_names_file_field_and_problem(tmp_path, patch, where, what):
-    p = write(tmp_path, MINIMAL + patch + "\n")
+    key = patch.split(":")[0]  # replaces that key's line of MINIMAL; `name` stays, to be given twice
+    base = "\n".join(line for line in MINIMAL.splitlines() if key == "name" or not line.startswith(key + ":"))
+    p = write(tmp_path, base + "\n" + patch + "\n")
     with pytest.raises(ConfigError) as e:
         load(p)
     msg = str(e.value)
     assert str(p) in msg and where in msg and what in msg
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"\xff\xfe", "not UTF-8"),
+        (b"name: t\n" + b"#" * (2 << 20), "larger than 1024 KiB"),
+        (None, "not a regular file"),
+    ],
+)
+def test_a_config_that_is_no_text_file_is_refused_in_one_line(tmp_path, content, what):
+    p = tmp_path / "exp.yaml"
+    p.mkdir() if content is None else p.write_bytes(content)
+    with pytest.raises(ConfigError, match=what):
+        load(p)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load("/dev/zero")  # would read until the OOM killer
+
+
+def test_validate_finds_missing_build_inputs_without_building(tmp_path):
+    from harness.build import check_inputs
+    from harness.errors import PatchError, SourceError
+
+    with pytest.raises(SourceError, match="does not exist"):
+        check_inputs(load("shrinker-ab", ["source.path=/nonexistent.tar.xz"]).experiment)
+    with pytest.raises(PatchError, match="has no patch variant 'nope'"):
+        check_inputs(load("shrinker-ab", ["variants.patched.patch_variant=nope"]).experiment)
+    with pytest.raises(ConfigError, match="series"):
+        load("shrinker-ab", ["variants.patched.series=../../etc"])
+    with pytest.raises(ConfigError, match="--set repetitions=\\[1: the value is not YAML"):
+        load("shrinker-ab", ["repetitions=[1"])
 
 
 def test_bad_override_is_named(tmp_path):
