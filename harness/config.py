@@ -203,6 +203,13 @@ class Boot(Strict):
     )
     retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
 
+    @field_validator("hidden")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        if bad := [x for x in paths if not x.startswith("/") or "\0" in x]:
+            raise ValueError(f"absolute host paths only: {bad}")
+        return paths
+
     @field_validator("timeout_s")
     @classmethod
     def _known_levels(cls, t: dict[str, float]) -> dict[str, float]:
@@ -218,6 +225,11 @@ class Boot(Strict):
         False,
         description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
         "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot",
+    )
+    hidden: list[str] = Field(
+        default_factory=lambda: ["/root/.ssh", "/home/*/.ssh", "/etc/shadow", "/etc/gshadow", "/etc/ssh/*_key"],
+        description="host paths (globs) the kernel under test and its guests cannot read in the host's root: "
+        "directories show empty, files empty",
     )
     rootfs: Literal["auto", "9p", "virtiofs"] = Field(
         "auto",

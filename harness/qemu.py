@@ -11,6 +11,7 @@ a virtio-blk swap disk so that global reclaim has something to do.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,9 @@ class GuestSpec:
     prealloc: bool = False  # guest RAM faulted in before the guest starts
     mlock: bool = False  # guest RAM locked in the parent (never swapped)
     rootfs: str = "9p"  # 9p | virtiofs (the host's root, shared) | initramfs (initramfs.py)
-    rootfs_dir: str = ""  # virtiofs: where its server puts its socket (and its read-only view of /)
+    rootfs_dir: str = ""  # where the root's view of / (and virtiofs's socket) lives while the guest runs
+    root_view: bool = False  # 9p: QEMU exports a read-only view of / from a namespace of its own (rootfs.py)
+    hidden: tuple[str, ...] = ()  # paths (globs) the view covers: what the guest must not read
     initrd: str | None = None  # initramfs: the archive
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
@@ -139,7 +142,8 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
             ],
             "9p": [
                 "-fsdev",
-                "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+                f"local,id=root,path={opt(spec.rootfs_dir + '/root' if spec.root_view else '/')},"
+                "security_model=none,readonly=on,multidevs=remap",
                 "-device",
                 "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
             ],
@@ -161,6 +165,8 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
     # virtiofs: the daemon reads and writes guest RAM directly, so it must be shareable memory
     backend = "memory-backend-memfd,share=on" if spec.rootfs == "virtiofs" else "memory-backend-ram"
     argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{prealloc}"]
+    if spec.rootfs == "9p" and spec.root_view:  # QEMU starts inside the namespace that holds the view
+        argv = [spec.python, "-E", "-S", str(ROOTFS_SERVER), "--exec", spec.rootfs_dir, *spec.hidden, "--", *argv]
     return argv
 
 
@@ -168,7 +174,9 @@ def rootfs_server(spec: GuestSpec) -> RootServer | None:
     """The process that must serve the guest's root before its QEMU starts (virtiofs only), for Child."""
     if spec.rootfs != "virtiofs":
         return None
-    return RootServer(argv=[spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir], socket=spec.rootfs_socket)
+    return RootServer(
+        argv=[spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir, *spec.hidden], socket=spec.rootfs_socket
+    )
 
 
 def dry_run(argv: list[str]) -> str:
@@ -283,6 +291,8 @@ def build_plan(
         python=python,
         rootfs=rootfs,
         rootfs_dir=str(scratch / "kut.rootfs"),
+        root_view=os.geteuid() == 0,  # the view needs a mount namespace; without one 9p exports all of /
+        hidden=tuple(exp.boot.hidden),
         monitor=str(scratch / "monitor"),
         cmdline_extra=kut_params(topology),
         thp=exp.topology.kut.thp,

@@ -288,6 +288,7 @@ class Runner:
                 monitor=spec.monitor,
                 system_map=str(build.dir / "System.map"),
                 env=decision.qemu.env,
+                view_dir=spec.rootfs_dir if spec.root_view else None,
             )
             started = time.time()
             try:

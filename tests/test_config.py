@@ -235,7 +235,7 @@ def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
-    from harness.qemu import qemu_argv, rootfs_server
+    from harness.qemu import ROOTFS_SERVER, qemu_argv, rootfs_server
 
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
     kut, plan = _nested_plan(exp, "kvm", PRIVATE_72, rootfs, tmp_path, tmp_path / "l2.cpio")
@@ -247,12 +247,22 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
             # the daemon maps guest RAM, so it must be shareable; QEMU waits on the server's socket
             assert "rootfstype=virtiofs" in cmdline and any(a.startswith("vhost-user-fs-pci") for a in argv)
             assert any(a.startswith("memory-backend-memfd") and ",share=on" in a for a in argv)
-            assert f"socket,id=root,path={server.socket}" in argv and server.argv[-1] in server.socket
+            assert f"socket,id=root,path={server.socket}" in argv
         else:
             assert "rootfstype=9p" in cmdline and server is None
-            assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in argv
+    # the host's root reaches the kernel under test as a read-only view with secrets hidden; inside it, its
+    # own root (already that view) is shared as it is
+    view = f"{tmp_path}/kut.rootfs"
     if rootfs == "virtiofs":
-        assert l1.rootfs_server.socket.startswith("/run/nestpress/")  # a tmpfs inside the kernel under test
+        assert rootfs_server(kut).argv[4:] == [view, *exp.boot.hidden] and "/etc/shadow" in exp.boot.hidden
+        assert l1.rootfs_server.argv[4:] == ["/run/nestpress/l1-0.rootfs"]  # a tmpfs inside the kernel under test
+    else:
+        kut_argv = qemu_argv(kut)
+        assert kut_argv[3:6] == [str(ROOTFS_SERVER), "--exec", view] and kut_argv[6 : 6 + len(exp.boot.hidden)] == (
+            exp.boot.hidden
+        )
+        assert f"local,id=root,path={view}/root,security_model=none,readonly=on,multidevs=remap" in kut_argv
+        assert "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap" in l1.argv
     # L2: no shared root at all, plain anonymous RAM (THP-able in L1), Python from the archive as init
     argv = l2.argv
     cmdline = argv[argv.index("-append") + 1]
@@ -272,6 +282,7 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     assert thp == {"kut": "never", "l1": "always", "l2": "never"}
     # one QEMU at every level, a private tree with its firmware directory and its module directory
     for a in (qemu_argv(kut), l1.argv, argv):
+        a = a[a.index("--") + 1 :] if "--exec" in a else a  # 9p: QEMU after the view's helper
         assert a[:3] == [PRIVATE_72.binary, "-L", PRIVATE_72.data_dir]
     assert l1.env == l2.env == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
     # the plan crosses into the guest as JSON and comes back the same, typed

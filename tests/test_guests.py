@@ -22,7 +22,7 @@ from harness.util import python_for_guests
 pytestmark = pytest.mark.kernel
 
 
-def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "9p") -> GuestSpec:
+def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "9p", hidden=()) -> GuestSpec:
     return GuestSpec(
         "kut",
         "kut",
@@ -35,6 +35,8 @@ def kut_spec(kernel: Path, out: Path, python: str | None = None, rootfs: str = "
         python or python_for_guests(),
         rootfs=rootfs,
         rootfs_dir=str(out.parent / "rootfs"),
+        root_view=True,
+        hidden=tuple(hidden),
     )
 
 
@@ -48,20 +50,34 @@ def test_kernel_boots_to_agent_and_reports_its_level(builds, qemu, tmp_path, roo
     out = tmp_path / "kut"
     out.mkdir()
     canary = tmp_path / "written-by-the-guest"
-    # the guest remounts its root read-write and tries to write a host file: the share itself must refuse
-    probe_write = f"uname -r; mount -o remount,rw /; touch {canary} && echo WROTE || echo REFUSED"
+    secrets = tmp_path / "secrets"  # a directory and a file the view must hide, as it hides ~/.ssh and /etc/shadow
+    (secrets / "ssh").mkdir(parents=True)
+    (secrets / "ssh" / "id_ed25519").write_text("PRIVATE KEY\n")
+    (secrets / "shadow").write_text("root:$6$hash\n")
+    # the guest remounts its root read-write and tries to write a host file: the share itself must refuse;
+    # then it reads what is hidden, and looks for the host's /proc in the share (a guest mounts its own)
+    probe_write = (
+        f"uname -r; mount -o remount,rw /; touch {canary} && echo WROTE || echo REFUSED; "
+        f"cat {secrets}/shadow {secrets}/ssh/* 2>&1; echo SEEN; "
+        "mkdir -p /run/tmp/r && mount --bind / /run/tmp/r && ls -A /run/tmp/r/proc | wc -l"  # the share only
+    )
     GuestPlan(name="kut", level="kut", run_id="t", command=["sh", "-c", probe_write]).save(str(out / "plan.json"))
     (out / "stop").touch()  # nothing to conduct: come up, report, power off
-    spec = kut_spec(builds["baseline"].bzimage, out, rootfs=rootfs)
-    child = Child("kut", qemu_argv(spec), str(out), spec.console, rootfs_server=rootfs_server(spec))
+    spec = kut_spec(builds["baseline"].bzimage, out, rootfs=rootfs, hidden=[f"{secrets}/sh*", f"{secrets}/ssh"])
+    child = Child(
+        "kut", qemu_argv(spec), str(out), spec.console, rootfs_server=rootfs_server(spec), view_dir=spec.rootfs_dir
+    )
     child.start()
     try:
         ready = child.wait_ready(180)
         assert child.wait_exit(120) is not None
     finally:
         child.stop()
-    assert not canary.exists() and (out / "command.stdout").read_text().splitlines()[1] == "REFUSED"
-    assert not (tmp_path / "rootfs").exists()  # the virtiofs server's socket and view of / are gone
+    said = (out / "command.stdout").read_text().splitlines()
+    assert not canary.exists() and said[1] == "REFUSED"
+    assert "SEEN" in said and not any("PRIVATE" in x or "$6$" in x for x in said), said  # hidden: read as empty
+    assert said[-1] == "0", said  # the share's /proc is an empty directory, not the host's
+    assert not (tmp_path / "rootfs").exists()  # the view of / (and virtiofs's socket) are gone
     console = (out / "console.log").read_text()
     assert "Linux version 6.1." in console
     facts = json.loads((out / "facts.json").read_text())

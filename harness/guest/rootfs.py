@@ -1,17 +1,21 @@
-"""Serve this level's root filesystem to one child guest over virtiofs, read-only. Stdlib only.
+"""Serve this level's root filesystem to one child guest, read-only, with secrets hidden. Stdlib only.
 
-Usage: python3 -E -S rootfs.py WORKDIR  (the supervisor starts it before the child's QEMU;
-QEMU connects to WORKDIR/sock). virtiofsd has no read-only switch (QEMU 7.2's C daemon,
-Debian 12) and runs as root, so it is handed a read-only copy of `/` made in a mount
-namespace of its own: every mount of the copy is remounted read-only, and the copies of
-/proc, /sys and /dev are dropped (a guest mounts its own). The level's mounts are untouched.
-virtiofsd then chroots into the copy (its `namespace` sandbox needs PID namespaces, which
-the trimmed kernel under test does not have).
+Usage: python3 -E -S rootfs.py WORKDIR [HIDDEN...]  (virtiofs: the supervisor starts it before the
+child's QEMU, which connects to WORKDIR/sock), or
+python3 -E -S rootfs.py --exec WORKDIR [HIDDEN...] -- QEMU ARGV...  (9p: QEMU itself runs in the
+namespace and exports WORKDIR/root). Either way the guest gets a read-only copy of `/` made in a
+mount namespace of its own: every mount of the copy is remounted read-only, the copies of /proc,
+/sys and /dev are dropped (a guest mounts its own), and each HIDDEN path (a glob: /etc/ssh/*_key)
+is covered, a directory by an empty tmpfs, a file by an empty one. The level's mounts are untouched.
+virtiofsd has no read-only switch (QEMU 7.2's C daemon, Debian 12) and runs as root; it chroots
+into the copy (its `namespace` sandbox needs PID namespaces, which the trimmed kernel under test
+does not have).
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 
@@ -62,8 +66,27 @@ def _mounts_under(top: str) -> list[tuple[str, int]]:
     return sorted(found, key=lambda m: m[0].count("/"))
 
 
-def readonly_root_copy(workdir: str) -> str:
-    """WORKDIR/root: all of `/`, recursively bound and read-only, visible to this process only."""
+def _hide(root: str, workdir: str, hidden: list[str]) -> None:
+    """Cover each hidden path of the copy (symlinks resolved as the host resolves them)."""
+    empty = os.path.join(workdir, "empty")
+    with open(empty, "w"):
+        pass
+    os.chmod(empty, 0o444)
+    for pattern in hidden:
+        for host_path in glob.glob(pattern):
+            target = root + os.path.realpath(host_path)
+            if os.path.isdir(target):
+                rc = _libc.mount(b"hidden", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k")
+            elif os.path.exists(target):
+                rc = _libc.mount(empty.encode(), target.encode(), None, MS_BIND, None)
+            else:
+                continue  # under a dropped /proc, /sys or /dev: not in the copy
+            _check(rc, f"hide {host_path}")
+
+
+def readonly_root_copy(workdir: str, hidden: list[str]) -> str:
+    """WORKDIR/root: all of `/`, recursively bound and read-only, hidden paths covered, visible to this
+    process (and what it execs) only."""
     root = os.path.join(workdir, "root")
     os.makedirs(root, exist_ok=True)
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
@@ -73,6 +96,7 @@ def readonly_root_copy(workdir: str) -> str:
         path = os.path.join(root, name)
         if os.path.ismount(path):
             _check(_libc.umount2(path.encode(), MNT_DETACH), f"drop {path}")
+    _hide(root, workdir, hidden)
     for point, flags in _mounts_under(root):
         _check(
             _libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None),
@@ -81,11 +105,16 @@ def readonly_root_copy(workdir: str) -> str:
     return root
 
 
-def main(workdir: str) -> None:
+def main(args: list[str]) -> None:
+    if args[0] == "--exec":  # 9p: QEMU runs here and exports WORKDIR/root
+        sep = args.index("--")
+        readonly_root_copy(args[1], args[2:sep])
+        os.execv(args[sep + 1], args[sep + 1 :])
     virtiofsd = find_virtiofsd()
     if virtiofsd is None:
         sys.exit(f"rootfs: no virtiofsd in {', '.join(VIRTIOFSD_PATHS)}")
-    root = readonly_root_copy(workdir)
+    workdir = args[0]
+    root = readonly_root_copy(workdir, args[1:])
     os.execv(
         virtiofsd,
         [
@@ -104,4 +133,4 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -129,7 +129,8 @@ class Child:
     started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
     system_map: the guest kernel's System.map, to name the function each vCPU is in. env: added to QEMU's
-    environment (a private QEMU's module directory).
+    environment (a private QEMU's module directory). view_dir: where a 9p root's view of / was mounted
+    (in QEMU's own namespace; here an empty directory), removed at stop.
     """
 
     def __init__(
@@ -143,8 +144,10 @@ class Child:
         monitor: str | None = None,
         system_map: str | None = None,
         env: dict[str, str] | None = None,
+        view_dir: str | None = None,
     ):
         self.name, self.argv, self.export, self.console = name, argv, export, console
+        self.view_dir = view_dir
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
         self.monitor, self.system_map, self.env = monitor, system_map, env
@@ -272,6 +275,8 @@ class Child:
             _end(self.server, 2.0)
             # its read-only view of / was mounted in its own namespace: here `root` is an empty directory
             shutil.rmtree(os.path.dirname(self.rootfs_server.socket), ignore_errors=True)
+        if self.view_dir:
+            shutil.rmtree(self.view_dir, ignore_errors=True)
         for f in (self._stdout, self._stderr):
             f.close()
         _LIVE.discard(self)
