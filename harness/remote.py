@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import hashlib
 import io
@@ -64,6 +65,26 @@ def _tarball(files: list[tuple[str, Path]]) -> bytes:
     return buf.getvalue()
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    """As ssh-keygen -l prints it."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    """--accept-new-host: an unknown host's key is trusted once, saved to known_hosts and shown; from then
+    on that key is the only one accepted (a changed key is refused: paramiko.BadHostKeyException)."""
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.known_hosts, "a") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        log(f"{hostname}: new host key {key.get_name()} {fingerprint(key)} trusted, saved to {self.known_hosts}")
+
+
 class Remote:
     """One lab host: connect safely, ship, bootstrap, run detached, reattach, fetch."""
 
@@ -83,18 +104,23 @@ class Remote:
         c = self.c
         if c.is_connected:
             return
-        c.client.load_system_host_keys()
-        extra = os.environ.get("NESTPRESS_KNOWN_HOSTS")
-        if extra and Path(extra).exists():
-            c.client.load_host_keys(extra)
+        known = Path(os.environ.get("NESTPRESS_KNOWN_HOSTS") or Path.home() / ".ssh" / "known_hosts")
+        for path in (Path("/etc/ssh/ssh_known_hosts"), known):
+            if path.exists():
+                c.client.get_host_keys().load(str(path))
         c.client.set_missing_host_key_policy(
-            paramiko.AutoAddPolicy() if self.accept_new_host else paramiko.RejectPolicy()
+            _TrustOnFirstUse(known) if self.accept_new_host else paramiko.RejectPolicy()
         )
         c.connect_timeout = CONNECT_TIMEOUT_S
         c.connect_kwargs.setdefault("banner_timeout", CONNECT_TIMEOUT_S)
         c.connect_kwargs.setdefault("auth_timeout", CONNECT_TIMEOUT_S)
         try:
             c.open()
+        except paramiko.BadHostKeyException as e:
+            raise RemoteError(
+                f"{self.name}: host key CHANGED: it offers {e.key.get_name()} {fingerprint(e.key)}, known_hosts "
+                f"has {fingerprint(e.expected_key)}; refused (if the host was reinstalled, remove its old key)"
+            ) from None
         except paramiko.AuthenticationException as e:
             raise RemoteError(f"{self.name}: authentication failed ({e}); check the user and key (-i)") from None
         except paramiko.SSHException as e:

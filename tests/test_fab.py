@@ -99,10 +99,7 @@ def hosts(keys, tmp_path_factory):
 
 def fab(keys, *args, hosts=None, env_extra=None, timeout=1800, known=True):
     env = dict(os.environ, **(env_extra or {}))
-    if known:
-        env["NESTPRESS_KNOWN_HOSTS"] = str(keys / "known_hosts")
-    else:
-        env.pop("NESTPRESS_KNOWN_HOSTS", None)
+    env["NESTPRESS_KNOWN_HOSTS"] = str(keys / "known_hosts" if known is True else known)  # a path: that file
     cmd = [FAB, "-i", str(keys / "id"), *args, *(["--hosts", ",".join(h.host for h in hosts)] if hosts else [])]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -154,11 +151,24 @@ def test_setup_refuses_what_is_no_debian_package_name(keys, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_unknown_host_key_is_refused_unless_accepted(keys, hosts, rdir):
-    r = fab(keys, "doctor", *remote_dir(rdir), hosts=[hosts[0]], known=False)
+def test_unknown_host_key_is_trusted_on_first_use_only_when_asked_and_a_changed_one_never(keys, hosts, rdir, tmp_path):
+    known = tmp_path / "ssh" / "known_hosts"  # stands for ~/.ssh/known_hosts
+    r = fab(keys, "doctor", *remote_dir(rdir), hosts=[hosts[0]], known=known)
     assert r.returncode != 0 and "unknown host key" in r.stdout + r.stderr
-    r = fab(keys, "doctor", "--accept-new-host", *remote_dir(rdir), hosts=[hosts[0]], known=False)
+    r = fab(keys, "doctor", "--accept-new-host", *remote_dir(rdir), hosts=[hosts[0]], known=known)
     assert r.returncode == 0, r.stderr[-2000:]
+    saved = known.read_text()
+    fp = subprocess.run(["ssh-keygen", "-l", "-f", str(known)], capture_output=True, text=True).stdout.split()[1]
+    assert f"[127.0.0.1]:{hosts[0].port} ssh-ed25519 " in saved and fp in r.stdout + r.stderr  # said, and saved
+    r = fab(keys, "doctor", *remote_dir(rdir), hosts=[hosts[0]], known=known)  # from now on: known
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known.write_text(
+        f"[127.0.0.1]:{hosts[0].port} " + " ".join((other.with_suffix(".pub")).read_text().split()[:2]) + "\n"
+    )
+    r = fab(keys, "doctor", "--accept-new-host", *remote_dir(rdir), hosts=[hosts[0]], known=known)
+    assert r.returncode != 0 and "host key CHANGED" in r.stdout + r.stderr  # even with --accept-new-host
 
 
 def test_unreachable_host_fails_fast(keys):
