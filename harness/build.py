@@ -29,7 +29,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import Experiment, Variant
 from .errors import BuildError, KconfigError, PatchError
-from .patches import PatchVariant, apply, load_series, revert, verify
+from .patches import PatchVariant, apply, load_series, revert, undo_partial, verify
 from .source import PreparedSource, check_present, prepare
 from .util import (
     atomic_dir,
@@ -191,29 +191,44 @@ class Builder:
         """The hard-linked copy of the pristine tree that every variant is built in, made once."""
         tree = self._work_root(inputs) / "tree"
         if not (tree / ".nestpress-tree-ok").exists():
-            with atomic_dir(tree) as tmp:
+            with atomic_dir(tree, replace=True) as tmp:  # under tree.lock
                 run(["cp", "-al", str(self.source.tree) + "/.", str(tmp)])
                 (tmp / ".nestpress-tree-ok").touch()
         return tree
 
     def _checkout(self, tree: Path, v: Variant) -> None:
-        """Make the tree hold exactly this variant's patches (reverse the others first)."""
+        """Make the tree hold exactly this variant's patches (reverse the others first). What is about to
+        change is recorded before the tree is touched, so a kill halfway is undone on the next build, never
+        compiled as the other variant."""
         state = tree / ".nestpress-applied.json"
         applied = read_json(state) if state.exists() else None
+        if applied and "changing" in applied:
+            for rec in applied["changing"]:
+                n = undo_partial(tree, self._recorded(rec))
+                log(f"build: the last build was stopped while changing patches; took {n} of {rec['series']} out")
+            state.unlink()
+            applied = None
         pv = self.patch_variant(v)
         want = {"series": v.series, "variant": pv.name, "hashes": pv.hashes()} if pv else None
         if applied == want:
+            if pv:
+                verify(tree, load_series(pv.series))  # the tree still holds what it says
             return
+        write_json(state, {"changing": [x for x in (applied, want) if x]})
         if applied:
-            current = next(x for x in load_series(applied["series"]).variants if x.name == applied["variant"])
-            revert(tree, current)
-            state.unlink()
+            revert(tree, self._recorded(applied))
         if pv:
             log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
             apply(tree, pv)
             for line in verify(tree, load_series(pv.series)):
                 log(f"build {v.name}: verified {line}")
             write_json(state, want)
+        else:
+            state.unlink()
+
+    @staticmethod
+    def _recorded(rec: dict) -> PatchVariant:
+        return next(x for x in load_series(rec["series"]).variants if x.name == rec["variant"])
 
     def _make(self, tree: Path, *targets: str, env: dict) -> subprocess.CompletedProcess:
         return run(["make", "-s", "-C", str(tree), "O=o", *targets], capture=True, env=env)
@@ -244,9 +259,11 @@ class Builder:
         return cfg
 
     def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
-        tree = self._tree(inputs)
-        with open(tree.parent / "tree.lock", "w") as lock:
+        work = self._work_root(inputs)
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / "tree.lock", "w") as lock:  # before the tree is made: one maker, one builder
             fcntl.flock(lock, fcntl.LOCK_EX)
+            tree = self._tree(inputs)
             if (out / "metadata.json").exists():  # built meanwhile by another process
                 return BuildResult(v.name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
             self._checkout(tree, v)
@@ -309,7 +326,7 @@ class Builder:
             finished=time.time(),
             ccache=self._ccache_stats(env),
         )
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=True) as tmp:  # under tree.lock
             for src, name in (
                 ("o/arch/x86/boot/bzImage", "bzImage"),
                 ("o/.config", "config"),

@@ -178,6 +178,16 @@ def revert(tree: Path, variant: PatchVariant) -> None:
         _git_apply(tree, p, "-R")
 
 
+def undo_partial(tree: Path, variant: PatchVariant) -> int:
+    """After a kill while applying or reverting: take out whichever of the variant's patches are in."""
+    undone = 0
+    for p in reversed(variant.patches):
+        if _git_apply(tree, p, "-R", "--check").returncode == 0:
+            _git_apply(tree, p, "-R")
+            undone += 1
+    return undone
+
+
 def verify(tree: Path, series: Series) -> list[str]:
     """Evidence that the series took effect; raises if a marker the series removes is still there."""
     if not series.verify_file:

@@ -157,17 +157,20 @@ def hash_text(*parts: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Fill a temp sibling and rename it into place: an interrupted fill never looks complete."""
+def atomic_dir(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """Fill a temp sibling and rename it into place: an interrupted fill never looks complete. A dest that
+    exists by then was completed by another process (maybe still in use): kept, ours dropped; replace (for
+    a caller that holds the lock over dest) swaps out a stale one instead."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists() and replace:
             shutil.rmtree(dest)
-        tmp.rename(dest)
+        if not dest.exists():
+            tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,32 @@ def test_second_build_compiles_nothing(builds, cache_dir):
     assert all(b.cached for b in again.values())
     assert {n: b.key for n, b in again.items()} == {n: b.key for n, b in builds.items()}
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("killed_while", ["applying", "reverting"])
+def test_a_build_killed_while_changing_patches_is_undone_not_built_as_the_other_variant(
+    builds, cache_dir, killed_while
+):
+    from harness.patches import _git_apply
+    from harness.util import write_json
+
+    builder = Builder(load("shrinker-ab").experiment, cache_dir)
+    baseline, patched = builder.exp.variants
+    tree = Path(builds["baseline"].metadata["tree"])
+    state = tree / ".nestpress-applied.json"
+    pv = builder.patch_variant(patched)
+    want = {"series": patched.series, "variant": pv.name, "hashes": pv.hashes()}
+    builder._checkout(tree, patched if killed_while == "reverting" else baseline)
+    # the kill: the change was recorded, the first patch is in (applying) or still in (reverting), nothing else
+    write_json(state, {"changing": [want]})
+    if killed_while == "applying":
+        assert _git_apply(tree, pv.patches[0]).returncode == 0
+    mmu = tree / "arch/x86/kvm/mmu/mmu.c"
+    assert "mmu_shrink_scan" not in mmu.read_text()  # half patched, state unknown to a naive build
+    builder._checkout(tree, baseline)
+    assert "mmu_shrink_scan" in mmu.read_text() and not state.exists()  # pristine again, as baseline must be
+    builder._checkout(tree, patched)
+    assert "mmu_shrink_scan" not in mmu.read_text() and json.loads(state.read_text()) == want
 
 
 def test_fragment_option_unknown_to_the_kernel_is_named(builds, cache_dir, tmp_path):
