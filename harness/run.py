@@ -31,7 +31,7 @@ from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, 
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .schedule import check as check_sizes
 from .schedule import check_kernel
-from .util import console, default_cache, fmt_s, log, python_for_guests, status, warn
+from .util import console, default_cache, defuse_guest_files, fmt_s, log, python_for_guests, status, warn
 
 WARM_TIMEOUT_S = 240
 STAGES = {
@@ -298,8 +298,10 @@ class Runner:
                 raise GuestError(str(e)) from None
             budget = self._estimate(cell) * 2 + sum(exp.boot.timeout_s.values()) + SHUTDOWN_S
             self._follow(cell, kut, cell_dir, k, n, t0, budget)
-            exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
             kut.stop()
+            if defused := defuse_guest_files(cell_dir):
+                warn(f"cell {cell.id}: removed or made safe what guests left in results: {', '.join(defused[:10])}")
+            exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
             if exit_info is None:
                 raise GuestError(
                     f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
@@ -332,6 +334,7 @@ class Runner:
             )
         finally:
             stop_all()
+            defuse_guest_files(cell_dir)
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _follow(self, cell: Cell, kut: Child, cell_dir: Path, k: int, n: int, t0: float, budget: float) -> None:

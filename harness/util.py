@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,10 +190,38 @@ def atomic_file(dest: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write-then-rename so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    """A temp sibling of its own (created exclusively: a link planted in a guest-writable directory is never
+    followed), synced, renamed over the old file: readers and crashes never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def defuse_guest_files(top: Path) -> list[str]:
+    """A guest's root writes its export as the host's root (9p security_model=none): once it is off, remove
+    what results have no use for and a local user could abuse (links, device nodes, fifos, sockets) and drop
+    setuid/setgid and group/other write bits. Returns what it changed, relative to top."""
+    changed = []
+    for dirpath, dirnames, filenames in os.walk(top):  # never follows links
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                os.unlink(path)
+                changed.append(os.path.relpath(path, top))
+            elif st.st_mode & 0o7022 & ~stat.S_ISVTX:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o755)
+                changed.append(os.path.relpath(path, top))
+    return changed
 
 
 def read_json(path: Path) -> Any:

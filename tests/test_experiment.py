@@ -14,6 +14,7 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.errors import ResultsError
+from harness.guest.contract import OUT
 from harness.host import decide_accel, decide_topology, qemu_installs
 from harness.report import generate, shrinker_evidence
 from harness.results import load as load_tables
@@ -29,7 +30,10 @@ QUICK = [
     "phases.recovery-1.duration_s=8",
     "phases.shrinker-scan.duration_s=9",
     "phases.recovery-2.duration_s=5",
-    "workload.command=[uname, -r]",
+    # L1 also plants a link and a setuid file in its export: the host must keep neither in results/
+    "workload.command=[sh, -c, 'uname -r; cd "
+    + OUT
+    + " && ln -s /etc/hostname planted && cp /bin/true suid && chmod 6755 suid']",
 ]
 
 
@@ -80,6 +84,7 @@ def test_l1_runs_on_kvm_with_the_paging_its_topology_asks_for_and_its_command_ou
     assert l1["runs_on_kvm"], l1["hypervisor_line"]
     assert (cell / "l1-0" / "command.stdout").read_text().startswith("6.1.")
     assert (cell / "l1-0" / "command.exit").read_text().strip() == "0"
+    assert not (cell / "l1-0" / "planted").is_symlink() and (cell / "l1-0" / "suid").stat().st_mode & 0o7777 == 0o755
     c = e2e["frames"]["counters"]
     assert c[(c["cell"] == "baseline.r1") & (c["name"] == "kvm.pages_4k")]["value"].max() > 0
     assert c[(c["cell"] == "baseline.r1") & (c["name"] == "kvm.mmu_cache_miss")]["value"].max() > 0
