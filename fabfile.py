@@ -35,6 +35,7 @@ RUN_HELP = {
     **CONFIG_HELP,
     "run_id": "run directory name; an existing one is resumed (complete cells are skipped)",
     "resume": "resume the newest run of this config",
+    "yes": "run a matrix of more than 100 cells (otherwise its size and time are said, and nothing runs)",
 }
 
 
@@ -98,15 +99,15 @@ def build(c, config, set_=None):
 
 
 @lab_task(help=RUN_HELP, iterable=["set_"])
-def run(c, config, set_=None, run_id=None, resume=False):
+def run(c, config, set_=None, run_id=None, resume=False, yes=False):
     """Run the experiment's cells (builds first if needed); remote results are fetched into results/."""
-    return Request("run", config=config, sets=set_ or [], run_id=run_id, resume=resume)
+    return Request("run", config=config, sets=set_ or [], run_id=run_id, resume=resume, yes=yes)
 
 
 @lab_task(help=RUN_HELP, iterable=["set_"])
-def experiment(c, config="shrinker-ab", set_=None, run_id=None, resume=False):
+def experiment(c, config="shrinker-ab", set_=None, run_id=None, resume=False, yes=False):
     """Build + run + fetch + report. With several hosts (--hosts) the cells are sharded across them in parallel."""
-    return Request("experiment", config=config, sets=set_ or [], run_id=run_id, resume=resume)
+    return Request("experiment", config=config, sets=set_ or [], run_id=run_id, resume=resume, yes=yes)
 
 
 @lab_task(help={"experiment": "experiment name", "run_id": "run id to fetch"})

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import REPO_ROOT
-from .errors import HarnessError
+from .errors import ConfigError, HarnessError
 from .util import SETUP_PACKAGES, console, debian_packages, default_cache, log
 
 
@@ -41,6 +41,8 @@ def cmd_validate(args) -> int:
     for cell in matrix.cells:
         check(cell.config, env.topology(cell).kind)
     print(describe(matrix))
+    if len(matrix.cells) > MAX_CELLS_UNASKED:
+        print(f"  {len(matrix.cells)} cells: run and experiment will want --yes")
     for d in env.topologies.values():
         print(f"  topology on this host: {d.kind} with QEMU {d.qemu.version} ({'; '.join(d.reasons)})")
     print("config OK")
@@ -67,6 +69,17 @@ def _reproduce(args) -> str:
     )
 
 
+MAX_CELLS_UNASKED = 100
+
+
+def check_size(matrix, yes: bool) -> None:
+    """A matrix that would run for days is said before it starts, and run only when confirmed."""
+    n = len(matrix.cells)
+    if n > MAX_CELLS_UNASKED and not yes:
+        hours = sum(120 + sum(p.duration_s for p in c.config.phases) for c in matrix.cells) / 3600
+        raise ConfigError(f"{n} cells, roughly {hours:.0f} h under TCG or less with KVM: pass --yes to run them")
+
+
 def cmd_run(args, report: bool = False) -> int:
     from .manifest import Manifest
     from .report import generate
@@ -80,6 +93,7 @@ def cmd_run(args, report: bool = False) -> int:
     from .run import Runner, find_run_dir
 
     console.print(describe(matrix))
+    check_size(matrix, args.yes)
     run_dir = find_run_dir(matrix, args.run_id, args.resume, Path(args.output) if args.output else None)
     try:
         Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()
@@ -156,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--resume", action="store_true", help="resume the newest run of this config")
         r.add_argument("--shard", help="I/N: run only every N-th repetition block, starting at I (fleet runs)")
         r.add_argument("--output", help="results root (default: the config's output)")
+        r.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS_UNASKED} cells")
     rp = sub.add_parser("report", help="regenerate tables, plots and report from a run directory")
     rp.add_argument("--run", required=True)
     c = sub.add_parser("compare", help="two runs side by side")

@@ -44,6 +44,7 @@ class Request:
     runs: list[str] = field(default_factory=list)  # compare
     output: str | None = None  # run/experiment: results root
     shard: str | None = None  # run: I/N of a fleet
+    yes: bool = False  # run/experiment: a matrix of more than 100 cells is meant
 
     def __post_init__(self) -> None:
         debian_packages(self.packages)
@@ -64,6 +65,7 @@ class Request:
                 *(["--resume"] if self.resume else []),
                 *(["--output", self.output] if self.output else []),
                 *(["--shard", self.shard] if self.shard else []),
+                *(["--yes"] if self.yes else []),
             ]
         if self.task == "setup":
             return ["setup", "--extra", *self.packages]

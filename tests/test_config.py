@@ -149,6 +149,13 @@ def test_a_run_id_is_a_name_not_a_path(run_id, tmp_path):
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", new_run_id())  # time, then a tail for runs in one second
 
 
+def test_a_matrix_of_more_than_100_cells_runs_only_when_confirmed(tmp_path):
+    cmd = [sys.executable, "-m", "harness", "run", "--config", "shrinker-ab", "--set", "repetitions=51"]
+    r = subprocess.run([*cmd, "--output", str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert r.returncode == 2 and "102 cells, roughly" in r.stderr + r.stdout and "--yes" in r.stderr + r.stdout
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
 def test_fab_validate_exit_codes(tmp_path):
     good = subprocess.run(
         [sys.executable, "-m", "harness", "validate", "--config", "shrinker-ab"],
