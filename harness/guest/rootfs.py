@@ -109,7 +109,7 @@ def main(args: list[str]) -> None:
     if args[0] == "--exec":  # 9p: QEMU runs here and exports WORKDIR/root
         sep = args.index("--")
         readonly_root_copy(args[1], args[2:sep])
-        os.execv(args[sep + 1], args[sep + 1 :])
+        os.execvp(args[sep + 1], args[sep + 1 :])  # a bare qemu-system-x86_64 is looked up in PATH
     virtiofsd = find_virtiofsd()
     if virtiofsd is None:
         sys.exit(f"rootfs: no virtiofsd in {', '.join(VIRTIOFSD_PATHS)}")
