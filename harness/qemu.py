@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +166,9 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
     # virtiofs: the daemon reads and writes guest RAM directly, so it must be shareable memory
     backend = "memory-backend-memfd,share=on" if spec.rootfs == "virtiofs" else "memory-backend-ram"
     argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{prealloc}"]
-    if spec.rootfs == "9p" and spec.root_view:  # QEMU starts inside the namespace that holds the view
-        argv = [spec.python, "-E", "-S", str(ROOTFS_SERVER), "--exec", spec.rootfs_dir, *spec.hidden, "--", *argv]
+    if spec.rootfs == "9p" and spec.root_view:  # QEMU starts inside the namespace that holds the view (this
+        # host's Python makes it: spec.python is the guest's init, which a test may point elsewhere)
+        argv = [sys.executable, "-E", "-S", str(ROOTFS_SERVER), "--exec", spec.rootfs_dir, *spec.hidden, "--", *argv]
     return argv
 
 
