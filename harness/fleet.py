@@ -172,8 +172,9 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
 
     def one(r: Remote, i: int) -> int:
         remote_config = r.ship(resolve_config_path(config))
-        r.ensure_env()
         job = f"{exp.name}-{run_id}-{i}of{n}"
+        r.refuse_concurrent(exp.name, job)
+        r.ensure_env()
         if r.job_state(job) == "running":
             log(f"{r.name}: job {job} is still running - reattaching")
             r.job = job
@@ -186,12 +187,12 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
                     config=remote_config,
                     run_id=run_id,
                     resume=False,
-                    output="results",
+                    output=r.results,
                     shard=f"{i}/{n}" if n > 1 else None,
                 ).argv(),
             )
         rc = r.follow(job, prefix=f"[{r.c.host}:{r.c.port}] " if n > 1 else "")
-        r.fetch(f"{r.app}/results/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
+        r.fetch(f"{r.results}/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
         return rc
 
     outcomes = run_on_hosts(remotes, one)
@@ -217,7 +218,7 @@ def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:
 
     def one(r: Remote, i: int) -> int:
         r.connect()
-        r.fetch(f"{r.app}/results/{experiment}/{run_id}", local_root, host_tag=f"{r.c.host}-{r.c.port}")
+        r.fetch(f"{r.results}/{experiment}/{run_id}", local_root, host_tag=f"{r.c.host}-{r.c.port}")
         return 0
 
     outcomes = run_on_hosts(remotes, one)

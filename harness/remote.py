@@ -2,7 +2,12 @@
 
 - Unknown host keys are rejected unless the user opts in (--accept-new-host).
 - Every connection has a connect timeout and SSH keepalive; every command a timeout.
-- The harness and the config are shipped (tar + put): the host needs no checkout of ours.
+- The harness and the config are shipped (tar + put) into a directory named by their content,
+  app/<hash>, and `current` points at the newest: a job that runs keeps the code it started with,
+  and a second job of the same experiment on one host is refused.
+- A keepalive every KEEPALIVE_S seconds that wants an answer; a peer that answers none for
+  KEEPALIVE_COUNT of them in a row is dead (its connection is closed, so whatever waits on it fails
+  now, well within RECONNECT_S); every transfer has an idle timeout.
 - Long commands run detached on the host (setsid nohup, pid and exit status in files),
   so a dropped connection loses nothing: the controller reconnects and reattaches, and
   on Ctrl-C it stops the remote job (whose own handlers stop every QEMU it started).
@@ -17,9 +22,12 @@ import hashlib
 import io
 import os
 import shlex
+import stat
 import subprocess
 import tarfile
+import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +39,11 @@ from .errors import RemoteError
 from .util import log, warn
 
 CONNECT_TIMEOUT_S = 15
-KEEPALIVE_S = 15
+KEEPALIVE_S = 15  # NESTPRESS_KEEPALIVE_S overrides (tests)
+KEEPALIVE_COUNT = 3  # keepalives in a row without an answer: the peer is dead
 RECONNECT_S = 300  # how long the controller keeps trying to reattach after a drop
+TRANSFER_IDLE_S = 120  # a put/get that moves no byte for this long fails
+KEEP_APPS = 3  # shipped code directories kept on a host besides those running jobs use
 SHIP_EXCLUDE = (".venv", "results", ".git", "__pycache__", ".pytest_cache", "build")
 
 
@@ -55,6 +66,16 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uname = info.gname = "root"
     info.mode &= ~0o022
     return info
+
+
+def content_id(files: list[tuple[str, Path]]) -> str:
+    """Names what is shipped by what it is (names, shipped modes, bytes): the same tree ships once."""
+    h = hashlib.sha256()
+    for arcname, path in sorted(files):
+        mode = stat.S_IMODE(path.stat().st_mode) & ~0o022
+        h.update(f"{arcname}\0{mode:o}\0{path.stat().st_size}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _tarball(files: list[tuple[str, Path]]) -> bytes:
@@ -85,6 +106,42 @@ class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
         log(f"{hostname}: new host key {key.get_name()} {fingerprint(key)} trusted, saved to {self.known_hosts}")
 
 
+class _Heartbeat(threading.Thread):
+    """Keepalives that want an answer (as ssh's ServerAliveInterval/CountMax): one is sent every interval
+    while the previous one was answered; each interval the outstanding one stays unanswered counts as a
+    missed keepalive, and at `count` missed the transport is closed, so every call waiting on a peer that
+    is gone (a dead host, a cut cable that TCP has not noticed) fails now instead of at its own timeout."""
+
+    def __init__(self, remote: Remote, transport: paramiko.Transport, interval: float, count: int):
+        super().__init__(name=f"keepalive {remote.name}", daemon=True)
+        self.remote, self.transport, self.interval, self.count = remote, transport, interval, count
+
+    def _ping(self, answered: threading.Event) -> None:
+        try:
+            self.transport.global_request("keepalive@openssh.com", wait=True)  # OpenSSH answers: failure
+        except Exception:  # the transport went away under it; the loop sees that
+            return
+        answered.set()
+
+    def run(self) -> None:
+        while self.transport.is_active():
+            answered = threading.Event()
+            threading.Thread(target=self._ping, args=(answered,), daemon=True).start()
+            missed = 0
+            while not answered.wait(self.interval):
+                if not self.transport.is_active():
+                    return
+                missed += 1
+                if missed >= self.count:
+                    self.remote.dead = (
+                        f"no answer to {missed} keepalives in {missed * self.interval:.0f}s: host or network down"
+                    )
+                    warn(f"{self.remote.name}: {self.remote.dead}; closing the connection")
+                    self.transport.close()
+                    return
+            time.sleep(self.interval)
+
+
 class Remote:
     """One lab host: connect safely, ship, bootstrap, run detached, reattach, fetch."""
 
@@ -97,7 +154,9 @@ class Remote:
         self.cache = cache
         self.name = f"{c.user}@{c.host}:{c.port}"
         self._home: str | None = None
+        self._app: str | None = None  # set by ship(): the code directory this controller's jobs use
         self.job: str | None = None  # the detached job this controller follows, if any
+        self.dead: str | None = None  # why the heartbeat closed the connection, if it did
 
     # -- connection ---------------------------------------------------------------------------
     def connect(self) -> None:
@@ -132,7 +191,9 @@ class Remote:
             raise RemoteError(f"{self.name}: SSH error: {e}") from None
         except (TimeoutError, OSError, paramiko.ssh_exception.NoValidConnectionsError) as e:
             raise RemoteError(f"{self.name}: unreachable within {CONNECT_TIMEOUT_S}s ({e})") from None
-        c.transport.set_keepalive(KEEPALIVE_S)
+        self.dead = None
+        interval = float(os.environ.get("NESTPRESS_KEEPALIVE_S", KEEPALIVE_S))
+        _Heartbeat(self, c.transport, interval, KEEPALIVE_COUNT).start()
 
     def sh(self, cmd: str, timeout: float = 120, warn_only: bool = False, hide: bool = True):
         """Run a shell command on the host (callers quote every variable part with shlex.quote)."""
@@ -140,7 +201,8 @@ class Remote:
         try:
             r = self.c.run(cmd, hide=hide, warn=True, timeout=timeout, in_stream=False)
         except Exception as e:  # invoke raises CommandTimedOut, paramiko/socket errors on drops
-            raise RemoteError(f"{self.name}: `{cmd[:80]}` failed: {type(e).__name__}: {e}") from None
+            why = self.dead or f"{type(e).__name__}: {e}"
+            raise RemoteError(f"{self.name}: `{cmd[:80]}` failed: {why}") from None
         if r.failed and not warn_only:
             raise RemoteError(f"{self.name}: `{cmd[:120]}` exited {r.exited}:\n{(r.stderr or r.stdout)[-1500:]}")
         return r
@@ -159,45 +221,113 @@ class Remote:
 
     @property
     def app(self) -> str:
-        return f"{self.root}/app"
+        """The code this controller runs: what it shipped, else the host's newest (`current`)."""
+        return self._app or f"{self.root}/current"
+
+    @property
+    def results(self) -> str:
+        """Results live beside the code directories, not in one: they outlive every version of the code."""
+        return f"{self.root}/results"
+
+    @property
+    def venv(self) -> str:
+        return f"{self.root}/venv"
 
     def _python_cmd(self, args: list[str]) -> str:
         env = f"NESTPRESS_CACHE={shlex.quote(self.cache)} " if self.cache else ""
-        return f"cd {shlex.quote(self.app)} && {env}.venv/bin/python -m harness " + " ".join(map(shlex.quote, args))
+        python = shlex.quote(f"{self.venv}/bin/python")
+        return f"cd {shlex.quote(self.app)} && {env}{python} -m harness " + " ".join(map(shlex.quote, args))
+
+    def _transfer(self, what: str, move: Callable[[], object]) -> None:
+        """put/get over SFTP with an idle timeout; a host without SFTP gets one line that says so."""
+        self.connect()
+        try:
+            sftp = self.c.sftp()
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise RemoteError(
+                f"{self.name}: its sshd offers no SFTP subsystem ({e or type(e).__name__}); nestpress ships code "
+                "and fetches results over SFTP: add `Subsystem sftp internal-sftp` to its sshd_config"
+            ) from None
+        sftp.get_channel().settimeout(TRANSFER_IDLE_S)
+        try:
+            move()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            why = self.dead or f"{type(e).__name__}: {e}"
+            raise RemoteError(f"{self.name}: {what} failed: {why}") from None
 
     # -- shipping and bootstrap ----------------------------------------------------------------
     def ship(self, config: Path | None = None) -> str | None:
-        """Put the harness (and the config) on the host; returns the config's remote path."""
+        """Put the harness (and the config) on the host, into app/<content hash>, and point `current` at it;
+        returns the config's remote path. Code already there is never touched: jobs keep what they run."""
         files = [(f, REPO_ROOT / f) for f in project_files()]
-        remote_config = None
         if config is not None:
             files.append((f"shipped/{config.name}", config))
-            remote_config = f"{self.app}/shipped/{config.name}"
-        data = _tarball(files)
-        tmp = f"{self.root}/incoming-{os.getpid()}.tgz"
-        self.sh(f"mkdir -p {shlex.quote(self.app)}")
-        self.c.put(io.BytesIO(data), remote=tmp)
-        self.sh(
-            f"cd {shlex.quote(self.app)} && rm -rf harness configs patches "
-            f"&& tar --no-same-owner --no-same-permissions -xzf {shlex.quote(tmp)} "
-            f"&& rm -f {shlex.quote(tmp)}"
-        )
-        log(f"{self.name}: shipped {len(files)} files ({len(data) >> 10} KiB) to {self.app}")
-        return remote_config
+        digest = content_id(files)
+        app = f"{self.root}/app/{digest}"
+        q = shlex.quote
+        if self.sh(f"test -f {q(app)}/.complete", warn_only=True).failed:
+            data = _tarball(files)
+            tmp = f"{self.root}/app/.incoming-{digest}-{os.getpid()}"
+            self.sh(f"mkdir -p {q(tmp)}")
+            self._transfer("shipping the harness", lambda: self.c.put(io.BytesIO(data), remote=f"{tmp}.tgz"))
+            # a concurrent controller may have shipped the same tree: then its copy stays and ours goes
+            self.sh(
+                f"cd {q(tmp)} && tar --no-same-owner --no-same-permissions -xzf {q(tmp + '.tgz')} "
+                f"&& rm -f {q(tmp + '.tgz')} && chmod -R go-w . && touch .complete && cd / "
+                f"&& {{ mv -T {q(tmp)} {q(app)} 2>/dev/null || rm -rf {q(tmp)}; }}"
+            )
+            log(f"{self.name}: shipped {len(files)} files ({len(data) >> 10} KiB) to {app}")
+        else:
+            log(f"{self.name}: this code is already on the host ({app})")
+        link = f"{self.root}/current"
+        self.sh(f"ln -sfn {q('app/' + digest)} {q(link)}.new && mv -T {q(link)}.new {q(link)}")
+        self._app = app
+        self._prune_apps()
+        return f"{app}/shipped/{config.name}" if config is not None else None
+
+    def running_jobs(self) -> dict[str, str]:
+        """Detached jobs still running on the host: job name -> the code directory it runs from."""
+        jobs = shlex.quote(f"{self.root}/jobs")
+        out = self.sh(
+            f'cd {jobs} 2>/dev/null || exit 0; for p in *.pid; do j=${{p%.pid}}; [ -f "$j.pid" ] || continue; '
+            f'[ -f "$j.rc" ] && continue; kill -0 "$(cat "$p")" 2>/dev/null && echo "$j $(cat "$j.app" 2>/dev/null)"; '
+            "done; true"
+        ).stdout
+        return {j: app for j, _, app in (line.partition(" ") for line in out.splitlines() if line)}
+
+    def refuse_concurrent(self, experiment: str, job: str) -> None:
+        """One job of an experiment per host: a second would compete with it for the host's memory."""
+        others = [j for j in self.running_jobs() if j.startswith(f"{experiment}-") and j != job]
+        if others:
+            run_id = others[0].removeprefix(f"{experiment}-").rsplit("-", 1)[0]
+            raise RemoteError(
+                f"{self.name}: job {others[0]} of experiment {experiment} is still running there; wait for it, "
+                f"reattach with --run-id {run_id}, or stop it"
+            )
+
+    def _prune_apps(self) -> None:
+        """Keep the newest KEEP_APPS code directories and every one a running job uses."""
+        listed = self.sh(f"ls -1t {shlex.quote(self.root + '/app')}", warn_only=True).stdout.split()
+        used = {Path(a).name for a in self.running_jobs().values()} | {Path(self.app).name}
+        old = [d for d in listed[KEEP_APPS:] if d not in used and not d.startswith(".")]
+        if old:
+            self.sh("rm -rf -- " + " ".join(shlex.quote(f"{self.root}/app/{d}") for d in old))
 
     def ensure_env(self) -> None:
-        """A venv with the harness installed, redone only when pyproject.toml changes."""
-        stamp = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-        app = shlex.quote(self.app)
-        if self.sh(f"cat {app}/.venv/.nestpress-stamp", warn_only=True).stdout.strip() == stamp:
+        """A venv with the harness's dependencies (the code runs from its app directory), redone only
+        when pyproject.toml changes; shared by every shipped version."""
+        pyproject = (REPO_ROOT / "pyproject.toml").read_bytes()
+        stamp = hashlib.sha256(pyproject).hexdigest()[:16]
+        venv = shlex.quote(self.venv)
+        if self.sh(f"cat {venv}/.nestpress-stamp", warn_only=True).stdout.strip() == stamp:
             return
         r = self.sh("command -v python3", warn_only=True)
         if r.failed:
             raise RemoteError(f"{self.name}: python3 not found; run `fab setup` (installs python3, python3-venv)")
-        log(f"{self.name}: installing the harness into {self.app}/.venv (once per pyproject change)")
+        log(f"{self.name}: installing the harness's dependencies into {self.venv} (once per pyproject change)")
+        deps = " ".join(map(shlex.quote, tomllib.loads(pyproject.decode())["project"]["dependencies"]))
         self.sh(
-            f"cd {app} && python3 -m venv .venv && .venv/bin/pip install -q -e . && "
-            f"echo {stamp} > .venv/.nestpress-stamp",
+            f"python3 -m venv {venv} && {venv}/bin/pip install -q -- {deps} && echo {stamp} > {venv}/.nestpress-stamp",
             timeout=1200,
         )
 
@@ -210,7 +340,7 @@ class Remote:
         jobs = shlex.quote(f"{self.root}/jobs")
         j = shlex.quote(f"{self.root}/jobs/{job}")
         inner = f"{self._python_cmd(args)}; echo $? > {j}.rc"
-        self.sh(f"mkdir -p {jobs} && rm -f {j}.rc {j}.pid")
+        self.sh(f"mkdir -p {jobs} && rm -f {j}.rc {j}.pid && echo {shlex.quote(self.app)} > {j}.app")
         # only the job goes to the background (`a && b & c` would background the whole chain)
         self.sh(f"setsid nohup sh -c {shlex.quote(inner)} > {j}.log 2>&1 < /dev/null & echo $! > {j}.pid")
         log(f"{self.name}: started detached job {job} (log {self.root}/jobs/{job}.log)")
@@ -278,7 +408,7 @@ class Remote:
         tmp = f"{self.root}/fetch-{os.getpid()}-{host_tag}.tgz"
         self.sh(f"tar -czf {shlex.quote(tmp)} -C {shlex.quote(parent)} {shlex.quote(rel)}", timeout=600)
         buf = io.BytesIO()
-        self.c.get(tmp, local=buf)
+        self._transfer(f"fetching {remote_run}", lambda: self.c.get(tmp, local=buf))
         self.sh(f"rm -f {shlex.quote(tmp)}")
         buf.seek(0)
         local_root.mkdir(parents=True, exist_ok=True)

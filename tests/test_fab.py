@@ -3,14 +3,18 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from fabric import Connection
 
 from harness import REPO_ROOT
+from harness.errors import RemoteError
+from harness.remote import KEEP_APPS, Remote
 
 pytestmark = pytest.mark.ssh
 FAB = str(Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin" / "fab")
@@ -25,7 +29,7 @@ def free_port() -> int:
 
 
 class Sshd:
-    def __init__(self, root: Path, user_pub: Path):
+    def __init__(self, root: Path, user_pub: Path, sftp: bool = True):
         self.root, self.port = root, free_port()
         root.mkdir(parents=True, exist_ok=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "host_key")], check=True)
@@ -34,7 +38,8 @@ class Sshd:
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root}/host_key\nPidFile {root}/sshd.pid\n"
             f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\nClientAliveInterval 15\n"
+            + ("Subsystem sftp internal-sftp\n" if sftp else "")
+            + "ClientAliveInterval 15\n"
         )
         self.proc = None
 
@@ -53,6 +58,17 @@ class Sshd:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("sshd did not start")
+
+    def sessions(self) -> list[int]:
+        """Every process below this sshd: the sessions it serves."""
+        assert self.proc is not None
+        found, todo = [], [self.proc.pid]
+        while todo:
+            r = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True)
+            kids = [int(p) for p in r.stdout.split()]
+            found += kids
+            todo += kids
+        return found
 
     def stop(self):
         """Kill this sshd and the sessions it serves (its children), nobody else's: connections drop,
@@ -195,6 +211,91 @@ def test_wrong_key_is_an_authentication_failure(keys, hosts, rdir, tmp_path):
     assert r.returncode != 0 and "authentication failed" in r.stdout + r.stderr
 
 
+def remote_to(server: Sshd, keys: Path, base: Path, monkeypatch) -> Remote:
+    monkeypatch.setenv("NESTPRESS_KNOWN_HOSTS", str(keys / "known_hosts"))
+    c = Connection("127.0.0.1", user="root", port=server.port, connect_kwargs={"key_filename": str(keys / "id")})
+    return Remote(c, f"{base}/{{host}}")
+
+
+def test_code_ships_by_content_and_a_running_job_keeps_its_own(keys, hosts, tmp_path, monkeypatch):
+    config = tmp_path / "mine.yaml"
+    config.write_text((REPO_ROOT / "configs" / "shrinker-ab.yaml").read_text())
+    r = remote_to(hosts[0], keys, tmp_path / "remote", monkeypatch)
+    first = Path(str(r.ship(config))).parent.parent
+    root = first.parent.parent
+    assert (first / "harness" / "guest" / "agent.py").is_file() and (root / "current").resolve() == first
+    stamp = (first / ".complete").stat().st_mtime_ns
+    again = remote_to(hosts[0], keys, tmp_path / "remote", monkeypatch)
+    assert Path(str(again.ship(config))).parent.parent == first and (first / ".complete").stat().st_mtime_ns == stamp
+    # a job of this experiment runs from the first code; newer code goes elsewhere, and prunes around it
+    job = subprocess.Popen(["sleep", "300"])
+    try:
+        (root / "jobs").mkdir()
+        (root / "jobs" / "shrinker-ab-old1-0of1.pid").write_text(f"{job.pid}\n")
+        (root / "jobs" / "shrinker-ab-old1-0of1.app").write_text(f"{first}\n")
+        shipped = []
+        for i in range(KEEP_APPS + 2):
+            config.write_text(config.read_text() + f"# {i}\n")
+            shipped.append(Path(str(r.ship(config))).parent.parent)
+            time.sleep(1.1)  # ls -t has a resolution of a second on some file systems
+        assert len(set(shipped)) == KEEP_APPS + 2 and first not in shipped
+        assert (root / "current").resolve() == shipped[-1]
+        assert (first / "harness" / "guest" / "agent.py").is_file()  # untouched: its job runs from it
+        assert not shipped[0].exists()  # old and unused: pruned
+        with pytest.raises(RemoteError, match=r"still running.*--run-id old1"):
+            r.refuse_concurrent("shrinker-ab", "shrinker-ab-new-0of1")
+        r.refuse_concurrent("shrinker-ab", "shrinker-ab-old1-0of1")  # reattaching to it is fine
+        r.refuse_concurrent("other", "other-new-0of1")  # another experiment is not refused
+        out = fab(
+            keys,
+            "run",
+            "--config",
+            str(config),
+            "--run-id",
+            "new",
+            "--remote-dir",
+            f"{tmp_path}/remote/{{host}}",
+            hosts=[hosts[0]],
+        )
+        assert out.returncode != 0 and "still running" in out.stdout + out.stderr
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_a_host_without_sftp_is_told_in_one_line(keys, tmp_path):
+    server = Sshd(tmp_path / "sshd", keys / "id.pub", sftp=False).start()
+    try:
+        known = tmp_path / "known_hosts"
+        known.write_text(server.known_host + "\n")
+        r = fab(keys, "validate", "--config", "shrinker-ab", *remote_dir(tmp_path), hosts=[server], known=known)
+        assert r.returncode == 2 and "no SFTP subsystem" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
+    finally:
+        server.stop()
+
+
+def test_a_peer_that_stops_answering_is_dead_after_its_keepalives(keys, tmp_path, monkeypatch):
+    server = Sshd(tmp_path / "sshd", keys / "id.pub").start()
+    (keys / "known_hosts").write_text((keys / "known_hosts").read_text() + server.known_host + "\n")
+    monkeypatch.setenv("NESTPRESS_KEEPALIVE_S", "1")
+    r = remote_to(server, keys, tmp_path / "remote", monkeypatch)
+    stopped = []
+    try:
+        assert r.sh("echo up").stdout.strip() == "up"
+        stopped = server.sessions()  # the host freezes: TCP stays up, nothing answers
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match="no answer to 3 keepalives"):
+            r.sh("echo up", timeout=600)
+        assert time.monotonic() - t0 < 20  # 3 keepalives of 1 s, not the command's 600 s
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
 @pytest.mark.kernel
 def test_build_over_ssh_uses_the_cache(keys, hosts, rdir, builds, cache_dir):
     r = fab(keys, "build", "--config", "shrinker-ab", "--cache", str(cache_dir), *remote_dir(rdir), hosts=[hosts[0]])
@@ -241,7 +342,7 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
         env=dict(os.environ, NESTPRESS_KNOWN_HOSTS=str(keys / "known_hosts"), **env),
     )
     local_run = results / "shrinker-ab" / "fleet1"
-    host1_run = rdir / f"127.0.0.1-{hosts[1].port}" / "app" / "results" / "shrinker-ab" / "fleet1"
+    host1_run = rdir / f"127.0.0.1-{hosts[1].port}" / "results" / "shrinker-ab" / "fleet1"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and not list(host1_run.glob("cells/*/ready.json")):
         time.sleep(2)
