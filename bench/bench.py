@@ -32,6 +32,7 @@ from harness.config import load
 from harness.errors import AccelError
 from harness.guest.probe import calibrate
 from harness.host import decide_accel, decide_rootfs
+from harness.manifest import record_path
 from harness.util import default_cache
 
 QUICK = [
@@ -146,7 +147,7 @@ def quick_cell(sets: list[str]) -> dict:
         cmd += [a for s in [*QUICK, *sets] for a in ("--set", s)]
         _, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True))
         cell = Path(out) / "shrinker-ab" / "bench" / "cells" / "baseline.r1"
-        info = json.loads((cell / "cell.json").read_text())
+        info = json.loads(record_path(cell.parent.parent, cell.name).read_text())
         l1 = next(e for e in jsonl(cell / "events.jsonl") if e["kind"] == "boot_ready" and e["guest"] == "l1-0")
         header = json.loads((cell / "l1-0" / "probe.jsonl").open().readline())
         return {
@@ -181,7 +182,7 @@ def bench_nested() -> None:
         cmd += ["--output", out, "--set", "repetitions=1"]
         r, t = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True))
         for cell in sorted((Path(out) / "shrinker-ab-nested" / "nested" / "cells").iterdir()):
-            info = json.loads((cell / "cell.json").read_text())
+            info = json.loads(record_path(cell.parent.parent, cell.name).read_text())
             kut_ev, l1_ev = jsonl(cell / "events.jsonl"), jsonl(cell / "l1-0" / "events.jsonl")
             ready = {e["guest"]: e for e in kut_ev + l1_ev if e["kind"] == "boot_ready"}
             row(f"{cell.name}: kernel under test ready", f"{info.get('kut_ready_s', 0):.1f} s", info["status"])

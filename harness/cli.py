@@ -94,6 +94,8 @@ def cmd_run(args, report: bool = False) -> int:
 
     console.print(describe(matrix))
     check_size(matrix, args.yes)
+    if args.output and ".." in Path(args.output).parts:
+        raise ConfigError(f"--output {args.output!r}: a directory path without '..'")
     run_dir = find_run_dir(matrix, args.run_id, args.resume, Path(args.output) if args.output else None)
     try:
         Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()

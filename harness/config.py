@@ -257,6 +257,13 @@ class Experiment(Strict):
     repetitions: int = Field(3, ge=1, le=100)
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 
+    @field_validator("output")
+    @classmethod
+    def _output_is_a_plain_path(cls, output: str) -> str:
+        if not output.strip() or ".." in Path(output).parts or "\0" in output:
+            raise ValueError(f"{output!r}: a directory path without '..' (absolute, or relative to where you run)")
+        return output
+
     @field_validator("variants", "phases")
     @classmethod
     def _unique_names(cls, items: list) -> list:

@@ -1,5 +1,6 @@
 """The run directory's own records, typed: manifest.json (written before the first cell starts, completed
-when the run ends) and cells/<id>/cell.json (how a cell ended). The runner writes them, the fleet merges
+when the run ends) and records/<id>.json (how a cell ended: kept out of cells/<id>/, which the kernel under
+test writes, so that no guest can mark its own cell complete). The runner writes them, the fleet merges
 them, results and report read them; nobody else looks inside by string keys. Reading tolerates fields an
 older or newer harness wrote (extra="ignore"), so old run directories still get reports."""
 
@@ -113,11 +114,16 @@ class CellRecord(Record):
     guest_failures: list[str] = []
 
 
+def record_path(run_dir: Path, cell_id: str) -> Path:
+    return run_dir / "records" / f"{cell_id}.json"
+
+
 def cell_record(run_dir: Path, cell_id: str) -> CellRecord | None:
-    path = run_dir / "cells" / cell_id / "cell.json"
+    path = record_path(run_dir, cell_id)
     return CellRecord.model_validate(read_json(path)) if path.exists() else None
 
 
 def cell_complete(run_dir: Path, cell_id: str) -> bool:
+    """The host recorded it complete and its measurements are there (a directory removed by hand is not)."""
     record = cell_record(run_dir, cell_id)
-    return record is not None and record.status == "complete"
+    return record is not None and record.status == "complete" and (run_dir / "cells" / cell_id).is_dir()

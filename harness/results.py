@@ -22,8 +22,8 @@ import pandas as pd
 from .errors import ResultsError
 from .guest.contract import EventKind
 from .guest.probe import bucket_bounds
-from .manifest import CellEntry, Manifest, cell_record
-from .util import read_json
+from .manifest import CellEntry, Manifest, cell_complete, cell_record
+from .util import GuestFileError, read_guest_file, warn
 
 _CELL = ["variant", "repetition", "cell"]
 COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
@@ -46,30 +46,64 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
         "kvm_params",
         "children_on_kvm",
         "errors",
+        "problems",
     ],
 }
 TABLES = tuple(COLUMNS)
 
 
-def _jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (crash mid-write) is skipped."""
-    if not path.exists():
+class Problems(list):
+    """What was wrong with a cell's guest files (torn, missing, not data): said with the cell named."""
+
+    def note(self, path: Path, cell_dir: Path, what: str) -> None:
+        self.append(f"{path.relative_to(cell_dir) if path.is_relative_to(cell_dir) else path}: {what}")
+
+
+def guest_records(path: Path, problems: Problems, cell_dir: Path) -> list[dict]:
+    """Records of a JSON-lines file a guest wrote; a torn line (crash mid-write) or one that is not a
+    record is skipped and counted, a file that is no regular file or too large is skipped and said."""
+    if not path.exists() and not path.is_symlink():
         return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
+    try:
+        text = read_guest_file(path)
+    except GuestFileError as e:
+        problems.note(path, cell_dir, str(e).split(": ", 1)[-1])
+        return []
+    out, bad = [], 0
+    for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
-            continue
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    if bad:
+        problems.note(path, cell_dir, f"{bad} torn or malformed line(s) skipped")
     return out
 
 
-def _guest_dirs(cell_dir: Path) -> list[tuple[str, str, Path]]:
-    """(guest name, level, export dir) for every guest of a cell, found by their facts/plan files."""
+def _guest_json(path: Path, problems: Problems, cell_dir: Path) -> dict | None:
+    """One JSON object a guest wrote (facts.json, plan.json of its children), or None, said."""
+    try:
+        rec = json.loads(read_guest_file(path, limit=1 << 20))
+    except (GuestFileError, ValueError) as e:
+        problems.note(path, cell_dir, f"torn or unreadable ({str(e).split(': ', 1)[-1]})")
+        return None
+    if not isinstance(rec, dict):
+        problems.note(path, cell_dir, "not a JSON object")
+        return None
+    return rec
+
+
+def _guest_dirs(cell_dir: Path, problems: Problems) -> list[tuple[str, str, Path]]:
+    """(guest name, level, export dir) for every guest of a cell, found by their plan files."""
     out = []
     for plan in sorted(cell_dir.rglob("plan.json")):
-        p = read_json(plan)
-        out.append((p["name"], p["level"], plan.parent))
+        p = _guest_json(plan, problems, cell_dir)
+        if p is not None and isinstance(p.get("name"), str) and isinstance(p.get("level"), str):
+            out.append((p["name"], p["level"], plan.parent))
     return out
 
 
@@ -80,11 +114,103 @@ def _phase_of(t: float, phases: list[dict]) -> str:
     return "pre" if phases and t < phases[0]["t_start"] else "post"
 
 
-def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
+def _rows(records: list[dict], to_rows, problems: Problems, path: Path, cell_dir: Path) -> list[tuple[str, dict]]:
+    """(table, row) from each record; a record without the fields its kind has is skipped and counted."""
+    out, bad = [], 0
+    for rec in records:
+        try:
+            out.extend(to_rows(rec))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            bad += 1
+    if bad:
+        problems.note(path, cell_dir, f"{bad} record(s) without the fields their kind has, skipped")
+    return out
+
+
+def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
+    """For each file a guest writes: record -> [(table, row)], for guest g (its level and name in `g`)."""
+
+    def event(e: dict) -> list[tuple[str, dict]]:
+        detail = {k: v for k, v in e.items() if k not in ("t", "mono", "kind")}
+        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(detail)})]
+
+    def pressure(e: dict) -> list[tuple[str, dict]]:
+        detail = json.dumps({k: v for k, v in e.items() if k not in ("t", "kind")})
+        return [("events", {**g, "kind": "pressure." + e["kind"], "t": sec(e["t"]), "detail": detail})]
+
+    def shrinker(e: dict) -> list[tuple[str, dict]]:
+        if "t" not in e:
+            return []
+        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(e["fields"])})]
+
+    def probe(rec: dict) -> list[tuple[str, dict]]:
+        out: list[tuple[str, dict]] = []
+        if rec["type"] == "hist":
+            tm = sec((rec["t0"] + rec["t1"]) / 2)
+            phase = _phase_of(tm, phases)
+            for k, n in rec["counts"].items():
+                lo, hi = bucket_bounds(int(k))
+                out.append(
+                    (
+                        "samples",
+                        {
+                            **g,
+                            "phase": phase,
+                            "t": tm,
+                            "latency_ns": (lo + hi) / 2,
+                            "lo_ns": lo,
+                            "hi_ns": hi,
+                            "count": int(n),
+                            "interval": rec["t0"],
+                        },
+                    )
+                )
+            for t, ns in rec.get("outliers", []):
+                out.append(
+                    (
+                        "events",
+                        {**g, "kind": "probe_outlier", "t": sec(t), "detail": json.dumps({"latency_ns": ns})},
+                    )
+                )
+        elif rec["type"] == "pass":
+            out.append(
+                (
+                    "passes",
+                    {
+                        **g,
+                        "pass": rec["pass"],
+                        "t": sec(rec["t1"]),
+                        "phase": _phase_of(sec(rec["t0"]), phases),
+                        "duration_ms": (rec["t1"] - rec["t0"]) / 1e6,
+                    },
+                )
+            )
+        return out
+
+    def counters(rec: dict) -> list[tuple[str, dict]]:
+        t = sec(rec["t"])
+        return [
+            ("counters", {**base, "source": name.split(".", 1)[0], "name": name, "t": t, "value": float(value)})
+            for name, value in rec["v"].items()
+        ]
+
+    return {
+        "events.jsonl": event,
+        "pressure.jsonl": pressure,
+        "shrinker.jsonl": shrinker,
+        "probe.jsonl": probe,
+        "counters.jsonl": counters,
+    }
+
+
+def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = None) -> dict[str, list[dict]]:
+    problems = Problems() if problems is None else problems
     base = {"variant": cell.variant, "repetition": cell.repetition, "cell": cell.id}
-    kut_events = _jsonl(cell_dir / "events.jsonl")
-    starts = {e["phase"]: e for e in kut_events if e["kind"] == EventKind.PHASE_START.value}
-    ends = {e["phase"]: e for e in kut_events if e["kind"] == EventKind.PHASE_END.value}
+    kut_events = [
+        e for e in guest_records(cell_dir / "events.jsonl", problems, cell_dir) if isinstance(e.get("t"), (int, float))
+    ]
+    starts = {e["phase"]: e for e in kut_events if e.get("kind") == EventKind.PHASE_START.value and "phase" in e}
+    ends = {e["phase"]: e for e in kut_events if e.get("kind") == EventKind.PHASE_END.value and "phase" in e}
     t0 = min((e["t"] for e in starts.values()), default=None)
     if t0 is None:
         t0 = min((e["t"] for e in kut_events), default=0)
@@ -101,79 +227,38 @@ def collect_cell(cell_dir: Path, cell: CellEntry) -> dict[str, list[dict]]:
     ]
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     rows["phases"] = phases
-    for guest, level, d in _guest_dirs(cell_dir):
+    for guest, level, d in _guest_dirs(cell_dir, problems):
         g = {**base, "level": level, "guest": guest}
-        for e in _jsonl(d / "events.jsonl"):
-            detail = {k: v for k, v in e.items() if k not in ("t", "mono", "kind")}
-            rows["events"].append({**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(detail)})
-        for e in _jsonl(d / "pressure.jsonl"):
-            rows["events"].append(
-                {
-                    **g,
-                    "kind": "pressure." + e["kind"],
-                    "t": sec(e["t"]),
-                    "detail": json.dumps({k: v for k, v in e.items() if k not in ("t", "kind")}),
-                }
-            )
-        for e in _jsonl(d / "shrinker.jsonl"):
-            if "t" in e:
-                rows["events"].append({**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(e["fields"])})
-        for rec in _jsonl(d / "probe.jsonl"):
-            if rec["type"] == "hist":
-                tm = sec((rec["t0"] + rec["t1"]) / 2)
-                phase = _phase_of(tm, phases)
-                for k, n in rec["counts"].items():
-                    lo, hi = bucket_bounds(int(k))
-                    rows["samples"].append(
-                        {
-                            **g,
-                            "phase": phase,
-                            "t": tm,
-                            "latency_ns": (lo + hi) / 2,
-                            "lo_ns": lo,
-                            "hi_ns": hi,
-                            "count": n,
-                            "interval": rec["t0"],
-                        }
-                    )
-                for t, ns in rec.get("outliers", []):
-                    rows["events"].append(
-                        {**g, "kind": "probe_outlier", "t": sec(t), "detail": json.dumps({"latency_ns": ns})}
-                    )
-            elif rec["type"] == "pass":
-                tm = sec(rec["t1"])
-                rows["passes"].append(
-                    {
-                        **g,
-                        "pass": rec["pass"],
-                        "t": tm,
-                        "phase": _phase_of(sec(rec["t0"]), phases),
-                        "duration_ms": (rec["t1"] - rec["t0"]) / 1e6,
-                    }
-                )
-        for rec in _jsonl(d / "counters.jsonl"):
-            t = sec(rec["t"])
-            for name, value in rec["v"].items():
-                rows["counters"].append(
-                    {**base, "source": name.split(".", 1)[0], "name": name, "t": t, "value": float(value)}
-                )
+
+        for file, to_rows in _converters(g, base, sec, phases).items():
+            path = d / file
+            for table, row in _rows(guest_records(path, problems, cell_dir), to_rows, problems, path, cell_dir):
+                rows[table].append(row)
     return rows
 
 
-def cell_status(run_dir: Path, cell: CellEntry, host: str) -> dict:
+def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -> dict:
     d = run_dir / "cells" / cell.id
     record = cell_record(run_dir, cell.id)
-    facts = {}
-    for guest, _level, gd in _guest_dirs(d) if d.exists() else []:
-        if (gd / "facts.json").exists():
-            facts[guest] = read_json(gd / "facts.json")
+    facts: dict[str, dict] = {}
+    for guest, _level, gd in _guest_dirs(d, problems) if d.exists() else []:
+        if (gd / "facts.json").exists() or (gd / "facts.json").is_symlink():
+            facts[guest] = _guest_json(gd / "facts.json", problems, d) or {}
+        elif record is not None and record.status == "complete":
+            problems.note(gd / "facts.json", d, "missing")
     kut = facts.get("kut", {})
     return {
         "cell": cell.id,
         "variant": cell.variant,
         "repetition": cell.repetition,
         "host": host,
-        "status": record.status if record else "missing" if not d.exists() else "incomplete",
+        "status": "complete"
+        if cell_complete(run_dir, cell.id)
+        else "failed"
+        if record and record.status == "failed"
+        else "missing"
+        if not d.exists()
+        else "incomplete",
         "attempt": record.attempt if record else 0,
         "retried": record.retried if record else False,
         "kut_ready_s": record.kut_ready_s if record else None,
@@ -182,6 +267,7 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str) -> dict:
         "kvm_params": json.dumps(kut.get("kvm_params", {})),
         "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),
         "errors": json.dumps(record.errors if record else []),
+        "problems": json.dumps(list(problems)),
     }
 
 
@@ -193,11 +279,17 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
     manifest = Manifest.load(manifest_path)
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     for cell in manifest.cells:
-        rows["cells"].append(cell_status(run_dir, cell, manifest.cell_hosts.get(cell.id, "local")))
         d = run_dir / "cells" / cell.id
+        problems = Problems()
         if d.exists():
-            for table, r in collect_cell(d, cell).items():
+            for table, r in collect_cell(d, cell, problems).items():
                 rows[table].extend(r)
+        status = cell_status(run_dir, cell, manifest.cell_hosts.get(cell.id, "local"), problems)
+        rows["cells"].append(status)
+        if status["status"] != "complete":
+            warn(f"cell {cell.id}: {status['status']}" + (" (no directory: it never ran)" if not d.exists() else ""))
+        for p in problems:
+            warn(f"cell {cell.id}: {p}")
     frames = {t: pd.DataFrame(r, columns=COLUMNS[t]) for t, r in rows.items()}
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)

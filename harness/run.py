@@ -2,7 +2,8 @@
 
 The run directory results/<experiment>/<run-id>/ gets manifest.json before the first cell
 starts, and one directory per cell that the kernel under test's agent fills as it goes
-(cells/<cell-id>/, with L1/L2 exports nested inside). cell.json marks a cell complete;
+(cells/<cell-id>/, with L1/L2 exports nested inside). records/<cell-id>.json, which only the host
+writes, marks a cell complete;
 running again into the same run directory skips complete cells and redoes the rest.
 Ctrl-C (or SIGTERM) at any point stops every QEMU of the run, removes its temp dir and
 leaves a manifest that says `interrupted`.
@@ -10,7 +11,10 @@ leaves a manifest that says `interrupted`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import secrets
 import shutil
@@ -24,14 +28,26 @@ from . import REPO_ROOT, initramfs
 from .build import Builder, BuildResult
 from .config import Cell, Matrix
 from .errors import ConfigError, GuestError, HarnessError, PressureError
-from .guest.contract import GUEST_FAILURES, PATH, EventKind, ExitKind, ExitRecord
+from .guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, ExitKind, ExitRecord
 from .guest.supervise import Child, stop_all, tail
 from .host import decide_environment, doctor
-from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete
+from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
+from .results import Problems, guest_records
 from .schedule import check as check_sizes
 from .schedule import check_kernel
-from .util import console, default_cache, defuse_guest_files, fmt_s, log, python_for_guests, status, warn
+from .util import (
+    GuestFileError,
+    console,
+    default_cache,
+    defuse_guest_files,
+    fmt_s,
+    log,
+    python_for_guests,
+    read_guest_file,
+    status,
+    warn,
+)
 
 WARM_TIMEOUT_S = 240
 STAGES = {
@@ -78,6 +94,26 @@ def find_run_dir(matrix: Matrix, run_id: str | None, resume: bool, root: Path | 
             if m.exists() and Manifest.load(m).config_hash == matrix.config_hash():
                 return d
     return base / new_run_id()
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """One writer per run directory (a second run with the same --run-id, here or from a fleet job, would
+    interleave cells and records): an exclusive lock held while the run lasts; returns its descriptor."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".writer.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HarnessError(
+            f"{run_dir}: another nestpress run (pid {holder}) is writing this run directory; wait for it to end "
+            "or choose another --run-id"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class _Terminated(Exception):
@@ -177,7 +213,15 @@ class Runner:
                 self.cache or default_cache(),
             )
             log(f"L2 root: initramfs {self.l2_initrd} ({self.l2_initrd.stat().st_size >> 20} MiB)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not any(self.run_dir.is_relative_to(p) for p in (REPO_ROOT, Path.cwd().resolve())):
+            log(f"results go outside the project, as the config or --output says: {self.run_dir}", style="yellow")
+        lock = lock_run_dir(self.run_dir)
+        try:
+            return self._run_cells(builds)
+        finally:
+            os.close(lock)
+
+    def _run_cells(self, builds: dict[str, BuildResult]) -> Path:
         manifest = self._manifest(builds)
         manifest.save(self.run_dir / "manifest.json")
         log(f"run directory: {self.run_dir}")
@@ -222,6 +266,8 @@ class Runner:
     def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
         attempts = cell.config.boot.retries + 1
         errors: list[str] = []
+        record = record_path(self.run_dir, cell.id)
+        record.parent.mkdir(exist_ok=True)
         for attempt in range(1, attempts + 1):
             cell_dir = self.run_dir / "cells" / cell.id
             if cell_dir.exists():  # an incomplete earlier attempt: kept aside for diagnosis, redone whole
@@ -234,18 +280,16 @@ class Runner:
             try:
                 result = self._attempt(cell, build, cell_dir, k, n, t0)
             except PressureError as e:
-                CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(
-                    cell_dir / "cell.json"
-                )
+                CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(record)
                 raise
             except GuestError as e:
                 errors.append(str(e))
-                CellRecord(status="failed", attempt=attempt, errors=errors).save(cell_dir / "cell.json")
+                CellRecord(status="failed", attempt=attempt, errors=errors).save(record)
                 warn(f"cell {cell.id} attempt {attempt}/{attempts} failed: {e}")
                 continue
             self.cell_times.append(time.monotonic() - started)
             result.attempt, result.retried, result.errors = attempt, attempt > 1, errors
-            result.save(cell_dir / "cell.json")
+            result.save(record)
             return
         log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing", style="red")
 
@@ -301,7 +345,7 @@ class Runner:
             kut.stop()
             if defused := defuse_guest_files(cell_dir):
                 warn(f"cell {cell.id}: removed or made safe what guests left in results: {', '.join(defused[:10])}")
-            exit_info = ExitRecord.load(str(cell_dir / "exit.json")) if (cell_dir / "exit.json").exists() else None
+            exit_info = self._exit_record(cell, cell_dir)
             if exit_info is None:
                 raise GuestError(
                     f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
@@ -313,14 +357,18 @@ class Runner:
                 raise PressureError(exit_info.message or "the kernel under test cannot run this schedule")
             if exit_info.kind is ExitKind.ERROR:
                 raise GuestError(f"agent in the kernel under test failed:\n{(exit_info.error or '')[-1500:]}")
+            problems = Problems()
             failures = [
                 e
-                for e in map(json.loads, (cell_dir / "events.jsonl").read_text().splitlines())
-                if e["kind"] in {k.value for k in GUEST_FAILURES}
+                for e in guest_records(cell_dir / "events.jsonl", problems, cell_dir)
+                if e.get("kind") in {k.value for k in GUEST_FAILURES}
             ]
+            for p in problems:
+                warn(f"cell {cell.id}: {p}")
             if failures and exp.boot.on_guest_failure == "fail":
                 raise GuestError(
-                    f"guest failure(s) in {cell.id}: " + "; ".join(e.get("error", e["kind"])[:300] for e in failures)
+                    f"guest failure(s) in {cell.id}: "
+                    + "; ".join(str(e.get("error", e["kind"]))[:300] for e in failures)
                 )
             return CellRecord(
                 status="complete",
@@ -330,12 +378,23 @@ class Runner:
                 started=started,
                 finished=time.time(),
                 pressure_mode=exp.pressure.mode,
-                guest_failures=[e.get("error", e["kind"])[:500] for e in failures],
+                guest_failures=[str(e.get("error", e["kind"]))[:500] for e in failures],
             )
         finally:
             stop_all()
             defuse_guest_files(cell_dir)
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _exit_record(cell: Cell, cell_dir: Path) -> ExitRecord | None:
+        """exit.json as the kernel under test left it: absent is None, torn or not a record is said."""
+        path = cell_dir / "exit.json"
+        if not path.exists() and not path.is_symlink():
+            return None
+        try:
+            return ExitRecord.from_dict(json.loads(read_guest_file(path, limit=1 << 20)), str(path))
+        except (GuestFileError, ValueError, ContractError) as e:
+            raise GuestError(f"cell {cell.id}: exit.json is torn or no exit record ({e})") from None
 
     def _follow(self, cell: Cell, kut: Child, cell_dir: Path, k: int, n: int, t0: float, budget: float) -> None:
         """Wait for the kernel under test to power off, showing which stage it is in."""
@@ -347,16 +406,14 @@ class Runner:
             while kut.running():
                 if time.monotonic() > deadline:
                     raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
-                if events.exists():
-                    for line in events.read_text().splitlines()[-5:]:
-                        try:
+                with contextlib.suppress(GuestFileError, OSError):
+                    for line in read_guest_file(events, tail=4096).splitlines()[-5:]:
+                        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
                             e = json.loads(line)
-                        except ValueError:
-                            continue
-                        if e["kind"] == EventKind.PHASE_START.value:
-                            stage = f"phase {e['phase']} ({e['mode']}, {e['duration_s']:g}s)"
-                        elif e["kind"] in STAGES:
-                            stage = STAGES[e["kind"]].format(guest=e.get("guest"))
+                            if e["kind"] == EventKind.PHASE_START.value:
+                                stage = f"phase {e['phase']} ({e['mode']}, {float(e['duration_s']):g}s)"
+                            elif e["kind"] in STAGES:
+                                stage = STAGES[e["kind"]].format(guest=e.get("guest"))
                 elapsed = time.monotonic() - t0
                 eta = est * (n - k + 1) - (time.monotonic() - kut.started)
                 progress.update(

@@ -206,6 +206,31 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+GUEST_FILE_LIMIT = 1 << 30  # a guest's record files: hours of samples are a few hundred MB
+
+
+class GuestFileError(HarnessError):
+    """A file a guest wrote is no regular file, too large, or unreadable: data, never a crash."""
+
+
+def read_guest_file(path: Path, limit: int = GUEST_FILE_LIMIT, tail: int | None = None) -> str:
+    """A file a guest wrote, read as untrusted data: never through a link (O_NOFOLLOW), never a fifo or
+    device (it could block or never end), at most `limit` bytes (or only the last `tail`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise GuestFileError(f"{path}: unreadable ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GuestFileError(f"{path}: not a regular file")
+        if tail is not None and st.st_size > tail:
+            f.seek(st.st_size - tail)
+        elif st.st_size > limit:
+            raise GuestFileError(f"{path}: {st.st_size >> 20} MiB, over the {limit >> 20} MiB a guest may write")
+        return f.read(limit).decode(errors="replace")
+
+
 def defuse_guest_files(top: Path) -> list[str]:
     """A guest's root writes its export as the host's root (9p security_model=none): once it is off, remove
     what results have no use for and a local user could abuse (links, device nodes, fifos, sockets) and drop

@@ -62,6 +62,7 @@ def test_overrides_by_name_and_yaml_values(tmp_path):
         ("boot: {timeout_s: {l3: 5}}", "boot.timeout_s", "unknown: l3"),
         ("kernel_config: {base: nonsense}", "kernel_config.base", "neither a make *config target"),
         ("pressure: {mode: [global, global]}", "pressure.mode", "listed twice"),
+        ("output: ../../etc", "output", "without '..'"),
     ],
 )
 def test_bad_config_names_file_field_and_problem(tmp_path, patch, where, what):
@@ -147,6 +148,21 @@ def test_a_run_id_is_a_name_not_a_path(run_id, tmp_path):
         find_run_dir(matrix, run_id, False, tmp_path)
     assert find_run_dir(matrix, "e2e.r-1_x", False, tmp_path) == tmp_path.resolve() / "shrinker-ab" / "e2e.r-1_x"
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{4}", new_run_id())  # time, then a tail for runs in one second
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    import os
+
+    from harness.errors import HarnessError
+    from harness.run import lock_run_dir
+
+    fd = lock_run_dir(tmp_path / "run")
+    try:
+        with pytest.raises(HarnessError, match=f"another nestpress run \\(pid {os.getpid()}\\)"):
+            lock_run_dir(tmp_path / "run")
+    finally:
+        os.close(fd)
+    os.close(lock_run_dir(tmp_path / "run"))  # free again once the first writer ends
 
 
 def test_a_matrix_of_more_than_100_cells_runs_only_when_confirmed(tmp_path):

@@ -14,6 +14,7 @@ from fabric import Connection
 
 from harness import REPO_ROOT
 from harness.errors import RemoteError
+from harness.manifest import cell_complete
 from harness.remote import KEEP_APPS, Remote
 
 pytestmark = pytest.mark.ssh
@@ -358,8 +359,7 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     assert manifest["status"] == "complete" and sorted(manifest["hosts"]) == sorted(
         f"127.0.0.1-{h.port}" for h in hosts
     )
-    assert (local_run / "cells" / "baseline.r1" / "cell.json").exists()
-    assert (local_run / "cells" / "baseline.r2" / "cell.json").exists()
+    assert cell_complete(local_run, "baseline.r1") and cell_complete(local_run, "baseline.r2")
     assert (local_run / "report.html").exists()
     # what the two modes claim, on the baseline 6.1 kernel with the shadow topology
     from harness.report import shrinker_evidence

@@ -80,3 +80,44 @@ def test_fleet_merge_is_the_union_of_the_hosts_manifests(run):
     _merge_manifests(run, {})
     assert Manifest.load(run / "manifest.json").status == "incomplete"
     assert json.loads((run / "manifest.json").read_text())["cells"][1]["id"] == "patched.r1"
+
+
+def test_a_broken_run_is_reported_with_each_cell_and_what_is_wrong(run):
+    """Guest files are data: torn, planted or missing ones are named with their cell, never a traceback;
+    a cell record a guest writes into its own export does not count (the host keeps records elsewhere)."""
+    import subprocess
+    import sys
+
+    from harness import REPO_ROOT
+
+    manifest = Manifest.load(run / "manifest.json")
+    never = manifest.cells[0].model_copy(update={"id": "baseline.r2", "repetition": 2, "order": 9})
+    manifest.cells.append(never)
+    manifest.save(run / "manifest.json")
+    (run / "records" / "patched.r1.json").unlink()
+    (run / "cells" / "patched.r1" / "cell.json").write_text('{"status": "complete", "attempt": 1}')  # planted
+    l1 = run / "cells" / "baseline.r1" / "l1-0"
+    (l1 / "facts.json").write_text('{"kernel": "6.1", "runs_on')  # torn mid-write
+    (l1 / "events.jsonl").unlink()
+    (l1 / "events.jsonl").symlink_to("/etc/passwd")
+    with open(run / "cells" / "baseline.r1" / "counters.jsonl", "a") as f:
+        f.write('[1, 2]\n{"t": "soon", "v": 3}\n{"t": 17')
+    assert not cell_complete(run, "patched.r1")
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "report", "--run", str(run)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
+    )
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "cell baseline.r2: missing (no directory: it never ran)" in out
+    assert "cell patched.r1: incomplete" in out
+    assert "cell baseline.r1: l1-0/facts.json: torn or unreadable" in out
+    assert "cell baseline.r1: l1-0/events.jsonl: unreadable (Too many levels of symbolic links)" in out
+    assert "cell baseline.r1: counters.jsonl: 2 torn or malformed line(s) skipped" in out
+    assert "cell baseline.r1: counters.jsonl: 1 record(s) without the fields their kind has" in out
+    cells = results.load(run)["cells"].set_index("cell")
+    assert cells.loc["baseline.r1", "status"] == "complete" and "facts.json" in cells.loc["baseline.r1", "problems"]
+    assert cells.loc["patched.r1", "status"] == "incomplete" and cells.loc["baseline.r2", "status"] == "missing"
