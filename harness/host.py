@@ -8,19 +8,21 @@ cannot work is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import platform
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Cell, Matrix
 from .errors import AccelError, HostResourceError
 from .guest.rootfs import find_virtiofsd
-from .util import HEADER_PACKAGES, TOOL_PACKAGES, run, which
+from .util import HEADER_PACKAGES, TOOL_PACKAGES, run, warn, which
 
 KVM_GET_API_VERSION = 0xAE00
 
@@ -284,6 +286,69 @@ def check_host_resources(matrix: Matrix, available_mb: int | None = None, free_d
         raise HostResourceError(
             f"topology.kut.swap_mb: its swap image needs up to {swap_mb} MiB under {scratch}, {free_disk_mb} MiB free"
         )
+
+
+GROUP_SLACK_MB = 1536  # a memory group's cap above guest RAM: TCG's code cache (up to 1 GiB), devices, file cache
+CGROUP = Path("/sys/fs/cgroup")
+
+
+class MemoryGroup:
+    """A host memory cgroup for one kernel under test's QEMU and its root's server, capped at its RAM plus
+    GROUP_SLACK_MB and kept out of swap: whatever the guest or the run does, it reclaims or is OOM-killed
+    inside the group, and the host's OOM killer never picks a lab host's own processes for it. cgroup v2
+    where the root delegates memory, else the v1 memory hierarchy below this process's own group (as on
+    hybrid hosts such as ours)."""
+
+    def __init__(self, path: Path, limit_mb: int):
+        self.path, self.limit_mb = path, limit_mb
+
+    @property
+    def procs(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    @classmethod
+    def create(cls, name: str, limit_mb: int) -> tuple[MemoryGroup | None, str]:
+        """The group, and what to say about it; (None, why) where this host gives us none."""
+        if (CGROUP / "cgroup.controllers").exists():
+            if "memory" not in (CGROUP / "cgroup.subtree_control").read_text().split():
+                return None, "cgroup v2 without the memory controller delegated from the root"
+            path, limits = CGROUP / f"nestpress-{name}", {"memory.max": limit_mb << 20, "memory.swap.max": 0}
+        else:
+            own = [ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln]
+            if not own or not (CGROUP / "memory").is_dir():
+                return None, "no cgroup memory controller mounted"
+            path = CGROUP / "memory" / own[0].lstrip("/") / f"nestpress-{name}"
+            limits = {"memory.limit_in_bytes": limit_mb << 20, "memory.memsw.limit_in_bytes": limit_mb << 20}
+        try:
+            path.mkdir()
+            for file, value in limits.items():
+                if (path / file).exists():
+                    (path / file).write_text(f"{value}\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return None, f"{path}: {e.strerror}"
+        return cls(path, limit_mb), f"{path}, capped at {limit_mb} MiB without swap"
+
+    def oom_kills(self) -> int:
+        for file in ("memory.events", "memory.oom_control"):  # v2, v1
+            with contextlib.suppress(OSError):
+                for line in (self.path / file).read_text().splitlines():
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        return 0
+
+    def remove(self) -> None:
+        """Once its processes are gone (the caller stopped them); a group still busy after 5 s is said."""
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        warn(f"{self.path}: still has processes; left in place")
 
 
 def decide_environment(matrix: Matrix) -> Environment:

@@ -30,7 +30,7 @@ from .config import Cell, Matrix
 from .errors import ConfigError, GuestError, HarnessError, PressureError
 from .guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, ExitKind, ExitRecord
 from .guest.supervise import Child, stop_all, tail
-from .host import decide_environment, doctor
+from .host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor
 from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .results import Problems, guest_records
@@ -132,6 +132,7 @@ class Runner:
         self.env = decide_environment(matrix)
         self.cell_times: list[float] = []
         self.l2_initrd: Path | None = None
+        self.group_said = False
 
     # -- manifest -----------------------------------------------------------------------------
     def _manifest(self, builds: dict[str, BuildResult]) -> Manifest:
@@ -296,6 +297,7 @@ class Runner:
     def _attempt(self, cell: Cell, build: BuildResult, cell_dir: Path, k: int, n: int, t0: float) -> CellRecord:
         exp = cell.config
         tmp = Path(tempfile.mkdtemp(prefix=f"nestpress-{self.run_dir.name}-"))
+        group: MemoryGroup | None = None
         try:
             swap = None
             if exp.topology.kut.swap_mb:
@@ -323,6 +325,13 @@ class Runner:
             guest_plan.save(str(cell_dir / "plan.json"))
             argv = qemu_argv(spec)
             (cell_dir / "qemu.cmdline").write_text(dry_run(argv) + "\n")
+            limit_mb = exp.topology.kut.memory_mb + GROUP_SLACK_MB
+            group, about = MemoryGroup.create(
+                re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{self.run_dir.name}-{cell.id}-{os.getpid()}"), limit_mb
+            )
+            if not self.group_said:
+                (log if group else warn)(f"host memory group for each kernel under test: {about}")
+                self.group_said = True
             kut = Child(
                 "kut",
                 argv,
@@ -333,6 +342,7 @@ class Runner:
                 system_map=str(build.dir / "System.map"),
                 env=decision.qemu.env,
                 view_dir=spec.rootfs_dir if spec.root_view else None,
+                cgroup_procs=group.procs if group else None,
             )
             started = time.time()
             try:
@@ -346,6 +356,11 @@ class Runner:
             if defused := defuse_guest_files(cell_dir):
                 warn(f"cell {cell.id}: removed or made safe what guests left in results: {', '.join(defused[:10])}")
             exit_info = self._exit_record(cell, cell_dir)
+            if exit_info is None and group and group.oom_kills():
+                raise GuestError(
+                    f"kut's QEMU was OOM-killed inside its host memory group ({limit_mb} MiB: guest RAM + "
+                    f"{GROUP_SLACK_MB} MiB); console:\n{tail(spec.console)}"
+                )
             if exit_info is None:
                 raise GuestError(
                     f"kut exited without exit.json (QEMU status {kut.returncode}: 0 with -no-reboot "
@@ -382,6 +397,8 @@ class Runner:
             )
         finally:
             stop_all()
+            if group:
+                group.remove()
             defuse_guest_files(cell_dir)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,10 +2,12 @@
 repetition set through --set (the same config). Asserts the science, not just that files exist."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -42,7 +44,8 @@ def e2e(builds, qemu, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --run-id e2e".split()]
     cmd += ["--output", str(out), *[a for s in QUICK for a in ("--set", s)]]
-    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400)
+    env = dict(os.environ, COLUMNS="400")  # terminal lines unfolded, to be read back whole
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400, env=env)
     print(r.stdout[-5000:], r.stderr[-5000:])
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = out / "shrinker-ab" / "e2e"
@@ -147,6 +150,14 @@ def test_report_verdict_rows_and_valid_pngs(e2e):
         img = mpimg.imread(p)
         assert img.shape[0] > 300 and img.shape[1] > 600 and np.std(img[..., :3]) > 0.02, p.name
     assert "report.html" in e2e["stdout"] and re.search(r"\|\s*phase\s*\|\s*level\s*\|\s*metric\s*\|", e2e["stdout"])
+
+
+def test_each_kernel_under_test_ran_in_a_host_memory_group_removed_after_it(e2e):
+    said = re.search(r"host memory group for each kernel under test: (\S+), capped at (\d+) MiB", e2e["stderr"])
+    assert said, e2e["stderr"][-3000:]
+    group = Path(said.group(1))
+    assert group.name.startswith("nestpress-e2e-") and int(said.group(2)) > 1536
+    assert not list(group.parent.glob("nestpress-e2e-*"))  # every cell's group is gone
 
 
 def test_report_regenerates_from_tables_and_truncated_run_is_incomplete(e2e, tmp_path):

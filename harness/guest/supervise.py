@@ -61,14 +61,24 @@ def tail(path: str, lines: int = 20) -> str:
         return "(no console output)"
 
 
-def _spawn(argv: list[str], stdout, stderr, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(
+    argv: list[str], stdout, stderr, env: dict[str, str] | None = None, cgroup_procs: str | None = None
+) -> subprocess.Popen:
+    """cgroup_procs: the process joins that cgroup before it execs, so all it ever allocates is charged there."""
+
+    def before_exec() -> None:
+        _die_with_parent()
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as f:
+                f.write(str(os.getpid()))
+
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=before_exec,
         env=dict(os.environ, **env) if env else None,
     )
 
@@ -130,7 +140,8 @@ class Child:
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
     system_map: the guest kernel's System.map, to name the function each vCPU is in. env: added to QEMU's
     environment (a private QEMU's module directory). view_dir: where a 9p root's view of / was mounted
-    (in QEMU's own namespace; here an empty directory), removed at stop.
+    (in QEMU's own namespace; here an empty directory), removed at stop. cgroup_procs: the host memory
+    group QEMU and the server join (host.MemoryGroup).
     """
 
     def __init__(
@@ -145,9 +156,11 @@ class Child:
         system_map: str | None = None,
         env: dict[str, str] | None = None,
         view_dir: str | None = None,
+        cgroup_procs: str | None = None,
     ):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.view_dir = view_dir
+        self.cgroup_procs = cgroup_procs
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
         self.monitor, self.system_map, self.env = monitor, system_map, env
@@ -169,12 +182,12 @@ class Child:
         _LIVE.add(self)
         if self.rootfs_server:
             self._serve_root()
-        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.env)
+        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.env, self.cgroup_procs)
 
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
         with open(log, "wb") as f:
-            self.server = _spawn(self.rootfs_server.argv, f, subprocess.STDOUT)
+            self.server = _spawn(self.rootfs_server.argv, f, subprocess.STDOUT, cgroup_procs=self.cgroup_procs)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.rootfs_server.socket):
             if self.server.poll() is not None or time.monotonic() > deadline:
