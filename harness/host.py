@@ -308,7 +308,9 @@ class MemoryGroup:
 
     @classmethod
     def create(cls, name: str, limit_mb: int) -> tuple[MemoryGroup | None, str]:
-        """The group, and what to say about it; (None, why) where this host gives us none."""
+        """The group, and what to say about it; (None, why) where this host gives us none. `name` ends
+        with the creating process's pid: a group whose creator was killed (SIGKILL runs no cleanup) is
+        removed by the next run, once it is empty."""
         if (CGROUP / "cgroup.controllers").exists():
             if "memory" not in (CGROUP / "cgroup.subtree_control").read_text().split():
                 return None, "cgroup v2 without the memory controller delegated from the root"
@@ -319,6 +321,7 @@ class MemoryGroup:
                 return None, "no cgroup memory controller mounted"
             path = CGROUP / "memory" / own[0].lstrip("/") / f"nestpress-{name}"
             limits = {"memory.limit_in_bytes": limit_mb << 20, "memory.memsw.limit_in_bytes": limit_mb << 20}
+        _sweep(path.parent)
         try:
             path.mkdir()
             for file, value in limits.items():
@@ -349,6 +352,20 @@ class MemoryGroup:
             except OSError:
                 time.sleep(0.1)
         warn(f"{self.path}: still has processes; left in place")
+
+
+def _sweep(parent: Path) -> None:
+    for stale in parent.glob("nestpress-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):  # still has processes: not ours to end
+                stale.rmdir()
+        except PermissionError:
+            pass
 
 
 def decide_environment(matrix: Matrix) -> Environment:

@@ -164,12 +164,15 @@ class Remote:
         if c.is_connected:
             return
         known = Path(os.environ.get("NESTPRESS_KNOWN_HOSTS") or Path.home() / ".ssh" / "known_hosts")
-        for path in (Path("/etc/ssh/ssh_known_hosts"), known):
-            if path.exists():
-                c.client.get_host_keys().load(str(path))
-        c.client.set_missing_host_key_policy(
-            _TrustOnFirstUse(known) if self.accept_new_host else paramiko.RejectPolicy()
-        )
+        hop: object = c
+        while isinstance(hop, Connection):  # the host and every jump host (ProxyJump) before it: one policy
+            for path in (Path("/etc/ssh/ssh_known_hosts"), known):
+                if path.exists():
+                    hop.client.get_host_keys().load(str(path))
+            hop.client.set_missing_host_key_policy(
+                _TrustOnFirstUse(known) if self.accept_new_host else paramiko.RejectPolicy()
+            )
+            hop = hop.gateway
         c.connect_timeout = CONNECT_TIMEOUT_S
         c.connect_kwargs.setdefault("banner_timeout", CONNECT_TIMEOUT_S)
         c.connect_kwargs.setdefault("auth_timeout", CONNECT_TIMEOUT_S)
@@ -177,15 +180,17 @@ class Remote:
             c.open()
         except paramiko.BadHostKeyException as e:
             raise RemoteError(
-                f"{self.name}: host key CHANGED: it offers {e.key.get_name()} {fingerprint(e.key)}, known_hosts "
-                f"has {fingerprint(e.expected_key)}; refused (if the host was reinstalled, remove its old key)"
+                f"{self.name}: host key of {e.hostname} CHANGED: it offers {e.key.get_name()} {fingerprint(e.key)}, "
+                f"known_hosts has {fingerprint(e.expected_key)}; refused (if the host was reinstalled, remove its "
+                "old key)"
             ) from None
         except paramiko.AuthenticationException as e:
             raise RemoteError(f"{self.name}: authentication failed ({e}); check the user and key (-i)") from None
         except paramiko.SSHException as e:
             if "not found in known_hosts" in str(e):
+                server = str(e).split("'")[1] if str(e).count("'") >= 2 else c.host
                 raise RemoteError(
-                    f"{self.name}: unknown host key - verify it and add it to ~/.ssh/known_hosts, "
+                    f"{self.name}: unknown host key of {server} - verify it and add it to ~/.ssh/known_hosts, "
                     "or pass --accept-new-host to trust it on first use"
                 ) from None
             raise RemoteError(f"{self.name}: SSH error: {e}") from None

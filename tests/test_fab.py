@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -185,7 +186,7 @@ def test_unknown_host_key_is_trusted_on_first_use_only_when_asked_and_a_changed_
         f"[127.0.0.1]:{hosts[0].port} " + " ".join((other.with_suffix(".pub")).read_text().split()[:2]) + "\n"
     )
     r = fab(keys, "doctor", "--accept-new-host", *remote_dir(rdir), hosts=[hosts[0]], known=known)
-    assert r.returncode != 0 and "host key CHANGED" in r.stdout + r.stderr  # even with --accept-new-host
+    assert r.returncode != 0 and "CHANGED" in r.stdout + r.stderr  # even with --accept-new-host
 
 
 def test_unreachable_host_fails_fast(keys):
@@ -262,6 +263,34 @@ def test_code_ships_by_content_and_a_running_job_keeps_its_own(keys, hosts, tmp_
     finally:
         job.kill()
         job.wait()
+
+
+def test_jump_hosts_get_the_same_host_key_policy(keys, hosts, tmp_path, monkeypatch):
+    """ProxyJump: the jump host's key is checked like the host's (Fabric would add any key on its own)."""
+    target, jump = hosts
+    known = tmp_path / "known_hosts"
+    known.write_text(target.known_host + "\n")  # the host is known, the jump host is not
+    monkeypatch.setenv("NESTPRESS_KNOWN_HOSTS", str(known))
+    key = {"key_filename": str(keys / "id")}
+
+    def via_jump(accept_new_host: bool) -> Remote:
+        gateway = Connection("127.0.0.1", user="root", port=jump.port, connect_kwargs=key)
+        c = Connection("127.0.0.1", user="root", port=target.port, connect_kwargs=key, gateway=gateway)
+        return Remote(c, str(tmp_path / "remote"), accept_new_host=accept_new_host)
+
+    with pytest.raises(RemoteError, match=rf"unknown host key of \[127.0.0.1\]:{jump.port}"):
+        via_jump(False).connect()
+    r = via_jump(True)
+    r.connect()  # trusted on first use, and saved
+    assert r.sh("echo through").stdout.strip() == "through" and f"[127.0.0.1]:{jump.port} " in known.read_text()
+    r.c.close()
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    forged = " ".join(other.with_suffix(".pub").read_text().split()[:2])
+    known.write_text(f"{target.known_host}\n[127.0.0.1]:{jump.port} {forged}\n")
+    fp = subprocess.run(["ssh-keygen", "-l", "-f", str(jump.root / "host_key.pub")], capture_output=True, text=True)
+    with pytest.raises(RemoteError, match=re.escape(f"CHANGED: it offers ssh-ed25519 {fp.stdout.split()[1]}")):
+        via_jump(True).connect()  # the jump host's own key, refused even with --accept-new-host
 
 
 def test_a_host_without_sftp_is_told_in_one_line(keys, tmp_path):

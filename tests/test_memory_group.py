@@ -28,3 +28,24 @@ def test_a_process_over_its_group_limit_dies_in_the_group_not_on_the_host(tmp_pa
     finally:
         group.remove()
     assert not group.path.exists()
+
+
+def test_a_group_whose_creator_was_killed_is_removed_by_the_next_run():
+    probe, _ = MemoryGroup.create(f"probe-{os.getpid()}", 64)
+    assert probe is not None
+    probe.remove()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = probe.path.parent / f"nestpress-killed-run-{gone.pid}"
+    stale.mkdir()  # as a run that was SIGKILLed leaves it: empty, its pid dead
+    live = probe.path.parent / f"nestpress-live-run-{os.getpid()}"
+    live.mkdir()
+    try:
+        group, about = MemoryGroup.create(f"next-{os.getpid()}", 64)
+        assert group is not None, about
+        group.remove()
+        assert not stale.exists() and live.exists()
+    finally:
+        for d in (stale, live):
+            if d.exists():
+                d.rmdir()
