@@ -28,9 +28,9 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment, Variant
-from .errors import BuildError, KconfigError, PatchError
+from .errors import BuildError, HarnessError, KconfigError, PatchError
 from .patches import PatchVariant, apply, load_series, revert, undo_partial, verify
-from .source import PreparedSource, check_present, prepare
+from .source import PreparedSource, check_present, prepare, source_version
 from .util import (
     atomic_dir,
     default_cache,
@@ -75,10 +75,13 @@ def fragment_paths(exp: Experiment) -> list[Path]:
     return out
 
 
-def check_inputs(exp: Experiment) -> None:
-    """What a build would refuse, found without building: the source, the fragments, each series and its
-    named patch variant (which variant `auto` picks needs the kernel's version: the build says)."""
+def check_inputs(exp: Experiment) -> list[str]:
+    """What a build would refuse, found without building: the source and its kernel version (read from its
+    Makefile), the fragments, each series and the patch variant it resolves to for that version. Returns
+    what it resolved, to be said."""
     check_present(exp.source)
+    version = source_version(exp.source)
+    resolved = [f"kernel source: {version}" if version else "kernel source: version known once the build fetches it"]
     fragment_paths(exp)
     for v in exp.variants:
         if v.series:
@@ -88,6 +91,13 @@ def check_inputs(exp: Experiment) -> None:
                     f"variant {v.name}: series {v.series} has no patch variant '{v.patch_variant}' "
                     f"(it has: {', '.join(pv.name for pv in series.variants)})"
                 )
+            if version is not None:
+                try:
+                    chosen = series.select(version, v.patch_variant)
+                except HarnessError as e:
+                    raise type(e)(f"variant {v.name}: {e}") from None
+                resolved.append(f"variant {v.name}: series {v.series}, patch variant {chosen.name}")
+    return resolved
 
 
 def base_identity(base: str) -> str:

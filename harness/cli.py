@@ -36,11 +36,13 @@ def cmd_validate(args) -> int:
     from .schedule import check
 
     matrix = _matrix(args)
-    check_inputs(matrix.experiment)
+    resolved = check_inputs(matrix.experiment)
     env = decide_environment(matrix)
     for cell in matrix.cells:
         check(cell.config, env.topology(cell).kind)
     print(describe(matrix))
+    for line in resolved:
+        print(f"  {line}")
     if len(matrix.cells) > MAX_CELLS_UNASKED:
         print(f"  {len(matrix.cells)} cells: run and experiment will want --yes")
     for d in env.topologies.values():

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,17 +48,45 @@ def makefile_version(tree: Path) -> KernelVersion:
     mk = tree / "Makefile"
     if not mk.exists():
         raise SourceError(f"{tree}: no top-level Makefile, not a kernel tree")
-    head = mk.read_text(errors="replace")[:2000]
+    return _parse_version(mk.read_text(errors="replace")[:2000], str(mk))
+
+
+def source_version(src: Source) -> KernelVersion | None:
+    """The kernel version a source holds, read without unpacking it (the top-level Makefile only), so that
+    validate can resolve patch variants; None for a remote git URL (the build resolves it)."""
+    where = Path(src.where).expanduser()
+    if src.kind == "local":
+        return makefile_version(where)
+    if src.kind == "tarball":
+        try:
+            with tarfile.open(where, "r|*") as tar:  # streamed: stops at the Makefile, near the start
+                for m in tar:
+                    if m.isfile() and m.name.lstrip("./").count("/") <= 1 and m.name.endswith("Makefile"):
+                        f = tar.extractfile(m)
+                        if f is not None and m.name.rsplit("/", 1)[-1] == "Makefile":
+                            return _parse_version(f.read(2000).decode(errors="replace"), f"{where}:{m.name}")
+        except (tarfile.TarError, OSError) as e:
+            raise SourceError(f"kernel tarball {where}: unreadable ({e})") from None
+        raise SourceError(f"kernel tarball {where}: no top-level Makefile, not a kernel source")
+    if where.is_dir():  # a local git repository: its ref's Makefile
+        r = run(["git", "-C", str(where), "show", "--end-of-options", f"{src.ref}:Makefile"], capture=True, check=False)
+        if r.returncode != 0:
+            raise SourceError(f"git {where}: ref {src.ref} has no Makefile ({r.stderr.strip()[-200:]})")
+        return _parse_version(r.stdout[:2000], f"{where}@{src.ref}:Makefile")
+    return None
+
+
+def _parse_version(head: str, where: str) -> KernelVersion:
     fields = {}
     for key in ("VERSION", "PATCHLEVEL", "SUBLEVEL", "EXTRAVERSION"):
-        m = re.search(rf"^{key}\s*=\s*(.*)$", head, re.M)
+        m = re.search(rf"^{key}[ \t]*=[ \t]*(.*)$", head, re.M)
         fields[key] = m.group(1).strip() if m else ""
     try:
         return KernelVersion(
             int(fields["VERSION"]), int(fields["PATCHLEVEL"]), int(fields["SUBLEVEL"] or 0), fields["EXTRAVERSION"]
         )
     except ValueError:
-        raise SourceError(f"{mk}: cannot read VERSION/PATCHLEVEL/SUBLEVEL ({fields})") from None
+        raise SourceError(f"{where}: cannot read VERSION/PATCHLEVEL/SUBLEVEL ({fields})") from None
 
 
 def _tree_fingerprint(tree: Path) -> str:

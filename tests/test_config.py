@@ -106,6 +106,34 @@ def test_validate_finds_missing_build_inputs_without_building(tmp_path):
         load("shrinker-ab", ["repetitions=[1"])
 
 
+def test_validate_resolves_the_patch_variant_for_the_sources_version(tmp_path):
+    import tarfile
+
+    from harness.build import check_inputs
+    from harness.errors import UnsupportedKernel
+
+    def kernel(version: str, kind: str) -> list[str]:
+        major, minor, sub = version.split(".")
+        tree = tmp_path / f"linux-{version}"
+        tree.mkdir()
+        (tree / "Makefile").write_text(
+            f"# SPDX\nVERSION = {major}\nPATCHLEVEL = {minor}\nSUBLEVEL = {sub}\nEXTRAVERSION =\nNAME = Some Name\n"
+        )
+        if kind == "local":
+            return [f"source={{kind: local, path: {tree}}}"]
+        with tarfile.open(tmp_path / f"{tree.name}.tar.xz", "w:xz") as tar:
+            tar.add(tree, arcname=tree.name)
+        return [f"source.path={tmp_path / tree.name}.tar.xz"]
+
+    resolved = check_inputs(load("shrinker-ab", kernel("6.1.99", "tarball")).experiment)
+    assert resolved[0] == "kernel source: 6.1.99" and "patch variant v6.0-6.6" in resolved[1]
+    assert "kernel source: 6.11.2" in check_inputs(load("shrinker-ab", kernel("6.11.2", "local")).experiment)
+    with pytest.raises(UnsupportedKernel, match=r"variant patched: kernel 6\.14\.1: .* upstream since 6\.13"):
+        check_inputs(load("shrinker-ab", kernel("6.14.1", "tarball")).experiment)
+    with pytest.raises(UnsupportedKernel, match=r"variant patched: kernel 5\.4\.0: no variant of series"):
+        check_inputs(load("shrinker-ab", kernel("5.4.0", "local")).experiment)
+
+
 def test_bad_override_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no list element named or numbered 'nope'"):
         load(write(tmp_path, MINIMAL), ["phases.nope.duration_s=3"])
