@@ -354,6 +354,25 @@ class MemoryGroup:
         warn(f"{self.path}: still has processes; left in place")
 
 
+def export_model(results: Path) -> tuple[str, str]:
+    """The 9p security model of the kernel under test's results export on this host, and why. mapped-xattr:
+    what the guest's root creates is, on the host, a plain root-owned file of mode 0600 or 0700 (ownership,
+    modes, links and device nodes live in user.virtfs.* xattrs), so no setuid file, link or device node a
+    guest makes ever exists on the host. It needs user xattrs on the results file system; without them,
+    `none` (the guest writes as root) and the host defuses what is left once the guest is off."""
+    probe = results / f".xattr-probe-{os.getpid()}"
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        os.setxattr(probe, "user.nestpress", b"1")
+        return "mapped-xattr", f"{results}: user xattrs work, guest ownership and modes are mapped into them"
+    except OSError as e:
+        return "none", f"{results}: no user xattrs ({e.strerror}): the guest writes as root, defused after"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 def _sweep(parent: Path) -> None:
     for stale in parent.glob("nestpress-*"):
         pid = stale.name.rsplit("-", 1)[-1]

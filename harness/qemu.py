@@ -53,6 +53,7 @@ class GuestSpec:
     thp: str = "never"  # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
     qemu: tuple[str, ...] = ("qemu-system-x86_64",)  # the command that starts it (host.Qemu.command)
     bios: str | None = None  # firmware (host.Qemu.qboot); None: QEMU's default, SeaBIOS
+    export_model: str = "none"  # 9p security_model of the results export (host.export_model for the host's)
 
     @property
     def rootfs_socket(self) -> str:
@@ -151,7 +152,7 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
             "initramfs": ["-initrd", str(spec.initrd)],
         }[spec.rootfs],
         "-fsdev",
-        f"local,id=out,path={opt(spec.export)},security_model=none",
+        f"local,id=out,path={opt(spec.export)},security_model={spec.export_model}",
         "-device",
         "virtio-9p-pci,fsdev=out,mount_tag=nestout",
     ]
@@ -211,6 +212,7 @@ def build_plan(
     warm_timeout_s: float,
     swap_image: Path | None,
     l2_initrd: Path | None = None,
+    export_model: str = "none",
 ) -> tuple[GuestSpec, GuestPlan]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
     The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
@@ -301,6 +303,7 @@ def build_plan(
         qemu=tuple(qemu.command),
         bios=qemu.qboot,
         swap_image=str(swap_image) if swap_image else None,
+        export_model=export_model,
     )
     plan = guest_plan("kut", "kut", l1s)
     plan.swap_device = KUT_SWAP_DEVICE if kut.swap_image else None

@@ -30,7 +30,7 @@ from .config import Cell, Matrix
 from .errors import ConfigError, GuestError, HarnessError, PressureError
 from .guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, ExitKind, ExitRecord
 from .guest.supervise import Child, stop_all, tail
-from .host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor
+from .host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor, export_model
 from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
 from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
 from .results import Problems, guest_records
@@ -133,6 +133,7 @@ class Runner:
         self.cell_times: list[float] = []
         self.l2_initrd: Path | None = None
         self.group_said = False
+        self.export_model = "none"
 
     # -- manifest -----------------------------------------------------------------------------
     def _manifest(self, builds: dict[str, BuildResult]) -> Manifest:
@@ -217,6 +218,8 @@ class Runner:
         if not any(self.run_dir.is_relative_to(p) for p in (REPO_ROOT, Path.cwd().resolve())):
             log(f"results go outside the project, as the config or --output says: {self.run_dir}", style="yellow")
         lock = lock_run_dir(self.run_dir)
+        self.export_model, why = export_model(self.run_dir)
+        (log if self.export_model != "none" else warn)(f"results export: 9p security_model={self.export_model} ({why})")
         try:
             return self._run_cells(builds)
         finally:
@@ -320,6 +323,7 @@ class Runner:
                 warm_s,
                 swap,
                 self.l2_initrd,
+                self.export_model,
             )
             guest_plan.cell = cell.id
             guest_plan.save(str(cell_dir / "plan.json"))

@@ -370,6 +370,19 @@ def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
     assert not any("readonly=on" in a.replace(",,", "\0").split(",") for a in argv)
 
 
+def test_the_hosts_export_maps_guest_ownership_where_user_xattrs_work(tmp_path):
+    from dataclasses import replace
+
+    from harness.host import export_model
+    from harness.qemu import GuestSpec, qemu_argv
+
+    model, why = export_model(tmp_path / "run")
+    assert model == "mapped-xattr" and "user xattrs work" in why  # tmp_path: ext4 here and on CI
+    assert not list((tmp_path / "run").iterdir())  # its probe file is gone
+    spec = GuestSpec("kut", "kut", "/k/bzImage", 512, 1, "tcg", "/r/cell", "/r/cell/console.log", "/usr/bin/python3")
+    assert "local,id=out,path=/r/cell,security_model=mapped-xattr" in qemu_argv(replace(spec, export_model=model))
+
+
 def test_nested_l2_needs_its_initramfs(tmp_path):
     exp = load("shrinker-ab", ["topology.kind=nested"]).experiment
     with pytest.raises(ValueError, match="initramfs"):
