@@ -91,13 +91,16 @@ def cmd_run(args, report: bool = False) -> int:
         i, n = (int(x) for x in args.shard.split("/"))
         matrix.cells = matrix.shard(i, n)
         log(f"shard {i}/{n}: {len(matrix.cells)} cell(s) on this host")
-    from .config import describe
+    from .config import check_output, describe
     from .run import Runner, find_run_dir
 
     console.print(describe(matrix))
     check_size(matrix, args.yes)
-    if args.output and ".." in Path(args.output).parts:
-        raise ConfigError(f"--output {args.output!r}: a directory path without '..'")
+    if args.output:
+        try:
+            check_output(args.output)
+        except ValueError as e:
+            raise ConfigError(f"--output {e}") from None
     run_dir = find_run_dir(matrix, args.run_id, args.resume, Path(args.output) if args.output else None)
     try:
         Runner(matrix, run_dir, default_cache(), _reproduce(args)).run()

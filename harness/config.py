@@ -239,6 +239,13 @@ class Boot(Strict):
     )
 
 
+def check_output(output: str) -> str:
+    """A results root (config `output:` or --output) is a plain directory path: never one that climbs."""
+    if not output.strip() or ".." in Path(output).parts or "\0" in output:
+        raise ValueError(f"{output!r}: a directory path without '..' (absolute, or relative to where you run)")
+    return output
+
+
 class Experiment(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -260,9 +267,7 @@ class Experiment(Strict):
     @field_validator("output")
     @classmethod
     def _output_is_a_plain_path(cls, output: str) -> str:
-        if not output.strip() or ".." in Path(output).parts or "\0" in output:
-            raise ValueError(f"{output!r}: a directory path without '..' (absolute, or relative to where you run)")
-        return output
+        return check_output(output)
 
     @field_validator("variants", "phases")
     @classmethod

@@ -72,9 +72,10 @@ def content_id(files: list[tuple[str, Path]]) -> str:
     """Names what is shipped by what it is (names, shipped modes, bytes): the same tree ships once."""
     h = hashlib.sha256()
     for arcname, path in sorted(files):
+        data = path.read_bytes()
         mode = stat.S_IMODE(path.stat().st_mode) & ~0o022
-        h.update(f"{arcname}\0{mode:o}\0{path.stat().st_size}\0".encode())
-        h.update(path.read_bytes())
+        h.update(f"{arcname}\0{mode:o}\0{len(data)}\0".encode())
+        h.update(data)
     return h.hexdigest()[:16]
 
 

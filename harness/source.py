@@ -61,10 +61,9 @@ def source_version(src: Source) -> KernelVersion | None:
         try:
             with tarfile.open(where, "r|*") as tar:  # streamed: stops at the Makefile, near the start
                 for m in tar:
-                    if m.isfile() and m.name.lstrip("./").count("/") <= 1 and m.name.endswith("Makefile"):
-                        f = tar.extractfile(m)
-                        if f is not None and m.name.rsplit("/", 1)[-1] == "Makefile":
-                            return _parse_version(f.read(2000).decode(errors="replace"), f"{where}:{m.name}")
+                    parts = Path(m.name).parts
+                    if m.isfile() and len(parts) <= 2 and parts[-1] == "Makefile" and (f := tar.extractfile(m)):
+                        return _parse_version(f.read(2000).decode(errors="replace"), f"{where}:{m.name}")
         except (tarfile.TarError, OSError) as e:
             raise SourceError(f"kernel tarball {where}: unreadable ({e})") from None
         raise SourceError(f"kernel tarball {where}: no top-level Makefile, not a kernel source")
