@@ -72,6 +72,7 @@ def _reproduce(args) -> str:
 
 
 MAX_CELLS_UNASKED = 100
+EXIT_INCONCLUSIVE = 3  # every cell complete, but a phase did not deliver its pressure or a variant measured nothing
 
 
 def check_size(matrix, yes: bool) -> None:
@@ -84,7 +85,7 @@ def check_size(matrix, yes: bool) -> None:
 
 def cmd_run(args, report: bool = False) -> int:
     from .manifest import Manifest
-    from .report import generate
+    from .report import analyze, generate
 
     matrix = _matrix(args)
     if args.shard:
@@ -108,8 +109,8 @@ def cmd_run(args, report: bool = False) -> int:
         if report and (run_dir / "manifest.json").exists():  # an interrupted run still gets its report
             console.print(f"report of what was measured (incomplete): {generate(run_dir).html}")
         raise
+    result = generate(run_dir) if report else analyze(run_dir, rebuild_tables=True)
     if report:
-        result = generate(run_dir)
         print(f"verdict:\n\n{result.verdict_markdown()}\n")
         print(f"report: {result.html}")
     print(f"run directory: {run_dir}")
@@ -117,7 +118,20 @@ def cmd_run(args, report: bool = False) -> int:
     if status != "complete":
         console.print(f"[bold red]run {status}[/bold red]: some cells failed; the report lists them", markup=True)
         return 1
-    return 0
+    return conclusion(result)
+
+
+def conclusion(result) -> int:
+    """A complete run's exit status: 0, or EXIT_INCONCLUSIVE with one line that says where and why."""
+    if result.conclusive:
+        return 0
+    said = [f"no latency samples from {v}" for v in result.unmeasured] + list(result.undelivered.values())
+    console.print(
+        f"[bold yellow]run complete, but INCONCLUSIVE where it says (exit status {EXIT_INCONCLUSIVE}):[/bold yellow] "
+        + "; ".join(said),
+        markup=True,
+    )
+    return EXIT_INCONCLUSIVE
 
 
 def cmd_report(args) -> int:

@@ -158,10 +158,18 @@ class Workload(Strict):
 
 
 class GlobalPressure(Strict):
-    target_available_mb: int = Field(96, ge=16, description="hog grows until MemAvailable falls to this")
+    target_available_mb: int = Field(
+        96, ge=16, description="in the phase the hog grows until MemAvailable falls to this and reclaim scans start"
+    )
     overshoot_mb: int = Field(384, ge=0, description="then grows this much further into swap")
+    headroom_mb: int = Field(
+        256,
+        ge=0,
+        description="before the phase starts the hog takes free memory down to target + this (no pressure yet), "
+        "so that the phase itself is reclaim however much memory the kernel under test had free",
+    )
     chunk_mb: int = Field(32, ge=1)
-    ramp_s: float = Field(5.0, ge=0)
+    ramp_s: float = Field(5.0, ge=0, description="spreads the in-phase growth (headroom + overshoot) over this")
 
 
 class Pressure(Strict):
@@ -172,7 +180,9 @@ class Pressure(Strict):
     root_reclaim_period_s: float = Field(3.0, gt=0)
     shrinker_scan_objects: int = Field(1024, ge=1, description="objects asked per debugfs scan write")
     shrinker_scan_period_s: float = Field(3.0, gt=0)
-    memcg_limit_mb: int = Field(64, ge=8, description="memory.max of the control hog")
+    memcg_limit_mb: int = Field(
+        64, ge=8, description="memory.high of the control hog's group (its memory.max: this + the hog + 64 MiB)"
+    )
     memcg_hog_mb: int = Field(512, ge=8, description="what the control hog tries to allocate")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
@@ -196,12 +206,29 @@ class Sampler(Strict):
     trace_shrinker: bool = Field(True, description="count vmscan/mm_shrink_slab_start events of the KVM shrinker")
 
 
+class Checks(Strict):
+    """What a cell must show to count (else it failed and is retried), and what a phase must show to have
+    delivered its pressure (else its A/B rows are inconclusive and the run ends with exit status 3)."""
+
+    min_intervals_per_phase: int = Field(
+        2, ge=1, description="probe histograms (one per probe interval) each probe level must write in every phase"
+    )
+    max_probe_gap_s: float = Field(
+        30.0, gt=0, description="longest silence of a probe during the phases before its guest counts as stalled"
+    )
+    memcg_min_events: int = Field(
+        50, ge=1, description="memory.events max+high the memcg-limit control must raise in its group"
+    )
+
+
 class Boot(Strict):
     timeout_s: dict[str, float] = Field(
         default_factory=lambda: {"kut": 120.0, "l1": 300.0, "l2": 900.0},
         description="per level: QEMU start to agent ready",
     )
-    retries: int = Field(1, ge=0, le=5, description="reruns of a cell whose guests failed to boot")
+    retries: int = Field(
+        1, ge=0, le=5, description="reruns of a cell whose guests failed to boot or that fell short of `checks`"
+    )
 
     @field_validator("hidden")
     @classmethod
@@ -220,7 +247,11 @@ class Boot(Strict):
             raise ValueError(f"timeouts must be over 0 s and at most a day: {bad}")
         return t
 
-    on_guest_failure: Literal["fail", "continue"] = "continue"
+    on_guest_failure: Literal["fail", "continue"] = Field(
+        "continue",
+        description="fail: any guest that fails to boot or dies fails the cell; continue: the cell goes on "
+        "with the others (it still fails if a probing level then lacks samples: `checks`)",
+    )
     kvm_trace_on_failure: bool = Field(
         False,
         description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
@@ -261,6 +292,7 @@ class Experiment(Strict):
     phases: list[Phase] = Field(min_length=1)
     sampler: Sampler = Sampler()
     boot: Boot = Boot()
+    checks: Checks = Checks()
     repetitions: int = Field(3, ge=1, le=100)
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 

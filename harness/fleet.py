@@ -197,20 +197,24 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
 
     outcomes = run_on_hosts(remotes, one)
     _merge_manifests(local_run, hosts_by_cell)
-    failed = {h: o for h, o in outcomes.items() if o != 0}
+    failed = {h: o for h, o in outcomes.items() if o not in (0, cli.EXIT_INCONCLUSIVE)}  # judged on the merged run
     for h, o in failed.items():
         warn(
             f"{h}: "
             + (f"failed: {o}" if isinstance(o, BaseException) else f"exited {o}")
             + " - its cells are reported as missing"
         )
-    if local_run.exists() and (local_run / "manifest.json").exists():
-        from .report import generate
+    if not (local_run / "manifest.json").exists():
+        return 1
+    from .report import analyze, generate
 
-        if request.task == "experiment" or failed:
-            print(f"report: {generate(local_run).html}")
-        print(f"run directory: {local_run}")
-    return 1 if failed else 0
+    if request.task == "experiment" or failed:
+        result = generate(local_run)
+        print(f"report: {result.html}")
+    else:
+        result = analyze(local_run, rebuild_tables=True)
+    print(f"run directory: {local_run}")
+    return 1 if failed else cli.conclusion(result)
 
 
 def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:

@@ -237,6 +237,15 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
     return rows
 
 
+def _frames(rows: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
+    return {t: pd.DataFrame(r, columns=COLUMNS[t]) for t, r in rows.items()}
+
+
+def cell_frames(cell_dir: Path, cell: CellEntry, problems: Problems | None = None) -> dict[str, pd.DataFrame]:
+    """One cell's tables (without its status row): what the host checks when the cell ends."""
+    return _frames(collect_cell(cell_dir, cell, problems))
+
+
 def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -> dict:
     d = run_dir / "cells" / cell.id
     record = cell_record(run_dir, cell.id)
@@ -290,7 +299,7 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
             warn(f"cell {cell.id}: {status['status']}" + (" (no directory: it never ran)" if not d.exists() else ""))
         for p in problems:
             warn(f"cell {cell.id}: {p}")
-    frames = {t: pd.DataFrame(r, columns=COLUMNS[t]) for t, r in rows.items()}
+    frames = _frames(rows)
     out = run_dir / "tables"
     out.mkdir(exist_ok=True)
     for name, df in frames.items():

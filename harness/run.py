@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import REPO_ROOT, initramfs
+from . import REPO_ROOT, health, initramfs
 from .build import Builder, BuildResult
 from .config import Cell, Matrix
 from .errors import ConfigError, GuestError, HarnessError, PressureError
@@ -32,8 +32,8 @@ from .guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, Exit
 from .guest.supervise import Child, stop_all, tail
 from .host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor, export_model
 from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
-from .qemu import build_plan, dry_run, qemu_argv, rootfs_server
-from .results import Problems, guest_records
+from .qemu import build_plan, dry_run, probe_levels, qemu_argv, rootfs_server
+from .results import Problems, cell_frames, guest_records
 from .schedule import check as check_sizes
 from .schedule import check_kernel
 from .util import (
@@ -389,6 +389,17 @@ class Runner:
                     f"guest failure(s) in {cell.id}: "
                     + "; ".join(str(e.get("error", e["kind"]))[:300] for e in failures)
                 )
+            entry = CellEntry(id=cell.id, variant=cell.variant, repetition=cell.repetition, order=cell.order)
+            short = health.shortfalls(
+                cell_frames(cell_dir, entry),
+                cell_dir,
+                exp.checks,
+                [p.name for p in exp.phases],
+                probe_levels(exp, decision.kind),
+                exp.sampler.interval_s,
+            )
+            if short:
+                raise GuestError(f"cell {cell.id} did not measure what it was for: " + "; ".join(short))
             return CellRecord(
                 status="complete",
                 attempt=0,

@@ -141,6 +141,7 @@ def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: 
             global_hog=GlobalHog(
                 target_available_mb=g.target_available_mb,
                 overshoot_mb=g.overshoot_mb,
+                headroom_mb=g.headroom_mb,
                 chunk_mb=g.chunk_mb,
                 ramp_s=g.ramp_s,
             ),

@@ -198,17 +198,31 @@ def verdict(c: dict, *, tcg: bool, baseline_shrinker_ran: bool) -> tuple[str, st
     return said, ""
 
 
-def ab_table(metrics: pd.DataFrame, baseline: str, tcg: bool, baseline_shrinker_ran: bool) -> pd.DataFrame:
-    """One row per metric x phase x level x non-baseline variant."""
+def ab_table(
+    metrics: pd.DataFrame,
+    baseline: str,
+    tcg: bool,
+    baseline_shrinker_ran: bool,
+    variants: list[str] | None = None,
+    undelivered: dict[tuple[str, str], str] | None = None,
+) -> pd.DataFrame:
+    """One row per metric x phase x level x non-baseline variant (every one of `variants`, measured or not).
+    A row whose phase did not deliver its pressure on either side (undelivered: (variant, phase) -> why), or
+    that lacks one side's samples, is inconclusive and says so."""
     rows = []
     if metrics.empty:
         return pd.DataFrame()
+    undelivered = undelivered or {}
     for (phase, level, metric), g in metrics.groupby(["phase", "level", "metric"], sort=False):
         a = g[g["variant"] == baseline]["value"].to_numpy()
-        for variant in sorted(set(g["variant"]) - {baseline}):
+        for variant in sorted((set(g["variant"]) | set(variants or [])) - {baseline}):
             b = g[g["variant"] == variant]["value"].to_numpy()
             c = compare(a, b)
             v, why = verdict(c, tcg=tcg, baseline_shrinker_ran=baseline_shrinker_ran)
+            blocked = [undelivered[k] for k in ((baseline, phase), (variant, phase)) if k in undelivered]
+            blocked += [f"no samples from {name}" for name, x in ((baseline, a), (variant, b)) if len(x) == 0]
+            if blocked:
+                v, why = "inconclusive", "; ".join([*blocked, why] if why else blocked)
             rows.append(
                 {"phase": phase, "level": level, "metric": metric, "variant": variant, **c, "verdict": v, "reason": why}
             )

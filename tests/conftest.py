@@ -56,3 +56,11 @@ def builds(src61, cache_dir):
     """Baseline and patched 6.1 kernels of the default experiment (built once per run, shared)."""
     exp = load("shrinker-ab").experiment
     return Builder(exp, cache_dir).build_all()
+
+
+def assert_every_phase_delivered(evidence) -> None:
+    """Every phase of both kernels delivered its pressure; shrinker-scan has nothing to scan on the patched one."""
+    scan_on_patched = (evidence["variant"] == "patched") & (evidence["phase"] == "shrinker-scan")
+    assert evidence.loc[scan_on_patched, "delivery"].eq("not applicable").all()
+    why = evidence[["cell", "phase", "delivery_reason"]]
+    assert evidence.loc[~scan_on_patched, "delivery"].eq("delivered").all(), why

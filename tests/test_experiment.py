@@ -13,12 +13,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_every_phase_delivered
 
 from harness import REPO_ROOT
 from harness.errors import ResultsError
 from harness.guest.contract import OUT
 from harness.host import decide_accel, decide_topology, qemu_installs
-from harness.report import generate, shrinker_evidence
+from harness.report import analyze, generate
 from harness.results import load as load_tables
 
 pytestmark = pytest.mark.kernel
@@ -55,7 +56,7 @@ def e2e(builds, qemu, tmp_path_factory):
         "stdout": r.stdout,
         "stderr": r.stderr,
         "frames": frames,
-        "evidence": shrinker_evidence(frames),
+        "evidence": analyze(run_dir).evidence,
         "cmd": cmd,
     }
 
@@ -119,7 +120,50 @@ def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):
     evidence = e2e["evidence"]
     for variant in ("baseline", "patched"):
         ctrl = _phase(evidence, variant, "memcg-limit")
-        assert ctrl["shrinker_calls"] == 0 and ctrl["memcg_max_events"] > 0
+        assert ctrl["shrinker_calls"] == 0 and ctrl["memcg_max_events"] + ctrl["memcg_high_events"] > 0
+
+
+def test_every_phase_delivered_its_pressure_and_every_cell_measured_what_it_was_for(e2e):
+    evidence = e2e["evidence"]
+    assert_every_phase_delivered(evidence)
+    assert len(evidence) == 2 * 7
+    glob = evidence[evidence["phase"] == "global"]
+    assert (glob["mem_available_min_mb"] <= 96).all()  # the hog reached its target on both kernels
+    md = (e2e["run_dir"] / "report.md").read_text()
+    assert "## Pressure delivered, per phase" in md and "## Health" in md and "INCONCLUSIVE where" not in e2e["stdout"]
+    health = pd.read_csv(e2e["run_dir"] / "tables" / "health.csv")
+    assert {("kut", "ready_s"), ("l1", "ready_s"), ("l1", "warmup_s"), ("cell", "wall_s")} <= set(
+        zip(health["level"], health["figure"])
+    )
+
+
+WEAK = [
+    "repetitions=1",
+    "workload.probe.size_mb=256",
+    "pressure.memcg_hog_mb=16",  # fits under memcg_limit_mb (64): the control never reaches its limit
+    "phases=[{name: steady, duration_s: 4}, {name: weak-control, duration_s: 6, pressure: memcg-limit}, "
+    "{name: rest, duration_s: 3}]",
+]
+
+
+def test_pressure_not_delivered_is_said_and_its_rows_are_inconclusive(builds, qemu, tmp_path):
+    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --run-id weak".split()]
+    cmd += ["--output", str(tmp_path), *[a for s in WEAK for a in ("--set", s)]]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out[-3000:]  # complete, but inconclusive (README: exit status)
+    assert "INCONCLUSIVE where it says (exit status 3)" in out and "pressure not delivered on baseline" in out
+    run = tmp_path / "shrinker-ab" / "weak"
+    report = analyze(run)
+    weak = report.evidence[report.evidence["phase"] == "weak-control"]
+    assert weak["delivery"].eq("not delivered").all() and weak["delivery_reason"].str.contains("max\\+high \\+0").all()
+    assert report.evidence[report.evidence["phase"] != "weak-control"]["delivery"].eq("delivered").all()
+    rows = report.ab[report.ab["phase"] == "weak-control"]
+    assert len(rows) and rows["verdict"].eq("inconclusive").all()
+    assert rows["reason"].str.contains("pressure not delivered on baseline").all()
+    assert not report.ab[report.ab["phase"] == "steady"]["reason"].str.contains("not delivered").any()
+    first_screen = (run / "report.md").read_text().split("## Verdict")[0]
+    assert "Phase `weak-control`: pressure not delivered on baseline" in first_screen
 
 
 def test_probe_and_sampler_share_one_clock(e2e):

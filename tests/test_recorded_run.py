@@ -1,8 +1,9 @@
 """Results, evidence, statistics, report and the fleet merge on a recorded run, in seconds and without QEMU.
 
 tests/data/recorded-run is a real nested A/B (configs/shrinker-ab-nested.yaml under TCG, one baseline and one
-patched cell), shortened: counters every second and only what the report reads, probe intervals inside the
-phases. The full suite produces such runs for real; this tier checks everything after them."""
+patched cell), shortened: counters every second and only what the report reads (each sample as the sampler
+wrote it), probe intervals inside the phases, every level's kernel log. The full suite produces such runs for
+real; this tier checks everything after them."""
 
 import json
 import shutil
@@ -121,3 +122,90 @@ def test_a_broken_run_is_reported_with_each_cell_and_what_is_wrong(run):
     cells = results.load(run)["cells"].set_index("cell")
     assert cells.loc["baseline.r1", "status"] == "complete" and "facts.json" in cells.loc["baseline.r1", "problems"]
     assert cells.loc["patched.r1", "status"] == "incomplete" and cells.loc["baseline.r2", "status"] == "missing"
+
+
+def test_every_phase_of_the_recorded_run_delivered_its_pressure(run):
+    report = analyze(run, rebuild_tables=True)
+    ev = report.evidence.set_index(["variant", "phase"])
+    assert ev.loc[("patched", "shrinker-scan"), "delivery"] == "not applicable"  # no shrinker to scan
+    assert ev.drop(("patched", "shrinker-scan"))["delivery"].eq("delivered").all()
+    assert ev.loc[("baseline", "global"), "mem_available_min_mb"] <= 96 and report.conclusive
+    md = generate(run).html.read_text()
+    assert "Pressure delivered, per phase" in md and "INCONCLUSIVE" not in md.split("Verdict")[0]
+
+
+def test_a_check_the_phase_fails_marks_it_not_delivered_and_its_rows_inconclusive(run):
+    """A stricter control check than the recorded memcg-limit phase met (~1400 events): said per variant, the
+    phase's A/B rows inconclusive with the reason, the other phases' rows unchanged, the first screen lists it."""
+    m = Manifest.load(run / "manifest.json")
+    m.expanded["checks"] = {"memcg_min_events": 100_000}
+    m.save(run / "manifest.json")
+    report = generate(run)
+    assert not report.conclusive and set(report.undelivered) == {
+        ("baseline", "memcg-limit"),
+        ("patched", "memcg-limit"),
+    }
+    ctrl = report.ab[report.ab["phase"] == "memcg-limit"]
+    assert ctrl["verdict"].eq("inconclusive").all()
+    assert ctrl["reason"].str.contains(r"pressure not delivered on baseline .*need 100000").all()
+    assert not report.ab[report.ab["phase"] != "memcg-limit"]["reason"].str.contains("not delivered").any()
+    first_screen = report.html.read_text().split("Verdict</h2>")[0]
+    assert "Phase <code>memcg-limit</code>: pressure not delivered on patched" in first_screen
+
+
+def _shortfalls(run, cell_id):
+    from harness import health
+    from harness.config import Experiment
+
+    m = Manifest.load(run / "manifest.json")
+    exp = Experiment.model_validate(m.expanded)
+    cell = next(c for c in m.cells if c.id == cell_id)
+    d = run / "cells" / cell_id
+    phases = [p.name for p in exp.phases]
+    return health.shortfalls(results.cell_frames(d, cell), d, exp.checks, phases, {"l2"}, exp.sampler.interval_s)
+
+
+def test_a_cell_counts_only_if_it_measured_every_phase_without_a_stalled_guest(run):
+    assert _shortfalls(run, "baseline.r1") == [] and _shortfalls(run, "patched.r1") == []
+    # a stall report as an L1 printed it (a real one, from an L1 whose timer went 100 s late)
+    with open(run / "cells" / "baseline.r1" / "l1-0" / "kmsg.log", "a") as f:
+        f.write("[  102.539474] rcu: INFO: rcu_sched self-detected stall on CPU\n")
+    assert _shortfalls(run, "baseline.r1") == [
+        "stall: l1-0: [  102.539474] rcu: INFO: rcu_sched self-detected stall on CPU"
+    ]
+    # L2's probe stopped writing after its first third: silent for the rest, too few intervals in later phases
+    probe = run / "cells" / "patched.r1" / "l1-0" / "l2-0" / "probe.jsonl"
+    lines = probe.read_text().splitlines(keepends=True)
+    probe.write_text("".join(lines[: len(lines) // 3]))
+    said = " | ".join(_shortfalls(run, "patched.r1"))
+    assert "l2: too few probe intervals (need 2 per phase): " in said and "recovery-2 0" in said
+    assert "l1-0.l2-0: probe silent for" in said
+    # the sampler died before the last phases
+    counters = run / "cells" / "patched.r1" / "counters.jsonl"
+    counters.write_text("".join(counters.read_text().splitlines(keepends=True)[:40]))
+    assert "the sampler has no counters in phase(s) recovery-1, shrinker-scan, recovery-2" in " | ".join(
+        _shortfalls(run, "patched.r1")
+    )
+
+
+def test_health_section_calls_out_a_variant_far_from_the_baseline(run):
+    rec = json.loads((run / "records" / "patched.r1.json").read_text())
+    rec["kut_ready_s"] *= 3
+    (run / "records" / "patched.r1.json").write_text(json.dumps(rec))
+    report = generate(run)
+    far = report.health[report.health["far"]]
+    assert list(zip(far["variant"], far["level"], far["figure"])) == [("patched", "kut", "ready_s")]
+    assert (report.run_dir / "tables" / "health.csv").exists()
+    md = (run / "report.md").read_text()
+    assert "Health: `patched` kut ready_s median" in md.split("## Verdict")[0] and "⚠" in md
+
+
+def test_compare_names_the_rows_it_cannot_compare(run, tmp_path):
+    from harness.report import compare_runs
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / "cells" / "patched.r1")
+    results.collect(other)
+    md = compare_runs(run, other, tmp_path / "cmp").with_suffix(".md").read_text()
+    assert "- patched / global / l2: not in B (`patched` has no latency samples in that run)" in md

@@ -152,6 +152,7 @@ class GlobalHog(Record):
     overshoot_mb: int
     chunk_mb: int
     ramp_s: float
+    headroom_mb: int
 
 
 @dataclass

@@ -11,8 +11,8 @@ Modes and why they do (or do not) reach the non-memcg-aware KVM shrinker:
   drop-caches   vm.drop_caches=2 every period: drop_slab() calls every shrinker.
   root-reclaim  writes to the root cgroup's memory.reclaim: root reclaim calls it.
   shrinker-scan writes "0 0 N" to /sys/kernel/debug/shrinker/x86-mmu-*/scan: calls it directly.
-  memcg-limit   the control: a hog confined by a tight memory.max reclaims only inside its
-                group, where non-memcg-aware shrinkers are never called.
+  memcg-limit   the control: a hog over a tight memory.high reclaims only inside its group
+                (and is throttled), where non-memcg-aware shrinkers are never called.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import sys
 import time
 
 try:
-    from .contract import EventKind, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
+    from .contract import EventKind, GlobalHog, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
-    from contract import EventKind, PressureJob, PressureMode, PressureParams  # type: ignore[no-redef]
+    from contract import EventKind, GlobalHog, PressureJob, PressureMode, PressureParams  # type: ignore[no-redef]
 
 CG = "/sys/fs/cgroup"
 PAGE = 4096
 READY_TIMEOUT_S = 120
+CONTROL_SLACK_MB = 64  # the control hog's Python and page tables, above what it allocates
 
 
 def meminfo_mb(key: str) -> int:
@@ -74,22 +75,63 @@ class Hog:
                 m[off] = 2
 
 
-def actor(mode: PressureMode, p: PressureParams, log) -> None:
-    """The body of a pressure phase; runs until SIGTERM."""
+def reclaim_scans() -> int:
+    """Pages the whole machine's reclaim has scanned so far (kswapd and direct; memcg reclaim is not in these)."""
+    with open("/proc/vmstat") as f:
+        return sum(int(v) for k, v in (line.split() for line in f) if k in ("pgscan_kswapd", "pgscan_direct"))
+
+
+def global_hog(g: GlobalHog, ready, log) -> Hog:
+    """Grow a hog into global reclaim, driven by what this kernel reports, not by a plan made up front.
+
+    Before the phase starts (ready() is the phase's clock), the hog takes the memory that is free to take:
+    until MemAvailable is headroom_mb above the target, which creates no pressure. In the phase it grows
+    until both MemAvailable reached the target and reclaim scans started, then overshoot_mb further into
+    swap. MemAvailable at the start differs a lot between kernels and configs (guest RAM that is
+    preallocated counts as used on 6.1 and 6.12 alike; a larger kernel under test leaves more); growing a
+    fixed plan from it took longer than the phase on 6.12 (2 GB under TCG), so the slow part now happens
+    before the phase, and the grow rate is logged."""
+    hog = Hog()
+    avail0, total = meminfo_mb("MemAvailable"), meminfo_mb("MemTotal") + meminfo_mb("SwapTotal")
+    log("hog_plan", mem_available_mb=avail0, target_mb=g.target_available_mb, headroom_mb=g.headroom_mb)
+    t0 = time.monotonic()
+    while meminfo_mb("MemAvailable") - g.chunk_mb > g.target_available_mb + g.headroom_mb:
+        hog.grow(g.chunk_mb)
+    pre_s = time.monotonic() - t0
+    log("hog_ready", hog_mb=hog.mb, seconds=round(pre_s, 2), mem_available_mb=meminfo_mb("MemAvailable"))
+    ready()
+    t1, scans0 = time.monotonic(), reclaim_scans()
+    pace = g.ramp_s * g.chunk_mb / max(g.chunk_mb, g.headroom_mb + g.overshoot_mb)
+    # the bound: everything there is, RAM and swap (the group's memory.max keeps the machine alive anyway)
+    while hog.mb < total and (meminfo_mb("MemAvailable") > g.target_available_mb or reclaim_scans() == scans0):
+        hog.grow(g.chunk_mb)
+        time.sleep(pace)
+    reached_mb, reached_s = hog.mb, time.monotonic() - t1
+    while hog.mb < min(total, reached_mb + g.overshoot_mb):
+        hog.grow(min(g.chunk_mb, reached_mb + g.overshoot_mb - hog.mb))
+        time.sleep(pace)
+    grown_s = time.monotonic() - t1
+    log(
+        "hog_holding",
+        hog_mb=hog.mb,
+        reclaim_reached_at_mb=reached_mb,
+        reclaim_reached_after_s=round(reached_s, 2),
+        seconds=round(grown_s, 2),
+        grow_mb_per_s=round(hog.mb / max(pre_s + grown_s, 1e-3), 1),
+        mem_available_mb=meminfo_mb("MemAvailable"),
+        reclaim_scans=reclaim_scans() - scans0,
+    )
+    return hog
+
+
+def actor(mode: PressureMode, p: PressureParams, ready, log) -> None:
+    """The body of a pressure phase; runs until SIGTERM. ready() says the pressure is on (the phase starts)."""
     if mode is PressureMode.GLOBAL:
-        g = p.global_hog
-        avail = meminfo_mb("MemAvailable")
-        goal = max(0, avail - g.target_available_mb) + g.overshoot_mb
-        steps = max(1, goal // g.chunk_mb)
-        log("hog_plan", mem_available_mb=avail, goal_mb=goal, chunks=steps)
-        hog = Hog()
-        while hog.mb < goal:
-            hog.grow(min(g.chunk_mb, goal - hog.mb))
-            time.sleep(g.ramp_s / steps)
-        log("hog_holding", hog_mb=hog.mb, mem_available_mb=meminfo_mb("MemAvailable"))
+        hog = global_hog(p.global_hog, ready, log)
         while True:
             hog.touch()
-    elif mode is PressureMode.MEMCG_LIMIT:
+    ready()
+    if mode is PressureMode.MEMCG_LIMIT:
         hog = Hog()
         while hog.mb < p.memcg_hog_mb:
             hog.grow(min(32, p.memcg_hog_mb - hog.mb))
@@ -192,7 +234,13 @@ class PressureRun:
             # the bound that keeps the machine alive: never more than the memory there is, less a reserve
             write(self.cgroup + "/memory.max", str(max(64, meminfo_mb("MemTotal") - 128) << 20))
         elif self.mode is PressureMode.MEMCG_LIMIT:
-            write(self.cgroup + "/memory.max", str(self.params.memcg_limit_mb << 20))
+            # memory.high, not memory.max, at the limit: over it the group reclaims and its tasks are throttled,
+            # never OOM-killed. With memory.max at the limit 6.12's memcg OOM killer took the hog within its
+            # first second (20 max events, then no pressure for the rest of the phase). memory.max stays a
+            # bound the hog (and its Python) never reaches.
+            limit, hog = self.params.memcg_limit_mb, self.params.memcg_hog_mb
+            write(self.cgroup + "/memory.high", str(limit << 20))
+            write(self.cgroup + "/memory.max", str((limit + hog + CONTROL_SLACK_MB) << 20))
         job = PressureJob(
             mode=self.mode, params=self.params, cgroup=self.cgroup, log=os.path.join(self.out, "pressure.jsonl")
         )
@@ -242,12 +290,14 @@ def _main(arg: str) -> None:
     write(job.cgroup + "/cgroup.procs", str(os.getpid()))  # join the group before allocating anything
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     out = open(job.log, "a", buffering=1)
-    open(os.path.join(os.path.dirname(job.log), f"pressure.ready.{os.getpid()}"), "w").close()
+
+    def ready() -> None:
+        open(os.path.join(os.path.dirname(job.log), f"pressure.ready.{os.getpid()}"), "w").close()
 
     def log(kind: str, **fields) -> None:
         out.write(json.dumps({"t": time.time_ns(), "kind": kind, "mode": job.mode.value, **fields}) + "\n")
 
-    actor(job.mode, job.params, log)
+    actor(job.mode, job.params, ready, log)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import results, stats
-from ..manifest import Manifest
+from .. import health, results, stats
+from ..config import Experiment
+from ..manifest import Manifest, cell_record
 from . import plots, render
-from .evidence import evidence_summary, shrinker_evidence, shrinker_ran, zapped
+from .evidence import evidence_summary, shrinker_evidence, shrinker_ran, undelivered, zapped
 
 __all__ = ["Report", "analyze", "compare_runs", "generate", "shrinker_evidence", "shrinker_ran", "zapped"]
 
@@ -30,8 +31,16 @@ class Report:
     ab: pd.DataFrame  # verdict rows: phase x level x metric, patched against baseline
     evidence: pd.DataFrame  # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
     summary: pd.DataFrame  # latency percentiles per variant x phase x level
+    health: pd.DataFrame  # boot, warm-up and cell times per variant x level (health.health_table)
+    undelivered: dict[tuple[str, str], str]  # (variant, phase) -> why its pressure was not delivered
+    unmeasured: list[str]  # variants of the plan without a single latency sample
     frames: dict[str, pd.DataFrame]  # the run's tables (results.TABLES)
     plots: list[Path]
+
+    @property
+    def conclusive(self) -> bool:
+        """Every phase delivered its pressure and every variant was measured: what exit status 0 also says."""
+        return not self.undelivered and not self.unmeasured
 
     @property
     def html(self) -> Path:
@@ -47,13 +56,32 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     run_dir = Path(run_dir)
     frames = results.collect(run_dir) if rebuild_tables or not (run_dir / "tables").exists() else results.load(run_dir)
     manifest = Manifest.load(run_dir / "manifest.json")
+    exp = Experiment.model_validate(manifest.expanded)
     cells = frames["cells"]
-    evidence = shrinker_evidence(frames) if not frames["phases"].empty else pd.DataFrame()
+    evidence = shrinker_evidence(frames, exp) if not frames["phases"].empty else pd.DataFrame()
     base_ran = shrinker_ran(evidence, manifest.baseline) if not evidence.empty else False
+    not_delivered = undelivered(evidence)
+    variants = [v.name for v in exp.variants if any(c.variant == v.name for c in manifest.cells)]  # a shard's own
+    unmeasured = [v for v in variants if v not in set(frames["samples"]["variant"])]
     summary = stats.summarize(frames["samples"])
     metrics = stats.repetition_metrics(frames["samples"], frames["passes"])
-    ab = stats.ab_table(metrics, manifest.baseline, tcg=manifest.tcg, baseline_shrinker_ran=base_ran)
-    for name, df in (("summary", summary), ("ab", ab), ("evidence", evidence), ("repetition_metrics", metrics)):
+    ab = stats.ab_table(
+        metrics,
+        manifest.baseline,
+        tcg=manifest.tcg,
+        baseline_shrinker_ran=base_ran,
+        variants=variants,
+        undelivered=not_delivered,
+    )
+    records = {c.id: r for c in manifest.cells if (r := cell_record(run_dir, c.id)) is not None}
+    health_rows = health.health_table(frames, records, manifest.baseline)
+    for name, df in (
+        ("summary", summary),
+        ("ab", ab),
+        ("evidence", evidence),
+        ("repetition_metrics", metrics),
+        ("health", health_rows),
+    ):
         df.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
     return Report(
         run_dir,
@@ -63,6 +91,9 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
         ab,
         evidence,
         summary,
+        health_rows,
+        not_delivered,
+        unmeasured,
         frames,
         [],
     )
@@ -99,6 +130,7 @@ def _markdown(r: Report) -> str:
             "",
             f"> {m.accel.banner}",
             "",
+            *_first_screen(r),
             f"Topology `{m.topology}`; variants "
             + ", ".join(
                 f"`{n}` ({b.kernelrelease or b.kernel_version}"
@@ -119,6 +151,18 @@ def _markdown(r: Report) -> str:
             "",
             *evidence_summary(r.evidence, m.baseline),
             "",
+            "## Pressure delivered, per phase",
+            "",
+            render.delivery_markdown(r.evidence),
+            "",
+            "## Health: boots, warm-up, cells",
+            "",
+            "Medians over cells [min-max], seconds (attempts: how many tries a cell took). Boot = QEMU start to "
+            "the agent ready; kernel = to the kernel's first log line of user space; warm-up = the probe's first "
+            f"pass. ⚠ marks a median more than {health.FAR:g}x the baseline's (either way).",
+            "",
+            render.health_markdown(r.health),
+            "",
             "## Plots",
             "",
             *[f"![{p.stem}](plots/{p.name})\n" for p in r.plots],
@@ -137,6 +181,41 @@ def _markdown(r: Report) -> str:
     )
 
 
+def _uncomparable(piv: pd.DataFrame, reports: list[tuple[str, Report]]) -> list[str]:
+    """The rows of a comparison with a side missing, each with why (said, where a bare NaN would not)."""
+    lines = []
+    for key, row in piv.iterrows():
+        variant, phase, level = (str(k) for k in key)  # type: ignore[attr-defined]
+        for tag, r in reports:
+            if pd.isna(row.get(f"{tag}: {r.run_dir.name}")):
+                why = (
+                    f"`{variant}` has no latency samples in that run"
+                    if variant in r.unmeasured
+                    else f"that run has no `{level}` samples of `{variant}` in phase `{phase}`"
+                )
+                lines.append(f"- {variant} / {phase} / {level}: not in {tag} ({why})")
+    for tag, r in reports:
+        lines += [f"- {tag}: {why}" for why in r.undelivered.values()]
+    if not lines:
+        return []
+    return ["Rows that cannot be compared, and phases whose pressure was not delivered:", "", *lines, ""]
+
+
+def _first_screen(r: Report) -> list[str]:
+    """What makes this run's comparison weaker than it looks: said before the verdict."""
+    lines = []
+    for v in r.unmeasured:
+        lines.append(f"- **No latency samples from `{v}`**: the A/B table cannot compare it (see Health and cells).")
+    for (_variant, phase), why in r.undelivered.items():
+        lines.append(f"- **Phase `{phase}`: {why}**; its A/B rows are inconclusive.")
+    for _, h in health.far_from_baseline(r.health).iterrows():
+        lines.append(
+            f"- Health: `{h['variant']}` {h['level']} {h['figure']} median {h['median']:.1f} is "
+            f"{h['vs_baseline']:.1f}x the baseline's."
+        )
+    return [*lines, ""] if lines else []
+
+
 def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
     """Two runs side by side: their verdict tables and p99s per variant x phase x level."""
     reports = [(tag, analyze(run)) for tag, run in (("A", run_a), ("B", run_b))]
@@ -150,6 +229,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
         "",
         piv.round(1).reset_index().to_markdown(index=False, tablefmt="pipe"),
         "",
+        *_uncomparable(piv, reports),
     ]
     for tag, r in reports:
         md += [f"## {tag}: {r.run_dir}", "", r.verdict_markdown(), ""]

@@ -1,5 +1,6 @@
 """Evidence, from the stored tables: per cell and phase, did the x86-mmu shrinker run and free shadow pages,
-what did reclaim do, and (nested) how many shadow pages of the VM that runs L2 were zapped."""
+what did reclaim do, (nested) how many shadow pages of the VM that runs L2 were zapped, and did the phase
+deliver the pressure its mode claims (delivery())."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pandas as pd
 
+from ..config import Experiment
 from ..guest.contract import EventKind, PressureMode
 
 # the modes whose reclaim calls a non-memcg-aware shrinker (guest/pressure.py says why), as the tables spell them
@@ -21,8 +23,11 @@ DELTA_COUNTERS = {
     "vmstat.pgscan_kswapd": "pgscan_kswapd",
     "vmstat.pgscan_direct": "pgscan_direct",
     "vmstat.pswpin": "pswpin",
+    "vmstat.drop_slab": "drop_slab",
     "cgroup.pressure.events.max": "memcg_max_events",
+    "cgroup.pressure.events.high": "memcg_high_events",
 }
+DELIVERED, NOT_DELIVERED, NOT_APPLICABLE = "delivered", "not delivered", "not applicable"
 
 
 # -- evidence -------------------------------------------------------------------------------------
@@ -72,9 +77,15 @@ def _count_drop(c: pd.DataFrame, t0: float, t1: float) -> float:
     return float(max(0.0, before["value"].iloc[0] - inside["value"].min()))
 
 
-def shrinker_evidence(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per cell x phase: did the x86-mmu shrinker run (invocations, zaps), and what reclaim did. In the nested
-    topology also the shadow pages zapped in the VM that runs L2 (its L1's VM in the kernel under test)."""
+def _min_mb(c: pd.DataFrame, name: str, t0: float, t1: float) -> float:
+    s = c.loc[(c["name"] == name) & (c["t"] >= t0) & (c["t"] <= t1), "value"]
+    return float(s.min()) / 1024 if len(s) else float("nan")
+
+
+def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.DataFrame:
+    """Per cell x phase: did the x86-mmu shrinker run (invocations, zaps), what reclaim did, and whether the phase
+    delivered its pressure. In the nested topology also the shadow pages zapped in the VM that runs L2 (its L1's
+    VM in the kernel under test)."""
     phases, counters, events, cells = frames["phases"], frames["counters"], frames["events"], frames["cells"]
     rows = []
     for _, ph in phases.iterrows():
@@ -106,12 +117,93 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for name, label in DELTA_COUNTERS.items():
             row[label] = _delta(c, name, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
         row["x86_mmu_count_drop"] = _count_drop(c, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
+        row["mem_available_min_mb"] = (
+            _min_mb(c, "meminfo.MemAvailable_kb", ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
+        )
+        row["root_reclaim_ok"] = (
+            sum(json.loads(d).get("ok") is True for d in e.loc[e["kind"] == "pressure.root_reclaim", "detail"])
+            if not e.empty
+            else 0
+        )
+        said = e.loc[e["kind"] == EventKind.PRESSURE_UNAVAILABLE.value, "detail"] if not e.empty else []
+        reasons = [d.get("reason", "") for d in map(json.loads, said) if d.get("mode") == ph["mode"]]
+        row["unavailable"] = "; ".join(reasons) or None
+        stops = e.loc[e["kind"] == EventKind.PRESSURE_STOP.value, "detail"] if not e.empty else []
+        ended = [d.get("status") for d in map(json.loads, stops) if d.get("mode") == ph["mode"]]
+        row["actor_status"] = next((s for s in ended if s != 0), 0 if ended else None)
         vms = l2_vms(events, ph["cell"]) if not events.empty else {}
         row["l2_vm"] = ", ".join(sorted(set(vms.values()))) or None
         for stat, label in (("mmu_shadow_zapped", "l2_vm_shadow_zapped"), ("mmu_recycled", "l2_vm_recycled")):
             row[label] = _vm_delta(c, vms, stat, ph["t_start"], ph["t_end"]) if vms and not c.empty else float("nan")
+        row["delivery"], row["delivery_reason"] = delivery(row, exp)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def delivery(row: dict, exp: Experiment) -> tuple[str, str]:
+    """(status, reason): did this phase of this cell deliver what its mode claims, by the sampler's counters?
+    `none` claims quiet (no global reclaim); shrinker-scan on a kernel without the shrinker is not applicable."""
+    mode = row["mode"]
+    scans = row["pgscan_kswapd"] + row["pgscan_direct"]
+    if mode == PressureMode.SHRINKER_SCAN.value and row["shrinker_present"] is False:
+        return NOT_APPLICABLE, "no x86-mmu shrinker in this kernel: nothing to scan"
+    if row["unavailable"]:
+        return NOT_DELIVERED, row["unavailable"]
+    if pd.isna(scans):
+        return NOT_DELIVERED, "no counter samples around the phase"
+    missing = []
+    if mode != PressureMode.NONE.value and row["actor_status"] is None:
+        missing.append("its pressure actor never started")
+    elif row["actor_status"]:  # a healthy actor ends on the agent's SIGTERM with status 0
+        missing.append(
+            f"its pressure actor ended early with status {row['actor_status']}"
+            + (" (killed: OOM in its group?)" if row["actor_status"] == -9 else "")
+        )
+    if mode == PressureMode.GLOBAL.value:
+        target = exp.pressure.global_.target_available_mb
+        if scans <= 0:
+            missing.append("global reclaim never scanned (pgscan kswapd+direct +0)")
+        if not row["mem_available_min_mb"] <= target:
+            missing.append(f"MemAvailable stayed at {row['mem_available_min_mb']:.0f} MB or more (target {target} MB)")
+    elif mode == PressureMode.DROP_CACHES.value:
+        if not row["drop_slab"] > 0:
+            missing.append("drop_slab did not rise")
+    elif mode == PressureMode.ROOT_RECLAIM.value:
+        if row["root_reclaim_ok"] == 0:
+            missing.append("no write to the root memory.reclaim succeeded")
+        if not scans + row["slabs_scanned"] > 0:
+            missing.append("no reclaim scan")
+    elif mode == PressureMode.SHRINKER_SCAN.value:
+        if not zapped(pd.DataFrame([row])).iloc[0]:
+            missing.append("the x86-mmu shrinker freed nothing (count did not fall, mmu_recycled +0)")
+    elif mode == PressureMode.MEMCG_LIMIT.value:
+        events = (0 if pd.isna(row["memcg_max_events"]) else row["memcg_max_events"]) + (
+            0 if pd.isna(row["memcg_high_events"]) else row["memcg_high_events"]
+        )
+        if events < exp.checks.memcg_min_events:
+            missing.append(
+                f"memory.events max+high +{events:.0f} in the hog's group (need {exp.checks.memcg_min_events})"
+            )
+        if scans > 0:
+            missing.append(f"global reclaim ran (+{scans:.0f} pages scanned): not a memcg-confined control")
+    elif mode == PressureMode.NONE.value and scans > 0:
+        missing.append(f"global reclaim ran (+{scans:.0f} pages scanned) in a phase without pressure")
+    return (NOT_DELIVERED, "; ".join(missing)) if missing else (DELIVERED, "")
+
+
+def undelivered(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(variant, phase) -> why, for every phase that did not deliver in some repetition of that variant."""
+    out: dict[tuple[str, str], str] = {}
+    if evidence.empty:
+        return out
+    for (variant, phase), g in evidence.groupby(["variant", "phase"], sort=False):
+        bad = g[g["delivery"] == NOT_DELIVERED]
+        if len(bad):
+            reps = ", ".join(f"r{r}: {why}" for r, why in zip(bad["repetition"], bad["delivery_reason"]))
+            out[(str(variant), str(phase))] = (
+                f"pressure not delivered on {variant} ({len(bad)} of {len(g)} repetitions; {reps})"
+            )
+    return out
 
 
 def zapped(rows: pd.DataFrame) -> pd.Series:

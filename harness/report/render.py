@@ -76,6 +76,44 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     )
 
 
+def delivery_markdown(evidence: pd.DataFrame) -> str:
+    """Per variant x phase: delivered in how many repetitions, and why not where it was not."""
+    if evidence.empty:
+        return "_no phase ran_"
+    rows = []
+    for (variant, phase, mode), g in evidence.groupby(["variant", "phase", "mode"], sort=False):
+        status = g["delivery"].value_counts()
+        rows.append(
+            {
+                "variant": variant,
+                "phase": phase,
+                "mode": mode,
+                "repetitions": ", ".join(f"{k} {n}" for k, n in status.items()),
+                "why not": "; ".join(sorted({w for w in g["delivery_reason"] if w})) or "",
+            }
+        )
+    return table(rows)
+
+
+def health_markdown(health: pd.DataFrame) -> str:
+    if health.empty:
+        return "_no figures_"
+    return table(
+        [
+            {
+                "variant": r["variant"],
+                "level": r["level"],
+                "figure": r["figure"],
+                "n": r["n"],
+                "median [min-max]": f"{fmt(r['median'])} [{fmt(r['min'])}-{fmt(r['max'])}]",
+                "vs baseline": (fmt(r["vs_baseline"], 2) + "x" if not np.isnan(r["vs_baseline"]) else "–")
+                + (" ⚠" if r["far"] else ""),
+            }
+            for _, r in health.iterrows()
+        ]
+    )
+
+
 def html(md: str, base: Path) -> str:
     """One self-contained HTML file: the Markdown rendered, every image relative to base inlined."""
 
