@@ -344,8 +344,6 @@ FLEET = [
     "--set",
     "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
     "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
-    "--set",
-    "pressure.root_reclaim_mb=64",  # what a kernel under test of 2.5 GiB always has to give
 ]
 
 

@@ -28,6 +28,8 @@ DELTA_COUNTERS = {
     "cgroup.pressure.events.high": "memcg_high_events",
 }
 DELIVERED, NOT_DELIVERED, NOT_APPLICABLE = "delivered", "not delivered", "not applicable"
+ACTOR_LEAD_S = 2.0
+EAGAIN = "Resource temporarily unavailable"  # strerror, as guest/pressure.py logs a failed write
 
 
 # -- evidence -------------------------------------------------------------------------------------
@@ -95,6 +97,18 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.Da
             if not events.empty
             else events
         )
+        # what the phase's own pressure actor and the agent said of it, from its start: the actor is ready,
+        # and may already act, a moment before the agent logs phase_start
+        own = (
+            events[
+                (events["cell"] == ph["cell"])
+                & (events["t"] >= ph["t_start"] - ACTOR_LEAD_S)
+                & (events["t"] < ph["t_end"] + 1)
+                & events["detail"].str.contains(f'"mode": "{ph["mode"]}"', regex=False)
+            ]
+            if not events.empty
+            else events
+        )
         present = cells.loc[cells["cell"] == ph["cell"], "x86_mmu_shrinker_present"]
         row = {
             "cell": ph["cell"],
@@ -105,7 +119,7 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.Da
             "shrinker_present": bool(present.iloc[0]) if len(present) else None,
             # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file
             # (which bypasses do_shrink_slab and so its tracepoints)
-            "shrinker_calls": int(e["kind"].isin(["shrink_start", "pressure.shrinker_scan"]).sum())
+            "shrinker_calls": int((e["kind"] == "shrink_start").sum() + (own["kind"] == "pressure.shrinker_scan").sum())
             if not e.empty
             else 0,
             "shrinker_freed": int(
@@ -120,16 +134,16 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.Da
         row["mem_available_min_mb"] = (
             _min_mb(c, "meminfo.MemAvailable_kb", ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
         )
-        row["root_reclaim_ok"] = (
-            sum(json.loads(d).get("ok") is True for d in e.loc[e["kind"] == "pressure.root_reclaim", "detail"])
-            if not e.empty
-            else 0
+        writes = [json.loads(d) for d in own.loc[own["kind"] == "pressure.root_reclaim", "detail"]]
+        row["root_reclaim_requests"] = int((own["kind"] == "pressure.root_reclaim_request").sum())
+        # EAGAIN: less was reclaimable than asked, after reclaiming what was; any other error is a refusal
+        row["root_reclaim_refused"] = "; ".join(
+            sorted({str(w.get("error")) for w in writes if w.get("ok") is False and w.get("error") != EAGAIN})
         )
-        said = e.loc[e["kind"] == EventKind.PRESSURE_UNAVAILABLE.value, "detail"] if not e.empty else []
-        reasons = [d.get("reason", "") for d in map(json.loads, said) if d.get("mode") == ph["mode"]]
-        row["unavailable"] = "; ".join(reasons) or None
-        stops = e.loc[e["kind"] == EventKind.PRESSURE_STOP.value, "detail"] if not e.empty else []
-        ended = [d.get("status") for d in map(json.loads, stops) if d.get("mode") == ph["mode"]]
+        said = own.loc[own["kind"] == EventKind.PRESSURE_UNAVAILABLE.value, "detail"]
+        row["unavailable"] = "; ".join(json.loads(d).get("reason", "") for d in said) or None
+        stops = own.loc[own["kind"] == EventKind.PRESSURE_STOP.value, "detail"]
+        ended = [json.loads(d).get("status") for d in stops]
         row["actor_status"] = next((s for s in ended if s != 0), 0 if ended else None)
         vms = l2_vms(events, ph["cell"]) if not events.empty else {}
         row["l2_vm"] = ", ".join(sorted(set(vms.values()))) or None
@@ -169,8 +183,10 @@ def delivery(row: dict, exp: Experiment) -> tuple[str, str]:
         if not row["drop_slab"] > 0:
             missing.append("drop_slab did not rise")
     elif mode == PressureMode.ROOT_RECLAIM.value:
-        if row["root_reclaim_ok"] == 0:
-            missing.append("no write to the root memory.reclaim succeeded")
+        if row["root_reclaim_requests"] == 0:
+            missing.append("no write to the root memory.reclaim was made")
+        if row["root_reclaim_refused"]:
+            missing.append(f"writes to the root memory.reclaim were refused: {row['root_reclaim_refused']}")
         if not scans + row["slabs_scanned"] > 0:
             missing.append("no reclaim scan")
     elif mode == PressureMode.SHRINKER_SCAN.value:
