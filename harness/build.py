@@ -26,11 +26,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from . import REPO_ROOT
-from .config import Experiment, Variant
-from .errors import BuildError, HarnessError, KconfigError, PatchError
-from .patches import PatchVariant, apply, load_series, revert, undo_partial, verify
-from .source import PreparedSource, check_present, prepare, source_version
+from .config import Experiment, Source, Variant
+from .errors import BuildError, KconfigError
+from .manifest import Record
+from .patches import apply, check_effect, revert, undo_partial
+from .source import PreparedSource, prepare
 from .util import (
     atomic_dir,
     default_cache,
@@ -44,9 +47,21 @@ from .util import (
     status,
     write_json,
 )
+from .variants import Resolved, resolve_all
 
 RECIPE = "nestpress-build-1"  # bump when the way we build changes what comes out
 BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "perl")
+
+
+class AppliedState(Record):
+    """The build tree's .nestpress-applied.json: which patches are in (as the cache's copies), or, while
+    changing, every set that may be partly in."""
+
+    result: str = ""
+    patches: list[str] = Field(default_factory=list)
+    touched: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    changing: list[AppliedState] = Field(default_factory=list)
 
 
 @dataclass
@@ -75,29 +90,13 @@ def fragment_paths(exp: Experiment) -> list[Path]:
     return out
 
 
-def check_inputs(exp: Experiment) -> list[str]:
-    """What a build would refuse, found without building: the source and its kernel version (read from its
-    Makefile), the fragments, each series and the patch variant it resolves to for that version. Returns
-    what it resolved, to be said."""
-    check_present(exp.source)
-    version = source_version(exp.source)
-    resolved = [f"kernel source: {version}" if version else "kernel source: version known once the build fetches it"]
+def check_inputs(exp: Experiment, cache: Path | None = None) -> list[str]:
+    """What a build would refuse, found without building: every variant's source (prepared: extracted or
+    exported once, as the build would), its patches tried on that source, the fragments. Returns what it
+    resolved, to be said."""
     fragment_paths(exp)
-    for v in exp.variants:
-        if v.series:
-            series = load_series(v.series)
-            if v.patch_variant != "auto" and v.patch_variant not in {pv.name for pv in series.variants}:
-                raise PatchError(
-                    f"variant {v.name}: series {v.series} has no patch variant '{v.patch_variant}' "
-                    f"(it has: {', '.join(pv.name for pv in series.variants)})"
-                )
-            if version is not None:
-                try:
-                    chosen = series.select(version, v.patch_variant)
-                except HarnessError as e:
-                    raise type(e)(f"variant {v.name}: {e}") from None
-                resolved.append(f"variant {v.name}: series {v.series}, patch variant {chosen.name}")
-    return resolved
+    builder = Builder(exp, cache)
+    return [line for r in builder.resolved().values() for line in r.describe()]
 
 
 def base_identity(base: str) -> str:
@@ -140,34 +139,34 @@ def check_config(final: Path, want: dict[str, str]) -> None:
 
 
 class Builder:
-    """Builds the variants of one experiment, sharing the source tree and compiled objects."""
+    """Builds the variants of one experiment; variants of one source share its tree and compiled objects."""
 
     def __init__(self, exp: Experiment, cache: Path | None = None, jobs: int | None = None):
         self.exp = exp
         self.cache = own_cache((cache or default_cache()).resolve())
         self.jobs = jobs or os.cpu_count() or 1
-        self._source: PreparedSource | None = None
+        self._sources: dict[str, PreparedSource] = {}
+        self._resolved: dict[str, Resolved] | None = None
 
-    @property
-    def source(self) -> PreparedSource:
-        if self._source is None:
-            self._source = prepare(self.exp.source, self.cache)
-        return self._source
+    def prepare(self, src: Source) -> PreparedSource:
+        key = src.model_dump_json()
+        if key not in self._sources:
+            self._sources[key] = prepare(src, self.cache)
+        return self._sources[key]
 
-    def patch_variant(self, v: Variant) -> PatchVariant | None:
-        return load_series(v.series).select(self.source.version, v.patch_variant) if v.series else None
+    def resolved(self) -> dict[str, Resolved]:
+        if self._resolved is None:
+            self._resolved = resolve_all(self.exp, self.prepare, self.cache / "patches")
+        return self._resolved
 
-    def inputs(self, v: Variant) -> dict:
-        pv = self.patch_variant(v)
+    def inputs(self, r: Resolved) -> dict:
+        """What the build's output depends on, and nothing else: the cache key. The same change given as a
+        series, a file, an mbox or a git range has one result id, so one build."""
         frags = fragment_paths(self.exp)
         return {
             "recipe": RECIPE,
-            "source": self.source.identity,
-            "source_description": self.source.description,
-            "kernel_version": str(self.source.version),
-            "series": v.series,
-            "patch_variant": pv.name if pv else None,
-            "patches": pv.hashes() if pv else {},
+            "source": r.source.identity,
+            "patched_result": r.trial.result_id,
             "config_base": base_identity(self.exp.kernel_config.base),
             "fragments": {
                 str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f) for f in frags
@@ -176,15 +175,30 @@ class Builder:
             "arch": "x86_64",
         }
 
+    @staticmethod
+    def about(r: Resolved) -> dict:
+        """How this variant got its inputs (said in metadata and the manifest; not part of the key)."""
+        return {
+            "source_description": r.source.description,
+            "kernel_version": str(r.source.version),
+            "own_source": r.own_source,
+            "series": r.variant.series,
+            "patch_variant": r.series_variant,
+            "patches": {p.origin: p.path.stem for p in r.patches},
+            "evidence": list(r.trial.evidence),
+        }
+
     def build_all(self) -> dict[str, BuildResult]:
         return {v.name: self.build(v) for v in self.exp.variants}
 
     def build(self, v: Variant) -> BuildResult:
-        inputs = self.inputs(v)
+        r = self.resolved()[v.name]
+        inputs = self.inputs(r)
         key = hash_text(repr(sorted(inputs.items())))[:20]
         out = self.cache / "builds" / key
         if (out / "metadata.json").exists() and (out / "bzImage").exists():
             meta = read_json(out / "metadata.json")
+            meta["about"] = self.about(r)  # this variant's way to the same result
             log(f"build {v.name}: cached ({meta['kernelrelease']}, built in {meta['duration_s']:.0f}s) -> {out}")
             return BuildResult(v.name, key, out, out / "bzImage", meta, cached=True)
         for tool in BUILD_TOOLS:
@@ -192,53 +206,59 @@ class Builder:
         for header, pkg in (("/usr/include/libelf.h", "libelf-dev"), ("/usr/include/openssl/ssl.h", "libssl-dev")):
             if not Path(header).exists():
                 raise BuildError(f"missing {header}: install the Debian package '{pkg}'")
-        return self._build(v, inputs, key, out)
+        if r.own_source:
+            log(f"build {v.name}: its own source ({r.source.description}): a tree and objects of its own")
+        return self._build(r, inputs, key, out)
 
     def _work_root(self, inputs: dict) -> Path:
         return self.cache / "work" / hash_text(inputs["source"], inputs["compiler"])[:16]
 
-    def _tree(self, inputs: dict) -> Path:
-        """The hard-linked copy of the pristine tree that every variant is built in, made once."""
+    def _tree(self, r: Resolved, inputs: dict) -> Path:
+        """The hard-linked copy of the pristine tree that every variant of this source is built in, made once."""
         tree = self._work_root(inputs) / "tree"
         if not (tree / ".nestpress-tree-ok").exists():
             with atomic_dir(tree, replace=True) as tmp:  # under tree.lock
-                run(["cp", "-al", str(self.source.tree) + "/.", str(tmp)])
+                run(["cp", "-al", str(r.source.tree) + "/.", str(tmp)])
                 (tmp / ".nestpress-tree-ok").touch()
         return tree
 
-    def _checkout(self, tree: Path, v: Variant) -> None:
+    def _checkout(self, tree: Path, r: Resolved) -> None:
         """Make the tree hold exactly this variant's patches (reverse the others first). What is about to
         change is recorded before the tree is touched, so a kill halfway is undone on the next build, never
-        compiled as the other variant."""
+        compiled as the other variant. The patches recorded are the cache's copies: what was applied."""
         state = tree / ".nestpress-applied.json"
-        applied = read_json(state) if state.exists() else None
-        if applied and "changing" in applied:
-            for rec in applied["changing"]:
-                n = undo_partial(tree, self._recorded(rec))
-                log(f"build: the last build was stopped while changing patches; took {n} of {rec['series']} out")
+        applied = AppliedState.model_validate(read_json(state)) if state.exists() else None
+        if applied and applied.changing:
+            for rec in applied.changing:
+                n = undo_partial(tree, [Path(p) for p in rec.patches])
+                log(f"build: the last build was stopped while changing patches; took {n} of {len(rec.patches)} out")
             state.unlink()
             applied = None
-        pv = self.patch_variant(v)
-        want = {"series": v.series, "variant": pv.name, "hashes": pv.hashes()} if pv else None
-        if applied == want:
-            if pv:
-                verify(tree, load_series(pv.series))  # the tree still holds what it says
+        want = (
+            AppliedState(
+                result=r.trial.result_id,
+                patches=[str(p.path) for p in r.patches],
+                touched=list(r.trial.touched),
+                removed=list(r.expect.removed),
+            )
+            if r.patches
+            else None
+        )
+        if applied is not None and want is not None and applied.result == want.result:
+            check_effect(tree, want.touched, r.expect, r.what)  # the tree still holds what it says
             return
-        write_json(state, {"changing": [x for x in (applied, want) if x]})
+        if applied is None and want is None:
+            return
+        write_json(state, AppliedState(changing=[x for x in (applied, want) if x]).model_dump())
         if applied:
-            revert(tree, self._recorded(applied))
-        if pv:
-            log(f"build {v.name}: applying {v.series} variant {pv.name} ({len(pv.patches)} patch(es))")
-            apply(tree, pv)
-            for line in verify(tree, load_series(pv.series)):
-                log(f"build {v.name}: verified {line}")
-            write_json(state, want)
+            revert(tree, [Path(p) for p in applied.patches])
+        if want:
+            log(f"build {r.variant.name}: applying {len(r.patches)} patch(es)")
+            apply(tree, r.patches, r.what)
+            check_effect(tree, want.touched, r.expect, r.what)
+            write_json(state, want.model_dump())
         else:
             state.unlink()
-
-    @staticmethod
-    def _recorded(rec: dict) -> PatchVariant:
-        return next(x for x in load_series(rec["series"]).variants if x.name == rec["variant"])
 
     def _make(self, tree: Path, *targets: str, env: dict) -> subprocess.CompletedProcess:
         return run(["make", "-s", "-C", str(tree), "O=o", *targets], capture=True, env=env)
@@ -268,18 +288,20 @@ class Builder:
             os.utime(cfg, ns=(old_mtime, old_mtime))  # same config: keep make's view of it unchanged
         return cfg
 
-    def _build(self, v: Variant, inputs: dict, key: str, out: Path) -> BuildResult:
+    def _build(self, r: Resolved, inputs: dict, key: str, out: Path) -> BuildResult:
         work = self._work_root(inputs)
         work.mkdir(parents=True, exist_ok=True)
+        name = r.variant.name
         with open(work / "tree.lock", "w") as lock:  # before the tree is made: one maker, one builder
             fcntl.flock(lock, fcntl.LOCK_EX)
-            tree = self._tree(inputs)
+            tree = self._tree(r, inputs)
             if (out / "metadata.json").exists():  # built meanwhile by another process
-                return BuildResult(v.name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
-            self._checkout(tree, v)
-            return self._build_locked(v, inputs, key, out, tree)
+                return BuildResult(name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
+            self._checkout(tree, r)
+            return self._build_locked(r, inputs, key, out, tree)
 
-    def _build_locked(self, v: Variant, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
+    def _build_locked(self, r: Resolved, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
+        v = r.variant
         env = dict(
             os.environ,
             KBUILD_BUILD_TIMESTAMP="nestpress",
@@ -307,6 +329,7 @@ class Builder:
             "variant": v.name,
             "key": key,
             "inputs": inputs,
+            "about": self.about(r),
             "started": time.time(),
             "reproducer": " ".join(make_cmd),
             "tree": str(tree),

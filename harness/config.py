@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -79,12 +80,121 @@ class KernelConfig(Strict):
     )
 
 
-class Variant(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    series: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="patch series under patches/ (none: the baseline)"
+GIT_REF = r"^[A-Za-z0-9_/.~^@{}+-]+$"  # what `git rev-parse` takes as a revision (no leading '-': below)
+# parts of the kernel command line the harness owns: a variant may not move the root, init or console
+RESERVED_PARAMS = ("root", "rootfstype", "rootflags", "init", "rdinit", "console", "earlyprintk", "panic", "nestpress.")
+PARAM = r"^[a-z0-9_]+$"
+PARAM_VALUE = r"^[A-Za-z0-9_.,:+-]+$"
+
+
+class GitChange(Strict):
+    """A variant from a git repository: the tree at a ref, or the commits of a range applied as patches."""
+
+    repo: str | None = Field(
+        None,
+        description="repository (path, or URL for `ref`); default: the experiment's git source. Relative paths "
+        "are relative to the config file",
     )
+    ref: str | None = Field(
+        None,
+        pattern=GIT_REF,
+        description="this variant's kernel is the tree at this ref (branch, tag, commit); in the experiment "
+        "source's own repository it is built as the diff from the source's ref, on the same tree",
+    )
+    range: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_/.~^@{}+-]+\.\.[A-Za-z0-9_/.~^@{}+-]+$",
+        description="`base..topic`: the range's commits (oldest first, no merges) applied as patches",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GitChange:
+        if (self.ref is None) == (self.range is None):
+            raise ValueError("git: give exactly one of ref or range")
+        if any(str(x).startswith("-") for x in (self.repo, self.ref, self.range) if x):  # git would read an option
+            raise ValueError("git: repo, ref and range may not start with '-'")
+        return self
+
+
+class Variant(Strict):
+    """A kernel to compare: the source (the experiment's or its own) with this variant's changes applied in
+    order (series, then patch files, then a git range), booted with its own parameters. The first variant
+    is the baseline the others are compared with."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    series: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="patch series under patches/")
     patch_variant: str = Field("auto", description="variant of the series, or auto to pick by kernel version")
+    patches: list[str] = Field(
+        default_factory=list,
+        description="patch files, mbox files (several patches, as `git format-patch` or a list archive gives "
+        "them) or directories of *.patch, applied in order; relative to the config file",
+    )
+    git: GitChange | None = Field(None, description="a ref or a range of a git repository")
+    source: Source | None = Field(
+        None, description="this variant's own kernel source (default: the experiment's); builds share nothing"
+    )
+    cmdline: list[str] = Field(
+        default_factory=list, description="kernel parameters of this variant's kernel under test (no rebuild)"
+    )
+    module_params: dict[str, dict[str, str | int | bool]] = Field(
+        default_factory=dict,
+        description="module -> parameter -> value for the kernel under test, e.g. {kvm: {tdp_mmu: false}}; "
+        "passed as module.param=value on its command line (no rebuild) and checked once it booted",
+    )
+    expect_removed: list[str] = Field(
+        default_factory=list, description="strings the patches must remove from the files they touch (checked)"
+    )
+    expect_present: list[str] = Field(
+        default_factory=list, description="strings the files the patches touch must hold afterwards (checked)"
+    )
+
+    @field_validator("patches")
+    @classmethod
+    def _paths(cls, paths: list[str]) -> list[str]:
+        if bad := [p for p in paths if not p.strip() or "\0" in p]:
+            raise ValueError(f"empty or NUL in patch paths: {bad!r}")
+        return paths
+
+    @field_validator("cmdline")
+    @classmethod
+    def _kernel_params(cls, params: list[str]) -> list[str]:
+        for p in params:
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.,:=/+-]*", p):
+                raise ValueError(f"{p!r}: one kernel parameter, no spaces or quotes")
+            if p.split("=", 1)[0] in RESERVED_PARAMS or p.startswith("nestpress."):
+                raise ValueError(f"{p!r}: the harness sets {p.split('=', 1)[0]} itself")
+        return params
+
+    @field_validator("module_params")
+    @classmethod
+    def _module_params(cls, mods: dict[str, dict[str, str | int | bool]]) -> dict[str, dict[str, str | int | bool]]:
+        for mod, params in mods.items():
+            if not re.fullmatch(PARAM, mod) or mod == "nestpress":
+                raise ValueError(f"module name {mod!r}: lower-case letters, digits, _")
+            for name, value in params.items():
+                if not re.fullmatch(PARAM, name) or not re.fullmatch(PARAM_VALUE, param_value(value)):
+                    raise ValueError(f"{mod}.{name}={value!r}: parameter names [a-z0-9_], values without spaces")
+        return mods
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Variant:
+        if self.source is not None and self.git is not None and self.git.ref is not None:
+            raise ValueError("give the variant's kernel as source or as git.ref, not both")
+        return self
+
+    def module_params_text(self) -> dict[str, dict[str, str]]:
+        return {mod: {name: param_value(v) for name, v in ps.items()} for mod, ps in self.module_params.items()}
+
+    def kernel_params(self) -> list[str]:
+        """What this variant adds to its kernel under test's command line (after the harness's own)."""
+        return [*self.cmdline] + [
+            f"{mod}.{name}={v}" for mod, ps in self.module_params_text().items() for name, v in ps.items()
+        ]
+
+
+def param_value(value: str | int | bool) -> str:
+    """A module parameter's value as the kernel command line takes it (booleans as Y/N, as sysfs shows them)."""
+    return ("Y" if value else "N") if isinstance(value, bool) else str(value)
 
 
 class LevelSpec(Strict):
@@ -296,10 +406,24 @@ class Experiment(Strict):
     repetitions: int = Field(3, ge=1, le=100)
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
     @field_validator("output")
     @classmethod
     def _output_is_a_plain_path(cls, output: str) -> str:
         return check_output(output)
+
+    @model_validator(mode="after")
+    def _git_variants_have_a_repository(self) -> Experiment:
+        if self.source.kind != "git":
+            for v in self.variants:
+                if v.git is not None and not v.git.repo:
+                    raise ValueError(
+                        f"variant {v.name}: git without repo needs the experiment's source to be a git repository "
+                        f"(it is a {self.source.kind}); give git.repo"
+                    )
+        return self
 
     @field_validator("variants", "phases")
     @classmethod
@@ -422,7 +546,29 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> tuple[Path
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides or []):
         _set(raw, key, value)
+    _anchor_variant_paths(raw, p.parent)
     return p, raw
+
+
+def _is_url(where: str) -> bool:
+    return "://" in where or bool(re.match(r"^[\w.-]+@[\w.-]+:", where))
+
+
+def _anchor_variant_paths(raw: dict, base: Path) -> None:
+    """A variant's patch files and git repository, given relative, are relative to the config file (a user
+    keeps their patch beside their config), made absolute here so every later stage reads one path."""
+    variants = raw.get("variants")
+    for v in variants if isinstance(variants, list) else []:
+        if not isinstance(v, dict):
+            continue
+        if isinstance(v.get("patches"), list):
+            v["patches"] = [
+                os.path.normpath(base / Path(x).expanduser()) if isinstance(x, str) and x.strip() else x
+                for x in v["patches"]
+            ]
+        git = v.get("git")
+        if isinstance(git, dict) and isinstance(git.get("repo"), str) and not _is_url(git["repo"]):
+            git["repo"] = os.path.normpath(base / Path(git["repo"]).expanduser())
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:
@@ -513,6 +659,16 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Matrix:
     return Matrix(config_path=str(p), raw=raw, experiment=exp, axes=lists, cells=cells)
 
 
+def variant_summary(v: Variant) -> str:
+    """What a variant changes, in a few words (resolved in full by variants.py)."""
+    parts = [f"series {v.series}:{v.patch_variant}"] if v.series else []
+    parts += [f"{len(v.patches)} patch path(s)"] if v.patches else []
+    parts += [f"git {v.git.ref or v.git.range}"] if v.git else []
+    parts += [f"own source {v.source.kind} {v.source.where}"] if v.source else []
+    parts += [f"boots with {' '.join(v.kernel_params())}"] if v.kernel_params() else []
+    return ", ".join(parts) or "the source as it is"
+
+
 def describe(matrix: Matrix) -> str:
     exp = matrix.experiment
     lines = [
@@ -520,10 +676,7 @@ def describe(matrix: Matrix) -> str:
         f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
         + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
         f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
-        "  variants: "
-        + ", ".join(
-            v.name + (f" ({v.series}:{v.patch_variant})" if v.series else " (no patches)") for v in exp.variants
-        ),
+        "  variants: " + ", ".join(f"{v.name} ({variant_summary(v)})" for v in exp.variants),
         "  phases: "
         + " -> ".join(
             f"{p.name} {p.duration_s:g}s" + (f" [{p.mode(exp.pressure.mode)}]" if p.pressure else "")
@@ -550,6 +703,13 @@ def schema_reference() -> str:
                 (x.get("$ref") for x in spec.get("allOf", []) + spec.get("anyOf", []) if "$ref" in x), None
             )
             path = prefix + name
+            item = spec.get("items", {}).get("$ref") if spec.get("type") == "array" else None
+            if item and "properties" in defs[item.split("/")[-1]]:  # a list of objects: each item's fields
+                sub = defs[item.split("/")[-1]]
+                about = " ".join(sub.get("description", "").split())
+                lines.append(f"| `{path}` | list | {'required' if name in required else ''} | {about} |")
+                walk(sub["properties"], sub.get("required", []), path + "[].")
+                continue
             if ref and "properties" in defs[ref.split("/")[-1]]:
                 sub = defs[ref.split("/")[-1]]
                 walk(sub["properties"], sub.get("required", []), path + ".")

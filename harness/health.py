@@ -47,6 +47,32 @@ def stalls(cell_dir: Path) -> list[str]:
     return out
 
 
+BOOLEAN = {"y": "Y", "1": "Y", "true": "Y", "on": "Y", "n": "N", "0": "N", "false": "N", "off": "N"}
+
+
+def param_mismatches(cell_dir: Path, module_params: dict[str, dict[str, str]]) -> list[str]:
+    """The variant's module parameters the kernel under test does not show in sysfs as asked (a typo, a
+    parameter this kernel lacks, or one the harness's own overrode). Only KVM modules are recorded."""
+    try:
+        facts = json.loads(read_guest_file(cell_dir / "facts.json", limit=1 << 20))
+        have = facts.get("kvm_params") if isinstance(facts, dict) else None
+    except (GuestFileError, ValueError):
+        have = None
+    if not isinstance(have, dict):
+        return (
+            ["the kernel under test's facts.json (its module parameters) is missing or torn"] if module_params else []
+        )
+    out = []
+    for mod, params in module_params.items():
+        if not mod.startswith("kvm") or not any(k.startswith(f"{mod}.") for k in have):
+            continue  # not recorded, or a vendor module this CPU does not load
+        for name, asked in params.items():
+            got = str(have.get(f"{mod}.{name}", "(no such parameter)")).strip()
+            if BOOLEAN.get(got.lower(), got) != BOOLEAN.get(asked.lower(), asked):
+                out.append(f"module parameter {mod}.{name}: asked {asked}, the kernel under test has {got}")
+    return out
+
+
 def _intervals(samples: pd.DataFrame) -> pd.DataFrame:
     """One row per probe histogram interval: guest, level, phase, t."""
     return samples.drop_duplicates(["guest", "interval"])[["guest", "level", "phase", "t"]]

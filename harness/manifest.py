@@ -36,16 +36,34 @@ class CellEntry(Record):
 
 
 class BuildEntry(Record):
+    """A variant's kernel: its build and how it came to be, and what the variant boots it with."""
+
     key: str
     dir: str
     kernelrelease: str | None = None
     kernel_version: str
     source: str
+    own_source: bool = False
     patch_variant: str | None = None
-    patches: dict[str, str] = {}
+    patches: dict[str, str] = {}  # origin -> the stashed patch's content id, in the order applied
+    patched_result: str = ""
+    evidence: list[str] = []
+    kernel_params: list[str] = []
     config_sha256: str | None = None
     fragments: dict[str, str] = {}
     bzImage_sha256: str | None = None
+
+    def summary(self) -> str:
+        """'6.1.192, series patch v6.0-6.6' / '6.13.0, own source, 2 patches, boots with kvm.tdp_mmu=N'."""
+        parts = [self.kernelrelease or self.kernel_version]
+        parts += ["own source"] if self.own_source else []
+        if self.patch_variant:
+            more = len(self.patches) - 1
+            parts.append(f"series patch {self.patch_variant}" + (f" + {more} more" if more > 0 else ""))
+        else:
+            parts.append(f"{len(self.patches)} patch(es)" if self.patches else "no patches")
+        parts += [f"boots with {' '.join(self.kernel_params)}"] if self.kernel_params else []
+        return ", ".join(parts)
 
 
 class AccelRecord(Record):
@@ -89,9 +107,8 @@ class Manifest(Record):
 
     @property
     def baseline(self) -> str:
-        """The variant the others are compared with: the first without patches, else the first."""
-        variants = self.expanded["variants"]
-        return next((v["name"] for v in variants if not v.get("series")), variants[0]["name"])
+        """The variant the others are compared with: the first one listed."""
+        return str(self.expanded["variants"][0]["name"])
 
     @property
     def tcg(self) -> bool:

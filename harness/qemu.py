@@ -213,11 +213,13 @@ def build_plan(
     swap_image: Path | None,
     l2_initrd: Path | None = None,
     export_model: str = "none",
+    variant_params: tuple[str, ...] = (),
 ) -> tuple[GuestSpec, GuestPlan]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
     The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
     every level runs the one QEMU decided for the topology. cell_dir is the results directory (the kernel
-    under test's export), scratch a host-only directory for its sockets."""
+    under test's export), scratch a host-only directory for its sockets. variant_params (the variant's
+    cmdline and module_params) follow the harness's own, so a variant's value wins."""
     topology, qemu = decision.kind, decision.qemu
     levels = probe_levels(exp, topology)
     system_map = str(Path(kernel).with_name("System.map"))
@@ -298,7 +300,7 @@ def build_plan(
         root_view=os.geteuid() == 0,  # the view needs a mount namespace; without one 9p exports all of /
         hidden=tuple(exp.boot.hidden),
         monitor=str(scratch / "monitor"),
-        cmdline_extra=kut_params(topology),
+        cmdline_extra=[*kut_params(topology), *variant_params],
         thp=exp.topology.kut.thp,
         qemu=tuple(qemu.command),
         bios=qemu.qboot,

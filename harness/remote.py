@@ -264,10 +264,15 @@ class Remote:
     # -- shipping and bootstrap ----------------------------------------------------------------
     def ship(self, config: Path | None = None) -> str | None:
         """Put the harness (and the config) on the host, into app/<content hash>, and point `current` at it;
-        returns the config's remote path. Code already there is never touched: jobs keep what they run."""
+        returns the config's remote path (a config of the harness tree at its own place there). Code already
+        there is never touched: jobs keep what they run."""
         files = [(f, REPO_ROOT / f) for f in project_files()]
-        if config is not None:
-            files.append((f"shipped/{config.name}", config))
+        rel = None
+        if config is not None:  # a config of the harness tree keeps its place: its relative patch paths hold
+            cfg = config.resolve()
+            rel = cfg.relative_to(REPO_ROOT).as_posix() if cfg.is_relative_to(REPO_ROOT) else f"shipped/{cfg.name}"
+            if rel not in {f for f, _ in files}:
+                files.append((rel, cfg))
         digest = content_id(files)
         app = f"{self.root}/app/{digest}"
         q = shlex.quote
@@ -289,7 +294,7 @@ class Remote:
         self.sh(f"ln -sfn {q('app/' + digest)} {q(link)}.new && mv -T {q(link)}.new {q(link)}")
         self._app = app
         self._prune_apps()
-        return f"{app}/shipped/{config.name}" if config is not None else None
+        return f"{app}/{rel}" if rel is not None else None
 
     def running_jobs(self) -> dict[str, str]:
         """Detached jobs still running on the host: job name -> the code directory it runs from."""

@@ -137,6 +137,7 @@ class Runner:
 
     # -- manifest -----------------------------------------------------------------------------
     def _manifest(self, builds: dict[str, BuildResult]) -> Manifest:
+        params = {v.name: v.kernel_params() for v in self.exp.variants}
         env, matrix = self.env, self.matrix
         path = self.run_dir / "manifest.json"
         old = Manifest.load(path) if path.exists() else None
@@ -178,10 +179,14 @@ class Runner:
                     key=b.key,
                     dir=str(b.dir),
                     kernelrelease=b.metadata.get("kernelrelease"),
-                    kernel_version=b.metadata["inputs"]["kernel_version"],
-                    source=b.metadata["inputs"]["source_description"],
-                    patch_variant=b.metadata["inputs"]["patch_variant"],
-                    patches=b.metadata["inputs"]["patches"],
+                    kernel_version=b.metadata["about"]["kernel_version"],
+                    source=b.metadata["about"]["source_description"],
+                    own_source=b.metadata["about"]["own_source"],
+                    patch_variant=b.metadata["about"]["patch_variant"],
+                    patches=b.metadata["about"]["patches"],
+                    patched_result=b.metadata["inputs"]["patched_result"],
+                    evidence=b.metadata["about"]["evidence"],
+                    kernel_params=params[name],
                     config_sha256=b.metadata.get("config_sha256"),
                     fragments=b.metadata["inputs"]["fragments"],
                     bzImage_sha256=b.metadata.get("artifacts", {}).get("bzImage"),
@@ -324,6 +329,7 @@ class Runner:
                 swap,
                 self.l2_initrd,
                 self.export_model,
+                tuple(exp.variant(cell.variant).kernel_params()),
             )
             guest_plan.cell = cell.id
             guest_plan.save(str(cell_dir / "plan.json"))
@@ -398,6 +404,8 @@ class Runner:
                 probe_levels(exp, decision.kind),
                 exp.sampler.interval_s,
             )
+            variant = exp.variant(cell.variant)
+            short += health.param_mismatches(cell_dir, variant.module_params_text())
             if short:
                 raise GuestError(f"cell {cell.id} did not measure what it was for: " + "; ".join(short))
             return CellRecord(

@@ -103,6 +103,22 @@ def _tree_fingerprint(tree: Path) -> str:
     return "walk:" + h.hexdigest()[:16]
 
 
+def is_local_repo(repo: str) -> bool:
+    return Path(repo).expanduser().is_dir()
+
+
+def resolve_commit(repo: str, ref: str, what: str) -> str:
+    """The commit a ref names in a local repository (a tag peeled to its commit)."""
+    r = run(
+        ["git", "-C", str(Path(repo).expanduser()), "rev-parse", "--verify", "--end-of-options", ref + "^{commit}"],
+        capture=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise SourceError(f"{what}: ref '{ref}' not found in {repo}")
+    return r.stdout.strip()
+
+
 def check_present(src: Source) -> None:
     """The tarball or the local tree is there (a git ref is resolved by prepare)."""
     where = Path(src.where).expanduser()
@@ -123,17 +139,13 @@ def prepare(src: Source, cache: Path) -> PreparedSource:
     elif src.kind == "git":
         need_tool("git", "git")
         url = os.path.expanduser(src.where)
-        r = run(["git", "ls-remote", "--end-of-options", url, src.ref], capture=True, check=False)
-        sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else None
-        if sha is None and Path(url).exists():
-            r = run(
-                ["git", "-C", url, "rev-parse", "--verify", "--end-of-options", src.ref + "^{commit}"],
-                capture=True,
-                check=False,
-            )
-            sha = r.stdout.strip() if r.returncode == 0 else None
-        if not sha:
-            raise SourceError(f"git source {src.url}: ref '{src.ref}' not found")
+        if is_local_repo(url):
+            sha = resolve_commit(url, src.ref, "git source")
+        else:
+            r = run(["git", "ls-remote", "--end-of-options", url, src.ref], capture=True, check=False)
+            sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else ""
+            if not sha:
+                raise SourceError(f"git source {src.url}: ref '{src.ref}' not found")
         identity = "git:" + sha
         desc = f"{src.url}@{src.ref} ({sha[:12]})"
     else:

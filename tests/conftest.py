@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ def require(condition: bool, why: str) -> None:
     if os.environ.get("NESTPRESS_REQUIRE_KERNEL"):
         pytest.fail(f"required for this run: {why}")
     pytest.skip(why)
+
+
+def git(repo: Path, *args: str) -> str:
+    """git in a test repository, as a committer of its own; its output."""
+    return subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def test_artifacts_and_metadata(builds):
             assert (b.dir / f).stat().st_size > 0
         assert meta["reproducer"].startswith("make -C ") and meta["inputs"]["compiler"]
     assert builds["baseline"].key != builds["patched"].key
-    assert builds["patched"].metadata["inputs"]["patch_variant"] == "v6.0-6.6"
+    assert builds["patched"].metadata["about"]["patch_variant"] == "v6.0-6.6"
     # the patch took effect in the built kernel: the shrinker's functions are gone from System.map
     assert " mmu_shrink_scan" in (builds["baseline"].dir / "System.map").read_text()
     assert " mmu_shrink_scan" not in (builds["patched"].dir / "System.map").read_text()
@@ -54,26 +54,31 @@ def test_second_build_compiles_nothing(builds, cache_dir):
 def test_a_build_killed_while_changing_patches_is_undone_not_built_as_the_other_variant(
     builds, cache_dir, killed_while
 ):
+    from harness.build import AppliedState
     from harness.patches import _git_apply
     from harness.util import write_json
 
     builder = Builder(load("shrinker-ab").experiment, cache_dir)
-    baseline, patched = builder.exp.variants
+    baseline, patched = builder.resolved()["baseline"], builder.resolved()["patched"]
     tree = Path(builds["baseline"].metadata["tree"])
     state = tree / ".nestpress-applied.json"
-    pv = builder.patch_variant(patched)
-    want = {"series": patched.series, "variant": pv.name, "hashes": pv.hashes()}
+    want = AppliedState(
+        result=patched.trial.result_id,
+        patches=[str(p.path) for p in patched.patches],
+        touched=list(patched.trial.touched),
+        removed=list(patched.expect.removed),
+    )
     builder._checkout(tree, patched if killed_while == "reverting" else baseline)
     # the kill: the change was recorded, the first patch is in (applying) or still in (reverting), nothing else
-    write_json(state, {"changing": [want]})
+    write_json(state, AppliedState(changing=[want]).model_dump())
     if killed_while == "applying":
-        assert _git_apply(tree, pv.patches[0]).returncode == 0
+        assert _git_apply(tree, patched.patches[0].path).returncode == 0
     mmu = tree / "arch/x86/kvm/mmu/mmu.c"
     assert "mmu_shrink_scan" not in mmu.read_text()  # half patched, state unknown to a naive build
     builder._checkout(tree, baseline)
     assert "mmu_shrink_scan" in mmu.read_text() and not state.exists()  # pristine again, as baseline must be
     builder._checkout(tree, patched)
-    assert "mmu_shrink_scan" not in mmu.read_text() and json.loads(state.read_text()) == want
+    assert "mmu_shrink_scan" not in mmu.read_text() and json.loads(state.read_text()) == want.model_dump()
 
 
 def test_fragment_option_unknown_to_the_kernel_is_named(builds, cache_dir, tmp_path):

@@ -97,9 +97,13 @@ def test_validate_finds_missing_build_inputs_without_building(tmp_path):
     from harness.errors import PatchError, SourceError
 
     with pytest.raises(SourceError, match="does not exist"):
-        check_inputs(load("shrinker-ab", ["source.path=/nonexistent.tar.xz"]).experiment)
-    with pytest.raises(PatchError, match="has no patch variant 'nope'"):
-        check_inputs(load("shrinker-ab", ["variants.patched.patch_variant=nope"]).experiment)
+        check_inputs(load("shrinker-ab", ["source.path=/nonexistent.tar.xz"]).experiment, tmp_path)
+    # refused before the tarball is unpacked: these never touch the cache
+    with pytest.raises(PatchError, match="variant patched: series shrinker-removal has no patch variant 'nope'"):
+        check_inputs(load("shrinker-ab", ["variants.patched.patch_variant=nope"]).experiment, tmp_path)
+    with pytest.raises(PatchError, match=r"variant patched: patch path /nonexistent\.patch does not exist"):
+        check_inputs(load("shrinker-ab", ["variants.patched.patches=[/nonexistent.patch]"]).experiment, tmp_path)
+    assert not (tmp_path / "src").exists()
     with pytest.raises(ConfigError, match="series"):
         load("shrinker-ab", ["variants.patched.series=../../etc"])
     with pytest.raises(ConfigError, match="--set repetitions=\\[1: the value is not YAML"):
@@ -110,7 +114,7 @@ def test_validate_resolves_the_patch_variant_for_the_sources_version(tmp_path):
     import tarfile
 
     from harness.build import check_inputs
-    from harness.errors import UnsupportedKernel
+    from harness.errors import PatchError, UnsupportedKernel
 
     def kernel(version: str, kind: str) -> list[str]:
         major, minor, sub = version.split(".")
@@ -125,13 +129,19 @@ def test_validate_resolves_the_patch_variant_for_the_sources_version(tmp_path):
             tar.add(tree, arcname=tree.name)
         return [f"source.path={tmp_path / tree.name}.tar.xz"]
 
-    resolved = check_inputs(load("shrinker-ab", kernel("6.1.99", "tarball")).experiment)
-    assert resolved[0] == "kernel source: 6.1.99" and "patch variant v6.0-6.6" in resolved[1]
-    assert "kernel source: 6.11.2" in check_inputs(load("shrinker-ab", kernel("6.11.2", "local")).experiment)
+    # the series' variant for the version is tried on the tree (which has no mmu.c here): named, and why
+    cache = tmp_path / "cache"
+    for version, kind, variant in (("6.1.99", "tarball", "v6.0-6.6"), ("6.11.2", "local", "v6.7-6.12")):
+        with pytest.raises(PatchError, match=rf"variant patched: patch series shrinker-removal {variant}: .* not"):
+            check_inputs(load("shrinker-ab", kernel(version, kind)).experiment, cache)
+    lines = check_inputs(
+        load("shrinker-ab", [*kernel("6.2.1", "local"), "variants=[{name: baseline}]"]).experiment, cache
+    )
+    assert lines == [f"variant baseline: {tmp_path / 'linux-6.2.1'} (6.2.1)"]
     with pytest.raises(UnsupportedKernel, match=r"variant patched: kernel 6\.14\.1: .* upstream since 6\.13"):
-        check_inputs(load("shrinker-ab", kernel("6.14.1", "tarball")).experiment)
+        check_inputs(load("shrinker-ab", kernel("6.14.1", "tarball")).experiment, cache)
     with pytest.raises(UnsupportedKernel, match=r"variant patched: kernel 5\.4\.0: no variant of series"):
-        check_inputs(load("shrinker-ab", kernel("5.4.0", "local")).experiment)
+        check_inputs(load("shrinker-ab", kernel("5.4.0", "local")).experiment, cache)
 
 
 def test_bad_override_is_named(tmp_path):

@@ -327,10 +327,15 @@ def test_a_peer_that_stops_answering_is_dead_after_its_keepalives(keys, tmp_path
 
 
 @pytest.mark.kernel
-def test_build_over_ssh_uses_the_cache(keys, hosts, rdir, builds, cache_dir):
+def test_build_over_ssh_uses_the_cache_and_ships_relative_patches(keys, hosts, rdir, builds, cache_dir):
     r = fab(keys, "build", "--config", "shrinker-ab", "--cache", str(cache_dir), *remote_dir(rdir), hosts=[hosts[0]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "baseline: 6.1." in r.stdout and "(cached)" in r.stdout
+    # a config of the harness tree keeps its place on the host, so its relative patch paths resolve there
+    example = ["--config", "configs/examples/mbox.yaml", "--cache", str(cache_dir), *remote_dir(rdir)]
+    r = fab(keys, "build", *example, hosts=[hosts[0]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"in-two-steps: 6.1.192 (cached)\n  {builds['patched'].bzimage}" in r.stdout
 
 
 # The fleet cells also exercise the two pressure modes the default schedule does not use.

@@ -8,11 +8,12 @@ import pytest
 
 from harness.config import Source
 from harness.errors import PatchError, UnsupportedKernel
-from harness.patches import PATCHES_DIR, apply, load_series, verify
+from harness.patches import PATCHES_DIR, Expectations, PatchFile, apply, load_series, trial
 from harness.source import KernelVersion, makefile_version, prepare
 
 SERIES = load_series("shrinker-removal")
 MMU = "arch/x86/kvm/mmu/mmu.c"
+REMOVES_SHRINKER = Expectations(removed=SERIES.verify_absent)
 
 
 def numstat(patch: Path) -> str:
@@ -80,8 +81,10 @@ def test_variant_applies_to_debian_tree_and_removes_shrinker(request, tmp_path, 
     tree = _copy_tree(pristine, tmp_path / "t")
     pv = SERIES.select(makefile_version(tree))
     assert pv.name == variant
-    apply(tree, pv)
-    evidence = verify(tree, SERIES)
+    patches = [PatchFile(p, p.name) for p in pv.patches]
+    evidence = trial(tree, patches, REMOVES_SHRINKER, "series").evidence  # on copies: the tree is untouched
+    assert (tree / MMU).read_bytes() == (pristine / MMU).read_bytes()
+    apply(tree, patches, "series")
     text = (tree / MMU).read_text()
     assert "mmu_shrink_scan" not in text and '"x86-mmu"' not in text and evidence
     # the shared pristine tree was not touched through the hard links
@@ -93,17 +96,21 @@ def test_wrong_variant_fails_cleanly_naming_patch_file_and_hunk(tree612, tmp_pat
     tree = _copy_tree(tree612, tmp_path / "t")
     before = (tree / MMU).read_bytes()
     with pytest.raises(PatchError) as e:
-        apply(tree, SERIES.select(makefile_version(tree), "v6.0-6.6"))
+        apply(tree, [PatchFile(p, p.name) for p in SERIES.select(makefile_version(tree), "v6.0-6.6").patches], "x")
     msg = str(e.value)
     assert "0001-KVM-x86-mmu-Remove-KVM-memory-shrinker.patch" in msg and MMU in msg and "hunk #" in msg
     assert (tree / MMU).read_bytes() == before  # nothing half-applied
 
 
 @pytest.mark.kernel
-def test_verify_catches_a_patch_that_did_not_take_effect(tree61, tmp_path):
-    tree = _copy_tree(tree61, tmp_path / "t")
-    with pytest.raises(PatchError, match="did not take effect"):
-        verify(tree, SERIES)
+def test_a_patch_that_does_not_remove_what_it_should_is_caught(tree61, tmp_path):
+    comment = tmp_path / "comment.patch"
+    comment.write_text(
+        f"--- a/{MMU}\n+++ b/{MMU}\n@@ -1,1 +1,2 @@\n+/* harmless */\n "
+        + (tree61 / MMU).read_text().splitlines(True)[0]
+    )
+    with pytest.raises(PatchError, match="still hold 'mmu_shrink_scan': it did not take effect"):
+        trial(tree61, [PatchFile(comment, "comment.patch")], REMOVES_SHRINKER, "variant v")
 
 
 @pytest.mark.kernel

@@ -109,11 +109,11 @@ def level_facts(plan: GuestPlan) -> dict:
             if f in ("vmx", "svm", "hypervisor")
         }
     )
-    params = {}
-    for p in glob.glob("/sys/module/kvm*/parameters/*"):
+    params = {}  # every KVM module parameter: the host checks a variant's module_params took effect
+    for p in sorted(glob.glob("/sys/module/kvm*/parameters/*"))[:400]:
         mod, name = p.split("/")[3], os.path.basename(p)
-        if name in ("nested", "npt", "ept", "tdp_mmu", "vgif", "vls", "avic", "enable_apicv", "mmio_caching"):
-            params[f"{mod}.{name}"] = read(p)
+        if os.access(p, os.R_OK):
+            params[f"{mod}.{name}"] = read(p)[:200]
     shrinkers = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
     kallsyms = read("/proc/kallsyms")
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)

@@ -132,12 +132,7 @@ def _markdown(r: Report) -> str:
             "",
             *_first_screen(r),
             f"Topology `{m.topology}`; variants "
-            + ", ".join(
-                f"`{n}` ({b.kernelrelease or b.kernel_version}"
-                + (f", patch {b.patch_variant}" if b.patch_variant else ", no patches")
-                + ")"
-                for n, b in m.builds.items()
-            )
+            + ", ".join(f"`{n}` ({b.summary()})" for n, b in m.builds.items())
             + f"; order {m.order}.",
             "",
             "## Verdict",
