@@ -108,7 +108,7 @@ def test_a_patch_for_another_kernel_is_refused_by_validate_naming_variant_patch_
     assert after == before
 
 
-def test_variants_with_their_own_sources_validate_each_on_its_own(src612, tmp_path):
+def test_variants_with_their_own_sources_validate_each_on_its_own(src612, cache_dir, tmp_path):
     upstream = tmp_path / "linux"
     (upstream / MMU).parent.mkdir(parents=True)
     (upstream / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 13\nSUBLEVEL = 0\nEXTRAVERSION =\n")
