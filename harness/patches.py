@@ -17,11 +17,11 @@ from __future__ import annotations
 import email
 import email.policy
 import hashlib
-import mailbox
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +116,20 @@ def load_series(name: str, root: Path = PATCHES_DIR) -> Series:
 
 # -- a user's patches: files, mbox files, directories -------------------------------------------------------
 def _read_patch(path: Path) -> bytes:
+    """A patch or mbox file's bytes, gunzipped when it is gzip (lore's t.mbox.gz), at most MAX_PATCH_BYTES."""
     if not path.is_file():
         raise PatchError(f"patch {path}: no such file")
     if path.stat().st_size > MAX_PATCH_BYTES:
         raise PatchError(f"patch {path}: larger than {MAX_PATCH_BYTES >> 20} MiB; not a patch")
-    return path.read_bytes()
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = zlib.decompressobj(wbits=31).decompress(data, MAX_PATCH_BYTES + 1)
+        except zlib.error as e:
+            raise PatchError(f"patch {path}: a broken gzip file ({e})") from None
+        if len(data) > MAX_PATCH_BYTES:
+            raise PatchError(f"patch {path}: more than {MAX_PATCH_BYTES >> 20} MiB unpacked; not a patch")
+    return data
 
 
 def is_diff(text: str) -> bool:
@@ -129,7 +138,8 @@ def is_diff(text: str) -> bool:
 
 def split_mbox(path: Path) -> list[tuple[str, str]]:
     """(subject, text) of each message of an mbox that carries a diff, in file order; a cover letter or a
-    reply without one is skipped. A plain diff (no 'From ' line) is one patch."""
+    reply without one is skipped. A plain diff (no 'From ' line) is one patch. Messages start at a line
+    'From ...' (git format-patch, mboxo/mboxrd archives; '>From ' in a body is mboxrd's escape)."""
     data = _read_patch(path)
     if not data.startswith(b"From "):
         text = data.decode(errors="replace")
@@ -137,19 +147,15 @@ def split_mbox(path: Path) -> list[tuple[str, str]]:
             raise PatchError(f"patch {path}: holds no diff (neither `diff --git` nor ---/+++ lines)")
         return [(path.name, text)]
     out = []
-    box = mailbox.mbox(str(path), factory=None, create=False)
-    try:
-        for msg in box:
-            m = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
-            subject = " ".join(str(m.get("Subject", "(no subject)")).split())
-            part = m.get_body(preferencelist=("plain",)) if m.is_multipart() else m
-            body = part.get_content() if part is not None else ""
-            if isinstance(body, bytes):
-                body = body.decode(errors="replace")
-            if is_diff(body):
-                out.append((subject, f"Subject: {subject}\n\n{body}"))
-    finally:
-        box.close()
+    for raw in re.split(rb"(?m)^From [^\n]*\n", data)[1:]:
+        m = email.message_from_bytes(re.sub(rb"(?m)^>(>*From )", rb"\1", raw), policy=email.policy.default)
+        subject = " ".join(str(m.get("Subject", "(no subject)")).split())
+        part = m.get_body(preferencelist=("plain",)) if m.is_multipart() else m
+        body = part.get_content() if part is not None else ""
+        if isinstance(body, bytes):
+            body = body.decode(errors="replace")
+        if is_diff(body):
+            out.append((subject, f"Subject: {subject}\n\n{body}"))
     if not out:
         raise PatchError(f"mbox {path}: no message in it carries a diff")
     return out

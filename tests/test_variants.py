@@ -3,6 +3,7 @@ on a small real git repository shaped like a kernel tree (the kernel-sized check
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 from pathlib import Path
 
@@ -173,6 +174,9 @@ def test_mbox_splitting_skips_the_cover_letter_and_refuses_what_holds_no_diff(tm
         "[PATCH 1/2] KVM: x86/mmu: Stop registering the x86-mmu shrinker",
         "[PATCH 2/2] KVM: x86/mmu: Drop the global count of shadow pages",
     ]
+    gz = tmp_path / "t.mbox.gz"  # as lore gives a thread
+    gz.write_bytes(gzip.compress((REPO_ROOT / "configs/examples/shrinker-removal-in-two.mbox").read_bytes()))
+    assert split_mbox(gz) == msgs
     notes = tmp_path / "notes.txt"
     notes.write_text("just words\n")
     with pytest.raises(PatchError, match="holds no diff"):
