@@ -86,6 +86,7 @@ def check_size(matrix, yes: bool) -> None:
 def cmd_run(args, report: bool = False) -> int:
     from .manifest import Manifest
     from .report import analyze, generate
+    from .stats import VALIDITY
 
     matrix = _matrix(args)
     if args.shard:
@@ -111,7 +112,7 @@ def cmd_run(args, report: bool = False) -> int:
         raise
     result = generate(run_dir) if report else analyze(run_dir, rebuild_tables=True)
     if report:
-        print(f"verdict:\n\n{result.verdict_markdown()}\n")
+        print(f"verdict ({VALIDITY[result.manifest.tcg]}):\n\n{result.verdict_markdown()}\n")
         print(f"report: {result.html}")
     print(f"run directory: {run_dir}")
     status = Manifest.load(run_dir / "manifest.json").status

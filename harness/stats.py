@@ -9,10 +9,14 @@
   compared with Mann-Whitney U (primary) and Welch's t (second opinion); %change is
   mean(patched)/mean(baseline) - 1 with a bootstrap interval over repetitions.
 - Verdict: *better* / *worse* (lower / higher latency with the patch), *no significant
-  difference*, or *inconclusive* with the reason. A change is called when MWU p < 0.05, or -
+  difference*, or *inconclusive: <statistical reason>*. A change is called when MWU p < 0.05, or -
   since with 3 vs 3 repetitions the smallest two-sided MWU p is 0.1 - when the two groups do
   not overlap at all and Welch's p < 0.05 (LKP's rule: >= 3 samples, non-overlapping ranges);
-  and the %change interval must exclude 0.
+  and the %change interval must exclude 0. *not comparable* where the phase's mode does not
+  exist on one side (shrinker-scan on a kernel without the shrinker).
+- The platform is not a verdict: every row carries one `validity` label (VALIDITY), said once on
+  the report. Under TCG the comparison is internally valid (one emulator, one host, interleaved
+  repetitions); what does not transfer to hardware is the magnitude.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ MIN_REPS = 3
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99.9": 0.999}
 CI_QUANTILES = ("p50", "p99", "p99.9")
 OUTSIDE = ("pre", "post")  # before the first phase (the probe populating its working set) and after the last
+VALIDITY = {
+    True: "emulated (TCG): the direction holds for this emulated machine; magnitudes do not transfer to hardware",
+    False: "hardware virtualization (KVM)",
+}
+LEVEL_ORDER = ("l2", "l1")
 
 
 def in_phases(df: pd.DataFrame) -> pd.DataFrame:
@@ -181,15 +190,13 @@ def direction(c: dict) -> str:
     return "worse" if c["change_pct"] > 0 else "better"
 
 
-def verdict(c: dict, *, tcg: bool, baseline_shrinker_ran: bool) -> tuple[str, str]:
+def verdict(c: dict, *, baseline_shrinker_ran: bool) -> tuple[str, str]:
     """(verdict, reason). Inconclusive says which condition made it so, and what the numbers say."""
     reasons = []
     if min(c["n_baseline"], c["n_patched"]) < MIN_REPS:
         reasons.append(f"too few repetitions ({c['n_baseline']} vs {c['n_patched']}, need {MIN_REPS})")
     if not baseline_shrinker_ran:
         reasons.append("the baseline never ran the x86-mmu shrinker")
-    if tcg:
-        reasons.append("TCG timing")
     if min(c["n_baseline"], c["n_patched"]) < 2:
         return "inconclusive", "; ".join(reasons)
     said = direction(c)
@@ -205,25 +212,41 @@ def ab_table(
     baseline_shrinker_ran: bool,
     variants: list[str] | None = None,
     undelivered: dict[tuple[str, str], str] | None = None,
+    inapplicable: dict[tuple[str, str], str] | None = None,
+    phases: list[str] | None = None,
 ) -> pd.DataFrame:
-    """One row per metric x phase x level x non-baseline variant (every one of `variants`, measured or not).
-    A row whose phase did not deliver its pressure on either side (undelivered: (variant, phase) -> why), or
-    that lacks one side's samples, is inconclusive and says so."""
+    """One row per metric x phase x level x non-baseline variant (every one of `variants`, measured or not),
+    in the schedule's order (phases as run, L2 before L1, variants as listed). A row whose phase did not
+    deliver its pressure on either side (undelivered: (variant, phase) -> why), or that lacks one side's
+    samples, is inconclusive and says so; a row whose phase's mode does not exist on a side (inapplicable)
+    is not comparable and says why."""
     rows = []
     if metrics.empty:
         return pd.DataFrame()
-    undelivered = undelivered or {}
+    undelivered, inapplicable = undelivered or {}, inapplicable or {}
+    order = [v for v in variants or [] if v != baseline]
     for (phase, level, metric), g in metrics.groupby(["phase", "level", "metric"], sort=False):
         a = g[g["variant"] == baseline]["value"].to_numpy()
-        for variant in sorted((set(g["variant"]) | set(variants or [])) - {baseline}):
+        measured = sorted(set(g["variant"]) - {baseline} - set(order))
+        for variant in [*order, *measured]:
             b = g[g["variant"] == variant]["value"].to_numpy()
             c = compare(a, b)
-            v, why = verdict(c, tcg=tcg, baseline_shrinker_ran=baseline_shrinker_ran)
+            v, why = verdict(c, baseline_shrinker_ran=baseline_shrinker_ran)
             blocked = [undelivered[k] for k in ((baseline, phase), (variant, phase)) if k in undelivered]
             blocked += [f"no samples from {name}" for name, x in ((baseline, a), (variant, b)) if len(x) == 0]
             if blocked:
                 v, why = "inconclusive", "; ".join([*blocked, why] if why else blocked)
+            facts = [inapplicable[k] for k in ((baseline, phase), (variant, phase)) if k in inapplicable]
+            if facts:
+                v, why = "not comparable", "; ".join(facts) + ": pressure on one side, none on the other"
             rows.append(
                 {"phase": phase, "level": level, "metric": metric, "variant": variant, **c, "verdict": v, "reason": why}
             )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out["validity"] = VALIDITY[tcg]
+    rank = {p: i for i, p in enumerate(phases or [])}
+    metric_rank = {m: i for i, m in enumerate(dict.fromkeys(metrics["metric"]))}
+    key = out["phase"].map(lambda p: rank.get(p, len(rank))).astype(float) * 1e6
+    key += out["level"].map(lambda lv: LEVEL_ORDER.index(lv) if lv in LEVEL_ORDER else len(LEVEL_ORDER)) * 1e3
+    key += out["metric"].map(metric_rank).astype(float)
+    return out.assign(_order=key).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)

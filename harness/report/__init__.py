@@ -17,7 +17,7 @@ from .. import health, results, stats
 from ..config import Experiment
 from ..manifest import Manifest, cell_record
 from . import plots, render
-from .evidence import evidence_summary, shrinker_evidence, shrinker_ran, undelivered, zapped
+from .evidence import evidence_summary, inapplicable, shrinker_evidence, shrinker_ran, undelivered, zapped
 
 __all__ = ["Report", "analyze", "compare_runs", "generate", "shrinker_evidence", "shrinker_ran", "zapped"]
 
@@ -72,6 +72,8 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
         baseline_shrinker_ran=base_ran,
         variants=variants,
         undelivered=not_delivered,
+        inapplicable=inapplicable(evidence),
+        phases=[p.name for p in exp.phases],
     )
     records = {c.id: r for c in manifest.cells if (r := cell_record(run_dir, c.id)) is not None}
     health_rows = health.health_table(frames, records, manifest.baseline)
@@ -138,7 +140,10 @@ def _markdown(r: Report) -> str:
             "## Verdict",
             "",
             "Latency of single page touches in the guests whose memory the kernel under test shadow-pages; "
-            "one value per repetition, patched against baseline. *worse* = higher latency with the patch.",
+            "one value per repetition, each variant against the baseline "
+            f"(`{m.baseline}`). *worse* = higher latency than the baseline.",
+            "",
+            f"**Validity: {stats.VALIDITY[m.tcg]}.**",
             "",
             r.verdict_markdown(),
             "",

@@ -222,6 +222,18 @@ def undelivered(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
     return out
 
 
+def inapplicable(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(variant, phase) -> the fact, for a phase whose mode does not exist on that variant (shrinker-scan on a
+    kernel without the shrinker): its A/B rows compare pressure with no pressure, not like with like."""
+    if evidence.empty:
+        return {}
+    na = evidence[evidence["delivery"] == NOT_APPLICABLE].drop_duplicates(["variant", "phase"])
+    return {
+        (str(r.variant), str(r.phase)): f"`{r.mode}` does not exist on {r.variant} ({r.delivery_reason})"
+        for r in na.itertuples()
+    }
+
+
 def zapped(rows: pd.DataFrame) -> pd.Series:
     """Per phase: did the shrinker free shadow pages (not merely get called)? What it says it freed, the pages
     kvm_mmu_zap_oldest_mmu_pages() recycled, or its count falling (for an L2's nested pages the recursive

@@ -26,6 +26,7 @@ def table(rows: list[dict]) -> str:
 
 
 def verdict_markdown(ab: pd.DataFrame) -> str:
+    """The A/B rows in the schedule's order; the validity label is said once, above the table, not here."""
     if ab.empty:
         return "_No comparison possible: no latency samples from both variants._"
 
@@ -38,8 +39,9 @@ def verdict_markdown(ab: pd.DataFrame) -> str:
                 "phase": r["phase"],
                 "level": r["level"],
                 "metric": r["metric"],
+                "variant": r["variant"],
                 "baseline": mean_sd(r["baseline_mean"], r["baseline_sd_pct"]),
-                "patched": mean_sd(r["patched_mean"], r["patched_sd_pct"]),
+                "variant's": mean_sd(r["patched_mean"], r["patched_sd_pct"]),
                 "%change [95% CI]": f"{fmt(r['change_pct'])}% [{fmt(r['change_ci_lo'])}, {fmt(r['change_ci_hi'])}]",
                 "MWU p": fmt(r["mwu_p"], 3),
                 "Welch p": fmt(r["welch_p"], 3),
