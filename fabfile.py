@@ -116,10 +116,15 @@ def fetch(c, experiment, run_id):
     return Request("fetch", experiment=experiment, run_id=run_id)
 
 
-@task(help={"run": "run directory, results/<experiment>/<run-id>"})
-def report(c, run):
+@task(
+    help={
+        "run": "run directory, results/<experiment>/<run-id>",
+        "repetition": "timeline and counter plots of this repetition only (default: every repetition)",
+    }
+)
+def report(c, run, repetition=None):
     """Regenerate tables, plots, report.md and report.html from a run directory (no rerun; always local)."""
-    if rc := execute(Request("report", run=run), Lab()):
+    if rc := execute(Request("report", run=run, repetition=int(repetition) if repetition else None), Lab()):
         raise Exit(code=rc)
 
 

@@ -138,7 +138,7 @@ def conclusion(result) -> int:
 def cmd_report(args) -> int:
     from .report import generate
 
-    print(f"report: {generate(Path(args.run)).html}")
+    print(f"report: {generate(Path(args.run), repetition=args.repetition).html}")
     return 0
 
 
@@ -195,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS_UNASKED} cells")
     rp = sub.add_parser("report", help="regenerate tables, plots and report from a run directory")
     rp.add_argument("--run", required=True)
+    rp.add_argument("--repetition", type=int, help="timeline and counters of this repetition only (default: all)")
     c = sub.add_parser("compare", help="two runs side by side")
     c.add_argument("run_a")
     c.add_argument("run_b")

@@ -41,6 +41,7 @@ class Request:
     packages: list[str] = field(default_factory=list)  # setup: more Debian packages (kernel sources)
     experiment: str | None = None  # fetch
     run: str | None = None  # report
+    repetition: int | None = None  # report: the timeline and counters of this one
     runs: list[str] = field(default_factory=list)  # compare
     output: str | None = None  # run/experiment: results root
     shard: str | None = None  # run: I/N of a fleet
@@ -70,7 +71,12 @@ class Request:
         if self.task == "setup":
             return ["setup", "--extra", *self.packages]
         if self.task == "report":
-            return ["report", "--run", str(self.run)]
+            return [
+                "report",
+                "--run",
+                str(self.run),
+                *(["--repetition", str(self.repetition)] if self.repetition else []),
+            ]
         if self.task == "compare":
             return ["compare", *self.runs]
         raise HarnessError(f"{self.task}: not something a host can be asked to do")

@@ -35,6 +35,17 @@ VALIDITY = {
     False: "hardware virtualization (KVM)",
 }
 LEVEL_ORDER = ("l2", "l1")
+CLOCK_STALL_NS = 2  # the probe's buckets below 2 ns hold 0 and 1 ns: its clock did not advance between touches
+
+
+def clock_stalls(samples: pd.DataFrame) -> pd.DataFrame:
+    """Touches per variant x level (in the phases) whose two clock reads were 0-1 ns apart: no latency can be
+    that short (a touch plus the probe's loop); the guest's clock did not advance, and they are no latency."""
+    s = in_phases(samples)
+    if s.empty:
+        return pd.DataFrame(columns=["variant", "level", "touches"])
+    s = s[s["hi_ns"] <= CLOCK_STALL_NS]
+    return s.groupby(["variant", "level"], sort=False)["count"].sum().rename("touches").reset_index()
 
 
 def in_phases(df: pd.DataFrame) -> pd.DataFrame:

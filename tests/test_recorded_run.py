@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import pandas as pd
 import pytest
 
 from harness import results
@@ -218,3 +219,26 @@ def test_compare_names_the_rows_it_cannot_compare(run, tmp_path):
     results.collect(other)
     md = compare_runs(run, other, tmp_path / "cmp").with_suffix(".md").read_text()
     assert "- patched / global / l2: not in B (`patched` has no latency samples in that run)" in md
+
+
+def test_timeline_and_counters_show_every_repetition_or_the_one_asked_and_no_shrinker_is_said(run):
+    from harness.errors import HarnessError
+    from harness.report.plots import _cells, _has_shrinker
+
+    report = generate(run, repetition=1)
+    frames = report.frames
+    assert _cells(frames, "baseline", None) == [(1, "baseline.r1")] and _cells(frames, "baseline", 2) == []
+    assert _has_shrinker(frames, "baseline.r1") and not _has_shrinker(frames, "patched.r1")
+    with pytest.raises(HarnessError, match="no repetition 2 \\(it has 1\\)"):
+        generate(run, repetition=2)
+
+
+def test_touches_the_clock_did_not_see_are_no_latency_and_are_said(run):
+    samples = pd.read_parquet(run / "tables" / "samples.parquet")
+    row = samples[(samples["variant"] == "patched") & (samples["phase"] == "global")].iloc[[0]]
+    stalled = row.assign(latency_ns=0.5, lo_ns=0, hi_ns=1, count=37)
+    pd.concat([samples, stalled]).to_parquet(run / "tables" / "samples.parquet")
+    report = generate(run, rebuild_tables=False)
+    md = (run / "report.md").read_text().split("## Verdict")[0]
+    assert f"Probe clock: 37 touches of `patched` {row['level'].iloc[0]} read 0-1 ns" in md
+    assert report.summary["count"].sum() > 0

@@ -135,6 +135,7 @@ def level_facts(plan: GuestPlan) -> dict:
         "swap_total_kb": int(mem.get("SwapTotal", "0 kB").split()[0]),
         "memory_reclaim_root": os.path.exists("/sys/fs/cgroup/memory.reclaim"),
         "cmdline": read("/proc/cmdline"),
+        "clocksource": read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
         "rootfs": next((l.split()[2] for l in read("/proc/self/mounts").splitlines() if l.split()[1] == "/"), None),
     }
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import health, results, stats
 from ..config import Experiment
+from ..errors import HarnessError
 from ..manifest import Manifest, cell_record
 from . import plots, render
 from .evidence import evidence_summary, inapplicable, shrinker_evidence, shrinker_ran, undelivered, zapped
@@ -101,16 +102,20 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     )
 
 
-def generate(run_dir: Path, rebuild_tables: bool = True) -> Report:
-    """analyze(), then the plots, report.md and report.html."""
+def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None = None) -> Report:
+    """analyze(), then the plots, report.md and report.html. The timeline and the counters show every
+    repetition (small multiples), or only `repetition`."""
     report = analyze(run_dir, rebuild_tables)
+    reps = sorted({c.repetition for c in report.manifest.cells})
+    if repetition is not None and repetition not in reps:
+        raise HarnessError(f"{run_dir}: no repetition {repetition} (it has {', '.join(map(str, reps))})")
     plots_dir = report.run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     report.plots = [
         plots.plot_ccdf(report.frames, report.manifest, plots_dir / "latency_ccdf.png"),
-        plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png"),
+        plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png", repetition),
         plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png"),
-        plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png"),
+        plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png", repetition),
     ]
     md = _markdown(report)
     (report.run_dir / "report.md").write_text(md)
@@ -208,6 +213,12 @@ def _first_screen(r: Report) -> list[str]:
         lines.append(f"- **No latency samples from `{v}`**: the A/B table cannot compare it (see Health and cells).")
     for (_variant, phase), why in r.undelivered.items():
         lines.append(f"- **Phase `{phase}`: {why}**; its A/B rows are inconclusive.")
+    for _, st in stats.clock_stalls(r.frames["samples"]).iterrows():
+        lines.append(
+            f"- Probe clock: {st['touches']} touches of `{st['variant']}` {st['level']} read 0-1 ns (the guest's "
+            "clock did not advance between two reads): no latency, left out of the CCDF; see its clocksource "
+            "in the level's facts.json."
+        )
     for _, h in health.far_from_baseline(r.health).iterrows():
         lines.append(
             f"- Health: `{h['variant']}` {h['level']} {h['figure']} median {h['median']:.1f} is "

@@ -49,7 +49,18 @@ def plot_ccdf(frames, manifest, path: Path) -> Path:
     rows = int(np.ceil(len(phases) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False, sharey=True)
     for ax, phase in zip(axes.flat, phases):
-        for i, (variant, g) in enumerate(s[s["phase"] == phase].groupby("variant", sort=False)):
+        at = s[s["phase"] == phase]
+        stalled = int(at.loc[at["hi_ns"] <= stats.CLOCK_STALL_NS, "count"].sum())
+        if stalled:  # no latency: the clock read the same twice (log axes would draw them at 1e-3 µs)
+            ax.text(
+                0.02,
+                0.02,
+                f"{stalled} touches of 0-1 ns (the clock did not advance): not drawn",
+                transform=ax.transAxes,
+                fontsize=7,
+                color="dimgray",
+            )
+        for i, (variant, g) in enumerate(at[at["hi_ns"] > stats.CLOCK_STALL_NS].groupby("variant", sort=False)):
             for level, gl in g.groupby("level"):
                 h = gl.groupby("latency_ns")["count"].sum().sort_index()
                 ccdf = 1 - h.cumsum() / h.sum() + h / h.sum()
@@ -66,7 +77,8 @@ def plot_ccdf(frames, manifest, path: Path) -> Path:
     for ax in axes.flat[len(phases) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("P(latency ≥ x)")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(_title(manifest, "latency CCDF per phase"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -82,39 +94,77 @@ def _interval_quantiles(s: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_timeline(frames, manifest, path: Path) -> Path:
-    """Per variant (first repetition): latency per interval, pressure shaded, shrinker activity beside it."""
+def _cells(frames, variant: str, repetition: int | None) -> list[tuple[int, str]]:
+    """(repetition, cell) of a variant that ran phases: the one asked for, or every one in order."""
+    ph = frames["phases"]
+    got = ph[ph["variant"] == variant].drop_duplicates("cell").sort_values(["repetition", "cell"])
+    pairs = [(int(r), str(c)) for r, c in zip(got["repetition"], got["cell"])]
+    return [x for x in pairs if repetition is None or x[0] == repetition]
+
+
+def _has_shrinker(frames, cell: str) -> bool:
+    cells = frames["cells"]
+    present = cells.loc[cells["cell"] == cell, "x86_mmu_shrinker_present"]
+    return bool(present.fillna(True).iloc[0]) if len(present) else True
+
+
+def plot_timeline(frames, manifest, path: Path, repetition: int | None = None) -> Path:
+    """Per variant (rows) and repetition (columns, or the one asked for): latency per interval, pressure
+    shaded, shrinker activity beside it; a kernel without the shrinker says so instead of a flat line."""
     s, c, e, ph = frames["samples"], frames["counters"], frames["events"], frames["phases"]
     variants = list(dict.fromkeys(ph["variant"])) or list(dict.fromkeys(s["variant"]))
+    grid = {v: _cells(frames, v, repetition) for v in variants}
+    cols = max([len(x) for x in grid.values()] + [1])
     fig, axes = plt.subplots(
-        len(variants) or 1, 1, figsize=(12, 3.6 * max(1, len(variants))), squeeze=False, sharex=True
+        max(1, len(variants)), cols, figsize=(max(12, 6 * cols), 3.6 * max(1, len(variants))), squeeze=False
     )
-    for ax, variant in zip(axes[:, 0], variants):
-        cell = sorted(ph.loc[ph["variant"] == variant, "cell"].unique())[0]
-        _shade(ax, ph[ph["cell"] == cell])
-        q = _interval_quantiles(s[s["cell"] == cell])
-        for guest, g in q.groupby("guest") if not q.empty else []:
-            ax.semilogy(g["t"], g["p99"], "-", lw=1.2, label=f"{guest} p99")
-            ax.semilogy(g["t"], g["p50"], ":", lw=1, label=f"{guest} p50")
-        ax.set_ylabel("touch latency (µs)")
-        ax2 = ax.twinx()
-        zaps = c[(c["cell"] == cell) & (c["name"] == "kvm.mmu_shadow_zapped")].sort_values("t")
-        if len(zaps) > 1:
-            rate = zaps["value"].diff().clip(lower=0) / zaps["t"].diff()
-            ax2.plot(zaps["t"], rate, color="red", lw=1, label="shadow pages zapped /s")
-        cnt = c[(c["cell"] == cell) & (c["name"] == "shrinker.x86_mmu_count")].sort_values("t")
-        if len(cnt):
-            ax2.plot(cnt["t"], cnt["value"], color="purple", lw=1, alpha=0.7, label="x86-mmu count")
-        calls = e[(e["cell"] == cell) & (e["kind"] == "shrink_start")]
-        if len(calls):
-            ax2.plot(calls["t"], np.zeros(len(calls)), "|", color="black", ms=14, label="shrinker call")
-        ax2.set_ylabel("shrinker activity")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=3)
-        ax.set_title(f"{variant} ({cell})", fontsize=9)
-    axes[-1, 0].set_xlabel("time since first phase (s)")
-    fig.suptitle(_title(manifest, "latency over time with pressure (shaded) and shrinker activity"), fontsize=10)
+    for row, variant in enumerate(variants):
+        for col in range(cols):
+            ax = axes[row, col]
+            if col >= len(grid[variant]):
+                ax.set_visible(False)
+                continue
+            rep, cell = grid[variant][col]
+            _shade(ax, ph[ph["cell"] == cell])
+            q = _interval_quantiles(s[s["cell"] == cell])
+            for guest, g in q.groupby("guest") if not q.empty else []:
+                ax.semilogy(g["t"], g["p99"], "-", lw=1.2, label=f"{guest} p99")
+                ax.semilogy(g["t"], g["p50"], ":", lw=1, label=f"{guest} p50")
+            ax.set_ylabel("touch latency (µs)")
+            ax.set_title(f"{variant} r{rep} ({cell})", fontsize=9)
+            ax.set_xlabel("time since first phase (s)")
+            if not _has_shrinker(frames, cell):
+                ax.text(
+                    0.99,
+                    0.97,
+                    "no x86-mmu shrinker in this kernel",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=8,
+                    color="dimgray",
+                )
+                ax.legend(fontsize=7, loc="upper left", ncol=2)
+                continue
+            ax2 = ax.twinx()
+            zaps = c[(c["cell"] == cell) & (c["name"] == "kvm.mmu_shadow_zapped")].sort_values("t")
+            if len(zaps) > 1:
+                rate = zaps["value"].diff().clip(lower=0) / zaps["t"].diff()
+                ax2.plot(zaps["t"], rate, color="red", lw=1, label="shadow pages zapped /s")
+            cnt = c[(c["cell"] == cell) & (c["name"] == "shrinker.x86_mmu_count")].sort_values("t")
+            if len(cnt):
+                ax2.plot(cnt["t"], cnt["value"], color="purple", lw=1, alpha=0.7, label="x86-mmu count")
+            calls = e[(e["cell"] == cell) & (e["kind"] == "shrink_start")]
+            if len(calls):
+                ax2.plot(calls["t"], np.zeros(len(calls)), "|", color="black", ms=14, label="shrinker call")
+            ax2.set_ylabel("shrinker activity")
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=3)
+    which = f"repetition {repetition}" if repetition is not None else "every repetition"
+    fig.suptitle(
+        _title(manifest, f"latency over time with pressure (shaded) and shrinker activity, {which}"), fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -157,7 +207,9 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
     return path
 
 
-def plot_counters(frames, manifest, path: Path) -> Path:
+def plot_counters(frames, manifest, path: Path, repetition: int | None = None) -> Path:
+    """The kernel under test's counters over time: every repetition (line style) of every variant (colour),
+    or the one repetition asked for."""
     c, ph = frames["counters"], frames["phases"]
     panels = [
         ("shrinker.x86_mmu_count", "x86-mmu shadow pages (count)", False),
@@ -165,26 +217,38 @@ def plot_counters(frames, manifest, path: Path) -> Path:
         ("vmstat.pgscan_kswapd+vmstat.pgscan_direct", "reclaim scans /s (kswapd+direct)", True),
         ("psi.memory_some_avg10", "PSI memory some avg10 (%)", False),
     ]
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False, sharex=True)
+    variants = list(dict.fromkeys(ph["variant"]))
     for ax, (names, label, rate) in zip(axes.flat, panels):
-        for i, (variant, g) in enumerate(c.groupby("variant", sort=False) if not c.empty else []):
-            cell = sorted(g["cell"].unique())[0]
-            parts = [g[(g["cell"] == cell) & (g["name"] == n)].set_index("t")["value"] for n in names.split("+")]
-            parts = [p for p in parts if len(p)]
-            if not parts:
-                continue
-            series = sum(parts[1:], parts[0]).sort_index()
-            if rate:
-                series = (series.diff().clip(lower=0) / series.index.to_series().diff()).dropna()
-            ax.plot(series.index, series.values, color=COLORS[i % 4], lw=1.2, label=variant)
+        for i, variant in enumerate(variants):
+            for k, (rep, cell) in enumerate(_cells(frames, variant, repetition)):
+                g = c[c["cell"] == cell]
+                parts = [g[g["name"] == n].set_index("t")["value"] for n in names.split("+")]
+                parts = [p for p in parts if len(p)]
+                if not parts:
+                    continue
+                series = sum(parts[1:], parts[0]).sort_index()
+                if rate:
+                    series = (series.diff().clip(lower=0) / series.index.to_series().diff()).dropna()
+                ax.plot(
+                    series.index,
+                    series.values,
+                    color=COLORS[i % 4],
+                    ls=styles[k % len(styles)],
+                    lw=1.1,
+                    label=f"{variant} r{rep}",
+                )
         if not ph.empty:
             _shade(ax, ph[ph["cell"] == sorted(ph["cell"].unique())[0]])
         ax.set_title(label, fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
     for ax in axes[-1]:
         ax.set_xlabel("time since first phase (s)")
-    fig.suptitle(_title(manifest, "kernel under test counters (first repetition)"), fontsize=10)
+    which = f"repetition {repetition}" if repetition is not None else "every repetition"
+    fig.suptitle(_title(manifest, f"kernel under test counters, {which}"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
