@@ -546,7 +546,6 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> tuple[Path
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides or []):
         _set(raw, key, value)
-    _anchor_variant_paths(raw, p.parent)
     return p, raw
 
 
@@ -639,11 +638,15 @@ class Cell(BaseModel):
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Matrix:
+    """The validated matrix. Its `raw` is the config as written (what its hash, and so a resume, compare);
+    the models have the variants' relative paths anchored at the config file."""
     p, raw = load_raw(path, overrides)
-    exp = _validate(p, raw)
+    anchored = copy.deepcopy(raw)
+    _anchor_variant_paths(anchored, p.parent)
+    exp = _validate(p, anchored)
     axes_all = axis_paths()
-    lists = {a: v for a in axes_all if isinstance(v := _get(raw, a), list)}
-    combos = _combinations(raw, axes_all)
+    lists = {a: v for a in axes_all if isinstance(v := _get(anchored, a), list)}
+    combos = _combinations(anchored, axes_all)
     cells: list[Cell] = []
     # repetitions outermost and variants innermost: baseline and patched interleave (A B A B ...)
     for rep in range(1, exp.repetitions + 1):

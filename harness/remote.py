@@ -25,6 +25,7 @@ import shlex
 import stat
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
 import tomllib
@@ -32,9 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
+import yaml
 from fabric import Connection
 
 from . import REPO_ROOT
+from .config import load_raw
 from .errors import RemoteError
 from .util import log, warn
 
@@ -66,6 +69,42 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uname = info.gname = "root"
     info.mode &= ~0o022
     return info
+
+
+def config_files(config: Path, scratch: Path) -> tuple[str, list[tuple[str, Path]]]:
+    """The config's path in the shipped tree, and the files it brings. A config of the harness tree keeps its
+    place (its relative patch paths hold there). One from elsewhere goes to shipped/, with its variants'
+    patch files beside it (shipped/patches/<id>/<name>) and rewritten to name them there (written to
+    scratch): a user's own patch travels with the config that names it."""
+    cfg = config.resolve()
+    if cfg.is_relative_to(REPO_ROOT):
+        rel = cfg.relative_to(REPO_ROOT).as_posix()
+        return rel, [(rel, cfg)]
+    _, raw = load_raw(cfg)
+    rel = f"shipped/{cfg.name}"
+    extra: list[tuple[str, Path]] = []
+    variants = raw.get("variants")
+    for v in variants if isinstance(variants, list) else []:
+        if not isinstance(v, dict) or not isinstance(v.get("patches"), list):
+            continue
+        named = []
+        for given in v["patches"]:
+            local = Path(os.path.normpath(cfg.parent / Path(str(given)).expanduser()))
+            if local.is_relative_to(REPO_ROOT):
+                named.append(os.path.relpath(local, REPO_ROOT / "shipped"))
+                continue
+            if not local.exists():
+                raise RemoteError(f"{cfg}: variant {v.get('name')}: patch path {local} does not exist")
+            tag = hashlib.sha256(str(local).encode()).hexdigest()[:12]
+            members = sorted(local.glob("*.patch")) if local.is_dir() else [local]
+            extra += [(f"shipped/patches/{tag}/{f.name}", f) for f in members]
+            named.append(f"patches/{tag}" + ("" if local.is_dir() else f"/{local.name}"))
+        v["patches"] = named
+    if not any(isinstance(v, dict) and v.get("patches") for v in variants or []):
+        return rel, [(rel, cfg)]  # nothing to rewrite: the config as written, comments and all
+    rewritten = scratch / cfg.name
+    rewritten.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return rel, [(rel, rewritten), *extra]
 
 
 def content_id(files: list[tuple[str, Path]]) -> str:
@@ -267,12 +306,14 @@ class Remote:
         returns the config's remote path (a config of the harness tree at its own place there). Code already
         there is never touched: jobs keep what they run."""
         files = [(f, REPO_ROOT / f) for f in project_files()]
-        rel = None
-        if config is not None:  # a config of the harness tree keeps its place: its relative patch paths hold
-            cfg = config.resolve()
-            rel = cfg.relative_to(REPO_ROOT).as_posix() if cfg.is_relative_to(REPO_ROOT) else f"shipped/{cfg.name}"
-            if rel not in {f for f, _ in files}:
-                files.append((rel, cfg))
+        with tempfile.TemporaryDirectory(prefix="nestpress-ship-") as scratch:
+            rel = None
+            if config is not None:
+                rel, extra = config_files(config, Path(scratch))
+                files += [x for x in extra if x[0] not in {f for f, _ in files}]
+            return self._ship(files, rel)
+
+    def _ship(self, files: list[tuple[str, Path]], rel: str | None) -> str | None:
         digest = content_id(files)
         app = f"{self.root}/app/{digest}"
         q = shlex.quote

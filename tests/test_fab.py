@@ -336,6 +336,21 @@ def test_build_over_ssh_uses_the_cache_and_ships_relative_patches(keys, hosts, r
     r = fab(keys, "build", *example, hosts=[hosts[0]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"in-two-steps: 6.1.192 (cached)\n  {builds['patched'].bzimage}" in r.stdout
+    # a user's config beside their own patch, outside the harness tree: both travel
+    series = REPO_ROOT / "patches/shrinker-removal/v6.0-6.6/0001-KVM-x86-mmu-Remove-KVM-memory-shrinker.patch"
+    mine = rdir.parent / "my-work"
+    (mine / "fixes").mkdir(parents=True, exist_ok=True)
+    shutil.copy(series, mine / "fixes" / "0001-my-fix.patch")
+    (mine / "ab.yaml").write_text(
+        "name: mine\nsource: {kind: tarball, path: /usr/src/linux-source-6.1.tar.xz}\n"
+        "variants: [{name: baseline}, {name: mine, patches: [fixes/0001-my-fix.patch]}]\n"
+        "phases: [{name: steady, duration_s: 5}]\n"
+    )
+    r = fab(
+        keys, "build", "--config", str(mine / "ab.yaml"), "--cache", str(cache_dir), *remote_dir(rdir), hosts=[hosts[0]]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"mine: 6.1.192 (cached)\n  {builds['patched'].bzimage}" in r.stdout
 
 
 # The fleet cells also exercise the two pressure modes the default schedule does not use.

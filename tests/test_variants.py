@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import git
 
 from harness import REPO_ROOT
@@ -244,3 +245,42 @@ def test_the_git_refs_example_builds_the_other_ref_as_a_diff_on_the_same_tree(ke
     base, topic = (git(kernel_repo, "rev-parse", r).strip() for r in ("v6.6^{commit}", "topic"))
     assert diff.origin == f"git diff {base}..{topic} (my-kvm-topic)" and not res["my-branch"].own_source
     assert res["my-branch"].trial.touched == (MMU,)
+
+
+def test_a_configs_hash_does_not_depend_on_where_it_lies(tmp_path):
+    """A resume compares the config's hash: a checkout moved (or shipped to a new code directory on a lab
+    host) must not make the same config another experiment, though its patch paths are anchored there."""
+    text = (REPO_ROOT / "configs/examples/mbox.yaml").read_text()
+    hashes = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "mbox.yaml").write_text(text)
+        m = load(tmp_path / d / "mbox.yaml")
+        assert m.experiment.variants[1].patches == [str(tmp_path / d / "shrinker-removal-in-two.mbox")]
+        hashes.append(m.config_hash())
+    assert hashes[0] == hashes[1]
+
+
+def test_a_config_from_outside_the_harness_ships_with_its_own_patches(tmp_path):
+    from harness.remote import config_files
+
+    (tmp_path / "fixes").mkdir()
+    (tmp_path / "fixes" / "0001-a.patch").write_text("--- a/x\n+++ b/x\n")
+    (tmp_path / "one.patch").write_text("--- a/y\n+++ b/y\n")
+    mbox = REPO_ROOT / "configs/examples/shrinker-removal-in-two.mbox"
+    cfg = tmp_path / "ab.yaml"
+    cfg.write_text(
+        "name: t\nsource: {kind: local, path: /}\nphases: [{name: s, duration_s: 1}]\n"
+        f"variants: [{{name: b}}, {{name: p, patches: [fixes, one.patch, {tmp_path / 'one.patch'}, {mbox}]}}]\n"
+    )
+    (tmp_path / "out").mkdir()
+    rel, files = config_files(cfg, tmp_path / "out")
+    assert rel == "shipped/ab.yaml"
+    names = {name for name, _ in files}
+    assert {n.split("/")[-1] for n in names} == {"ab.yaml", "0001-a.patch", "one.patch"}
+    shipped = yaml.safe_load(dict(files)["shipped/ab.yaml"].read_text())["variants"][1]["patches"]
+    assert shipped[0].startswith("patches/") and f"shipped/{shipped[0]}/0001-a.patch" in names
+    assert shipped[1] == shipped[2] and f"shipped/{shipped[1]}" in names  # one file, named two ways
+    assert shipped[3] == "../configs/examples/shrinker-removal-in-two.mbox"  # in the harness tree: it is there
+    inside = REPO_ROOT / "configs/examples/mbox.yaml"
+    assert config_files(inside, tmp_path) == ("configs/examples/mbox.yaml", [("configs/examples/mbox.yaml", inside)])
