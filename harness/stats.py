@@ -253,6 +253,8 @@ def ab_table(
             rows.append(
                 {"phase": phase, "level": level, "metric": metric, "variant": variant, **c, "verdict": v, "reason": why}
             )
+    if not rows:  # the baseline alone: nothing to compare
+        return pd.DataFrame()
     out = pd.DataFrame(rows)
     out["validity"] = VALIDITY[tcg]
     rank = {p: i for i, p in enumerate(phases or [])}

@@ -71,6 +71,7 @@ def test_known_shift_is_worse_and_identical_is_no_difference():
     same2["variant"] = "patched"
     ab2 = stats.ab_table(pd.concat([same, same2]), "baseline", tcg=False, baseline_shrinker_ran=True)
     assert set(ab2["verdict"]) == {"no significant difference"}
+    assert stats.ab_table(same, "baseline", tcg=False, baseline_shrinker_ran=True).empty  # the baseline alone
 
 
 def test_inconclusive_says_why():
