@@ -234,7 +234,7 @@ def test_timeline_and_counters_show_every_repetition_or_the_one_asked_and_no_shr
 
 
 def test_touches_the_clock_did_not_see_are_no_latency_and_are_said(run):
-    samples = pd.read_parquet(run / "tables" / "samples.parquet")
+    samples = results.collect(run)["samples"]
     row = samples[(samples["variant"] == "patched") & (samples["phase"] == "global")].iloc[[0]]
     stalled = row.assign(latency_ns=0.5, lo_ns=0, hi_ns=1, count=37)
     pd.concat([samples, stalled]).to_parquet(run / "tables" / "samples.parquet")
