@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,30 +48,6 @@ def makefile_version(tree: Path) -> KernelVersion:
     if not mk.exists():
         raise SourceError(f"{tree}: no top-level Makefile, not a kernel tree")
     return _parse_version(mk.read_text(errors="replace")[:2000], str(mk))
-
-
-def source_version(src: Source) -> KernelVersion | None:
-    """The kernel version a source holds, read without unpacking it (the top-level Makefile only), so that
-    validate can resolve patch variants; None for a remote git URL (the build resolves it)."""
-    where = Path(src.where).expanduser()
-    if src.kind == "local":
-        return makefile_version(where)
-    if src.kind == "tarball":
-        try:
-            with tarfile.open(where, "r|*") as tar:  # streamed: stops at the Makefile, near the start
-                for m in tar:
-                    parts = Path(m.name).parts
-                    if m.isfile() and len(parts) <= 2 and parts[-1] == "Makefile" and (f := tar.extractfile(m)):
-                        return _parse_version(f.read(2000).decode(errors="replace"), f"{where}:{m.name}")
-        except (tarfile.TarError, OSError) as e:
-            raise SourceError(f"kernel tarball {where}: unreadable ({e})") from None
-        raise SourceError(f"kernel tarball {where}: no top-level Makefile, not a kernel source")
-    if where.is_dir():  # a local git repository: its ref's Makefile
-        r = run(["git", "-C", str(where), "show", "--end-of-options", f"{src.ref}:Makefile"], capture=True, check=False)
-        if r.returncode != 0:
-            raise SourceError(f"git {where}: ref {src.ref} has no Makefile ({r.stderr.strip()[-200:]})")
-        return _parse_version(r.stdout[:2000], f"{where}@{src.ref}:Makefile")
-    return None
 
 
 def _parse_version(head: str, where: str) -> KernelVersion:
