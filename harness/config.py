@@ -553,6 +553,11 @@ def _is_url(where: str) -> bool:
     return "://" in where or bool(re.match(r"^[\w.-]+@[\w.-]+:", where))
 
 
+def anchored(base: Path, given: str) -> str:
+    """A variant's path as the config gives it, relative to the config file's directory `base`."""
+    return os.path.normpath(base / Path(given).expanduser())
+
+
 def _anchor_variant_paths(raw: dict, base: Path) -> None:
     """A variant's patch files and git repository, given relative, are relative to the config file (a user
     keeps their patch beside their config), made absolute here so every later stage reads one path."""
@@ -561,13 +566,10 @@ def _anchor_variant_paths(raw: dict, base: Path) -> None:
         if not isinstance(v, dict):
             continue
         if isinstance(v.get("patches"), list):
-            v["patches"] = [
-                os.path.normpath(base / Path(x).expanduser()) if isinstance(x, str) and x.strip() else x
-                for x in v["patches"]
-            ]
+            v["patches"] = [anchored(base, x) if isinstance(x, str) and x.strip() else x for x in v["patches"]]
         git = v.get("git")
         if isinstance(git, dict) and isinstance(git.get("repo"), str) and not _is_url(git["repo"]):
-            git["repo"] = os.path.normpath(base / Path(git["repo"]).expanduser())
+            git["repo"] = anchored(base, git["repo"])
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:

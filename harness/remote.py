@@ -37,7 +37,7 @@ import yaml
 from fabric import Connection
 
 from . import REPO_ROOT
-from .config import load_raw
+from .config import anchored, load_raw
 from .errors import RemoteError
 from .util import log, warn
 
@@ -89,7 +89,7 @@ def config_files(config: Path, scratch: Path) -> tuple[str, list[tuple[str, Path
             continue
         named = []
         for given in v["patches"]:
-            local = Path(os.path.normpath(cfg.parent / Path(str(given)).expanduser()))
+            local = Path(anchored(cfg.parent, str(given)))
             if local.is_relative_to(REPO_ROOT):
                 named.append(os.path.relpath(local, REPO_ROOT / "shipped"))
                 continue
