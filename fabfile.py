@@ -10,6 +10,8 @@ import inspect
 from fabric import Connection, task
 from invoke.exceptions import Exit
 
+from harness.config import load, resolve_config_path
+from harness.distro import packages_for
 from harness.errors import HarnessError
 from harness.fleet import Lab, Request, execute
 from harness.util import console
@@ -85,11 +87,16 @@ def validate(c, config, set_=None):
 
 
 @lab_task(
-    help={"sources": "also install these kernel source packages (default: linux-source-6.1)"}, iterable=["sources"]
+    help={
+        "sources": "also install these kernel source packages (default: linux-source-6.1)",
+        "config": "also what this config needs: its source packages; a distro_kernel's image, headers and busybox",
+    },
+    iterable=["sources"],
 )
-def setup(c, sources=None):
+def setup(c, sources=None, config=None):
     """Install the packages the harness needs, the QEMUs (harness/setup_qemu.sh), kernel sources, the harness."""
-    return Request("setup", packages=sources or ["linux-source-6.1"])
+    needs = packages_for(load(resolve_config_path(config)).experiment) if config else []
+    return Request("setup", packages=list(dict.fromkeys([*(sources or ["linux-source-6.1"]), *needs])))
 
 
 @lab_task(help=CONFIG_HELP, iterable=["set_"])

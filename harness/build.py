@@ -28,8 +28,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from . import REPO_ROOT
+from . import REPO_ROOT, distro, initramfs
 from .config import Experiment, Source, Variant
+from .distro import DistroImage
 from .errors import BuildError, KconfigError
 from .manifest import Record
 from .patches import apply, check_effect, revert, undo_partial
@@ -73,6 +74,16 @@ class BuildResult:
     metadata: dict
     cached: bool
 
+    @property
+    def initrd(self) -> Path | None:
+        """A distribution kernel's boot archive (its modules and ours); a full build needs none."""
+        p = self.dir / INITRD
+        return p if p.exists() else None
+
+
+INITRD = "initrd.cpio"
+KERNEL_ARTIFACTS = (("arch/x86/boot/bzImage", "bzImage"), (".config", "config"), ("System.map", "System.map"))
+
 
 def compiler_version() -> str:
     need_tool("gcc")
@@ -94,9 +105,12 @@ def check_inputs(exp: Experiment, cache: Path | None = None) -> list[str]:
     """What a build would refuse, found without building: every variant's source (prepared: extracted or
     exported once, as the build would), its patches tried on that source, the fragments. Returns what it
     resolved, to be said."""
-    fragment_paths(exp)
     builder = Builder(exp, cache)
-    return [line for r in builder.resolved().values() for line in r.describe()]
+    if exp.distro_kernel is None:
+        fragment_paths(exp)
+    lines = [line for r in builder.resolved().values() for line in r.describe()]
+    image = builder.image()
+    return lines + ([f"kernel under test: {image.describe()}, KVM modules built from the source"] if image else [])
 
 
 def base_identity(base: str) -> str:
@@ -147,6 +161,7 @@ class Builder:
         self.jobs = jobs or os.cpu_count() or 1
         self._sources: dict[str, PreparedSource] = {}
         self._resolved: dict[str, Resolved] | None = None
+        self._image: DistroImage | None = None
 
     def prepare(self, src: Source) -> PreparedSource:
         key = src.model_dump_json()
@@ -159,18 +174,33 @@ class Builder:
             self._resolved = resolve_all(self.exp, self.prepare, self.cache / "patches")
         return self._resolved
 
+    def image(self) -> DistroImage | None:
+        """The distribution kernel the config boots (checked against the source's version), or None."""
+        if self.exp.distro_kernel is not None and self._image is None:
+            self._image = distro.resolve(self.exp.distro_kernel, self.prepare(self.exp.source).version)
+        return self._image
+
     def inputs(self, r: Resolved) -> dict:
         """What the build's output depends on, and nothing else: the cache key. The same change given as a
-        series, a file, an mbox or a git range has one result id, so one build."""
-        frags = fragment_paths(self.exp)
+        series, a file, an mbox or a git range has one result id, so one build. A distribution kernel's
+        modules depend on its image and headers instead of a config."""
+        image = self.image()
+        frags = [] if image else fragment_paths(self.exp)
+        product = (
+            {"distro_image": image.identity, "boot_init": hash_file(initramfs.DISTRO_INIT)}
+            if image
+            else {
+                "config_base": base_identity(self.exp.kernel_config.base),
+                "fragments": {
+                    str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f) for f in frags
+                },
+            }
+        )
         return {
             "recipe": RECIPE,
             "source": r.source.identity,
             "patched_result": r.trial.result_id,
-            "config_base": base_identity(self.exp.kernel_config.base),
-            "fragments": {
-                str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f) for f in frags
-            },
+            **product,
             "compiler": compiler_version(),
             "arch": "x86_64",
         }
@@ -199,6 +229,7 @@ class Builder:
         if (out / "metadata.json").exists() and (out / "bzImage").exists():
             meta = read_json(out / "metadata.json")
             meta["about"] = self.about(r)  # this variant's way to the same result
+            self._check_abi(out)
             log(f"build {v.name}: cached ({meta['kernelrelease']}, built in {meta['duration_s']:.0f}s) -> {out}")
             return BuildResult(v.name, key, out, out / "bzImage", meta, cached=True)
         for tool in BUILD_TOOLS:
@@ -209,6 +240,11 @@ class Builder:
         if r.own_source:
             log(f"build {v.name}: its own source ({r.source.description}): a tree and objects of its own")
         return self._build(r, inputs, key, out)
+
+    def _check_abi(self, out: Path) -> None:
+        """A distribution kernel's modules against its image, before any boot (the build checked them too)."""
+        if image := self.image():
+            distro.check_abi([out / m for m in distro.KVM_MODULES], out / "Module.symvers", image)
 
     def _work_root(self, inputs: dict) -> Path:
         return self.cache / "work" / hash_text(inputs["source"], inputs["compiler"])[:16]
@@ -309,21 +345,13 @@ class Builder:
             KBUILD_BUILD_HOST="nestpress",
             LC_ALL="C",
         )
-        cc = "gcc"
-        if shutil.which("ccache"):
-            cc = "ccache gcc"
-            env.update(
-                CCACHE_DIR=str(self.cache / "ccache"),
-                CCACHE_BASEDIR=str(self.cache / "work"),
-                CCACHE_NOHASHDIR="true",
-                CCACHE_SLOPPINESS="time_macros",
-            )
+        image = self.image()
+        cc = self._ccache(env, image)
+        mod_dir = self._work_root(inputs) / f"kvm-{image.release}" if image else None
+        if image and mod_dir:
+            make_cmd = distro.make_command(image, mod_dir, self.jobs)
         else:
-            log(
-                "build: ccache not found (apt-get install ccache): cold builds will not be cached across trees",
-                style="yellow",
-            )
-        make_cmd = ["make", "-C", str(tree), "O=o", f"-j{self.jobs}", f"CC={cc}", "bzImage"]
+            make_cmd = ["make", "-C", str(tree), "O=o", f"-j{self.jobs}", f"CC={cc}", "bzImage"]
         meta = {
             "status": "running",
             "variant": v.name,
@@ -338,11 +366,26 @@ class Builder:
         write_json(tree / "metadata.json", meta)
         t0 = time.monotonic()
         try:
-            cfg = self._configure(tree, env)
-            meta["config_sha256"] = hash_file(cfg)
+            if image and mod_dir:
+                meta["kvm_sources_changed"] = distro.sync_kvm_sources(tree, mod_dir)
+            else:
+                meta["config_sha256"] = hash_file(self._configure(tree, env))
             write_json(tree / "metadata.json", meta)
             compiles, log_path = self._run_make(v.name, make_cmd, tree, env)
-            release = self._make(tree, "kernelrelease", env=env).stdout.strip()
+            if image and mod_dir:
+                release = image.release
+                kos = [mod_dir / "arch/x86/kvm" / m for m in distro.KVM_MODULES]
+                distro.check_abi(kos, mod_dir / "arch/x86/kvm/Module.symvers", image)  # before it is cached
+                artifacts = [
+                    (image.path("image"), "bzImage"),
+                    (image.path("config"), "config"),
+                    (image.path("system_map"), "System.map"),
+                    (mod_dir / "arch/x86/kvm/Module.symvers", "Module.symvers"),
+                    *((ko, ko.name) for ko in kos),
+                ]
+            else:
+                release = self._make(tree, "kernelrelease", env=env).stdout.strip()
+                artifacts = [(tree / f"o/{a}", b) for a, b in KERNEL_ARTIFACTS]
         except BaseException as e:
             meta.update(
                 status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
@@ -360,24 +403,45 @@ class Builder:
             ccache=self._ccache_stats(env),
         )
         with atomic_dir(out, replace=True) as tmp:  # under tree.lock
-            for src, name in (
-                ("o/arch/x86/boot/bzImage", "bzImage"),
-                ("o/.config", "config"),
-                ("o/System.map", "System.map"),
-            ):
-                shutil.copy2(tree / src, tmp / name)
+            for src, name in artifacts:
+                shutil.copy2(src, tmp / name)
+            if image:
+                initramfs.boot_archive(
+                    image.distro.busybox,
+                    distro.boot_modules(image, [tmp / m for m in distro.KVM_MODULES]),
+                    [tmp / m for m in distro.KVM_MODULES],
+                    tmp / INITRD,
+                )
             shutil.copy2(log_path, tmp / "build.log")
             meta["artifacts"] = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
             write_json(tmp / "metadata.json", meta)
         write_json(tree / "metadata.json", meta)
-        log(f"build {v.name}: {release} in {meta['duration_s']:.0f}s, {compiles} compile(s) -> {out}")
+        what = f"KVM modules for {image.describe()}" if image else release
+        log(f"build {v.name}: {what} in {meta['duration_s']:.0f}s, {compiles} compile(s) -> {out}")
         return BuildResult(v.name, key, out, out / "bzImage", meta, cached=False)
+
+    def _ccache(self, env: dict, image: DistroImage | None) -> str:
+        """The compiler command, with ccache when there is one (env updated for it)."""
+        if not shutil.which("ccache"):
+            log(
+                "build: ccache not found (apt-get install ccache): cold builds will not be cached across trees",
+                style="yellow",
+            )
+            return "gcc"
+        env.update(
+            CCACHE_DIR=str(self.cache / "ccache"),
+            CCACHE_BASEDIR=str(self.cache / "work"),
+            CCACHE_NOHASHDIR="true",
+            CCACHE_SLOPPINESS="time_macros",
+            **(image.distro.ccache_env if image else {}),
+        )
+        return "ccache gcc"
 
     def _run_make(self, name: str, cmd: list[str], tree: Path, env: dict) -> tuple[int, Path]:
         """Stream make's output to build.log with a live status line; the log tail on failure."""
         log_path = tree / "build.log"
         compiles = 0
-        with open(log_path, "w", buffering=1) as logf, status(f"build {name}: make bzImage", every_s=60) as progress:
+        with open(log_path, "w", buffering=1) as logf, status(f"build {name}: {cmd[-1]}", every_s=60) as progress:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             assert proc.stdout is not None
             try:

@@ -152,7 +152,11 @@ def cmd_compare(args) -> int:
 
 def cmd_setup(args) -> int:
     """Install what the harness needs on this host (Debian/Ubuntu): system packages and kernel sources."""
-    pkgs = SETUP_PACKAGES + debian_packages(list(args.extra or []))
+    from .config import load, resolve_config_path
+    from .distro import packages_for
+
+    needs = packages_for(load(resolve_config_path(args.config)).experiment) if args.config else []
+    pkgs = SETUP_PACKAGES + debian_packages(list(dict.fromkeys([*(args.extra or []), *needs])))
     if os.geteuid() != 0:
         raise HarnessError("setup installs Debian packages: run it as root (or with sudo)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -202,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out")
     s = sub.add_parser("setup", help="apt-get install what the harness needs (root)")
     s.add_argument("--extra", nargs="*", help="more packages, e.g. linux-source-6.1")
+    s.add_argument("--config", help="also what this config needs (its sources; a distro_kernel's packages)")
     return p
 
 

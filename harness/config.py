@@ -80,6 +80,18 @@ class KernelConfig(Strict):
     )
 
 
+class DistroKernel(Strict):
+    """The kernel under test as a distribution packages it: only KVM's modules are built (harness/distro.py)."""
+
+    distro: Literal["debian"] = Field("debian", description="whose packages: image, headers and source")
+    release: str = Field(
+        "auto",
+        pattern=r"^(auto|[0-9]+\.[0-9]+\.[0-9]+-[0-9]+-[a-z0-9]+)$",
+        description="the image's ABI release (linux-image-<release>, e.g. 6.1.0-56-amd64), or auto: the installed "
+        "one whose version is the source's",
+    )
+
+
 GIT_REF = r"^[A-Za-z0-9_/.~^@{}+-]+$"  # what `git rev-parse` takes as a revision (no leading '-': below)
 # parts of the kernel command line the harness owns: a variant may not move the root, init or console
 RESERVED_PARAMS = ("root", "rootfstype", "rootflags", "init", "rdinit", "console", "earlyprintk", "panic", "nestpress.")
@@ -392,6 +404,10 @@ class Experiment(Strict):
     description: str = ""
     source: Source
     kernel_config: KernelConfig = KernelConfig()
+    distro_kernel: DistroKernel | None = Field(
+        None,
+        description="boot a distribution's kernel and build only KVM's modules from the source (kernel_config unused)",
+    )
     variants: list[Variant] = Field(min_length=1)
     accel: Literal["auto", "kvm", "tcg"] = Field(
         "auto", description="auto: KVM when usable with vmx/svm, else TCG (said loudly)"
@@ -422,6 +438,19 @@ class Experiment(Strict):
                     raise ValueError(
                         f"variant {v.name}: git without repo needs the experiment's source to be a git repository "
                         f"(it is a {self.source.kind}); give git.repo"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _distro_kernel_builds_from_its_own_source(self) -> Experiment:
+        if self.distro_kernel is not None:
+            if self.source.kind != "tarball":
+                raise ValueError("distro_kernel: the source must be the distribution's source tarball (kind: tarball)")
+            for v in self.variants:
+                if v.source is not None or (v.git is not None and v.git.ref is not None):
+                    raise ValueError(
+                        f"variant {v.name}: a source of its own does not fit a distro_kernel, whose modules must "
+                        "match the one image (give patches, a series or git.range instead)"
                     )
         return self
 
@@ -680,7 +709,10 @@ def describe(matrix: Matrix) -> str:
         f"experiment {exp.name}: {len(matrix.cells)} cell(s) from {matrix.config_path}",
         f"  source: {exp.source.kind} {exp.source.path or exp.source.url}"
         + (f" @ {exp.source.ref}" if exp.source.kind == "git" else ""),
-        f"  kernel config: {exp.kernel_config.base} + {', '.join(exp.kernel_config.fragments) or '(no fragments)'}",
+        f"  kernel: {exp.distro_kernel.distro} image {exp.distro_kernel.release}, KVM modules built from the source"
+        if exp.distro_kernel
+        else f"  kernel config: {exp.kernel_config.base} + "
+        + (", ".join(exp.kernel_config.fragments) or "(no fragments)"),
         "  variants: " + ", ".join(f"{v.name} ({variant_summary(v)})" for v in exp.variants),
         "  phases: "
         + " -> ".join(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .errors import HarnessError
-from .util import atomic_file, hash_text
+from .util import atomic_file, hash_file, hash_text
 
 GUEST_DIR = REPO_ROOT / "harness" / "guest"
 # what the agent and its helpers import, and what they load lazily (a traceback formats its lines)
@@ -140,6 +140,12 @@ class Archive:
                 raise HarnessError(f"initramfs: {cur} is neither a file, a directory nor a symlink")
         return None
 
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """A file at a path of the archive's own (its directories made on the way)."""
+        for parent in reversed(Path(path).parents[:-1]):
+            self.mkdir(str(parent))
+        self.entries[path] = (stat.S_IFREG | mode, data, 0, (0, 0))
+
     def mkdir(self, path: str) -> None:
         self.entries.setdefault(path, (stat.S_IFDIR | 0o755, b"", 0, (0, 0)))
 
@@ -172,6 +178,15 @@ def contents(python: str, command: list[str] | None, search_path: str) -> list[s
     return sorted(set(files + [dep for f in elves for dep in elf_deps(f)]))
 
 
+def _skeleton() -> Archive:
+    arc = Archive()
+    for d in EMPTY_DIRS:
+        arc.mkdir(d)
+    for dev, (major, minor) in DEVICES.items():
+        arc.device(dev, major, minor)
+    return arc
+
+
 def build(python: str, command: list[str] | None, search_path: str, cache: Path) -> Path:
     """The L2 initramfs for this interpreter and command, from the cache when its inputs are unchanged."""
     paths = contents(python, command, search_path)
@@ -179,13 +194,43 @@ def build(python: str, command: list[str] | None, search_path: str, cache: Path)
     dest = cache / "initramfs" / f"{key}.cpio"
     if dest.exists():
         return dest
-    arc = Archive()
-    for d in EMPTY_DIRS:
-        arc.mkdir(d)
-    for dev, (major, minor) in DEVICES.items():
-        arc.device(dev, major, minor)
+    arc = _skeleton()
     for p in paths:
         arc.add(p)
     with atomic_file(dest) as tmp:
         tmp.write_bytes(arc.cpio())
+    return dest
+
+
+DISTRO_INIT = GUEST_DIR / "distro-init.sh"
+
+
+def boot_archive(busybox: str, boot_modules: list[Path], kvm_modules: list[Path], dest: Path) -> Path:
+    """The initramfs a distribution's kernel boots at every level (guest/distro-init.sh is its /init): a static
+    busybox, the image's modules the root share, the export and the swap disk need (loaded in this order), and
+    the variant's KVM modules. Made with the build (distro.py), into dest."""
+    arc = _skeleton()
+    arc.file("/init", DISTRO_INIT.read_bytes(), 0o755)
+    # all under /nestpress: appended to L2's archive, a directory where L2 has a symlink (/lib -> usr/lib on a
+    # merged-/usr host) would replace the symlink
+    arc.file("/nestpress/busybox", Path(busybox).read_bytes(), 0o755)
+    arc.mkdir("/newroot")
+    for ko in boot_modules:
+        arc.file(f"/nestpress/boot/{ko.name}", ko.read_bytes())
+    arc.file("/nestpress/boot.order", "".join(f"{ko.name}\n" for ko in boot_modules).encode())
+    for ko in kvm_modules:
+        arc.file(f"/nestpress/kvm/{ko.name}", _file_bytes(str(ko)))  # without debug info: 31 MB less
+    with atomic_file(dest) as tmp:
+        tmp.write_bytes(arc.cpio())
+    return dest
+
+
+def joined(first: Path, second: Path, cache: Path) -> Path:
+    """Two archives as one initrd (the kernel unpacks concatenated cpio archives in order): L2's root with the
+    distribution kernel's boot archive after it."""
+    key = hash_text(hash_file(first), hash_file(second))[:20]
+    dest = cache / "initramfs" / f"{key}.joined.cpio"
+    if not dest.exists():
+        with atomic_file(dest) as tmp:
+            tmp.write_bytes(first.read_bytes() + second.read_bytes())
     return dest

@@ -51,11 +51,14 @@ class BuildEntry(Record):
     kernel_params: list[str] = []
     config_sha256: str | None = None
     fragments: dict[str, str] = {}
+    distro_image: dict[str, str] = {}  # a distribution's kernel (distro.DistroImage.identity): only KVM built
     bzImage_sha256: str | None = None
 
     def summary(self) -> str:
         """'6.1.192, series patch v6.0-6.6' / '6.13.0, own source, 2 patches, boots with kvm.tdp_mmu=N'."""
         parts = [self.kernelrelease or self.kernel_version]
+        if self.distro_image:
+            parts = [f"{self.distro_image['release']} ({self.distro_image['package_version']}) with KVM modules built"]
         parts += ["own source"] if self.own_source else []
         if self.patch_variant:
             more = len(self.patches) - 1

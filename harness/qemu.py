@@ -27,6 +27,7 @@ AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
 ROOT_TAG = "nestroot"
 KUT_SWAP_DEVICE = "/dev/vda"
+DISTRO_KVM = ("kvm", "kvm_amd", "kvm_intel")  # a distribution kernel's own, kept out (ours are in its initrd)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class GuestSpec:
     rootfs_dir: str = ""  # where the root's view of / (and virtiofs's socket) lives while the guest runs
     root_view: bool = False  # 9p: QEMU exports a read-only view of / from a namespace of its own (rootfs.py)
     hidden: tuple[str, ...] = ()  # paths (globs) the view covers: what the guest must not read
-    initrd: str | None = None  # initramfs: the archive
+    initrd: str | None = None  # initramfs: the archive; a distribution kernel: its boot archive (distro.py)
+    distro_init: bool = False  # the initrd's /init (guest/distro-init.sh) loads modules, then starts the agent
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
     monitor: str | None = None  # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
@@ -75,6 +77,9 @@ def kernel_cmdline(spec: GuestSpec) -> str:
         ],
         "initramfs": [f"rdinit={spec.python}"],
     }[spec.rootfs]
+    if spec.distro_init:  # /init mounts the root the command line names, then execs the interpreter after "--"
+        root = [a for a in root if not a.startswith(("init=", "rdinit="))]
+        root += ["rdinit=/init", f"modprobe.blacklist={','.join(DISTRO_KVM)}"]
     args = [
         "console=ttyS0",
         *([] if quiet else ["earlyprintk=serial,ttyS0"]),
@@ -90,6 +95,7 @@ def kernel_cmdline(spec: GuestSpec) -> str:
         *spec.cmdline_extra,
         *root,
         "--",
+        *([spec.python] if spec.distro_init else []),
         "-E",
         "-S",
         str(AGENT),
@@ -149,8 +155,9 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
                 "-device",
                 "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
             ],
-            "initramfs": ["-initrd", str(spec.initrd)],
+            "initramfs": [],
         }[spec.rootfs],
+        *(["-initrd", spec.initrd] if spec.initrd else []),
         "-fsdev",
         f"local,id=out,path={opt(spec.export)},security_model={spec.export_model}",
         "-device",
@@ -214,12 +221,14 @@ def build_plan(
     l2_initrd: Path | None = None,
     export_model: str = "none",
     variant_params: tuple[str, ...] = (),
+    boot_initrd: Path | None = None,
 ) -> tuple[GuestSpec, GuestPlan]:
     """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
     The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
     every level runs the one QEMU decided for the topology. cell_dir is the results directory (the kernel
     under test's export), scratch a host-only directory for its sockets. variant_params (the variant's
-    cmdline and module_params) follow the harness's own, so a variant's value wins."""
+    cmdline and module_params) follow the harness's own, so a variant's value wins. boot_initrd: a distribution
+    kernel's boot archive, which every level boots (for L2, l2_initrd has it appended: initramfs.joined)."""
     topology, qemu = decision.kind, decision.qemu
     levels = probe_levels(exp, topology)
     system_map = str(Path(kernel).with_name("System.map"))
@@ -253,7 +262,8 @@ def build_plan(
             console=f"{export}/console.log",
             python=python,
             rootfs="initramfs" if level == "l2" else rootfs,
-            initrd=str(l2_initrd) if level == "l2" else None,
+            initrd=str(l2_initrd) if level == "l2" else str(boot_initrd) if boot_initrd else None,
+            distro_init=boot_initrd is not None,
             thp=spec_level.thp,
             qemu=tuple(qemu.command),
             bios=qemu.qboot,
@@ -296,6 +306,8 @@ def build_plan(
         console=str(cell_dir / "console.log"),
         python=python,
         rootfs=rootfs,
+        initrd=str(boot_initrd) if boot_initrd else None,
+        distro_init=boot_initrd is not None,
         rootfs_dir=str(scratch / "kut.rootfs"),
         root_view=os.geteuid() == 0,  # the view needs a mount namespace; without one 9p exports all of /
         hidden=tuple(exp.boot.hidden),

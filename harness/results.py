@@ -271,7 +271,11 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -
         "attempt": record.attempt if record else 0,
         "retried": record.retried if record else False,
         "kut_ready_s": record.kut_ready_s if record else None,
-        "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs")) if kut else None,
+        # its debugfs directory where the kernel has CONFIG_SHRINKER_DEBUG (a distribution's may not), else its
+        # scan function in the kernel's symbols (the patch removes it)
+        "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs") or kut.get("mmu_shrink_scan_in_kallsyms"))
+        if kut
+        else None,
         "mmu_shrink_scan_in_kallsyms": kut.get("mmu_shrink_scan_in_kallsyms"),
         "kvm_params": json.dumps(kut.get("kvm_params", {})),
         "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),

@@ -188,7 +188,8 @@ class Runner:
                     evidence=b.metadata["about"]["evidence"],
                     kernel_params=params[name],
                     config_sha256=b.metadata.get("config_sha256"),
-                    fragments=b.metadata["inputs"]["fragments"],
+                    fragments=b.metadata["inputs"].get("fragments", {}),
+                    distro_image=b.metadata["inputs"].get("distro_image", {}),
                     bzImage_sha256=b.metadata.get("artifacts", {}).get("bzImage"),
                 )
                 for name, b in builds.items()
@@ -327,9 +328,12 @@ class Runner:
                 python_for_guests(),
                 warm_s,
                 swap,
-                self.l2_initrd,
+                initramfs.joined(self.l2_initrd, build.initrd, self.cache or default_cache())
+                if self.l2_initrd and build.initrd
+                else self.l2_initrd,
                 self.export_model,
                 tuple(exp.variant(cell.variant).kernel_params()),
+                build.initrd,
             )
             guest_plan.cell = cell.id
             guest_plan.save(str(cell_dir / "plan.json"))

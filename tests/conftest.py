@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from harness import REPO_ROOT
 from harness.build import Builder
 from harness.config import load
 
@@ -34,6 +36,18 @@ def git(repo: Path, *args: str) -> str:
         capture_output=True,
         text=True,
     ).stdout
+
+
+def harness(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The harness's command line, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, COLUMNS="400"),  # lines unfolded, to be read back whole
+    )
 
 
 @pytest.fixture(scope="session")

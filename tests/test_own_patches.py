@@ -6,12 +6,9 @@ kernel, boot with their own parameters, and a parameter the kernel does not take
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import git
+from conftest import git, harness
 
 from harness import REPO_ROOT
 from harness.build import Builder
@@ -26,17 +23,6 @@ pytestmark = pytest.mark.kernel
 EXAMPLES = REPO_ROOT / "configs/examples"
 MBOX = EXAMPLES / "shrinker-removal-in-two.mbox"
 MMU = "arch/x86/kvm/mmu/mmu.c"
-
-
-def harness(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, COLUMNS="400"),  # lines unfolded, to be read back whole
-    )
 
 
 def test_the_series_as_a_file_an_mbox_or_a_git_range_is_the_series_build_from_the_cache(
