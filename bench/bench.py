@@ -60,7 +60,15 @@ def row(name: str, value: str, note: str = "") -> None:
 def bench_packages(config: str) -> float:
     """Seconds to download and install the config's packages again (its sources; a distro kernel's image, headers
     and busybox), as a fresh machine would."""
-    pkgs = packages_for(load(config).experiment)
+    exp = load(config).experiment
+    pkgs = packages_for(exp)
+    if exp.distro_kernel:  # the packages themselves, not the metapackages naming them, and what they bring
+        img = Builder(exp).image()
+        assert img is not None
+        r, mm = img.release, f"{img.version.major}.{img.version.minor}"
+        pkgs = [p for p in pkgs if not p.endswith("-amd64")]
+        pkgs += [f"linux-image-{r}", f"linux-headers-{r}", f"linux-headers-{r.rsplit('-', 1)[0]}-common"]
+        pkgs += [f"linux-kbuild-{mm}"]
     print(f"packages of {config}: {' '.join(pkgs)}")
     subprocess.run(["apt-get", "clean"], check=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

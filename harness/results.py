@@ -141,7 +141,8 @@ def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
     def shrinker(e: dict) -> list[tuple[str, dict]]:
         if "t" not in e:
             return []
-        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(e["fields"])})]
+        who = {k: e[k] for k in ("pid", "comm", "guest") if k in e}  # who called the shrinker, or stalled
+        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps({**e["fields"], **who})})]
 
     def probe(rec: dict) -> list[tuple[str, dict]]:
         out: list[tuple[str, dict]] = []

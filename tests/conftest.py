@@ -38,15 +38,15 @@ def git(repo: Path, *args: str) -> str:
     ).stdout
 
 
-def harness(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The harness's command line, as a user runs it."""
+def harness(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The harness's command line, as a user runs it (env: variables to set besides this process's)."""
     return subprocess.run(
         [sys.executable, "-m", "harness", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, COLUMNS="400"),  # lines unfolded, to be read back whole
+        env=dict(os.environ, COLUMNS="400", **(env or {})),  # lines unfolded, to be read back whole
     )
 
 

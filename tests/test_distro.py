@@ -6,6 +6,8 @@ patch's effect."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -211,3 +213,25 @@ def test_the_distro_kernel_boots_our_modules_and_the_patch_takes_effect(distro_b
     assert (ev["delivery"] == "delivered").all(), ev[["delivery", "delivery_reason"]]
     first_screen = (run / "report.md").read_text().split("## Verdict")[0]
     assert f"{image.release} ({image.package_version}) with KVM modules built" in first_screen
+
+
+@pytest.mark.kernel
+def test_a_cached_module_that_no_longer_matches_the_image_is_refused_before_anything_boots(
+    distro_builds, cache_dir, tmp_path
+):
+    """As after an upgrade of the image in place: the cache's build is checked again before the run boots it."""
+    image, builds = distro_builds
+    cache = tmp_path / "cache"
+    for d in ("src", "patches"):
+        shutil.copytree(cache_dir / d, cache / d, copy_function=os.link)
+    for b in builds.values():
+        shutil.copytree(b.dir, cache / "builds" / b.dir.name)
+    ko = cache / "builds" / builds["baseline"].dir.name / "kvm.ko"
+    magic = f"vermagic={image.release} ".encode()
+    ko.write_bytes(ko.read_bytes().replace(magic, magic.replace(b"-amd64", b"-amd6X")))
+    r = harness(
+        "run", "--config", "shrinker-ab-distro", "--output", str(tmp_path / "out"), env={"NESTPRESS_CACHE": str(cache)}
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "KVM modules do not match" in out and "amd6X" in out, out[-2000:]
+    assert not list((tmp_path / "out").rglob("console.log"))  # nothing booted

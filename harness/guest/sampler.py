@@ -6,9 +6,12 @@ whether its debugfs directory exists), /proc/vmstat, /proc/meminfo, PSI memory, 
 memory.events/memory.stat of the run's cgroups. Each sample carries its own timestamp,
 so a sampler stalled by thrashing leaves a gap, not a lie.
 
-With trace_shrinker, a thread follows the vmscan/mm_shrink_slab_{start,end} tracepoints in
-a private tracefs instance and logs every call of the KVM shrinker (mmu_shrink_scan) to
-shrinker.jsonl: exact invocation counts, with the objects it was asked for and freed.
+Per guest, its QEMU process's major faults and swapped-out size (qemu.<guest>.majflt, .swap_kb).
+
+With trace_shrinker, a thread follows vmscan tracepoints in a private tracefs instance and logs cause
+events, timestamped, to shrinker.jsonl: every call of the KVM shrinker (mmu_shrink_scan: begin and
+end, with the objects it was asked for and freed, and who called it), and every direct reclaim stall
+of a guest's QEMU (begin and end, with the thread, its guest and the pages reclaimed).
 """
 
 from __future__ import annotations
@@ -131,24 +134,87 @@ def sample() -> dict[str, float]:
     return v
 
 
-SHRINK_RE = re.compile(r"\s(\d+\.\d+): mm_shrink_slab_(start|end): mmu_shrink_scan\S*\s+\S+:?\s*(.*)$")
-# the numbers the two tracepoints print (include/trace/events/vmscan.h)
-SHRINK_FIELDS = {
+# a trace_pipe line with record-tgid: "<comm>-<pid> (<tgid>) [cpu] <flags> <seconds>: <event>: <fields>"
+# (comm may hold spaces and dashes: QEMU's vCPU threads are "CPU 0/KVM"; tgid is "-------" when unknown)
+TRACE_RE = re.compile(r"^\s*(.+)-(\d+)\s+(?:\(\s*([\d-]+)\)\s+)?\[\d+\]\s+(?:\S+\s+)?(\d+\.\d+): (\w+): (.*)$")
+# the numbers the tracepoints print (include/trace/events/vmscan.h)
+TRACE_FIELDS = {
     "cache_items": r"cache items (\d+)",
     "total_scan": r"total_scan (\d+)",
     "delta": r"delta (-?\d+)",
     "freed": r"last shrinker return val (-?\d+)",
+    "nr_reclaimed": r"nr_reclaimed=(\d+)",
+    "order": r"order=(\d+)",
+}
+TRACE_EVENTS = {  # tracepoint -> the kind its records get
+    "mm_shrink_slab_start": "shrink_start",
+    "mm_shrink_slab_end": "shrink_end",
+    "mm_vmscan_direct_reclaim_begin": "direct_reclaim_begin",
+    "mm_vmscan_direct_reclaim_end": "direct_reclaim_end",
 }
 
 
-def follow_shrinker(out_path: str, stop: threading.Event) -> None:
-    """Log every mmu_shrink_scan call seen by the vmscan tracepoints (trace clock = CLOCK_MONOTONIC)."""
+def trace_record(line: str, guests: dict[int, str], offset_ns: int) -> dict | None:
+    """A cause event from one trace line: every call of the KVM shrinker (whoever made it), and direct reclaim
+    by a guest's QEMU (guests: QEMU process id -> guest name); None for anything else."""
+    m = TRACE_RE.match(line)
+    if not m or m.group(5) not in TRACE_EVENTS:
+        return None
+    comm, pid, tgid, ts, event, rest = m.groups()
+    kind = TRACE_EVENTS[event]
+    process = int(tgid) if tgid and tgid.isdigit() else int(pid)
+    if kind.startswith("shrink") and not rest.startswith("mmu_shrink_scan"):
+        return None
+    if kind.startswith("direct_reclaim") and process not in guests:
+        return None
+    fields = {k: int(hit.group(1)) for k, rx in TRACE_FIELDS.items() if (hit := re.search(rx, rest))}
+    return {
+        "t": int(float(ts) * 1e9) + offset_ns,
+        "kind": kind,
+        "pid": int(pid),
+        "comm": comm.strip()[:32],
+        **({"guest": guests[process]} if process in guests else {}),
+        "raw": rest.strip()[:300],
+        "fields": fields,
+    }
+
+
+def qemu_guests() -> dict[int, str]:
+    """The guests' QEMU processes here: process id -> guest name (their -name nestpress-<guest>)."""
+    out = {}
+    for d in glob.glob("/proc/[0-9]*/cmdline"):
+        argv = (read(d) or "").split("\0")
+        if "-name" in argv[:-1] and (name := argv[argv.index("-name") + 1]).startswith("nestpress-"):
+            out[int(d.split("/")[2])] = name.removeprefix("nestpress-")
+    return out
+
+
+def qemu_counters(guests: dict[int, str]) -> dict[str, float]:
+    """Each guest's QEMU: major faults (swap-ins and file reads of guest RAM and of QEMU) and swapped-out size."""
+    v: dict[str, float] = {}
+    for pid, name in guests.items():
+        stat = read(f"/proc/{pid}/stat")
+        if stat:
+            v[f"qemu.{name}.majflt"] = int(stat.rsplit(")", 1)[1].split()[9])
+        for line in (read(f"/proc/{pid}/status") or "").splitlines():
+            if line.startswith("VmSwap:"):
+                v[f"qemu.{name}.swap_kb"] = int(line.split()[1])
+    return v
+
+
+def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event) -> None:
+    """Log cause events from the vmscan tracepoints (trace clock = CLOCK_MONOTONIC) to shrinker.jsonl."""
     inst = "/sys/kernel/tracing/instances/nestpress"
     try:
         os.makedirs(inst, exist_ok=True)
         with open(inst + "/trace_clock", "w") as f:
             f.write("mono")
-        for ev in ("mm_shrink_slab_start", "mm_shrink_slab_end"):
+        try:
+            with open(inst + "/options/record-tgid", "w") as f:
+                f.write("1")
+        except OSError:  # an older kernel: the pid alone (a vCPU thread's reclaim then goes unnamed)
+            pass
+        for ev in TRACE_EVENTS:
             with open(f"{inst}/events/vmscan/{ev}/enable", "w") as f:
                 f.write("1")
     except OSError as e:
@@ -159,20 +225,8 @@ def follow_shrinker(out_path: str, stop: threading.Event) -> None:
     offset = time.time_ns() - time.monotonic_ns()
     with open(inst + "/trace_pipe") as pipe, open(out_path, "a", buffering=1) as out:
         for line in pipe:
-            m = SHRINK_RE.search(line)
-            if m:
-                fields = {k: int(hit.group(1)) for k, rx in SHRINK_FIELDS.items() if (hit := re.search(rx, m.group(3)))}
-                out.write(
-                    json.dumps(
-                        {
-                            "t": int(float(m.group(1)) * 1e9) + offset,
-                            "kind": f"shrink_{m.group(2)}",
-                            "raw": m.group(3).strip()[:300],
-                            "fields": fields,
-                        }
-                    )
-                    + "\n"
-                )
+            if (rec := trace_record(line, guests, offset)) is not None:
+                out.write(json.dumps(rec) + "\n")
             if stop.is_set():
                 break
 
@@ -182,15 +236,20 @@ def main(job: SamplerJob) -> None:
         print(f"sampler: not locked in memory: {refused}", file=sys.stderr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    guests: dict[int, str] = {}  # kept current below, read by the trace follower
     if job.spec.trace_shrinker:
         threading.Thread(
-            target=follow_shrinker, args=(os.path.join(job.out, "shrinker.jsonl"), stop), daemon=True
+            target=follow_trace, args=(os.path.join(job.out, "shrinker.jsonl"), guests, stop), daemon=True
         ).start()
     interval = job.spec.interval_s
     with open(os.path.join(job.out, "counters.jsonl"), "a", buffering=1) as out:
         while not stop.is_set():
             t = time.time_ns()
-            out.write(json.dumps({"t": t, "v": sample()}) + "\n")
+            now = qemu_guests()
+            guests.update(now)
+            for gone in set(guests) - set(now):
+                guests.pop(gone, None)
+            out.write(json.dumps({"t": t, "v": {**sample(), **qemu_counters(now)}}) + "\n")
             stop.wait(max(0.0, interval - (time.time_ns() - t) / 1e9))
 
 

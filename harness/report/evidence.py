@@ -127,7 +127,14 @@ def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.Da
             )
             if not e.empty
             else 0,
+            # the other causes a guest's touch may wait on: its QEMU's threads stalled in direct reclaim (traced),
+            # and its QEMU's major faults (swap-ins of guest RAM among them)
+            "guest_reclaim_stalls": int((e["kind"] == "direct_reclaim_begin").sum()) if not e.empty else 0,
         }
+        faults = [n for n in c["name"].unique() if n.startswith("qemu.") and n.endswith(".majflt")] if len(c) else []
+        row["guest_qemu_majflt"] = (
+            float(sum(_delta(c, n, ph["t_start"], ph["t_end"]) for n in faults)) if faults else float("nan")
+        )
         for name, label in DELTA_COUNTERS.items():
             row[label] = _delta(c, name, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
         row["x86_mmu_count_drop"] = _count_drop(c, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
@@ -269,10 +276,16 @@ def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
                 f"- `{mode}` phases ({len(m)}): shrinker calls {int(m['shrinker_calls'].sum())}, "
                 f"objects freed {int(m['shrinker_freed'].sum())}, "
                 f"mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
-                f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}{l2}, "
+                + (
+                    f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}"
+                    if m["x86_mmu_count_drop"].notna().any()
+                    else "no x86-mmu count in debugfs"
+                )
+                + f"{l2}, "
                 f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
                 f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "
-                f"memcg max events +{m['memcg_max_events'].sum():.0f}"
+                f"memcg max events +{m['memcg_max_events'].sum():.0f}; guests' QEMU: direct-reclaim stalls "
+                f"{int(m['guest_reclaim_stalls'].sum())}, major faults +{m['guest_qemu_majflt'].sum():.0f}"
             )
     lines.append("")
     base_ran = shrinker_ran(evidence, baseline)

@@ -1,0 +1,55 @@
+"""The sampler's cause events and per-guest QEMU counters (harness/guest/sampler.py): trace lines as the kernel
+prints them, and this host's own /proc."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from harness.guest.sampler import qemu_counters, qemu_guests, trace_record
+
+GUESTS = {340: "l1-0"}
+SHRINK = (
+    "mmu_shrink_scan+0x0/0x2a0 [kvm] 00000000c0ffee00: nid: 0 objects to shrink 0 gfp_flags GFP_KERNEL "
+    "cache items 912 delta 12 total_scan 12 priority 12"
+)
+
+
+def test_shrinker_calls_are_kept_with_who_made_them_and_other_shrinkers_are_not():
+    line = f"       kswapd0-31      (     31) [001] .....   12.500000: mm_shrink_slab_start: {SHRINK}"
+    rec = trace_record(line, GUESTS, 0)
+    assert rec is not None and rec["kind"] == "shrink_start" and rec["comm"] == "kswapd0" and rec["pid"] == 31
+    assert rec["t"] == 12_500_000_000 and rec["fields"]["cache_items"] == 912 and rec["fields"]["total_scan"] == 12
+    end = "mmu_shrink_scan+0x0/0x2a0 [kvm] 00000000c0ffee00: nid: 0 unused scan count 0 new scan count 0 total_scan 0 last shrinker return val 12"  # noqa: E501
+    rec = trace_record(f"sh-77 [000] ..... 13.000001: mm_shrink_slab_end: {end}", GUESTS, 1_000)  # no tgid column
+    assert rec is not None and rec["kind"] == "shrink_end" and rec["fields"]["freed"] == 12
+    assert rec["t"] == 13_000_002_000
+    other = SHRINK.replace("mmu_shrink_scan+0x0/0x2a0 [kvm]", "super_cache_scan+0x0/0x1f0")
+    assert trace_record(f"kswapd0-31 (31) [001] ..... 12.6: mm_shrink_slab_start: {other}", GUESTS, 0) is None
+
+
+def test_direct_reclaim_is_kept_for_a_guests_qemu_threads_only():
+    begin = "CPU 0/KVM-345     (    340) [000] d..1.   20.250000: mm_vmscan_direct_reclaim_begin: order=0 gfp_flags=GFP_HIGHUSER_MOVABLE"  # noqa: E501
+    rec = trace_record(begin, GUESTS, 0)
+    assert rec is not None and rec["kind"] == "direct_reclaim_begin" and rec["guest"] == "l1-0"
+    assert rec["comm"] == "CPU 0/KVM" and rec["pid"] == 345 and rec["fields"]["order"] == 0
+    end = "CPU 0/KVM-345 (340) [000] ..... 20.260000: mm_vmscan_direct_reclaim_end: nr_reclaimed=32"
+    assert trace_record(end, GUESTS, 0)["fields"]["nr_reclaimed"] == 32  # type: ignore[index]
+    hog = "python3-500 (500) [001] ..... 20.3: mm_vmscan_direct_reclaim_begin: order=0 gfp_flags=GFP_HIGHUSER"
+    assert trace_record(hog, GUESTS, 0) is None  # the hog's own stalls are not a guest's
+    assert trace_record("# tracer: nop", GUESTS, 0) is None
+
+
+def test_a_guests_qemu_is_found_by_its_name_and_its_faults_and_swap_are_read():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-name", "nestpress-l1-7"])
+    try:
+        deadline = time.monotonic() + 10  # the interpreter may be a launcher that execs the real one
+        while qemu_guests().get(proc.pid) != "l1-7" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_guests().get(proc.pid) == "l1-7"
+        v = qemu_counters({proc.pid: "l1-7"})
+        assert v["qemu.l1-7.majflt"] >= 0 and v["qemu.l1-7.swap_kb"] >= 0
+    finally:
+        proc.kill()
+        proc.wait()
