@@ -7,6 +7,7 @@
   python bench/bench.py --experiment     + the whole default experiment (warm build cache)
   python bench/bench.py --nested         + the nested A/B (configs/shrinker-ab-nested.yaml, 1 repetition): ready
                                            time per level, exits per L2 entry, A/B wall time
+  python bench/bench.py --tracing        + what the sampler's tracing costs the probe (quick cells, on and off)
   python bench/bench.py --config shrinker-ab-distro --packages --cold
                                          the same for another config (here: Debian's kernel, KVM modules built),
                                            + its packages installed again from the archive (apt-get clean first)
@@ -182,7 +183,9 @@ def quick_cell(config: str, sets: list[str]) -> dict:
         info = json.loads(record_path(cell.parent.parent, cell.name).read_text())
         l1 = next(e for e in jsonl(cell / "events.jsonl") if e["kind"] == "boot_ready" and e["guest"] == "l1-0")
         header = json.loads((cell / "l1-0" / "probe.jsonl").open().readline())
+        passes = [r for r in jsonl(cell / "l1-0" / "probe.jsonl") if r.get("type") == "pass"][1:]  # after warm-up
         return {
+            "pass_ms": statistics.median((r["t1"] - r["t0"]) / 1e6 for r in passes) if passes else float("nan"),
             "kut": info["kut_ready_s"],
             "kut_before": info["kut_ready_s"] - info["kut_kernel_s"],
             "l1": l1["seconds"],
@@ -190,6 +193,21 @@ def quick_cell(config: str, sets: list[str]) -> dict:
             "probe_ns": header["loop_overhead_ns"],
             "cell": t,
         }
+
+
+def bench_tracing(repeat: int, config: str) -> None:
+    """What the sampler's tracing costs the probe: quick cells with a drop-caches phase (so the traced shrinker
+    runs on the baseline), tracing on and off, interleaved; the probe's median pass time in L1 after warm-up."""
+    print(f"tracing overhead ({config}, {repeat} quick cell(s) each way, steady 6 s + drop-caches 10 s)")
+    phases = "phases=[{name: steady, duration_s: 6}, {name: drop-caches, duration_s: 10, pressure: drop-caches}]"
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeat):
+        for trace in (True, False):
+            runs[trace].append(quick_cell(config, [phases, f"sampler.trace_shrinker={str(trace).lower()}"])["pass_ms"])
+    row("L1 probe pass, tracing on", spread(runs[True], "ms"))
+    row("L1 probe pass, tracing off", spread(runs[False], "ms"))
+    ratio = statistics.median(runs[True]) / statistics.median(runs[False])
+    row("tracing on / off", f"{ratio:.3f}", "target <= 1.05 (issue 14)")
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -264,12 +282,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="quick cells per boot configuration")
     ap.add_argument("--config", default="shrinker-ab", help="the experiment whose builds, boots and run are timed")
     ap.add_argument("--packages", action="store_true", help="+ its packages downloaded and installed again (root)")
+    ap.add_argument("--tracing", action="store_true", help="+ the sampler's tracing on and off: the probe's cost")
     a = ap.parse_args()
     print(f"nestpress bench on {os.uname().nodename}: {os.cpu_count()} CPUs, cache {default_cache()}")
     if a.packages:
         bench_packages(a.config)
     cold_builds_s = bench_builds(a.cold, a.config)
     bench_boot_and_probe(a.repeat, a.config)
+    if a.tracing:
+        bench_tracing(a.repeat, a.config)
     if a.nested:
         bench_nested()
     if a.experiment:
