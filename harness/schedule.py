@@ -127,8 +127,13 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
         raise PressureError(
             f"kernel of variant {variant!r} ({kernel_config}) lacks what this run needs: "
             + "; ".join(missing)
-            + ". Add them to a fragment in kernel_config.fragments "
-            "(configs/kernel/kvm-host.config has them all)."
+            + (
+                f". The {exp.distro_kernel.distro} kernel is built without them: use another pressure mode "
+                "(drop-caches calls every shrinker) or the full build (no distro_kernel)."
+                if exp.distro_kernel
+                else ". Add them to a fragment in kernel_config.fragments "
+                "(configs/kernel/kvm-host.config has them all)."
+            )
         )
 
 

@@ -18,9 +18,10 @@ from harness import distro
 from harness.build import Builder
 from harness.config import DistroKernel, Experiment, load
 from harness.distro import DEBIAN, Distro, DistroImage
-from harness.errors import BuildError, SourceError
+from harness.errors import BuildError, PressureError, SourceError
 from harness.qemu import GuestSpec, kernel_cmdline
 from harness.report import analyze
+from harness.schedule import check_kernel
 from harness.source import KernelVersion
 
 MMU = "arch/x86/kvm/mmu/mmu.c"
@@ -235,3 +236,14 @@ def test_a_cached_module_that_no_longer_matches_the_image_is_refused_before_anyt
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "KVM modules do not match" in out and "amd6X" in out, out[-2000:]
     assert not list((tmp_path / "out").rglob("console.log"))  # nothing booted
+
+
+def test_a_mode_the_distributions_kernel_lacks_is_refused_with_what_to_do_instead(tmp_path):
+    base = load("shrinker-ab-distro").experiment.model_dump(by_alias=True)
+    exp = Experiment.model_validate(
+        {**base, "phases": [{"name": "scan", "duration_s": 5, "pressure": "shrinker-scan"}]}
+    )
+    config = tmp_path / "config"
+    config.write_text("CONFIG_DEBUG_FS=y\nCONFIG_KVM=m\nCONFIG_9P_FS=m\nCONFIG_NET_9P_VIRTIO=m\nCONFIG_FTRACE=y\n")
+    with pytest.raises(PressureError, match=r"CONFIG_SHRINKER_DEBUG .*The debian kernel is built without them: use"):
+        check_kernel(exp, "baseline", config)
