@@ -364,7 +364,10 @@ class Runner:
                 ready = kut.wait_ready(exp.boot.timeout_s.get("kut", 120))
             except RuntimeError as e:
                 raise GuestError(str(e)) from None
-            budget = self._estimate(cell) * 2 + sum(exp.boot.timeout_s.values()) + SHUTDOWN_S
+            # the boot timeouts of the levels this topology has: a hung cell is given up (and retried) that much sooner
+            levels = ("kut", "l1", "l2") if decision.kind == "nested" else ("kut", "l1")
+            boots = sum(t for level, t in exp.boot.timeout_s.items() if level in levels)
+            budget = self._estimate(cell) * 2 + boots + SHUTDOWN_S
             self._follow(cell, kut, cell_dir, k, n, t0, budget)
             kut.stop()
             if defused := defuse_guest_files(cell_dir):
