@@ -406,12 +406,8 @@ class Builder:
             for src, name in artifacts:
                 shutil.copy2(src, tmp / name)
             if image:
-                initramfs.boot_archive(
-                    image.distro.busybox,
-                    distro.boot_modules(image, [tmp / m for m in distro.KVM_MODULES]),
-                    [tmp / m for m in distro.KVM_MODULES],
-                    tmp / INITRD,
-                )
+                ours = [tmp / m for m in distro.KVM_MODULES]
+                initramfs.boot_archive(image.distro.busybox, distro.boot_modules(image, ours), ours, tmp / INITRD)
             shutil.copy2(log_path, tmp / "build.log")
             meta["artifacts"] = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
             write_json(tmp / "metadata.json", meta)

@@ -10,15 +10,15 @@ its vermagic against the image's own modules, every imported symbol's CRC agains
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-import subprocess
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .config import DistroKernel, Experiment
 from .errors import BuildError, SourceError
+from .initramfs import elf_deps
 from .source import KernelVersion
 from .util import hash_file, run
 
@@ -83,7 +83,7 @@ class DistroImage:
     def path(self, which: str) -> Path:
         return self.distro.path(which, self.release)
 
-    @property
+    @cached_property  # hashes the image: once, not per variant
     def identity(self) -> dict[str, str]:
         """What a module build against it depends on (part of the build's cache key)."""
         return {
@@ -174,7 +174,7 @@ def resolve(spec: DistroKernel, source_version: KernelVersion) -> DistroImage:
             f"{source_version}: KVM built from another version's source must not be loaded into it. Install the "
             "source package of the image's version, or the image of the source's"
         )
-    if not Path(distro.busybox).is_file() or not busybox_is_static(distro.busybox):
+    if not Path(distro.busybox).is_file() or elf_deps(distro.busybox):
         raise SourceError(
             f"distro_kernel: no static {distro.busybox} (the initramfs's shell, which runs before any library "
             f"is there): apt-get install {distro.busybox_package}"
@@ -326,8 +326,3 @@ def boot_modules(image: DistroImage, ours: list[Path]) -> list[Path]:
         if not p.endswith(".ko"):
             raise BuildError(f"{moddir / p}: compressed modules are not supported yet (busybox insmod loads .ko)")
     return [moddir / p for p in order]
-
-
-def busybox_is_static(path: str) -> bool:
-    r = subprocess.run(["ldd", path], capture_output=True, text=True, env={"LC_ALL": "C", "PATH": os.defpath})
-    return r.returncode != 0 or "not a dynamic executable" in (r.stdout + r.stderr)

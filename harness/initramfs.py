@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .errors import HarnessError
-from .util import atomic_file, hash_file, hash_text
+from .util import atomic_file, hash_text
 
 GUEST_DIR = REPO_ROOT / "harness" / "guest"
 # what the agent and its helpers import, and what they load lazily (a traceback formats its lines)
@@ -227,8 +227,9 @@ def boot_archive(busybox: str, boot_modules: list[Path], kvm_modules: list[Path]
 
 def joined(first: Path, second: Path, cache: Path) -> Path:
     """Two archives as one initrd (the kernel unpacks concatenated cpio archives in order): L2's root with the
-    distribution kernel's boot archive after it."""
-    key = hash_text(hash_file(first), hash_file(second))[:20]
+    distribution kernel's boot archive after it. Both paths already name their contents (L2's archive by its
+    inputs, the boot archive by its build's key), so the paths are the key: nothing is read again per cell."""
+    key = hash_text(str(first), str(second))[:20]
     dest = cache / "initramfs" / f"{key}.joined.cpio"
     if not dest.exists():
         with atomic_file(dest) as tmp:
