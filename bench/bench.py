@@ -8,6 +8,8 @@
   python bench/bench.py --nested         + the nested A/B (configs/shrinker-ab-nested.yaml, 1 repetition): ready
                                            time per level, exits per L2 entry, A/B wall time
   python bench/bench.py --tracing        + what the sampler's tracing costs the probe (quick cells, on and off)
+  python bench/bench.py --analysis DIR   only: the tables, attribution and the whole report of a finished run (a copy
+                                           of DIR), and its clock measurements per level
   python bench/bench.py --config shrinker-ab-distro --packages --cold
                                          the same for another config (here: Debian's kernel, KVM modules built),
                                            + its packages installed again from the archive (apt-get clean first)
@@ -260,6 +262,34 @@ def bench_nested() -> None:
         row("nested A/B wall time", f"{t / 60:.1f} min", f"harness exit status {r.returncode}; target <= 25 min")
 
 
+def bench_analysis(run_dir: Path) -> None:
+    """What a finished run costs to analyse (target: attribution < 30 s), and how well its clocks agreed."""
+    from harness import results
+    from harness.config import Experiment
+    from harness.manifest import Manifest
+    from harness.report import generate
+    from harness.report.attribution import attribute, clock_summary
+
+    print(f"analysis of {run_dir}")
+    with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as tmp:
+        copy = Path(tmp) / "run"
+        shutil.copytree(run_dir, copy)
+        frames, t_tables = timed(lambda: results.collect(copy))
+        m = Manifest.load(copy / "manifest.json")
+        exp = Experiment.model_validate(m.expanded)
+        a, t_attr = timed(lambda: attribute(frames, exp, m.baseline))
+        _, t_report = timed(lambda: generate(copy, rebuild_tables=False))
+    row("tables from the raw outputs", f"{t_tables:.1f} s", f"{len(frames['events'])} events")
+    row("attribution", f"{t_attr:.2f} s", f"{len(a.spikes)} spikes, {len(a.windows)} cause windows; target < 30 s")
+    row("whole report (plots included)", f"{t_report:.1f} s")
+    for _, c in clock_summary(frames["clocks"]).iterrows():
+        row(
+            f"clock of {c['level']} vs the kernel under test",
+            f"worst ±{c['worst_uncertainty_ms']:.3f} ms",
+            f"{c['samples']} measurements",
+        )
+
+
 def bench_experiment(cold_builds_s: float | None, config: str) -> None:
     print(f"whole experiment ({config}, warm build cache)")
     with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
@@ -283,7 +313,11 @@ def main() -> None:
     ap.add_argument("--config", default="shrinker-ab", help="the experiment whose builds, boots and run are timed")
     ap.add_argument("--packages", action="store_true", help="+ its packages downloaded and installed again (root)")
     ap.add_argument("--tracing", action="store_true", help="+ the sampler's tracing on and off: the probe's cost")
+    ap.add_argument("--analysis", type=Path, metavar="RUN_DIR", help="only: analysis costs of a finished run")
     a = ap.parse_args()
+    if a.analysis:
+        bench_analysis(a.analysis)
+        return
     print(f"nestpress bench on {os.uname().nodename}: {os.cpu_count()} CPUs, cache {default_cache()}")
     if a.packages:
         bench_packages(a.config)

@@ -187,7 +187,11 @@ class Builder:
         image = self.image()
         frags = [] if image else fragment_paths(self.exp)
         product = (
-            {"distro_image": image.identity, "boot_init": hash_file(initramfs.DISTRO_INIT)}
+            {
+                "distro_image": image.identity,
+                "boot_init": hash_file(initramfs.DISTRO_INIT),
+                "boot_modules": list(distro.BOOT_MODULES),
+            }
             if image
             else {
                 "config_base": base_identity(self.exp.kernel_config.base),

@@ -328,6 +328,24 @@ class Sampler(Strict):
     trace_shrinker: bool = Field(True, description="count vmscan/mm_shrink_slab_start events of the KVM shrinker")
 
 
+class Attribution(Strict):
+    """How the report ties each latency spike to the cause events it overlaps (report/attribution.py)."""
+
+    spike_quantile: float = Field(
+        0.999,
+        gt=0.5,
+        lt=1,
+        description="a spike is a touch above this quantile of the same guest's undisturbed (no-pressure) phases "
+        "in the same cell, and never below the probe's raw-record floor (1 ms: shorter touches are only in histograms)",
+    )
+    unmeasured_window_ms: float = Field(
+        5.0,
+        ge=0,
+        description="matching window for a guest whose clock offset was not measured (a run from before the "
+        "round-trip clock); otherwise the measured uncertainty is the window",
+    )
+
+
 class Checks(Strict):
     """What a cell must show to count (else it failed and is retried), and what a phase must show to have
     delivered its pressure (else its A/B rows are inconclusive and the run ends with exit status 3)."""
@@ -417,6 +435,7 @@ class Experiment(Strict):
     pressure: Pressure = Pressure()
     phases: list[Phase] = Field(min_length=1)
     sampler: Sampler = Sampler()
+    attribution: Attribution = Attribution()
     boot: Boot = Boot()
     checks: Checks = Checks()
     repetitions: int = Field(3, ge=1, le=100)

@@ -26,7 +26,8 @@ KVM_DIRS = ("arch/x86/kvm", "virt/kvm")
 KVM_MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
 # what every level needs before its agent runs: the root share (9p or virtiofs), the results export (9p),
 # the swap disk (virtio-blk), and kvm.ko's one dependency outside KVM
-BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtiofs", "virtio_blk", "irqbypass")
+# the root share, the export, the swap disk, the clock port (guest/clock.py), and what KVM imports
+BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtiofs", "virtio_blk", "virtio_console", "irqbypass")
 
 
 @dataclass(frozen=True)

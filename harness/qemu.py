@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import Experiment
+from .guest.clock import PORT as CLOCK_PORT
 from .guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, RootServer
 from .host import TopologyDecision
 from .schedule import conductor_schedule
@@ -52,6 +53,7 @@ class GuestSpec:
     cmdline_extra: list[str] = field(default_factory=list)
     swap_image: str | None = None
     monitor: str | None = None  # QEMU human monitor socket: where a hung guest's vCPUs are (supervise.py)
+    clock: str | None = None  # socket of its clock port: its parent measures its clock there (guest/clock.py)
     thp: str = "never"  # transparent_hugepage= (what backs this guest's own guests' RAM, config.LevelSpec)
     qemu: tuple[str, ...] = ("qemu-system-x86_64",)  # the command that starts it (host.Qemu.command)
     bios: str | None = None  # firmware (host.Qemu.qboot); None: QEMU's default, SeaBIOS
@@ -141,6 +143,18 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
         "-serial",
         f"file:{opt(spec.console)}",
         *(["-monitor", f"unix:{opt(spec.monitor)},server=on,wait=off"] if spec.monitor else []),
+        *(
+            [
+                "-device",
+                "virtio-serial-pci,id=nestser",
+                "-chardev",
+                f"socket,id=nestclock,path={opt(spec.clock)},server=on,wait=off",
+                "-device",
+                f"virtserialport,bus=nestser.0,chardev=nestclock,name={CLOCK_PORT}",
+            ]
+            if spec.clock
+            else []
+        ),
         *{
             "virtiofs": [
                 "-chardev",
@@ -269,6 +283,7 @@ def build_plan(
             bios=qemu.qboot,
             rootfs_dir=f"{SCRATCH}/{name}.rootfs",
             monitor=f"{SCRATCH}/{name}.monitor",
+            clock=f"{SCRATCH}/{name}.clock",
         )
         return ChildSpec(
             name=name,
@@ -279,6 +294,7 @@ def build_plan(
             plan=guest_plan(name, level, grandchildren),
             rootfs_server=rootfs_server(spec),
             monitor=spec.monitor,
+            clock=spec.clock,
             system_map=system_map,
             env=qemu.env,
         )
@@ -312,6 +328,7 @@ def build_plan(
         root_view=os.geteuid() == 0,  # the view needs a mount namespace; without one 9p exports all of /
         hidden=tuple(exp.boot.hidden),
         monitor=str(scratch / "monitor"),
+        clock=str(scratch / "clock"),
         cmdline_extra=[*kut_params(topology), *variant_params],
         thp=exp.topology.kut.thp,
         qemu=tuple(qemu.command),

@@ -7,20 +7,25 @@
   counters  variant, repetition, cell, source, name, t, value (sampler, kernel under test)
   phases    cell, variant, repetition, phase, mode, t_start, t_end
   events    boots, pressure steps, shrinker invocations, guest deaths: cell, guest, kind, t, detail
+  clocks    each guest's clock against its parent's (guest/clock.py) and against the kernel under test's
   cells     one row per cell of the plan: status (complete / failed / missing), attempts, facts
 
-All times share one clock: CLOCK_REALTIME, which every agent aligns to its parent's at boot.
+All times are on the kernel under test's clock (CLOCK_REALTIME): every agent aligns its own to its parent's at
+boot, and a guest's timestamps are then corrected by its measured offset (clocks), interpolated between
+measurements and chained through its parents.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import ResultsError
-from .guest.contract import EventKind
+from .guest.contract import ClockSample, ContractError, EventKind
 from .guest.probe import bucket_bounds
 from .manifest import CellEntry, Manifest, cell_complete, cell_record
 from .util import GuestFileError, read_guest_file, warn
@@ -32,6 +37,8 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
     "counters": _CELL + ["source", "name", "t", "value"],
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
     "events": _CELL + ["level", "guest", "kind", "t", "detail"],
+    "clocks": _CELL
+    + ["level", "guest", "parent", "t", "offset_ms", "uncertainty_ms", "offset_kut_ms", "uncertainty_kut_ms"],
     "cells": [
         "cell",
         "variant",
@@ -95,6 +102,51 @@ def _guest_json(path: Path, problems: Problems, cell_dir: Path) -> dict | None:
         problems.note(path, cell_dir, "not a JSON object")
         return None
     return rec
+
+
+@dataclass
+class GuestClock:
+    """A guest's clock against the kernel under test's, sampled: at t (ns, the kernel under test's clock) it
+    read offset ns ahead, give or take uncertainty ns. Empty for the kernel under test itself (the reference)
+    and for a guest whose clock was not measured."""
+
+    t: np.ndarray
+    offset: np.ndarray
+    uncertainty: np.ndarray
+
+    @classmethod
+    def reference(cls) -> GuestClock:
+        return cls(np.zeros(0), np.zeros(0), np.zeros(0))
+
+    def offset_at(self, ns: float) -> float:
+        return float(np.interp(ns, self.t, self.offset)) if len(self.t) else 0.0
+
+    def uncertainty_at(self, ns: float) -> float:
+        return float(np.interp(ns, self.t, self.uncertainty)) if len(self.t) else 0.0
+
+    def below(self, samples: list[ClockSample]) -> GuestClock:
+        """The clock of a child of this guest, from the child's samples against this guest's clock."""
+        t = np.array([s.t - self.offset_at(s.t) for s in samples], float)
+        off = np.array([s.offset_ns + self.offset_at(s.t) for s in samples], float)
+        unc = np.array([s.uncertainty_ns + self.uncertainty_at(s.t) for s in samples], float)
+        order = np.argsort(t)
+        return GuestClock(t[order], off[order], unc[order])
+
+
+def clock_samples(path: Path, problems: Problems, cell_dir: Path) -> list[ClockSample]:
+    """A guest's clock.jsonl (written by its parent): its measurements; a failure to measure is said."""
+    out = []
+    for rec in guest_records(path, problems, cell_dir):
+        if "ended" in rec:  # what closed the port (the guest's end, normally)
+            continue
+        if "error" in rec:
+            problems.note(path, cell_dir, f"clock not measured: {str(rec['error'])[:200]}")
+            continue
+        try:
+            out.append(ClockSample.from_dict(rec))
+        except ContractError as e:
+            problems.note(path, cell_dir, str(e)[:200])
+    return out
 
 
 def _guest_dirs(cell_dir: Path, problems: Problems) -> list[tuple[str, str, Path]]:
@@ -228,10 +280,32 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
     ]
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     rows["phases"] = phases
-    for guest, level, d in _guest_dirs(cell_dir, problems):
+    clocks: dict[Path, GuestClock] = {}
+    names: dict[Path, str] = {}
+    for guest, level, d in sorted(_guest_dirs(cell_dir, problems), key=lambda x: len(x[2].parts)):
         g = {**base, "level": level, "guest": guest}
+        names[d] = guest
+        parent = next((p for p in d.parents if p in clocks), None)  # its parent's export holds its own
+        samples = sorted(clock_samples(d / "clock.jsonl", problems, cell_dir), key=lambda c: c.t)
+        clocks[d] = mine = clocks[parent].below(samples) if parent is not None else GuestClock.reference()
+        kut = parent is None
+        for i, c in enumerate(samples):  # the kernel under test's own: against the host, not corrected
+            rows["clocks"].append(
+                {
+                    **g,
+                    "parent": "host" if parent is None else names[parent],
+                    "t": sec(c.t if kut else mine.t[i]),
+                    "offset_ms": c.offset_ns / 1e6,
+                    "uncertainty_ms": c.uncertainty_ns / 1e6,
+                    "offset_kut_ms": np.nan if kut else mine.offset[i] / 1e6,
+                    "uncertainty_kut_ms": np.nan if kut else mine.uncertainty[i] / 1e6,
+                }
+            )
 
-        for file, to_rows in _converters(g, base, sec, phases).items():
+        def on_kut_clock(ns: float, clock: GuestClock = mine) -> float:
+            return sec(ns - clock.offset_at(ns))
+
+        for file, to_rows in _converters(g, base, on_kut_clock, phases).items():
             path = d / file
             for table, row in _rows(guest_records(path, problems, cell_dir), to_rows, problems, path, cell_dir):
                 rows[table].append(row)

@@ -353,6 +353,7 @@ class Runner:
                 spec.console,
                 rootfs_server=rootfs_server(spec),
                 monitor=spec.monitor,
+                clock=spec.clock,
                 system_map=str(build.dir / "System.map"),
                 env=decision.qemu.env,
                 view_dir=spec.rootfs_dir if spec.root_view else None,

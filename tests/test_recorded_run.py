@@ -65,10 +65,10 @@ def test_verdicts_are_rows_with_reasons_in_the_schedules_order_with_the_platform
     assert md.count("emulated (TCG): the direction holds") == 1
 
 
-def test_report_is_one_html_file_with_four_plots(run):
+def test_report_is_one_html_file_with_its_plots(run):
     report = generate(run)
     html = report.html.read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 6 and "<table>" in html
     md = (run / "report.md").read_text()
     assert "Status: complete" in md and "in the VM that runs L2 (l1-0) shadow pages zapped" in md
     for png in report.plots:
@@ -242,3 +242,39 @@ def test_touches_the_clock_did_not_see_are_no_latency_and_are_said(run):
     md = (run / "report.md").read_text().split("## Verdict")[0]
     assert f"Probe clock: 37 touches of `patched` {row['level'].iloc[0]} read 0-1 ns" in md
     assert report.summary["count"].sum() > 0
+
+
+def test_spikes_are_attributed_and_the_patched_kernel_has_no_shrinker_zap(run):
+    report = analyze(run, rebuild_tables=True)
+    a = report.attribution
+    assert len(a.spikes) and set(a.spikes["level"]) == {"l2"}
+    assert not a.spikes.loc[a.spikes["variant"] == "patched", "shrinker-zap"].any()
+    assert not a.spikes.loc[a.spikes["mode"] == "memcg-limit", "shrinker-zap"].any()
+    for name in ("spikes", "attribution"):
+        assert (run / "tables" / f"{name}.parquet").exists() and (run / "tables" / f"{name}.csv").exists()
+    md = generate(run).html.with_suffix(".md").read_text()
+    assert "What the baseline's extra tail latency coincided with" in md and "## Attribution" in md
+
+
+def test_guest_timestamps_are_moved_onto_the_kernel_under_tests_clock_by_their_measured_offsets(run):
+    """L1's clock read 2 s ahead of the kernel under test's, L2's 1 s ahead of L1's: L2's timestamps move back
+    3 s, L1's 2 s, the kernel under test's not at all; the uncertainties add up along the chain."""
+    before = results.collect(run)
+    cell = run / "cells" / "baseline.r1"
+    t_kut = [json.loads(line)["t"] for line in (cell / "events.jsonl").read_text().splitlines()]
+    span = range(min(t_kut) - 10**11, max(t_kut) + 10**11, 10**10)
+    for path, offset, unc in ((cell / "l1-0", 2 * 10**9, 300_000), (cell / "l1-0" / "l2-0", 10**9, 200_000)):
+        lines = [json.dumps({"t": t, "offset_ns": offset, "uncertainty_ns": unc, "exchanges": 16}) for t in span]
+        (path / "clock.jsonl").write_text("\n".join(lines) + "\n")
+    after = results.collect(run)
+
+    def times(frames, level, kind):
+        e = frames["events"]
+        return e[(e["cell"] == "baseline.r1") & (e["level"] == level) & (e["kind"] == kind)]["t"].to_numpy()
+
+    assert times(after, "l2", "probe_outlier") == pytest.approx(times(before, "l2", "probe_outlier") - 3.0)
+    assert times(after, "l1", "boot_start") == pytest.approx(times(before, "l1", "boot_start") - 2.0)
+    assert times(after, "kut", "phase_start") == pytest.approx(times(before, "kut", "phase_start"))
+    c = after["clocks"].set_index("level")
+    assert c.loc["l2", "uncertainty_kut_ms"].max() == pytest.approx(0.5)
+    assert c.loc["l2", "offset_kut_ms"].max() == pytest.approx(3000) and c.loc["l2", "parent"].iloc[0] == "l1-0"

@@ -25,6 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clock import serve_port
 from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
 from pressure import PreflightError, PressureRun, preflight
 from supervise import Child, lock_in_memory, read, stop_all, tail
@@ -229,6 +230,7 @@ def start_children(plan: GuestPlan, ev: Events) -> list[Child]:
             boot_timeout=spec.timeout_s,
             rootfs_server=spec.rootfs_server,
             monitor=spec.monitor,
+            clock=spec.clock,
             system_map=spec.system_map,
             env=spec.env,
         )
@@ -438,6 +440,7 @@ def main() -> int:
     os.environ.update(PATH=PATH, HOME="/run/tmp", TMPDIR="/run/tmp")
     copy_kmsg(os.path.join(OUT, "kmsg.log"))
     ev = Events(os.path.join(OUT, "events.jsonl"))
+    serve_port(lambda why: ev(EventKind.CLOCK, ok=False, port=why))
     if (refused := lock_in_memory()) is not None:
         ev(EventKind.NOT_LOCKED, error=refused)
     kind, error, message = ExitKind.OK, None, None

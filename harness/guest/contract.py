@@ -230,6 +230,19 @@ class Schedule(Record):
 
 
 @dataclass
+class ClockSample(Record):
+    """One measurement of a child's clock against its parent's (guest/clock.py), in clock.jsonl of the child's
+    export: at t (the parent's CLOCK_REALTIME, ns) the child's clock read offset_ns ahead, give or take
+    uncertainty_ns (what `exchanges` round trips, the shortest round_trip_ns, allow together)."""
+
+    t: int
+    offset_ns: int
+    uncertainty_ns: int
+    exchanges: int
+    round_trip_ns: int = 0
+
+
+@dataclass
 class RootServer(Record):
     """The process that serves a child's root over virtiofs (guest/rootfs.py) before its QEMU starts."""
 
@@ -249,6 +262,7 @@ class ChildSpec(Record):
     plan: GuestPlan
     rootfs_server: RootServer | None = None
     monitor: str | None = None
+    clock: str | None = None  # the host side of its clock port (guest/clock.py)
     system_map: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 

@@ -155,8 +155,10 @@ def actor(mode: PressureMode, p: PressureParams, ready, log) -> None:
     elif mode is PressureMode.SHRINKER_SCAN:
         while True:
             for d in glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
+                began = time.monotonic()  # the call's span: a spike it caused overlaps it (report/attribution.py)
                 write(d + "/scan", f"0 0 {p.shrinker_scan_objects}")
-                log("shrinker_scan", shrinker=os.path.basename(d), objects=p.shrinker_scan_objects)
+                took = round(time.monotonic() - began, 6)
+                log("shrinker_scan", shrinker=os.path.basename(d), objects=p.shrinker_scan_objects, took_s=took)
             time.sleep(p.shrinker_scan_period_s)
     else:
         raise ValueError(f"pressure mode {mode.value} has no actor")

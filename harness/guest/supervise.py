@@ -19,6 +19,11 @@ import socket
 import subprocess
 import time
 
+try:
+    from .clock import Watch  # imported by the host as harness.guest.*
+except ImportError:  # in a guest: its directory is sys.path[0]
+    from clock import Watch  # type: ignore[no-redef]
+
 PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic", "Attempted to kill init")
 _LIVE: set[Child] = set()
 
@@ -138,7 +143,8 @@ class Child:
     rootfs_server: the virtiofs server of the guest's root (contract.RootServer: argv, socket),
     started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
-    system_map: the guest kernel's System.map, to name the function each vCPU is in. env: added to QEMU's
+    system_map: the guest kernel's System.map, to name the function each vCPU is in. clock: the host side of its
+    clock port, where its clock is measured from ready to stop (guest/clock.py). env: added to QEMU's
     environment (a private QEMU's module directory). view_dir: where a 9p root's view of / was mounted
     (in QEMU's own namespace; here an empty directory), removed at stop. cgroup_procs: the host memory
     group QEMU and the server join (host.MemoryGroup).
@@ -153,6 +159,7 @@ class Child:
         boot_timeout: float = 300.0,
         rootfs_server=None,
         monitor: str | None = None,
+        clock: str | None = None,
         system_map: str | None = None,
         env: dict[str, str] | None = None,
         view_dir: str | None = None,
@@ -164,6 +171,7 @@ class Child:
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
         self.monitor, self.system_map, self.env = monitor, system_map, env
+        self.clock = Watch(clock, os.path.join(export, "clock.jsonl")) if clock else None
         self.server: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -237,6 +245,8 @@ class Child:
             if os.path.exists(ready):
                 self.ready_s = time.monotonic() - self.started
                 self.kernel_ready_s = self._uptime_at_ready(ready)
+                if self.clock:
+                    self.clock.start()
                 return self.ready_s
             why = self.problem()
             if why:
@@ -282,6 +292,8 @@ class Child:
         """Ask nicely (SIGTERM makes QEMU quit), then kill the whole session; then the root's server. Idempotent."""
         if self not in _LIVE:
             return self.proc.returncode if self.proc else None
+        if self.clock:
+            self.clock.stop()
         if self.proc:
             _end(self.proc, grace)
         if self.server:

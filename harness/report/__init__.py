@@ -18,6 +18,7 @@ from ..config import Experiment
 from ..errors import HarnessError
 from ..manifest import Manifest, cell_record
 from . import plots, render
+from .attribution import Attribution, attribute, clock_summary
 from .evidence import evidence_summary, inapplicable, shrinker_evidence, shrinker_ran, undelivered, zapped
 
 __all__ = ["Report", "analyze", "compare_runs", "generate", "shrinker_evidence", "shrinker_ran", "zapped"]
@@ -33,6 +34,7 @@ class Report:
     evidence: pd.DataFrame  # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
     summary: pd.DataFrame  # latency percentiles per variant x phase x level
     health: pd.DataFrame  # boot, warm-up and cell times per variant x level (health.health_table)
+    attribution: Attribution  # spikes, their causes, excess by cause (attribution.attribute)
     undelivered: dict[tuple[str, str], str]  # (variant, phase) -> why its pressure was not delivered
     unmeasured: list[str]  # variants of the plan without a single latency sample
     frames: dict[str, pd.DataFrame]  # the run's tables (results.TABLES)
@@ -78,12 +80,18 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     )
     records = {c.id: r for c in manifest.cells if (r := cell_record(run_dir, c.id)) is not None}
     health_rows = health.health_table(frames, records, manifest.baseline)
+    attr = attribute(frames, exp, manifest.baseline)
+    for name, df in (("spikes", attr.spikes), ("attribution", attr.table)):
+        df.to_parquet(run_dir / "tables" / f"{name}.parquet", index=False)
     for name, df in (
         ("summary", summary),
         ("ab", ab),
         ("evidence", evidence),
         ("repetition_metrics", metrics),
         ("health", health_rows),
+        ("spikes", attr.spikes),
+        ("attribution", attr.table),
+        ("attribution_ab", attr.ab),
     ):
         df.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
     return Report(
@@ -95,6 +103,7 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
         evidence,
         summary,
         health_rows,
+        attr,
         not_delivered,
         unmeasured,
         frames,
@@ -116,6 +125,8 @@ def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None 
         plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png", repetition),
         plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png"),
         plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png", repetition),
+        plots.plot_spikes(report.frames, report.manifest, report.attribution, plots_dir / "spikes.png", repetition),
+        plots.plot_excess(report.attribution, report.manifest, plots_dir / "excess_by_cause.png"),
     ]
     md = _markdown(report)
     (report.run_dir / "report.md").write_text(md)
@@ -138,6 +149,7 @@ def _markdown(r: Report) -> str:
             f"> {m.accel.banner}",
             "",
             *_first_screen(r),
+            *_attribution_screen(r),
             f"Topology `{m.topology}`; variants "
             + ", ".join(f"`{n}` ({b.summary()})" for n, b in m.builds.items())
             + f"; order {m.order}.",
@@ -155,6 +167,12 @@ def _markdown(r: Report) -> str:
             "## Evidence: did the shrinker run?",
             "",
             *evidence_summary(r.evidence, m.baseline),
+            "",
+            "## Attribution: what each spike overlapped",
+            "",
+            _attribution_method(r),
+            "",
+            render.attribution_markdown(r.attribution.table),
             "",
             "## Pressure delivered, per phase",
             "",
@@ -184,6 +202,30 @@ def _markdown(r: Report) -> str:
             "",
         ]
     )
+
+
+def _attribution_method(r: Report) -> str:
+    a = Experiment.model_validate(r.manifest.expanded).attribution
+    windows = r.attribution.spikes["window_ms"]
+    return (
+        f"A spike is a touch above its guest's p{a.spike_quantile * 100:g} of the undisturbed phases of the same "
+        "cell (and at least 1 ms, the probe's raw-record floor); its excess is its latency above that guest's "
+        "undisturbed p99. Each spike is matched to the cause events of the kernel under test it overlaps: a call "
+        "of the x86-mmu shrinker that freed shadow pages (`shrinker-zap`), a direct-reclaim stall of the guest's "
+        "QEMU (`direct-reclaim`), a rise of that QEMU's major faults within the sampler's interval (`swap-in`); "
+        "`none found` when none overlaps. A spike with several causes has its excess split equally among them. "
+        f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
+        "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"
+        + render.clocks_line(clock_summary(r.frames["clocks"]), a.unmeasured_window_ms)
+    )
+
+
+def _attribution_screen(r: Report) -> list[str]:
+    """Per pressure phase: what share of the baseline's extra tail latency coincided with shrinker zapping."""
+    lines = render.attribution_lines(r.attribution.ab, r.manifest.baseline)
+    if not lines:
+        return []
+    return ["**What the baseline's extra tail latency coincided with** (see Attribution):", "", *lines, ""]
 
 
 def _uncomparable(piv: pd.DataFrame, reports: list[tuple[str, Report]]) -> list[str]:

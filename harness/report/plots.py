@@ -14,6 +14,7 @@ import pandas as pd
 
 from .. import stats
 from ..manifest import Manifest
+from . import attribution
 
 COLORS = {0: "#1f77b4", 1: "#d62728", 2: "#2ca02c", 3: "#9467bd"}
 
@@ -249,6 +250,131 @@ def plot_counters(frames, manifest, path: Path, repetition: int | None = None) -
         ax.set_xlabel("time since first phase (s)")
     which = f"repetition {repetition}" if repetition is not None else "every repetition"
     fig.suptitle(_title(manifest, f"kernel under test counters, {which}"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+CAUSE_COLORS = {
+    attribution.SHRINKER_ZAP: "#d62728",
+    attribution.ZAP_REFAULT: "#e377c2",
+    attribution.SWAP_IN: "#1f77b4",
+    attribution.DIRECT_RECLAIM: "#ff7f0e",
+    attribution.NONE_FOUND: "#7f7f7f",
+    "several": "#9467bd",
+}
+HATCHES = ("", "//", "..", "xx")
+
+
+def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, repetition: int | None = None) -> Path:
+    """Per variant (rows) and repetition (columns, or the one asked for): every spike over time, colored by
+    the cause it overlapped ("several" where more than one), above the cause events as bars."""
+    ph, spikes, win = frames["phases"], attr.spikes, attr.windows
+    variants = list(dict.fromkeys(ph["variant"]))
+    grid = {v: _cells(frames, v, repetition) for v in variants}
+    cols = max([len(x) for x in grid.values()] + [1])
+    fig, axes = plt.subplots(
+        2 * max(1, len(variants)),
+        cols,
+        figsize=(max(12, 6 * cols), 4.4 * max(1, len(variants))),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1] * max(1, len(variants))},
+    )
+    for row, variant in enumerate(variants):
+        for col in range(cols):
+            top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
+            if col >= len(grid[variant]):
+                top.set_visible(False)
+                bottom.set_visible(False)
+                continue
+            rep, cell = grid[variant][col]
+            _shade(top, ph[ph["cell"] == cell])
+            s = spikes[spikes["cell"] == cell]
+            label = s["causes"].where(~s["causes"].str.contains("+", regex=False), "several")
+            for cause, color in CAUSE_COLORS.items():
+                mine = s[label == cause]
+                if len(mine):
+                    top.semilogy(
+                        mine["t"], mine["latency_ns"] / 1e3, ".", ms=3, color=color, label=f"{cause} ({len(mine)})"
+                    )
+            top.set_ylabel("spike latency (µs)")
+            top.set_title(f"{variant} r{rep} ({cell}): {len(s)} spikes", fontsize=9)
+            if len(s):
+                top.legend(fontsize=6, loc="upper left", ncol=3, markerscale=2)
+            w = win[win["cell"] == cell]
+            for y, cause in enumerate(attribution.CAUSES):
+                mine = w[w["cause"] == cause]
+                bottom.broken_barh(
+                    list(zip(mine["t0"], (mine["t1"] - mine["t0"]).clip(lower=0.05))),
+                    (y - 0.4, 0.8),
+                    color=CAUSE_COLORS[cause],
+                )
+            bottom.set_yticks(range(len(attribution.CAUSES)), attribution.CAUSES, fontsize=7)
+            bottom.set_ylim(-0.6, len(attribution.CAUSES) - 0.4)
+            bottom.set_xlim(top.get_xlim())
+            bottom.set_xlabel("time since first phase (s)", fontsize=8)
+            if not _has_shrinker(frames, cell):
+                bottom.text(
+                    0.5,
+                    0,
+                    "no x86-mmu shrinker in this kernel",
+                    transform=bottom.get_yaxis_transform(),
+                    fontsize=7,
+                    color="dimgray",
+                    va="center",
+                )
+    which = f"repetition {repetition}" if repetition is not None else "every repetition"
+    what = f"latency spikes by the cause they overlapped (bars: the causes; swap-in per sampler interval), {which}"
+    fig.suptitle(_title(manifest, what), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_excess(attr: attribution.Attribution, manifest, path: Path) -> Path:
+    """Tail excess (ms per repetition) by cause, stacked, per phase x level, one bar per variant."""
+    t = attr.table
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    if not t.empty:
+        t = t.assign(label=t["phase"] + " " + t["level"], per_rep=t["excess_ms"] / t["repetitions"].clip(lower=1))
+        labels = list(dict.fromkeys(t["label"]))
+        variants = list(dict.fromkeys(t["variant"]))
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            x = np.arange(len(labels)) + i * width
+            bottom = np.zeros(len(labels))
+            for cause in attribution.SHARES:
+                g = t[(t["variant"] == v) & (t["cause"] == cause)].set_index("label").reindex(labels)
+                y = g["per_rep"].fillna(0).to_numpy()
+                ax.bar(
+                    x,
+                    y,
+                    width,
+                    bottom=bottom,
+                    color=CAUSE_COLORS[cause],
+                    hatch=HATCHES[i % len(HATCHES)],
+                    label=cause if i == 0 else None,
+                    edgecolor="white",
+                    lw=0.5,
+                )
+                bottom += y
+            ax.bar(
+                x,
+                np.zeros(len(labels)),
+                width,
+                color="white",
+                edgecolor="black",
+                hatch=HATCHES[i % len(HATCHES)],
+                label=f"variant {v}",
+            )
+        ax.set_xticks(np.arange(len(labels)) + width * (len(variants) - 1) / 2)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    ax.set_ylabel("tail excess per repetition (ms)")
+    what = "tail excess (latency above the undisturbed p99, summed over spikes) by cause"
+    fig.suptitle(_title(manifest, what if not t.empty else what + ": no spikes"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

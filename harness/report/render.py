@@ -97,6 +97,89 @@ def delivery_markdown(evidence: pd.DataFrame) -> str:
     return table(rows)
 
 
+def _pct(v) -> str:
+    return f"{fmt(v * 100, 0)} %"
+
+
+def attribution_lines(ab: pd.DataFrame, baseline: str) -> list[str]:
+    """One sentence per pressure phase x level x variant: how much more tail excess the baseline had and, where
+    that difference is clear (its interval above 0), what share of it coincided with shrinker zapping (during
+    a call or refaulting after one) and what remained."""
+    lines: list[str] = []
+    if ab.empty:
+        return lines
+    pressured = ab[ab["mode"] != "none"]
+    for (variant, phase, level), g in pressured.groupby(["variant", "phase", "level"], sort=False):
+        by = g.set_index("cause")
+        tot, zap = by.loc["total"], by.loc["zapping"]
+        head = (
+            f"- **`{phase}`** ({tot['mode']}, {level}, {tot['n_baseline']} v {tot['n_variant']} repetitions): "
+            f"`{baseline}`'s spikes added {fmt(tot['baseline_excess_ms'], 0)} ms of tail excess per repetition, "
+            f"{fmt(zap['baseline_excess_ms'], 0)} ms of it while the shrinker zapped or the guest refaulted after it"
+        )
+        diff = f"{fmt(tot['diff_ms'], 0)} ms [{fmt(tot['diff_ci_lo'], 0)}, {fmt(tot['diff_ci_hi'], 0)}]"
+        if not tot["diff_ci_lo"] > 0:
+            why = "one repetition a side: no interval" if np.isnan(tot["diff_ci_lo"]) else "an interval that holds 0"
+            lines.append(f"{head}; against `{variant}`: {diff} more ({why}), so no share of a difference is given.")
+            continue
+        parts = ", ".join(
+            f"{c} {_pct(by.loc[c, 'share_of_diff'])}"
+            for c in ("shrinker-zap", "zap-refault", "swap-in", "direct-reclaim", "none found")
+        )
+        more = (
+            "; more than the whole difference: the patched kernel's other causes added some back"
+            if zap["share_of_diff"] > 1
+            else ""
+        )
+        lines.append(
+            f"{head}; {diff} more than `{variant}`'s: **{_pct(zap['share_of_diff'])} "
+            f"[{_pct(zap['share_ci_lo'])}, {_pct(zap['share_ci_hi'])}] of that difference coincided with shrinker "
+            f"zapping** ({parts}{more})."
+        )
+    return lines
+
+
+def clocks_line(summary: pd.DataFrame, unmeasured_ms: float) -> str:
+    """How well each level's timestamps agree with the kernel under test's: what attribution can resolve."""
+    if summary.empty:
+        return (
+            f"**Clocks: not measured** in this run (aligned at boot only); the matching window is {unmeasured_ms:g} ms "
+            "by assumption."
+        )
+    levels = "; ".join(
+        f"{r['level']}: worst ±{fmt(r['worst_uncertainty_ms'], 3)} ms over {r['samples']} measurements "
+        f"(offset {fmt(r['offset_min_ms'], 1)} to {fmt(r['offset_max_ms'], 1)} ms, corrected)"
+        for _, r in summary.iterrows()
+    )
+    return (
+        "**Clocks** against the kernel under test's, measured by round trips over each guest's virtio-serial port "
+        f"at start, every 10 s and at the end: {levels}. Each guest's worst uncertainty is its matching window."
+    )
+
+
+def attribution_markdown(table_: pd.DataFrame) -> str:
+    """Spikes and excess per variant x phase x level, with each cause's share of the excess."""
+    if table_.empty:
+        return "_no spikes_"
+    rows = []
+    keys = ["variant", "phase", "level"]
+    for (variant, phase, level), g in table_.groupby(keys, sort=False):
+        by = g.set_index("cause")
+        reps = int(by["repetitions"].max())
+        total = by["excess_ms"].sum()
+        rows.append(
+            {
+                "variant": variant,
+                "phase": phase,
+                "level": level,
+                "spikes / rep": fmt(by["all_spikes"].iloc[0] / max(reps, 1), 0),
+                "excess ms / rep": fmt(total / max(reps, 1), 0),
+                **{f"{c}: spikes, share": f"{int(by.loc[c, 'spikes'])}, {_pct(by.loc[c, 'share'])}" for c in by.index},
+            }
+        )
+    return table(rows)
+
+
 def health_markdown(health: pd.DataFrame) -> str:
     if health.empty:
         return "_no figures_"

@@ -1,0 +1,220 @@
+"""Each guest's clock against its parent's, measured by round trips over a virtio-serial port.
+
+Aligning CLOCK_REALTIME from the RTC at boot (agent.set_clock) leaves it off by up to a second (measured: an
+L1 0.5-0.9 s behind its kernel under test); attributing a latency spike to a cause event in the kernel under
+test needs ~1 ms, and needs to know how good. So every parent (the host for the kernel under test, each agent
+for its children) asks its child's agent for the time: it sends a sequence number at t1 (its clock), the child
+answers with its own CLOCK_REALTIME t2, the answer arrives at t3. Then the child's clock minus the parent's lies
+within [t2 - t3, t2 - t1], whatever the delays each way were. A burst of EXCHANGES tries is intersected
+(Peer.measure): the offset is the middle of what all of them allow, the uncertainty half its width. The parent
+measures once the agent is ready, every PERIOD_S after, and when the guest is stopped, and appends each
+measurement (contract.ClockSample) to <export>/clock.jsonl; results.py corrects the guest's timestamps by them
+and attribution uses the uncertainty as its matching window.
+
+The port is a virtserialport named PORT (qemu.py adds it); the guest finds it by that name in sysfs.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import threading
+import time
+
+try:
+    from .contract import ClockSample  # imported by the host as harness.guest.*
+except ImportError:  # in a guest: its directory is sys.path[0]
+    from contract import ClockSample  # type: ignore[no-redef]
+
+PORT = "nestpress.clock"
+EXCHANGES = 32
+TARGET_NS = 1_000_000  # a burst less certain than this is followed by another, up to BURSTS in all
+BURSTS = 4
+PERIOD_S = 10.0
+REPLY_TIMEOUT_S = 2.0
+MAX_LATE = 3  # answers missed in a burst before it is given up
+MAX_LINE = 64  # "<seq> <ns>" is ~30 bytes
+
+
+def find_port() -> str | None:
+    """The device of the clock port in this guest (/dev/vportNpM), or None where its parent gave none."""
+    for name in glob.glob("/sys/class/virtio-ports/*/name"):
+        try:
+            with open(name) as f:
+                if f.read().strip() == PORT:
+                    return "/dev/" + name.split("/")[-2]
+        except OSError:
+            continue
+    return None
+
+
+def serve(fd: int, clock=time.time_ns) -> None:
+    """Answer every request line "<seq>" with "<seq> <this clock, ns>", as soon as it arrives; until EOF."""
+    pending = b""
+    while True:
+        data = os.read(fd, 4096)
+        if not data:
+            return
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip().isdigit():
+                os.write(fd, b"%s %d\n" % (line.strip(), clock()))
+
+
+def serve_port(on_error) -> threading.Thread | None:
+    """In a guest: answer the parent on the clock port from a thread; on_error(why) the first time it cannot
+    (it retries every half second)."""
+    port = find_port()
+    if port is None:
+        on_error("no virtio-serial port named " + PORT)
+        return None
+
+    failed: list[OSError] = []
+
+    def run() -> None:
+        while True:  # reopened after a parent closed it (a port reads EOF while the host side is gone)
+            try:
+                fd = os.open(port, os.O_RDWR)
+                try:
+                    serve(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                if not failed:
+                    on_error(f"{port}: {e.strerror}")
+                failed.append(e)
+            time.sleep(0.5)
+
+    t = threading.Thread(target=run, name="clock", daemon=True)
+    t.start()
+    return t
+
+
+class Peer:
+    """The parent's side: exchanges over a connected stream socket, best of `exchanges`."""
+
+    def __init__(self, sock: socket.socket, exchanges: int = EXCHANGES):
+        self.sock, self.exchanges, self.seq, self.pending = sock, exchanges, 0, b""
+        sock.settimeout(REPLY_TIMEOUT_S)
+
+    def _reply(self, seq: int) -> int:
+        """The child's time in the answer to request seq (older answers, of timed-out requests, skipped). The
+        child is untrusted: a line longer than MAX_LINE or answers that never match within the timeout end it."""
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while True:
+            while b"\n" not in self.pending:
+                if len(self.pending) > MAX_LINE or time.monotonic() > deadline:
+                    self.pending = b""
+                    raise TimeoutError("no well-formed answer")
+                data = self.sock.recv(4096)
+                if not data:
+                    raise ConnectionError("the guest closed the clock port")
+                self.pending += data
+            line, self.pending = self.pending.split(b"\n", 1)
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == b"%d" % seq and parts[1].lstrip(b"-").isdigit():
+                return int(parts[1])
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer to this request")
+
+    def measure(self) -> ClockSample:
+        """One burst of exchanges. Each bounds the offset to [t2 - t3, t2 - t1]; within a burst (tens of ms)
+        the offset does not move, so the bounds of all of them hold at once: their intersection, which is at
+        most as wide as the shortest round trip, and narrower where the fastest request and the fastest answer
+        were in different exchanges."""
+        lo, hi, shortest = None, None, None
+        late = 0
+        for _ in range(self.exchanges):
+            self.seq += 1
+            t1 = time.time_ns()
+            self.sock.sendall(b"%d\n" % self.seq)
+            try:
+                t2 = self._reply(self.seq)
+            except TimeoutError:
+                late += 1
+                if late >= MAX_LATE:  # the guest is not answering now: no burst of 2 s waits
+                    break
+                continue
+            t3 = time.time_ns()
+            lo = t2 - t3 if lo is None else max(lo, t2 - t3)
+            hi = t2 - t1 if hi is None else min(hi, t2 - t1)
+            shortest = t3 - t1 if shortest is None else min(shortest, t3 - t1)
+        if lo is None or hi is None or shortest is None:
+            raise TimeoutError(f"no answer on the clock port within {REPLY_TIMEOUT_S:g}s, {self.exchanges} tries")
+        if lo > hi:  # bounds that cannot all hold: a clock was stepped during the burst
+            raise ValueError(f"clock bounds do not meet ({lo} > {hi} ns): a clock stepped during the exchange")
+        return ClockSample(
+            t=time.time_ns(),
+            offset_ns=(lo + hi) // 2,
+            uncertainty_ns=(hi - lo + 1) // 2,
+            exchanges=self.exchanges,
+            round_trip_ns=shortest,
+        )
+
+
+def best_of_bursts(peer: Peer, target_ns: int = TARGET_NS, bursts: int = BURSTS) -> ClockSample:
+    """The most certain of up to `bursts` measurements, stopping at the first within target_ns: a parent or a
+    child busy under memory pressure answers late now and then, a few ms later it may not."""
+    best = peer.measure()
+    for _ in range(bursts - 1):
+        if best.uncertainty_ns <= target_ns:
+            break
+        again = peer.measure()
+        best = again if again.uncertainty_ns < best.uncertainty_ns else best
+    return best
+
+
+class Watch:
+    """A thread that measures a child's clock (socket: its port's host side) into out (clock.jsonl): now,
+    every period_s, and once more at stop()."""
+
+    def __init__(self, socket_path: str, out: str, period_s: float = PERIOD_S):
+        self.socket_path, self.out, self.period_s = socket_path, out, period_s
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="clock-watch", daemon=True)
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _write(self, rec: dict) -> None:
+        with open(self.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _measurement(self, peer: Peer) -> dict:
+        """A measurement, or what kept it from being one (a late or inconsistent burst: said, and tried again
+        at the next period)."""
+        try:
+            return best_of_bursts(peer).to_dict()
+        except (TimeoutError, ValueError) as e:
+            return {"t": time.time_ns(), "error": f"{type(e).__name__}: {e}"}
+
+    def _run(self) -> None:
+        measured = 0
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(self.socket_path)
+            peer = Peer(self.sock)
+            while True:
+                self._write(self._measurement(peer))
+                measured += 1
+                if self.stopping.wait(self.period_s):
+                    self._write(self._measurement(peer))
+                    return
+        except OSError as e:  # the port closed: after a first measurement, normally the guest ended (said all
+            # the same, apart from the errors: what ended the measurements is worth knowing when it was early)
+            said = f"{type(e).__name__}: {e}"
+            self._write({"t": time.time_ns(), "ended" if measured else "error": said})
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+
+    def stop(self, timeout: float = 3 * REPLY_TIMEOUT_S) -> None:
+        """The last measurement, before the guest is stopped (bounded: a hung guest does not hold anyone up)."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)

@@ -1,0 +1,335 @@
+"""Attribution: which cause events each latency spike overlapped, and how much of the tail each cause explains.
+
+- A spike is a raw touch the probe kept (>= its 1 ms floor) above the same guest's `spike_quantile` of the
+  undisturbed (mode `none`) phases of the same cell. It lasted [t - latency, t].
+- Causes, from the kernel under test (the sampler's trace and counters):
+  `shrinker-zap`   a call of the x86-mmu shrinker that freed shadow pages (begin to end; any VM: the call
+                   holds kvm_lock and zaps whichever VM it picks), and every debugfs scan write of the
+                   shrinker-scan mode (which calls it without the tracepoints, so without a freed count),
+  `direct-reclaim` a direct-reclaim stall of the guest's QEMU (an L2 runs inside its L1's QEMU, so the L1's),
+  `swap-in`        a sampler interval in which that QEMU's major faults rose (its guest RAM came back from
+                   swap; resolution: the sampler's interval).
+  `zap-refault`    after such a call, until the guest's probe has touched every page once more (to the end of
+                   the pass after the one in progress): the guest rebuilding the shadow pages the call zapped,
+  A spike matches a cause whose window overlaps it within the matching window: the worst measured uncertainty
+  of the guest's clock against the kernel under test's in that cell (results.py has the timestamps corrected
+  by the measured offsets already); `none found` when nothing does. One spike may have several.
+- Excess of a spike = its latency - the guest's undisturbed p99 in that cell (the tail it added). A spike's
+  excess is split equally among its causes, so the shares of a row add up to its total.
+- A/B: excess per repetition (0 where a repetition had no spike), baseline minus the other variant, per cause;
+  the causes' differences add up to the total difference, and each one's share of it has a bootstrap CI over
+  repetitions (resampled within each variant).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..config import Experiment
+from ..guest.probe import OUTLIER_NS
+from ..stats import OUTSIDE, weighted_quantiles
+
+SHRINKER_ZAP, ZAP_REFAULT = "shrinker-zap", "zap-refault"
+SWAP_IN, DIRECT_RECLAIM, NONE_FOUND = "swap-in", "direct-reclaim", "none found"
+CAUSES = (SHRINKER_ZAP, ZAP_REFAULT, SWAP_IN, DIRECT_RECLAIM)
+ZAPPING = (SHRINKER_ZAP, ZAP_REFAULT)  # what "coincided with shrinker zapping" adds up
+SHARES = (*CAUSES, NONE_FOUND)
+WINDOW_COLUMNS = ["cell", "guest", "cause", "t0", "t1"]
+REFERENCE_Q = 0.99  # the excess is measured above the undisturbed p99
+N_BOOT = 2000
+
+
+@dataclass
+class Attribution:
+    """What attribute() found: the tables it writes and what the plots and the first screen read."""
+
+    spikes: pd.DataFrame  # one row per spike, with its causes
+    windows: pd.DataFrame  # one row per cause event: cell, guest (None: every guest), cause, t0, t1
+    table: pd.DataFrame  # per variant x phase x level x cause: spikes and excess
+    by_repetition: pd.DataFrame  # excess per variant x repetition x phase x level x cause (0 filled)
+    ab: pd.DataFrame  # per other variant x phase x level x cause: the difference and its share, with CIs
+
+
+def _detail(df: pd.DataFrame) -> pd.DataFrame:
+    """The events' JSON detail as columns."""
+    return pd.DataFrame([json.loads(d) for d in df["detail"]], index=df.index)
+
+
+def _number(detail: pd.DataFrame, field: str) -> pd.Series:
+    """A detail field as numbers (NaN where missing or not a number: the guest wrote it)."""
+    if field not in detail:
+        return pd.Series(np.nan, index=detail.index)
+    return pd.to_numeric(detail[field], errors="coerce")
+
+
+def thresholds(samples: pd.DataFrame, phases: pd.DataFrame, quantile: float) -> pd.DataFrame:
+    """Per cell x guest: the spike threshold and the excess reference, from its undisturbed phases."""
+    calm = phases.loc[phases["mode"] == "none", ["cell", "phase"]]
+    s = samples.merge(calm, on=["cell", "phase"])
+    rows = []
+    for (cell, guest), g in s.groupby(["cell", "guest"], sort=False):
+        ref, q = weighted_quantiles(g["latency_ns"].to_numpy(), g["count"].to_numpy(), [REFERENCE_Q, quantile])
+        rows.append({"cell": cell, "guest": guest, "threshold_ns": max(float(q), OUTLIER_NS), "reference_ns": ref})
+    return pd.DataFrame(rows, columns=["cell", "guest", "threshold_ns", "reference_ns"])
+
+
+def _pairs(events: pd.DataFrame, begin: str, end: str) -> pd.DataFrame:
+    """Begin/end events of one thread paired in order: cell, pid, t0, t1 and both details' fields (a run
+    recorded without thread ids pairs them per cell)."""
+    sides = []
+    for kind in (begin, end):
+        e = events[events["kind"] == kind]
+        d = e[["cell", "t"]].join(_detail(e)) if len(e) else pd.DataFrame(columns=["cell", "t"])
+        d["pid"] = pd.to_numeric(d["pid"], errors="coerce").fillna(-1) if "pid" in d else -1
+        sides.append(d.sort_values("t").assign(n=lambda x: x.groupby(["cell", "pid"]).cumcount()))
+    m = sides[0].merge(sides[1], on=["cell", "pid", "n"], suffixes=("", "_end"))
+    return m[m["t_end"] >= m["t"]].rename(columns={"t": "t0", "t_end": "t1"})
+
+
+def refault_windows(zaps: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
+    """Per probing guest: from each zap's end to the end of the probe pass after the one in progress then (every
+    page touched once more: whatever the zap took, the guest has faulted back by then)."""
+    parts = []
+    for (cell, guest), p in passes.groupby(["cell", "guest"], sort=False):
+        z = zaps[zaps["cell"] == cell]
+        ends = np.sort(p["t"].to_numpy())
+        if z.empty or len(ends) < 2:
+            continue
+        t1 = z["t1"].to_numpy()
+        nxt = np.minimum(np.searchsorted(ends, t1, side="left") + 1, len(ends) - 1)
+        parts.append(pd.DataFrame({"cell": cell, "guest": guest, "cause": ZAP_REFAULT, "t0": t1, "t1": ends[nxt]}))
+    return (
+        pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["cell", "guest", "cause", "t0", "t1"])
+    )
+
+
+def cause_windows(events: pd.DataFrame, counters: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
+    """Every cause event of every cell as a time window (s since the cell's first phase)."""
+    kut = events[events["level"] == "kut"]
+    parts = []
+    zaps = _pairs(kut, "shrink_start", "shrink_end")
+    if "freed" in zaps:
+        zaps = zaps[pd.to_numeric(zaps["freed"], errors="coerce").fillna(0) > 0]
+        parts.append(zaps.assign(guest=None, cause=SHRINKER_ZAP)[WINDOW_COLUMNS])
+    scans = kut[kut["kind"] == "pressure.shrinker_scan"]  # debugfs scan writes call the shrinker without tracepoints
+    if len(scans):
+        took = _number(_detail(scans), "took_s")
+        scans = scans.assign(t0=scans["t"] - took, t1=scans["t"], guest=None, cause=SHRINKER_ZAP).dropna(subset="t0")
+        parts.append(scans[WINDOW_COLUMNS])
+    if parts:
+        refaults = refault_windows(pd.concat(parts), passes)
+        parts.append(refaults[refaults["t1"] > refaults["t0"]])
+    stalls = _pairs(kut, "direct_reclaim_begin", "direct_reclaim_end")
+    if "guest" in stalls:
+        parts.append(stalls.assign(cause=DIRECT_RECLAIM)[WINDOW_COLUMNS])
+    faults = counters[counters["name"].str.startswith("qemu.") & counters["name"].str.endswith(".majflt")]
+    for (cell, name), g in faults.groupby(["cell", "name"], sort=False):
+        g = g.sort_values("t")
+        rose = g["value"].diff().to_numpy() > 0
+        t = g["t"].to_numpy()
+        if rose.any():
+            idx = np.flatnonzero(rose)
+            guest = str(name)[len("qemu.") : -len(".majflt")]
+            parts.append(pd.DataFrame({"cell": cell, "guest": guest, "cause": SWAP_IN, "t0": t[idx - 1], "t1": t[idx]}))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True)[WINDOW_COLUMNS] if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
+
+
+def top_guests(events: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(cell, guest) -> the guest whose QEMU runs it in the kernel under test (itself for an L1; an L2's L1)."""
+    boots = events[(events["kind"] == "boot_start") & (events["level"] == "l1")]
+    return {(c, json.loads(d).get("guest")): g for c, g, d in zip(boots["cell"], boots["guest"], boots["detail"])}
+
+
+def _overlaps(w: pd.DataFrame, a: np.ndarray, b: np.ndarray, slack: np.ndarray) -> np.ndarray:
+    """For each interval [a, b]: does any window of w overlap it, each side widened by slack?"""
+    if w.empty or not len(a):
+        return np.zeros(len(a), bool)
+    w = w.sort_values("t0")
+    starts, ends = w["t0"].to_numpy(), np.maximum.accumulate(w["t1"].to_numpy())
+    idx = np.searchsorted(starts, b + slack, side="right")
+    hit = idx > 0
+    hit[hit] = ends[idx[hit] - 1] >= a[hit] - slack[hit]
+    return hit
+
+
+def find_spikes(
+    frames: dict[str, pd.DataFrame], exp: Experiment, windows: pd.DataFrame, slack_s: dict[tuple[str, str], float]
+) -> pd.DataFrame:
+    """Every spike in the phases with its latency, excess and causes (slack_s: (cell, guest) -> matching window)."""
+    events, phases = frames["events"], frames["phases"]
+    cols = ["variant", "repetition", "cell", "phase", "mode", "level", "guest", "t", "latency_ns", "excess_ns"]
+    cols += [*CAUSES, "causes", "window_ms"]
+    raw = events[events["kind"] == "probe_outlier"]
+    if raw.empty or phases.empty:
+        return pd.DataFrame(columns=cols)
+    raw = raw.assign(latency_ns=_number(_detail(raw), "latency_ns")).dropna(subset="latency_ns")
+    raw = raw.merge(thresholds(frames["samples"], phases, exp.attribution.spike_quantile), on=["cell", "guest"])
+    raw = raw[raw["latency_ns"] > raw["threshold_ns"]]
+    out = []
+    top = top_guests(events)
+    default = exp.attribution.unmeasured_window_ms / 1e3
+    for cell, g in raw.groupby("cell", sort=False):
+        cell = str(cell)
+        ph = phases[phases["cell"] == cell].sort_values("t_start")
+        i = np.searchsorted(ph["t_start"].to_numpy(), g["t"].to_numpy(), side="right") - 1
+        inside = (i >= 0) & (g["t"].to_numpy() < ph["t_end"].to_numpy()[np.maximum(i, 0)])
+        g = g[inside].assign(phase=ph["phase"].to_numpy()[i[inside]], mode=ph["mode"].to_numpy()[i[inside]])
+        g = g[~g["phase"].isin(OUTSIDE)]
+        if g.empty:
+            continue
+        end = g["t"].to_numpy()
+        begin = end - g["latency_ns"].to_numpy() / 1e9
+        slack = np.array([slack_s.get((cell, guest), default) for guest in g["guest"]])
+        w = windows[windows["cell"] == cell]
+        hits = {SHRINKER_ZAP: _overlaps(w[w["cause"] == SHRINKER_ZAP], begin, end, slack)}
+        own = g["guest"].to_numpy()
+        owner = np.array([top.get((cell, guest), guest) for guest in own])  # whose QEMU runs it
+        for cause, by in ((ZAP_REFAULT, own), (SWAP_IN, owner), (DIRECT_RECLAIM, owner)):
+            hit = np.zeros(len(g), bool)
+            for who in set(by):
+                mine = by == who
+                hit[mine] = _overlaps(
+                    w[(w["cause"] == cause) & (w["guest"] == who)], begin[mine], end[mine], slack[mine]
+                )
+            hits[cause] = hit
+        g = g.assign(excess_ns=(g["latency_ns"] - g["reference_ns"]).clip(lower=0), window_ms=slack * 1e3, **hits)
+        out.append(g)
+    if not out:
+        return pd.DataFrame(columns=cols)
+    s = pd.concat(out, ignore_index=True)
+    s["causes"] = ["+".join(c for c, on in zip(CAUSES, row) if on) or NONE_FOUND for row in s[list(CAUSES)].to_numpy()]
+    return s[cols]
+
+
+def _split(spikes: pd.DataFrame) -> pd.DataFrame:
+    """Each spike's excess split equally among its causes (all to `none found` where it has none): long rows."""
+    n = spikes[list(CAUSES)].sum(axis=1).to_numpy()
+    parts = []
+    for cause in SHARES:
+        has = spikes[cause].to_numpy() if cause != NONE_FOUND else n == 0
+        share = np.where(has, spikes["excess_ns"].to_numpy() / np.maximum(n, 1), 0.0)
+        parts.append(spikes.assign(cause=cause, has=has, excess_ms=share / 1e6))
+    return pd.concat(parts, ignore_index=True)
+
+
+def by_repetition(spikes: pd.DataFrame, phases: pd.DataFrame, levels: list[str]) -> pd.DataFrame:
+    """Excess (ms) and spikes per variant x repetition x phase x level x cause; every phase a repetition ran
+    has a row per level and cause, 0 where it had no spike."""
+    keys = ["variant", "repetition", "phase", "level", "cause"]
+    grid = phases[["variant", "repetition", "phase", "mode"]].drop_duplicates()
+    grid = grid.merge(pd.DataFrame({"level": pd.Series(levels, dtype=object)}), how="cross")
+    grid = grid.merge(pd.DataFrame({"cause": SHARES}), how="cross")
+    if spikes.empty:
+        return grid.assign(spikes=0, excess_ms=0.0)
+    long = _split(spikes)
+    agg = long.groupby(keys, sort=False).agg(spikes=("has", "sum"), excess_ms=("excess_ms", "sum")).reset_index()
+    out = grid.merge(agg, on=keys, how="left")
+    return out.fillna({"spikes": 0, "excess_ms": 0.0}).astype({"spikes": int})
+
+
+def summary_table(reps: pd.DataFrame, spikes: pd.DataFrame) -> pd.DataFrame:
+    """Per variant x phase x level x cause: spikes that had the cause (all_spikes: of any cause), excess (ms,
+    summed over repetitions) and its share of the row's excess."""
+    keys = ["variant", "phase", "mode", "level"]
+    t = reps.groupby([*keys, "cause"], sort=False).agg(
+        repetitions=("repetition", "nunique"), spikes=("spikes", "sum"), excess_ms=("excess_ms", "sum")
+    )
+    t = t.reset_index()
+    keys4 = ["variant", "repetition", "phase", "level"]
+    counted = reps[keys4].drop_duplicates().astype({"level": object}).merge(spikes[keys4].astype({"level": object}))
+    n = counted.groupby(["variant", "phase", "level"]).size().rename("all_spikes").reset_index()
+    t = t.merge(n, on=["variant", "phase", "level"], how="left").fillna({"all_spikes": 0}).astype({"all_spikes": int})
+    total = t.groupby(keys, sort=False)["excess_ms"].transform("sum")
+    return t.assign(share=np.where(total > 0, t["excess_ms"] / total.where(total > 0, 1), np.nan))
+
+
+ZAPPING_ROW, TOTAL_ROW = "zapping", "total"  # ab rows beside the causes: shrinker-zap + zap-refault, and all
+
+
+def ab_decomposition(reps: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataFrame:
+    """Per other variant x phase x level: mean excess per repetition, baseline minus variant, per cause, for
+    zapping (its two causes) and in total, with each one's share of the total difference; bootstrap CIs over
+    repetitions (none with fewer than 2 repetitions a side)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    groups = [(c, [i]) for i, c in enumerate(SHARES)]
+    groups += [(ZAPPING_ROW, [SHARES.index(c) for c in ZAPPING]), (TOTAL_ROW, list(range(len(SHARES))))]
+    for (phase, level), g in reps.groupby(["phase", "level"], sort=False):
+        piv = g.pivot_table(index=["variant", "repetition"], columns="cause", values="excess_ms", aggfunc="sum")
+        piv = piv.reindex(columns=list(SHARES), fill_value=0.0)
+        if baseline not in piv.index.get_level_values(0):
+            continue
+        a = piv.loc[baseline].to_numpy()
+        for variant in dict.fromkeys(g["variant"]):
+            if variant == baseline:
+                continue
+            b = piv.loc[variant].to_numpy()
+            ia = rng.integers(0, len(a), size=(N_BOOT, len(a)))
+            ib = rng.integers(0, len(b), size=(N_BOOT, len(b)))
+            boot = a[ia].mean(axis=1) - b[ib].mean(axis=1)  # N_BOOT x cause
+            total, boot_total = a.mean(axis=0).sum() - b.mean(axis=0).sum(), boot.sum(axis=1)
+            ci = min(len(a), len(b)) >= 2
+            for name, cols in groups:
+                d = float(a[:, cols].sum(axis=1).mean() - b[:, cols].sum(axis=1).mean())
+                bd = boot[:, cols].sum(axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    bs = bd / boot_total
+                bs = bs[np.isfinite(bs) & (boot_total > 0)]
+                rows.append(
+                    {
+                        "variant": variant,
+                        "phase": phase,
+                        "mode": g["mode"].iloc[0],
+                        "level": level,
+                        "cause": name,
+                        "baseline_excess_ms": float(a[:, cols].sum(axis=1).mean()),
+                        "variant_excess_ms": float(b[:, cols].sum(axis=1).mean()),
+                        "diff_ms": d,
+                        "diff_ci_lo": float(np.quantile(bd, 0.025)) if ci else np.nan,
+                        "diff_ci_hi": float(np.quantile(bd, 0.975)) if ci else np.nan,
+                        "share_of_diff": d / total if total > 0 else np.nan,
+                        "share_ci_lo": float(np.quantile(bs, 0.025)) if ci and total > 0 and len(bs) else np.nan,
+                        "share_ci_hi": float(np.quantile(bs, 0.975)) if ci and total > 0 and len(bs) else np.nan,
+                        "n_baseline": len(a),
+                        "n_variant": len(b),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def matching_windows(clocks: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(cell, guest) -> seconds: the worst measured uncertainty of the guest's clock against the kernel under
+    test's in that cell (guests without a measurement get the configured window)."""
+    c = clocks.dropna(subset=["uncertainty_kut_ms"])
+    worst = c.groupby(["cell", "guest"])["uncertainty_kut_ms"].max() / 1e3
+    return {(str(k[0]), str(k[1])): float(v) for k, v in zip(worst.index, worst.to_numpy())}
+
+
+def clock_summary(clocks: pd.DataFrame) -> pd.DataFrame:
+    """Per level below the kernel under test: measurements, worst uncertainty and offset range against it (ms)."""
+    c = clocks.dropna(subset=["uncertainty_kut_ms"])
+    return (
+        c.groupby("level", sort=False)
+        .agg(
+            samples=("t", "size"),
+            worst_uncertainty_ms=("uncertainty_kut_ms", "max"),
+            offset_min_ms=("offset_kut_ms", "min"),
+            offset_max_ms=("offset_kut_ms", "max"),
+        )
+        .reset_index()
+    )
+
+
+def attribute(frames: dict[str, pd.DataFrame], exp: Experiment, baseline: str) -> Attribution:
+    """Spikes, their causes, and the tables: from the run's tables alone."""
+    windows = cause_windows(frames["events"], frames["counters"], frames["passes"])
+    spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]))
+    levels = list(dict.fromkeys(frames["samples"]["level"])) if len(frames["samples"]) else []
+    phases = frames["phases"].merge(frames["cells"].loc[frames["cells"]["status"] == "complete", ["cell"]], on="cell")
+    reps = by_repetition(spikes, phases, levels)
+    return Attribution(spikes, windows, summary_table(reps, spikes), reps, ab_decomposition(reps, baseline))
