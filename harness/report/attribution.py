@@ -102,9 +102,7 @@ def refault_windows(zaps: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
         t1 = z["t1"].to_numpy()
         nxt = np.minimum(np.searchsorted(ends, t1, side="left") + 1, len(ends) - 1)
         parts.append(pd.DataFrame({"cell": cell, "guest": guest, "cause": ZAP_REFAULT, "t0": t1, "t1": ends[nxt]}))
-    return (
-        pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["cell", "guest", "cause", "t0", "t1"])
-    )
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
 
 
 def cause_windows(events: pd.DataFrame, counters: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
