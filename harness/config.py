@@ -325,7 +325,17 @@ class Phase(Strict):
 
 class Sampler(Strict):
     interval_s: float = Field(0.5, gt=0)
-    trace_shrinker: bool = Field(True, description="count vmscan/mm_shrink_slab_start events of the KVM shrinker")
+    trace_shrinker: bool = Field(
+        True,
+        description="record cause events: the KVM shrinker's calls and guests' direct reclaim (vmscan "
+        "tracepoints), each VM's shadow-page zap steps",
+    )
+    zap_interval_s: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="how often each VM's shadow-page zap counters are read (steps go to the events table as vm_zap)",
+    )
 
 
 class Attribution(Strict):

@@ -3,7 +3,8 @@
   samples   one row per latency histogram bin per interval: variant, repetition, cell, level,
             guest, phase, t (s since the cell's first phase), latency_ns (bin middle), lo_ns,
             hi_ns, count
-  passes    one row per probe pass over the working set (its duration)
+  passes    one row per probe pass over the working set (its duration; the guest's major faults and steal
+            time in it, as the guest's own kernel counts them)
   counters  variant, repetition, cell, source, name, t, value (sampler, kernel under test)
   phases    cell, variant, repetition, phase, mode, t_start, t_end
   events    boots, pressure steps, shrinker invocations, guest deaths: cell, guest, kind, t, detail
@@ -33,7 +34,7 @@ from .util import GuestFileError, read_guest_file, warn
 _CELL = ["variant", "repetition", "cell"]
 COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
     "samples": _CELL + ["level", "guest", "phase", "t", "latency_ns", "lo_ns", "hi_ns", "count", "interval"],
-    "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms"],
+    "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms", "majflt", "steal_ms"],
     "counters": _CELL + ["source", "name", "t", "value"],
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
     "events": _CELL + ["level", "guest", "kind", "t", "detail"],
@@ -159,11 +160,33 @@ def _guest_dirs(cell_dir: Path, problems: Problems) -> list[tuple[str, str, Path
     return out
 
 
-def _phase_of(t: float, phases: list[dict]) -> str:
-    for p in phases:
-        if p["t_start"] <= t < p["t_end"]:
-            return p["phase"]
-    return "pre" if phases and t < phases[0]["t_start"] else "post"
+@dataclass
+class PhaseSpans:
+    """A cell's phases in time order (s since its first phase): which one a time falls in."""
+
+    names: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def of(cls, phases: pd.DataFrame | list[dict]) -> PhaseSpans:
+        df = pd.DataFrame(phases, columns=COLUMNS["phases"]).sort_values("t_start")
+        return cls(df["phase"].to_numpy(object), df["t_start"].to_numpy(float), df["t_end"].to_numpy(float))
+
+    def index(self, t: np.ndarray) -> np.ndarray:
+        """The phase each time falls in, -1 where none (before, between or after them)."""
+        t = np.asarray(t, float)
+        if not len(self.starts):
+            return np.full(t.shape, -1)
+        i = np.searchsorted(self.starts, t, side="right") - 1
+        return np.where((i >= 0) & (t < self.ends[np.maximum(i, 0)]), i, -1)
+
+    def name_at(self, t: float) -> str:
+        """The phase's name, or "pre" before the first and "post" anywhere after it outside a phase."""
+        i = int(self.index(np.array([t]))[0])
+        if i >= 0:
+            return str(self.names[i])
+        return "pre" if len(self.starts) and t < self.starts[0] else "post"
 
 
 def _rows(records: list[dict], to_rows, problems: Problems, path: Path, cell_dir: Path) -> list[tuple[str, dict]]:
@@ -179,7 +202,12 @@ def _rows(records: list[dict], to_rows, problems: Problems, path: Path, cell_dir
     return out
 
 
-def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
+def _number(v) -> float:
+    """A number a guest wrote, or NaN (missing, null, or not a number)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+
+
+def _converters(g: dict, base: dict, sec, phases: PhaseSpans) -> dict:
     """For each file a guest writes: record -> [(table, row)], for guest g (its level and name in `g`)."""
 
     def event(e: dict) -> list[tuple[str, dict]]:
@@ -200,7 +228,7 @@ def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
         out: list[tuple[str, dict]] = []
         if rec["type"] == "hist":
             tm = sec((rec["t0"] + rec["t1"]) / 2)
-            phase = _phase_of(tm, phases)
+            phase = phases.name_at(tm)
             for k, n in rec["counts"].items():
                 lo, hi = bucket_bounds(int(k))
                 out.append(
@@ -233,8 +261,10 @@ def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
                         **g,
                         "pass": rec["pass"],
                         "t": sec(rec["t1"]),
-                        "phase": _phase_of(sec(rec["t0"]), phases),
+                        "phase": phases.name_at(sec(rec["t0"])),
                         "duration_ms": (rec["t1"] - rec["t0"]) / 1e6,
+                        "majflt": _number(rec.get("majflt")),
+                        "steal_ms": _number(rec.get("steal_ms")),
                     },
                 )
             )
@@ -251,6 +281,7 @@ def _converters(g: dict, base: dict, sec, phases: list[dict]) -> dict:
         "events.jsonl": event,
         "pressure.jsonl": pressure,
         "shrinker.jsonl": shrinker,
+        "zaps.jsonl": shrinker,
         "probe.jsonl": probe,
         "counters.jsonl": counters,
     }
@@ -280,6 +311,7 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
     ]
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     rows["phases"] = phases
+    spans = PhaseSpans.of(phases)
     clocks: dict[Path, GuestClock] = {}
     names: dict[Path, str] = {}
     for guest, level, d in sorted(_guest_dirs(cell_dir, problems), key=lambda x: len(x[2].parts)):
@@ -305,7 +337,7 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
         def on_kut_clock(ns: float, clock: GuestClock = mine) -> float:
             return sec(ns - clock.offset_at(ns))
 
-        for file, to_rows in _converters(g, base, on_kut_clock, phases).items():
+        for file, to_rows in _converters(g, base, on_kut_clock, spans).items():
             path = d / file
             for table, row in _rows(guest_records(path, problems, cell_dir), to_rows, problems, path, cell_dir):
                 rows[table].append(row)

@@ -158,7 +158,11 @@ def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: 
             memcg_limit_mb=pr.memcg_limit_mb,
             memcg_hog_mb=pr.memcg_hog_mb,
         ),
-        sampler=SamplerSpec(interval_s=exp.sampler.interval_s, trace_shrinker=exp.sampler.trace_shrinker),
+        sampler=SamplerSpec(
+            interval_s=exp.sampler.interval_s,
+            trace_shrinker=exp.sampler.trace_shrinker,
+            zap_interval_s=exp.sampler.zap_interval_s,
+        ),
         warm_timeout_s=warm_timeout_s,
         expected_probes=expected_probes,
     )

@@ -71,6 +71,9 @@ class Run:
         self.event(cell, "kut", "kut", "direct_reclaim_begin", t0, pid=pid, guest=guest)
         self.event(cell, "kut", "kut", "direct_reclaim_end", t1, pid=pid, guest=guest, nr_reclaimed=3)
 
+    def vm_zap(self, cell, guest, t, since_s, zapped):
+        self.event(cell, "kut", "kut", "vm_zap", t, guest=guest, zapped=zapped, recycled=0, since_ns=since_s * 1e9)
+
     def majflt(self, cell, guest, points):
         variant, rep = cell.split(".r")
         for t, v in points:
@@ -93,7 +96,8 @@ class Run:
 def spikes_of(run, **kw):
     frames = run.frames()
     windows = at.cause_windows(frames["events"], frames["counters"], frames["passes"])
-    return at.find_spikes(frames, EXP, windows, kw.get("slack", {})).set_index("t")
+    vm_zaps = at.vm_zap_steps(frames["events"])
+    return at.find_spikes(frames, EXP, windows, kw.get("slack", {}), vm_zaps).set_index("t")
 
 
 def test_each_spike_gets_the_causes_it_overlaps_and_none_found_otherwise():
@@ -120,6 +124,23 @@ def test_each_spike_gets_the_causes_it_overlaps_and_none_found_otherwise():
     assert 16.0 not in s.index
     assert (s["phase"] == "global").all()
     assert s.loc[11.060, "excess_ns"] == pytest.approx(30e6 - 20_000)
+
+
+def test_a_spike_says_whether_its_own_vm_lost_shadow_pages_meanwhile():
+    run = Run()
+    c = run.cell("baseline", 1, l2=True)
+    run.zap(c, 11.000, 11.300)
+    run.vm_zap(c, "l1-0", 11.200, 0.1, zapped=40)  # the L1's VM lost 40 shadow pages in (11.1, 11.2]
+    run.vm_zap(c, "other", 12.100, 0.1, zapped=9)  # another VM's step
+    run.spike(c, 11.150, 20)  # L1, began 11.130: inside its VM's step
+    run.spike(c, 11.160, 20, guest="l2-0", level="l2")  # L2 runs in the L1's VM
+    run.spike(c, 11.290, 5)  # the call still ran, but this VM's step had passed: another VM's pages
+    run.spike(c, 12.080, 5)  # only another VM zapped
+    s = spikes_of(run)
+    assert list(s.loc[[11.150, 11.160, 11.290, 12.080], "own_vm_zapped"]) == [True, True, False, False]
+    assert (s.loc[[11.150, 11.290], "causes"] == at.SHRINKER_ZAP).all()  # the cause is the call, per-VM or not
+    steps = at.vm_zap_steps(run.frames()["events"])
+    assert list(steps["zapped"]) == [40, 9] and steps["t0"].iloc[0] == pytest.approx(11.1)
 
 
 def test_the_matching_window_is_the_clock_uncertainty():

@@ -3,10 +3,13 @@ prints them, and this host's own /proc."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 import time
 
+from harness.guest import sampler
 from harness.guest.sampler import qemu_counters, qemu_guests, trace_record
 
 GUESTS = {340: "l1-0"}
@@ -53,3 +56,28 @@ def test_a_guests_qemu_is_found_by_its_name_and_its_faults_and_swap_are_read():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_each_vms_zap_steps_are_logged_with_its_guest_and_interval(tmp_path, monkeypatch):
+    """A VM's debugfs directory is <QEMU pid>-<fd>: a rise of its counters is one step of that guest; a VM whose
+    QEMU is no guest of ours, and a read with no rise, log nothing."""
+    monkeypatch.setattr(sampler, "KVM", str(tmp_path))
+    ours, theirs = tmp_path / "340-11", tmp_path / "999-12"
+    for vm in (ours, theirs):
+        vm.mkdir()
+        (vm / "mmu_shadow_zapped").write_text("5\n")
+        (vm / "mmu_recycled").write_text("0\n")
+    out, stop = tmp_path / "zaps.jsonl", threading.Event()
+    follower = threading.Thread(target=sampler.follow_vm_zaps, args=(str(out), GUESTS, 0.02, stop))
+    follower.start()
+    time.sleep(0.2)
+    for vm in (ours, theirs):
+        (vm / "mmu_shadow_zapped").write_text("45\n")
+        (vm / "mmu_recycled").write_text("3\n")
+    time.sleep(0.2)
+    stop.set()
+    follower.join(5)
+    steps = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["guest"] == "l1-0" and steps[0]["kind"] == "vm_zap"
+    f = steps[0]["fields"]
+    assert f["zapped"] == 40 and f["recycled"] == 3 and 0 < f["since_ns"] < 0.15e9

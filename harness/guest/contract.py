@@ -183,12 +183,13 @@ class PressureJob(Record):
 class SamplerSpec(Record):
     interval_s: float
     trace_shrinker: bool
+    zap_interval_s: float = 0.1
 
 
 @dataclass
 class SamplerJob(Record):
     spec: SamplerSpec
-    out: str  # the directory its counters.jsonl and shrinker.jsonl go to
+    out: str  # the directory its counters.jsonl, shrinker.jsonl and zaps.jsonl go to
 
 
 @dataclass

@@ -7,6 +7,10 @@ samples for a few minutes would be tens of millions of rows. Instead every inter
 raw (time, latency) pair so that single spikes keep their exact timestamps (from the second
 pass on: the first pass populates the working set, every touch of it is a fault).
 
+Each pass record also carries the guest's own view of that pass, read between passes (never inside the
+timed loop): its kernel's major faults (/proc/vmstat pgmajfault) and the steal time of its vCPUs
+(/proc/stat; what its hypervisor took, where the hypervisor reports it).
+
 Resolution and overhead are measured at start and written in the header: the clock's
 resolution (time.perf_counter_ns, CLOCK_MONOTONIC) and the cost of one timed loop
 iteration with no memory touch, which is the floor under every sample.
@@ -109,6 +113,23 @@ class Writer:
         self.f.close()
 
 
+USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def guest_view() -> tuple[int, float]:
+    """(this kernel's major faults so far, its vCPUs' steal time so far in ms); -1 / nan where unreadable."""
+    majflt, steal = -1, math.nan
+    try:
+        with open("/proc/vmstat") as f:
+            majflt = next((int(line.split()[1]) for line in f if line.startswith("pgmajfault ")), -1)
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+        steal = int(fields[8]) * 1000 / USER_HZ if fields[0] == "cpu" and len(fields) > 8 else math.nan
+    except (OSError, ValueError, IndexError):
+        pass
+    return majflt, steal
+
+
 def run(job: ProbeJob) -> None:
     spec = job.spec
     size = spec.size_mb << 20
@@ -145,6 +166,7 @@ def run(job: ProbeJob) -> None:
     # interval boundaries on the monotonic clock, reported on the wall clock
     mono0, wall0 = clock(), wall()
     t_int = mono0
+    seen = guest_view()
     try:
         while not os.path.exists(job.stop):
             p_start = clock()
@@ -183,6 +205,7 @@ def run(job: ProbeJob) -> None:
                     t_int = now
                     prev = clock()  # handing the record over is not the guest's latency
             passes += 1
+            now_view = guest_view()
             out(
                 {
                     "type": "pass",
@@ -190,8 +213,11 @@ def run(job: ProbeJob) -> None:
                     "t1": prev - mono0 + wall0,
                     "pass": passes,
                     "touches": len(offsets),
+                    "majflt": now_view[0] - seen[0] if min(now_view[0], seen[0]) >= 0 else None,
+                    "steal_ms": now_view[1] - seen[1],
                 }
             )
+            seen = now_view
             with open(job.status + ".tmp", "w") as f:
                 json.dump({"passes": passes, "t": wall()}, f)
             os.replace(job.status + ".tmp", job.status)

@@ -12,6 +12,10 @@ With trace_shrinker, a thread follows vmscan tracepoints in a private tracefs in
 events, timestamped, to shrinker.jsonl: every call of the KVM shrinker (mmu_shrink_scan: begin and
 end, with the objects it was asked for and freed, and who called it), and every direct reclaim stall
 of a guest's QEMU (begin and end, with the thread, its guest and the pages reclaimed).
+
+With it, a second thread reads each VM's shadow-page zap counters (mmu_shadow_zapped, mmu_recycled) every
+zap_interval_s and logs every step, with its guest and the interval it fell in, to zaps.jsonl: which
+VM lost shadow pages when, at that resolution, whoever zapped them.
 """
 
 from __future__ import annotations
@@ -231,6 +235,37 @@ def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event) -
                 break
 
 
+ZAP_KEYS = {"mmu_shadow_zapped": "zapped", "mmu_recycled": "recycled"}
+
+
+def vm_zap_counts() -> dict[int, dict[str, int]]:
+    """QEMU process id -> its VM's zap counters (a VM's debugfs directory is named <pid>-<fd>)."""
+    out: dict[int, dict[str, int]] = {}
+    for vm in glob.glob(f"{KVM}/*-*/"):
+        pid = os.path.basename(vm.rstrip("/")).split("-", 1)[0]
+        counts = {key: int(s) for name, key in ZAP_KEYS.items() if (s := read(vm + name)) is not None}
+        if pid.isdigit() and counts:
+            out[int(pid)] = counts
+    return out
+
+
+def follow_vm_zaps(out_path: str, guests: dict[int, str], interval_s: float, stop: threading.Event) -> None:
+    """Log each step of a VM's zap counters: {"t", "kind": "vm_zap", "guest", "fields": {zapped, recycled,
+    since_ns}} - the counts that rose in (t - since_ns, t]."""
+    last: dict[int, tuple[int, dict[str, int]]] = {}
+    with open(out_path, "a", buffering=1) as out:
+        while not stop.is_set():
+            t = time.time_ns()
+            for pid, counts in vm_zap_counts().items():
+                t_prev, before = last.get(pid, (t, counts))
+                rose = {k: counts[k] - before.get(k, counts[k]) for k in counts}
+                if any(v > 0 for v in rose.values()) and pid in guests:
+                    rec = {"t": t, "kind": "vm_zap", "guest": guests[pid], "fields": {**rose, "since_ns": t - t_prev}}
+                    out.write(json.dumps(rec) + "\n")
+                last[pid] = (t, counts)
+            stop.wait(max(0.0, interval_s - (time.time_ns() - t) / 1e9))
+
+
 def main(job: SamplerJob) -> None:
     if (refused := lock_in_memory()) is not None:
         print(f"sampler: not locked in memory: {refused}", file=sys.stderr)
@@ -240,6 +275,11 @@ def main(job: SamplerJob) -> None:
     if job.spec.trace_shrinker:
         threading.Thread(
             target=follow_trace, args=(os.path.join(job.out, "shrinker.jsonl"), guests, stop), daemon=True
+        ).start()
+        threading.Thread(
+            target=follow_vm_zaps,
+            args=(os.path.join(job.out, "zaps.jsonl"), guests, job.spec.zap_interval_s, stop),
+            daemon=True,
         ).start()
     interval = job.spec.interval_s
     with open(os.path.join(job.out, "counters.jsonl"), "a", buffering=1) as out:

@@ -28,12 +28,14 @@ __all__ = ["Report", "analyze", "compare_runs", "generate", "shrinker_evidence",
 class Report:
     run_dir: Path
     manifest: Manifest
+    experiment: Experiment  # the manifest's expanded config, validated once
     complete: bool
     cells: pd.DataFrame  # one row per cell of the matrix, with its status
     ab: pd.DataFrame  # verdict rows: phase x level x metric, patched against baseline
     evidence: pd.DataFrame  # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
     summary: pd.DataFrame  # latency percentiles per variant x phase x level
     health: pd.DataFrame  # boot, warm-up and cell times per variant x level (health.health_table)
+    guest_view: pd.DataFrame  # major faults and steal the guests' own kernels saw, per variant x phase x level
     attribution: Attribution  # spikes, their causes, excess by cause (attribution.attribute)
     undelivered: dict[tuple[str, str], str]  # (variant, phase) -> why its pressure was not delivered
     unmeasured: list[str]  # variants of the plan without a single latency sample
@@ -81,6 +83,7 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     records = {c.id: r for c in manifest.cells if (r := cell_record(run_dir, c.id)) is not None}
     health_rows = health.health_table(frames, records, manifest.baseline)
     attr = attribute(frames, exp, manifest.baseline)
+    guest_view = stats.guest_view(frames["passes"])
     for name, df in (("spikes", attr.spikes), ("attribution", attr.table)):
         df.to_parquet(run_dir / "tables" / f"{name}.parquet", index=False)
     for name, df in (
@@ -89,6 +92,7 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
         ("evidence", evidence),
         ("repetition_metrics", metrics),
         ("health", health_rows),
+        ("guest_view", guest_view),
         ("spikes", attr.spikes),
         ("attribution", attr.table),
         ("attribution_ab", attr.ab),
@@ -97,12 +101,14 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Report:
     return Report(
         run_dir,
         manifest,
+        exp,
         manifest.status == "complete" and bool((cells["status"] == "complete").all()),
         cells,
         ab,
         evidence,
         summary,
         health_rows,
+        guest_view,
         attr,
         not_delivered,
         unmeasured,
@@ -168,6 +174,14 @@ def _markdown(r: Report) -> str:
             "",
             *evidence_summary(r.evidence, m.baseline),
             "",
+            "## The guests' own view",
+            "",
+            "What each guest's kernel counted during the probe's passes: its major faults (its own swap and "
+            "file reads: none expected) and its vCPUs' steal time (what its hypervisor reports taking from them; "
+            "under TCG, QEMU reports it too).",
+            "",
+            render.guest_view_markdown(r.guest_view),
+            "",
             "## Attribution: what each spike overlapped",
             "",
             _attribution_method(r),
@@ -205,7 +219,7 @@ def _markdown(r: Report) -> str:
 
 
 def _attribution_method(r: Report) -> str:
-    a = Experiment.model_validate(r.manifest.expanded).attribution
+    a = r.experiment.attribution
     windows = r.attribution.spikes["window_ms"]
     return (
         f"A spike is a touch above its guest's p{a.spike_quantile * 100:g} of the undisturbed phases of the same "

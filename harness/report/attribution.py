@@ -11,6 +11,9 @@
                    swap; resolution: the sampler's interval).
   `zap-refault`    after such a call, until the guest's probe has touched every page once more (to the end of
                    the pass after the one in progress): the guest rebuilding the shadow pages the call zapped,
+  Beside the causes, each spike says whether its own VM in the kernel under test (an L2's: its L1's) lost shadow
+  pages while it lasted (`own_vm_zapped`: a step of that VM's mmu_shadow_zapped/mmu_recycled, read every
+  sampler.zap_interval_s) - the per-VM view of a shrinker call, which may have zapped another VM.
   A spike matches a cause whose window overlaps it within the matching window: the worst measured uncertainty
   of the guest's clock against the kernel under test's in that cell (results.py has the timestamps corrected
   by the measured offsets already); `none found` when nothing does. One spike may have several.
@@ -31,7 +34,8 @@ import pandas as pd
 
 from ..config import Experiment
 from ..guest.probe import OUTLIER_NS
-from ..stats import OUTSIDE, weighted_quantiles
+from ..results import PhaseSpans
+from ..stats import weighted_quantiles
 
 SHRINKER_ZAP, ZAP_REFAULT = "shrinker-zap", "zap-refault"
 SWAP_IN, DIRECT_RECLAIM, NONE_FOUND = "swap-in", "direct-reclaim", "none found"
@@ -52,6 +56,7 @@ class Attribution:
     table: pd.DataFrame  # per variant x phase x level x cause: spikes and excess
     by_repetition: pd.DataFrame  # excess per variant x repetition x phase x level x cause (0 filled)
     ab: pd.DataFrame  # per other variant x phase x level x cause: the difference and its share, with CIs
+    vm_zaps: pd.DataFrame  # one row per step of a VM's zap counters: cell, guest (its L1), t0, t1, zapped, recycled
 
 
 def _detail(df: pd.DataFrame) -> pd.DataFrame:
@@ -137,6 +142,26 @@ def cause_windows(events: pd.DataFrame, counters: pd.DataFrame, passes: pd.DataF
     return pd.concat(parts, ignore_index=True)[WINDOW_COLUMNS] if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
 
 
+VM_ZAP_COLUMNS = ["cell", "guest", "t0", "t1", "zapped", "recycled"]
+
+
+def vm_zap_steps(events: pd.DataFrame) -> pd.DataFrame:
+    """The sampler's per-VM zap steps: the interval each fell in, and the shadow pages zapped and recycled."""
+    z = events[(events["level"] == "kut") & (events["kind"] == "vm_zap")]
+    if z.empty:
+        return pd.DataFrame(columns=VM_ZAP_COLUMNS)
+    d = _detail(z)
+    guest = d["guest"].astype(str) if "guest" in d else pd.Series("", index=z.index)
+    out = z.assign(
+        guest=guest,
+        t0=z["t"] - _number(d, "since_ns").fillna(0) / 1e9,
+        t1=z["t"],
+        zapped=_number(d, "zapped").fillna(0),
+        recycled=_number(d, "recycled").fillna(0),
+    )
+    return out[VM_ZAP_COLUMNS].reset_index(drop=True)
+
+
 def top_guests(events: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(cell, guest) -> the guest whose QEMU runs it in the kernel under test (itself for an L1; an L2's L1)."""
     boots = events[(events["kind"] == "boot_start") & (events["level"] == "l1")]
@@ -156,12 +181,17 @@ def _overlaps(w: pd.DataFrame, a: np.ndarray, b: np.ndarray, slack: np.ndarray) 
 
 
 def find_spikes(
-    frames: dict[str, pd.DataFrame], exp: Experiment, windows: pd.DataFrame, slack_s: dict[tuple[str, str], float]
+    frames: dict[str, pd.DataFrame],
+    exp: Experiment,
+    windows: pd.DataFrame,
+    slack_s: dict[tuple[str, str], float],
+    vm_zaps: pd.DataFrame,
 ) -> pd.DataFrame:
-    """Every spike in the phases with its latency, excess and causes (slack_s: (cell, guest) -> matching window)."""
+    """Every spike in the phases with its latency, excess, causes and whether its own VM lost shadow pages
+    meanwhile (slack_s: (cell, guest) -> matching window)."""
     events, phases = frames["events"], frames["phases"]
     cols = ["variant", "repetition", "cell", "phase", "mode", "level", "guest", "t", "latency_ns", "excess_ns"]
-    cols += [*CAUSES, "causes", "window_ms"]
+    cols += [*CAUSES, "causes", "own_vm_zapped", "window_ms"]
     raw = events[events["kind"] == "probe_outlier"]
     if raw.empty or phases.empty:
         return pd.DataFrame(columns=cols)
@@ -174,10 +204,9 @@ def find_spikes(
     for cell, g in raw.groupby("cell", sort=False):
         cell = str(cell)
         ph = phases[phases["cell"] == cell].sort_values("t_start")
-        i = np.searchsorted(ph["t_start"].to_numpy(), g["t"].to_numpy(), side="right") - 1
-        inside = (i >= 0) & (g["t"].to_numpy() < ph["t_end"].to_numpy()[np.maximum(i, 0)])
+        i = PhaseSpans.of(ph).index(g["t"].to_numpy())
+        inside = i >= 0
         g = g[inside].assign(phase=ph["phase"].to_numpy()[i[inside]], mode=ph["mode"].to_numpy()[i[inside]])
-        g = g[~g["phase"].isin(OUTSIDE)]
         if g.empty:
             continue
         end = g["t"].to_numpy()
@@ -195,7 +224,17 @@ def find_spikes(
                     w[(w["cause"] == cause) & (w["guest"] == who)], begin[mine], end[mine], slack[mine]
                 )
             hits[cause] = hit
-        g = g.assign(excess_ns=(g["latency_ns"] - g["reference_ns"]).clip(lower=0), window_ms=slack * 1e3, **hits)
+        zapped = np.zeros(len(g), bool)
+        for who in set(owner):
+            mine = owner == who
+            steps = vm_zaps[(vm_zaps["cell"] == cell) & (vm_zaps["guest"] == who)]
+            zapped[mine] = _overlaps(steps, begin[mine], end[mine], slack[mine])
+        g = g.assign(
+            excess_ns=(g["latency_ns"] - g["reference_ns"]).clip(lower=0),
+            window_ms=slack * 1e3,
+            own_vm_zapped=zapped,
+            **hits,
+        )
         out.append(g)
     if not out:
         return pd.DataFrame(columns=cols)
@@ -326,8 +365,9 @@ def clock_summary(clocks: pd.DataFrame) -> pd.DataFrame:
 def attribute(frames: dict[str, pd.DataFrame], exp: Experiment, baseline: str) -> Attribution:
     """Spikes, their causes, and the tables: from the run's tables alone."""
     windows = cause_windows(frames["events"], frames["counters"], frames["passes"])
-    spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]))
+    vm_zaps = vm_zap_steps(frames["events"])
+    spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]), vm_zaps)
     levels = list(dict.fromkeys(frames["samples"]["level"])) if len(frames["samples"]) else []
     phases = frames["phases"].merge(frames["cells"].loc[frames["cells"]["status"] == "complete", ["cell"]], on="cell")
     reps = by_repetition(spikes, phases, levels)
-    return Attribution(spikes, windows, summary_table(reps, spikes), reps, ab_decomposition(reps, baseline))
+    return Attribution(spikes, windows, summary_table(reps, spikes), reps, ab_decomposition(reps, baseline), vm_zaps)

@@ -310,8 +310,15 @@ def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, rep
                     (y - 0.4, 0.8),
                     color=CAUSE_COLORS[cause],
                 )
-            bottom.set_yticks(range(len(attribution.CAUSES)), attribution.CAUSES, fontsize=7)
-            bottom.set_ylim(-0.6, len(attribution.CAUSES) - 0.4)
+            steps = attr.vm_zaps[attr.vm_zaps["cell"] == cell]
+            lanes = [*attribution.CAUSES, "VM zap steps"]
+            bottom.broken_barh(
+                list(zip(steps["t0"], (steps["t1"] - steps["t0"]).clip(lower=0.05))),
+                (len(lanes) - 1.4, 0.8),
+                color="dimgray",
+            )
+            bottom.set_yticks(range(len(lanes)), lanes, fontsize=7)
+            bottom.set_ylim(-0.6, len(lanes) - 0.4)
             bottom.set_xlim(top.get_xlim())
             bottom.set_xlabel("time since first phase (s)", fontsize=8)
             if not _has_shrinker(frames, cell):
@@ -325,7 +332,10 @@ def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, rep
                     va="center",
                 )
     which = f"repetition {repetition}" if repetition is not None else "every repetition"
-    what = f"latency spikes by the cause they overlapped (bars: the causes; swap-in per sampler interval), {which}"
+    what = (
+        "latency spikes by the cause they overlapped (bars: the causes, swap-in per sampler interval; "
+        f"each VM's zap counter steps), {which}"
+    )
     fig.suptitle(_title(manifest, what), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -21,6 +21,11 @@ def fmt(v, nd: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{nd}f}"
 
 
+def fmt_p(p) -> str:
+    """A p-value to three places; below 0.001 it says so instead of printing 0."""
+    return fmt(p, 3) if not (isinstance(p, float) and p < 0.001) else "<0.001"
+
+
 def table(rows: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, tablefmt="pipe")
 
@@ -43,8 +48,9 @@ def verdict_markdown(ab: pd.DataFrame) -> str:
                 "baseline": mean_sd(r["baseline_mean"], r["baseline_sd_pct"]),
                 "variant's": mean_sd(r["patched_mean"], r["patched_sd_pct"]),
                 "%change [95% CI]": f"{fmt(r['change_pct'])}% [{fmt(r['change_ci_lo'])}, {fmt(r['change_ci_hi'])}]",
-                "MWU p": fmt(r["mwu_p"], 3),
-                "Welch p": fmt(r["welch_p"], 3),
+                "Welch p (logs)": fmt_p(r["welch_p"]),
+                "MWU p": fmt_p(r["mwu_p"]),
+                "detects a fall of": f"{fmt(r['detectable_pct'], 0)}%",
                 "verdict": f"**{r['verdict']}**" + (f" ({r['reason']})" if r["reason"] else ""),
             }
             for _, r in ab.iterrows()
@@ -76,6 +82,14 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             for _, r in summary.iterrows()
         ]
     )
+
+
+def guest_view_markdown(view: pd.DataFrame) -> str:
+    if view.empty:
+        return "_no probe passes_"
+    two = {"majflt_per_pass": "major faults / pass", "steal_ms_per_s": "steal (ms/s)"}
+    shown = view.assign(**{k: view[k].map(lambda v: fmt(v, 2)) for k in two}).rename(columns=two)
+    return shown.to_markdown(index=False, tablefmt="pipe")
 
 
 def delivery_markdown(evidence: pd.DataFrame) -> str:
@@ -165,16 +179,19 @@ def attribution_markdown(table_: pd.DataFrame) -> str:
     keys = ["variant", "phase", "level"]
     for (variant, phase, level), g in table_.groupby(keys, sort=False):
         by = g.set_index("cause")
-        reps = int(by["repetitions"].max())
+        reps = max(int(by["repetitions"].max()), 1)
         total = by["excess_ms"].sum()
         rows.append(
             {
                 "variant": variant,
                 "phase": phase,
                 "level": level,
-                "spikes / rep": fmt(by["all_spikes"].iloc[0] / max(reps, 1), 0),
-                "excess ms / rep": fmt(total / max(reps, 1), 0),
-                **{f"{c}: spikes, share": f"{int(by.loc[c, 'spikes'])}, {_pct(by.loc[c, 'share'])}" for c in by.index},
+                "spikes / rep": fmt(by["all_spikes"].iloc[0] / reps, 0),
+                "excess ms / rep": fmt(total / reps, 0),
+                **{
+                    f"{c}: spikes / rep, share": f"{fmt(by.loc[c, 'spikes'] / reps, 0)}, {_pct(by.loc[c, 'share'])}"
+                    for c in by.index
+                },
             }
         )
     return table(rows)
