@@ -13,9 +13,9 @@ events, timestamped, to shrinker.jsonl: every call of the KVM shrinker (mmu_shri
 end, with the objects it was asked for and freed, and who called it), and every direct reclaim stall
 of a guest's QEMU (begin and end, with the thread, its guest and the pages reclaimed).
 
-With it, a second thread reads each VM's shadow-page zap counters (mmu_shadow_zapped, mmu_recycled) every
-zap_interval_s and logs every step, with its guest and the interval it fell in, to zaps.jsonl: which
-VM lost shadow pages when, at that resolution, whoever zapped them.
+With it (and zap_interval_s > 0), a second thread reads each VM's shadow-page zap counters
+(mmu_shadow_zapped, mmu_recycled) every zap_interval_s and logs every step, with its guest and the
+interval it fell in, to zaps.jsonl: which VM lost shadow pages when, at that resolution, whoever zapped them.
 """
 
 from __future__ import annotations
@@ -276,6 +276,7 @@ def main(job: SamplerJob) -> None:
         threading.Thread(
             target=follow_trace, args=(os.path.join(job.out, "shrinker.jsonl"), guests, stop), daemon=True
         ).start()
+    if job.spec.trace_shrinker and job.spec.zap_interval_s > 0:
         threading.Thread(
             target=follow_vm_zaps,
             args=(os.path.join(job.out, "zaps.jsonl"), guests, job.spec.zap_interval_s, stop),

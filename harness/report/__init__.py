@@ -229,7 +229,12 @@ def _attribution_method(r: Report) -> str:
         "probe has touched every page once more (`zap-refault`), a direct-reclaim stall of the guest's "
         "QEMU (`direct-reclaim`), a rise of that QEMU's major faults within the sampler's interval (`swap-in`); "
         "`none found` when none overlaps. A spike with several causes has its excess split equally among them. "
-        f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
+        + (
+            f"`own_vm_zapped`: its VM lost shadow pages while it lasted (zap counters every {zap:g} s). "
+            if (zap := r.experiment.sampler.zap_interval_s) and r.experiment.sampler.trace_shrinker
+            else "`own_vm_zapped` is not recorded in this run (sampler.zap_interval_s 0): all false. "
+        )
+        + f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
         "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"
         + render.clocks_line(clock_summary(r.frames["clocks"]), a.unmeasured_window_ms)
     )
