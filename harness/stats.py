@@ -225,14 +225,13 @@ def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
     c.mwu_p = float(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
     diff, se, df = welch_log(np.log(a), np.log(b))
     if se == 0:  # both sides constant: identical means no change, different means a certain one
-        c.welch_p, c.change_ci_lo, c.change_ci_hi = (1.0 if diff == 0 else 0.0), diff, diff
+        c.welch_p, half = (1.0 if diff == 0 else 0.0), 0.0
     else:
-        half = float(sps.t.ppf(1 - ALPHA / 2, df)) * se
+        critical = float(sps.t.ppf(1 - ALPHA / 2, df))
+        half = critical * se
         c.welch_p = float(2 * sps.t.sf(abs(diff) / se, df))
-        c.change_ci_lo, c.change_ci_hi = diff - half, diff + half
-        c.detectable_pct = float((1 - np.exp(-(sps.t.ppf(1 - ALPHA / 2, df) + sps.t.ppf(POWER, df)) * se)) * 100)
-    c.change_pct = float(np.expm1(diff) * 100)
-    c.change_ci_lo, c.change_ci_hi = float(np.expm1(c.change_ci_lo) * 100), float(np.expm1(c.change_ci_hi) * 100)
+        c.detectable_pct = float(-np.expm1(-(critical + sps.t.ppf(POWER, df)) * se) * 100)
+    c.change_pct, c.change_ci_lo, c.change_ci_hi = (float(np.expm1(x) * 100) for x in (diff, diff - half, diff + half))
     return c
 
 

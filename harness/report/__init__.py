@@ -232,7 +232,8 @@ def _attribution_method(r: Report) -> str:
         + (
             f"`own_vm_zapped`: its VM lost shadow pages while it lasted (zap counters every {zap:g} s). "
             if (zap := r.experiment.sampler.zap_interval_s) and r.experiment.sampler.trace_shrinker
-            else "`own_vm_zapped` is not recorded in this run (sampler.zap_interval_s 0): all false. "
+            else "`own_vm_zapped` is not recorded in this run (sampler.zap_interval_s 0 or trace_shrinker off): "
+            "all false. "
         )
         + f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
         "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"

@@ -180,6 +180,17 @@ def _overlaps(w: pd.DataFrame, a: np.ndarray, b: np.ndarray, slack: np.ndarray) 
     return hit
 
 
+def _overlaps_per_guest(
+    w: pd.DataFrame, who: np.ndarray, a: np.ndarray, b: np.ndarray, slack: np.ndarray
+) -> np.ndarray:
+    """_overlaps, each interval against the windows of its own guest (who: the guest of each interval)."""
+    hit = np.zeros(len(who), bool)
+    for guest in set(who):
+        mine = who == guest
+        hit[mine] = _overlaps(w[w["guest"] == guest], a[mine], b[mine], slack[mine])
+    return hit
+
+
 def find_spikes(
     frames: dict[str, pd.DataFrame],
     exp: Experiment,
@@ -217,18 +228,8 @@ def find_spikes(
         own = g["guest"].to_numpy()
         owner = np.array([top.get((cell, guest), guest) for guest in own])  # whose QEMU runs it
         for cause, by in ((ZAP_REFAULT, own), (SWAP_IN, owner), (DIRECT_RECLAIM, owner)):
-            hit = np.zeros(len(g), bool)
-            for who in set(by):
-                mine = by == who
-                hit[mine] = _overlaps(
-                    w[(w["cause"] == cause) & (w["guest"] == who)], begin[mine], end[mine], slack[mine]
-                )
-            hits[cause] = hit
-        zapped = np.zeros(len(g), bool)
-        for who in set(owner):
-            mine = owner == who
-            steps = vm_zaps[(vm_zaps["cell"] == cell) & (vm_zaps["guest"] == who)]
-            zapped[mine] = _overlaps(steps, begin[mine], end[mine], slack[mine])
+            hits[cause] = _overlaps_per_guest(w[w["cause"] == cause], by, begin, end, slack)
+        zapped = _overlaps_per_guest(vm_zaps[vm_zaps["cell"] == cell], owner, begin, end, slack)
         g = g.assign(
             excess_ns=(g["latency_ns"] - g["reference_ns"]).clip(lower=0),
             window_ms=slack * 1e3,
