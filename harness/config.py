@@ -328,14 +328,15 @@ class Sampler(Strict):
     trace_shrinker: bool = Field(
         True,
         description="record cause events: the KVM shrinker's calls and guests' direct reclaim (vmscan "
-        "tracepoints), each VM's shadow-page zap steps",
+        "tracepoints), and read each VM's shadow-page zap counters whenever the shrinker ran",
     )
     zap_interval_s: float = Field(
         0.1,
         ge=0,
         le=1,
-        description="how often each VM's shadow-page zap counters are read (steps go to the events table as "
-        "vm_zap); 0: not at all (nested under TCG: the polling slows L2 - see the README)",
+        description="after the shrinker's calls each VM's shadow-page zap counters are read, at most this often "
+        "(not polled: nothing is read between its calls); each rise goes to the events table as vm_zap; 0: with "
+        "the next sample",
     )
 
 

@@ -25,9 +25,18 @@ from .util import hash_file, run
 KVM_DIRS = ("arch/x86/kvm", "virt/kvm")
 KVM_MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
 # what every level needs before its agent runs: the root share (9p or virtiofs), the results export (9p),
-# the swap disk (virtio-blk), and kvm.ko's one dependency outside KVM
-# the root share, the export, the swap disk, the clock port (guest/clock.py), and what KVM imports
-BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtiofs", "virtio_blk", "virtio_console", "irqbypass")
+# the swap disk (virtio-blk), the clock port and the KVM PTP clock (guest/clock.py; ptp_kvm loads only where
+# the parent's KVM pairs clocks), and kvm.ko's one dependency outside KVM
+BOOT_MODULES = (
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "virtiofs",
+    "virtio_blk",
+    "virtio_console",
+    "ptp_kvm",
+    "irqbypass",
+)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
     "events": _CELL + ["level", "guest", "kind", "t", "detail"],
     "clocks": _CELL
-    + ["level", "guest", "parent", "t", "offset_ms", "uncertainty_ms", "offset_kut_ms", "uncertainty_kut_ms"],
+    + ["level", "guest", "parent", "method", "t", "offset_ms", "uncertainty_ms", "offset_kut_ms", "uncertainty_kut_ms"],
     "cells": [
         "cell",
         "variant",
@@ -326,6 +326,7 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
                 {
                     **g,
                     "parent": "host" if parent is None else names[parent],
+                    "method": c.method,
                     "t": sec(c.t if kut else mine.t[i]),
                     "offset_ms": c.offset_ns / 1e6,
                     "uncertainty_ms": c.uncertainty_ns / 1e6,

@@ -15,11 +15,16 @@ from harness.guest import clock
 
 
 def serving(fd: int, now=time.time_ns) -> None:
-    """The guest's side in a thread of the test: it ends, like the agent's, when the parent's side is gone."""
+    """The guest's side in a thread of the test: it ends, like the agent's, when the parent's side is gone. On a
+    descriptor of its own: the test's socket object may be collected first, and its number reused by the next
+    test's socket, which this thread would then answer."""
+    own = os.dup(fd)
     try:
-        clock.serve(fd, now)
+        clock.serve(own, now)
     except OSError:
         pass
+    finally:
+        os.close(own)
 
 
 def ahead(seconds: float):
@@ -78,14 +83,14 @@ def watched(tmp_path, guest, period_s: float) -> tuple[clock.Watch, Path]:
     server.listen(1)
     threading.Thread(target=lambda: guest(server.accept()[0]), daemon=True).start()
     out = tmp_path / "clock.jsonl"
-    watch = clock.Watch(path, str(out), period_s=period_s)
+    watch = clock.Watch.port(path, str(out), period_s=period_s)
     watch.start()
     return watch, out
 
 
 def test_watch_measures_at_start_periodically_and_at_stop_into_clock_jsonl(tmp_path):
     """The parent's Watch against a guest whose clock is 1.5 s behind."""
-    watch, out = watched(tmp_path, lambda conn: serving(os.dup(conn.fileno()), ahead(-1.5)), 0.2)
+    watch, out = watched(tmp_path, lambda conn: serving(conn.fileno(), ahead(-1.5)), 0.2)
     time.sleep(0.5)
     watch.stop()
     samples = [json.loads(line) for line in out.read_text().splitlines()]
@@ -94,7 +99,7 @@ def test_watch_measures_at_start_periodically_and_at_stop_into_clock_jsonl(tmp_p
 
 def test_watch_says_why_when_it_never_measured(tmp_path):
     out = tmp_path / "clock.jsonl"
-    watch = clock.Watch(str(tmp_path / "nothing-listens"), str(out))
+    watch = clock.Watch.port(str(tmp_path / "nothing-listens"), str(out))
     watch.start()
     watch.stop()
     assert "error" in json.loads(out.read_text())
@@ -128,7 +133,7 @@ def test_a_burst_the_guest_misses_is_said_and_measuring_goes_on(tmp_path, monkey
     def guest(conn) -> None:
         while silent.is_set():
             conn.recv(4096)  # requests read and left unanswered
-        serving(os.dup(conn.fileno()))
+        serving(conn.fileno())
 
     watch, out = watched(tmp_path, guest, 0.3)
     time.sleep(0.2)
@@ -137,3 +142,67 @@ def test_a_burst_the_guest_misses_is_said_and_measuring_goes_on(tmp_path, monkey
     watch.stop()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert "error" in records[0] and any("offset_ns" in r for r in records[1:])
+
+
+def ptp_stamps(offset_ns: int, brackets: list[tuple[int, int]], t0: int = 10**18) -> list[int]:
+    """PTP_SYS_OFFSET's answer for a guest offset_ns ahead of its parent: for each sample (before, after), the ns
+    from the guest's reading before to the parent's and from the parent's to the guest's after."""
+    stamps, now = [t0], t0
+    for before, after in brackets:
+        now += before
+        stamps.append(now - offset_ns)  # the parent's clock
+        now += after
+        stamps.append(now)
+    return stamps
+
+
+def test_a_ptp_reading_bounds_the_offset_by_the_narrowest_brackets():
+    """Each parent reading lies between the guest readings around it; the bounds of all samples hold at once,
+    so the fastest way in and the fastest way out may come from different samples."""
+    stamps = ptp_stamps(-3_000_000, [(40_000, 90_000), (70_000, 20_000), (50_000, 50_000)])
+    lo, hi, shortest, t = clock.offset_bounds(stamps)
+    assert lo <= -3_000_000 <= hi and (lo, hi) == (-3_000_000 - 40_000, -3_000_000 + 20_000)
+    assert shortest == 90_000 and t in stamps[1::2]
+
+
+def test_ptp_measure_states_the_offset_and_an_inconsistent_reading_is_refused(monkeypatch):
+    ptp = object.__new__(clock.Ptp)  # no device here: its stamps are given
+    ptp.samples = 3
+    monkeypatch.setattr(ptp, "stamps", lambda: ptp_stamps(5_000_000_000, [(30_000, 30_000)] * 3), raising=False)
+    s = ptp.measure()
+    assert abs(s.offset_ns - 5e9) <= s.uncertainty_ns <= 30_000 and s.method == clock.PTP_KVM
+    stepped = ptp_stamps(0, [(30_000, 30_000)] * 2)
+    stepped[3] += 10**9  # the parent's clock jumped a second between two samples
+    monkeypatch.setattr(ptp, "stamps", lambda: stepped, raising=False)
+    with pytest.raises(ValueError, match="do not meet"):
+        ptp.measure()
+
+
+def test_the_ptp_ioctl_is_the_kernels():
+    """_IOW('=', 5, struct ptp_sys_offset) as include/uapi/linux/ptp_clock.h defines it (832 bytes)."""
+    assert clock.PTP_SYS_OFFSET_SIZE == 832 and clock.PTP_SYS_OFFSET == 0x43403D05
+
+
+def test_without_a_kvm_ptp_clock_the_guest_leaves_its_clock_to_its_parent(tmp_path, monkeypatch):
+    monkeypatch.setattr(clock, "find_ptp", lambda: None)
+    watch, why = clock.own_clock(str(tmp_path / "clock.jsonl"))
+    assert watch is None and "ptp_kvm" in why and not (tmp_path / "clock.jsonl").exists()
+
+
+@pytest.mark.parametrize("method, watched", [(clock.PTP_KVM, False), (clock.VIRTIO_SERIAL, True), (None, True)])
+def test_the_parent_measures_a_guest_unless_it_says_it_measures_itself(tmp_path, method, watched):
+    """ready.json is the guest's word (untrusted): ptp_kvm there and the parent leaves the clock port alone;
+    anything else and it measures over the port (here nothing listens: the watch says so in clock.jsonl)."""
+    from harness.guest.supervise import Child
+
+    export = tmp_path / "export"
+    child = Child("g", ["sleep", "30"], str(export), str(tmp_path / "console.log"), clock=str(tmp_path / "none"))
+    child.start()
+    try:
+        said = {"t": 1, "uptime_s": 2.5} | ({clock.READY_METHOD: method} if method else {})
+        (export / "ready.json").write_text(json.dumps(said))
+        child.wait_ready(10)
+        assert child.kernel_ready_s == 2.5 and (child.clock is not None) == watched
+    finally:
+        child.stop()
+    assert (export / "clock.jsonl").exists() == watched

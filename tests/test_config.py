@@ -285,6 +285,13 @@ PRIVATE_72 = Qemu(
 )
 
 
+def level_argvs(kut, l1, l2_argv) -> list[tuple[str, list[str]]]:
+    """Each level's QEMU argv of a nested plan, by level."""
+    from harness.qemu import qemu_argv
+
+    return [("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", l2_argv)]
+
+
 def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
     """build_plan for a nested cell with a kernel and paths that need not exist."""
     from harness.qemu import build_plan
@@ -338,9 +345,12 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     # what backs each level's guests' RAM: 4 KiB in the kernel under test, 2 MiB pages in L1 (configured)
     thp = {
         name: a[a.index("-append") + 1].split("transparent_hugepage=")[1].split()[0]
-        for name, a in (("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", argv))
+        for name, a in level_argvs(kut, l1, argv)
     }
     assert thp == {"kut": "never", "l1": "always", "l2": "never"}
+    # a level with guests keeps its time on the TSC, so that its KVM pairs clocks with theirs (ptp_kvm); L2 has none
+    tsc = {name: "clocksource=tsc tsc=reliable" in a[a.index("-append") + 1] for name, a in level_argvs(kut, l1, argv)}
+    assert tsc == {"kut": True, "l1": True, "l2": False}
     # one QEMU at every level, a private tree with its firmware directory and its module directory
     for a in (qemu_argv(kut), l1.argv, argv):
         a = a[a.index("--") + 1 :] if "--exec" in a else a  # 9p: QEMU after the view's helper
@@ -349,6 +359,20 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     # the plan crosses into the guest as JSON and comes back the same, typed
     assert GuestPlan.from_dict(json.loads(plan.to_json())) == plan
     assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE  # L1 and L2
+
+
+def test_only_a_level_with_guests_is_told_to_keep_its_time_on_the_tsc(tmp_path):
+    """Shadow topology: the kernel under test has guests (its L1s pair their clocks with it by ptp_kvm), an L1
+    has none and keeps its default clocksource."""
+    from harness.qemu import build_plan, qemu_argv
+
+    exp = load("shrinker-ab", ["topology.kind=shadow"]).experiment
+    decision = TopologyDecision("shadow", PRIVATE_72, [])
+    kut, plan = build_plan(exp, "/k/bzImage", "tcg", decision, "9p", tmp_path / "cell", tmp_path, "run",
+                           "/usr/bin/python3", 240, None)  # fmt: skip
+    kut_argv, l1_argv = qemu_argv(kut), plan.children[0].argv
+    assert "clocksource=tsc tsc=reliable" in kut_argv[kut_argv.index("-append") + 1]
+    assert "clocksource=" not in l1_argv[l1_argv.index("-append") + 1]
 
 
 def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):

@@ -214,6 +214,9 @@ def test_the_distro_kernel_boots_our_modules_and_the_patch_takes_effect(distro_b
     assert (ev["delivery"] == "delivered").all(), ev[["delivery", "delivery_reason"]]
     first_screen = (run / "report.md").read_text().split("## Verdict")[0]
     assert f"{image.release} ({image.package_version}) with KVM modules built" in first_screen
+    clocks = report.frames["clocks"]  # the image's ptp_kvm, from the boot archive: L1 measures itself
+    assert set(clocks.loc[clocks["level"] == "l1", "method"]) == {"ptp_kvm"}
+    assert clocks["uncertainty_kut_ms"].max() <= 1.0
 
 
 @pytest.mark.kernel

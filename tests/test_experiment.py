@@ -129,16 +129,26 @@ def test_spikes_coincide_with_shrinker_zapping_only_where_it_ran_and_mostly_wher
     assert scan.loc[["shrinker-zap", "zap-refault"], "share"].sum() > 0.5
 
 
-def test_each_vms_shadow_page_zaps_are_stepped_at_a_tenth_of_a_second(e2e):
-    """The sampler reads every VM's zap counters each 0.1 s: on the baseline's shrinker-scan the L1's VM lost
-    shadow pages in steps of about that length, and the baseline's spikes say when their own VM was zapped."""
+def test_each_vms_shadow_page_zaps_are_stepped_when_the_shrinker_runs_not_polled(e2e):
+    """Each VM's zap counters are read within 0.1 s after a shrinker call - never polled. On the baseline the L1's
+    VM lost shadow pages in steps of about 0.1 s while the shrinker ran (global: after its calls; shrinker-scan:
+    around each debugfs write); the patched kernel, which has no shrinker, has no step at all; and the baseline's
+    spikes say when their own VM was zapped."""
     a = analyze(e2e["run_dir"]).attribution
     ph = e2e["frames"]["phases"].set_index(["cell", "phase"])
-    t0, t1 = ph.loc[("baseline.r1", "shrinker-scan"), ["t_start", "t_end"]]
-    z = a.vm_zaps[a.vm_zaps["cell"] == "baseline.r1"]
-    scan = z[(z["t1"] > t0) & (z["t0"] < t1)]
-    assert scan["zapped"].sum() > 0 and set(scan["guest"]) == {"l1-0"}
-    assert (z["t1"] - z["t0"]).median() <= 0.15
+    z = a.vm_zaps.assign(window=a.vm_zaps["t1"] - a.vm_zaps["t0"])
+
+    def during(cell: str, phase: str):
+        t0, t1 = ph.loc[(cell, phase), ["t_start", "t_end"]]
+        mine = z[z["cell"] == cell]
+        return mine[(mine["t1"] > t0) & (mine["t0"] < t1)]
+
+    for phase in ("global", "shrinker-scan"):
+        steps = during("baseline.r1", phase)
+        print(phase, steps.to_string())
+        assert steps["recycled"].sum() > 0 and set(steps["guest"]) == {"l1-0"}
+        assert steps.loc[steps["recycled"] > 0, "window"].median() <= 0.15
+    assert z[z["cell"] == "patched.r1"].empty  # its VM's counters rose too (74 zapped in one run), for other reasons
     s = a.spikes[a.spikes["cell"] == "baseline.r1"]
     assert s["own_vm_zapped"].any()  # (under global and shrinker-scan; here: 64 and 2 spikes)
 
@@ -153,17 +163,18 @@ def test_each_pass_carries_the_guests_own_view(e2e):
     assert len(view) == 2 * 7 and view["majflt_per_pass"].notna().all()
 
 
-def test_l1s_clock_is_measured_against_the_kernel_under_test_to_about_a_millisecond(e2e):
-    """Measured by round trips all along (at start, every 10 s, at the end), under pressure too; the goal is
-    <= 1 ms: the median measurement reaches it, 95 % are within 1.5 ms, none is off by more than 5 ms. (Measured
-    here: medians 0.74-0.91 ms; in busy stretches a burst's best round trip grows and some reach 1.0-1.16 ms.)"""
+def test_l1s_clock_is_measured_against_the_kernel_under_test_within_a_millisecond(e2e):
+    """L1 measures its own clock by ptp_kvm (the kernel under test's time by hypercall, between two readings of its
+    own) all along - at start, every 10 s, at the end, under pressure too -; the kernel under test, whose host is
+    TCG, by round trips from the host. The goal, <= 1 ms, holds for every measurement. (Measured here: L1 median
+    0.017-0.025 ms, worst 0.032 ms; by round trips it was 0.74-0.91 ms median, 1.16 ms worst.)"""
     c = e2e["frames"]["clocks"]
     l1 = c[c["level"] == "l1"]
     print(l1.to_string())
     for cell in ("baseline.r1", "patched.r1"):
         assert len(l1[l1["cell"] == cell]) >= 5 and len(c[(c["cell"] == cell) & (c["level"] == "kut")]) >= 5
-    u = l1["uncertainty_kut_ms"]
-    assert u.median() <= 1.0 and u.quantile(0.95) <= 1.5 and u.max() < 5
+    assert set(l1["method"]) == {"ptp_kvm"} and set(c.loc[c["level"] == "kut", "method"]) == {"virtio-serial"}
+    assert l1["uncertainty_kut_ms"].max() <= 1.0
 
 
 def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):

@@ -106,13 +106,19 @@ def test_report_shows_the_l2_vm_evidence(nested):
     assert "in the VM that runs L2 (l1-0) shadow pages zapped" in md and "Status: complete" in md
 
 
-def test_l2s_clock_is_measured_through_l1_and_its_spikes_are_attributed(nested):
-    """L2's clock against L1's, chained to the kernel under test's: measured (the figures are printed; under TCG
-    an L2 answers through two emulated levels, so its bound is wider than L1's); no zapping on the patched side."""
+def test_l2s_clock_is_measured_through_l1_within_a_millisecond_and_its_spikes_are_attributed(nested):
+    """L2's clock against L1's by ptp_kvm (L1, which keeps its time on the TSC, answers the hypercall), chained
+    to the kernel under test's through L1's own: within 1 ms at every measurement (the figures are printed;
+    measured here: L2 against L1 0.17-0.28 ms, where round trips over its clock port gave 1.4-2.0 ms); no
+    zapping on the patched side."""
     c = nested["frames"]["clocks"]
     l2 = c[c["level"] == "l2"]
-    print(c.groupby("level")[["uncertainty_ms", "uncertainty_kut_ms"]].describe().to_string())
+    print(c.groupby(["level", "method"])[["uncertainty_ms", "uncertainty_kut_ms"]].describe().to_string())
     assert len(l2) >= 4 and (l2["parent"] == "l1-0").all()
-    assert (l2["uncertainty_kut_ms"] >= l2["uncertainty_ms"]).all() and l2["uncertainty_kut_ms"].median() < 50
+    assert set(c.loc[c["level"].isin(["l1", "l2"]), "method"]) == {"ptp_kvm"}
+    assert (l2["uncertainty_kut_ms"] >= l2["uncertainty_ms"]).all() and l2["uncertainty_kut_ms"].max() <= 1.0
     s = analyze(nested["run_dir"]).attribution.spikes
     assert set(s["level"]) == {"l2"} and not (s["shrinker-zap"] | s["zap-refault"])[s["variant"] == "patched"].any()
+    # the VM that runs L2 zapped while L2's spikes lasted: read after the shrinker's calls, never polled
+    own = s.groupby("variant")["own_vm_zapped"].sum()
+    assert own.get("baseline", 0) > 0 and own.get("patched", 0) == 0

@@ -3,6 +3,7 @@ prints them, and this host's own /proc."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -58,26 +59,64 @@ def test_a_guests_qemu_is_found_by_its_name_and_its_faults_and_swap_are_read():
         proc.wait()
 
 
-def test_each_vms_zap_steps_are_logged_with_its_guest_and_interval(tmp_path, monkeypatch):
-    """A VM's debugfs directory is <QEMU pid>-<fd>: a rise of its counters is one step of that guest; a VM whose
-    QEMU is no guest of ours, and a read with no rise, log nothing."""
+def fake_vms(tmp_path, monkeypatch, zapped: int, recycled: int):
+    """Two VMs in a made-up debugfs: ours (QEMU 340, a guest) and one whose QEMU is no guest of ours."""
     monkeypatch.setattr(sampler, "KVM", str(tmp_path))
-    ours, theirs = tmp_path / "340-11", tmp_path / "999-12"
-    for vm in (ours, theirs):
-        vm.mkdir()
-        (vm / "mmu_shadow_zapped").write_text("5\n")
-        (vm / "mmu_recycled").write_text("0\n")
-    out, stop = tmp_path / "zaps.jsonl", threading.Event()
-    follower = threading.Thread(target=sampler.follow_vm_zaps, args=(str(out), GUESTS, 0.02, stop))
-    follower.start()
-    time.sleep(0.2)
-    for vm in (ours, theirs):
-        (vm / "mmu_shadow_zapped").write_text("45\n")
-        (vm / "mmu_recycled").write_text("3\n")
-    time.sleep(0.2)
-    stop.set()
-    follower.join(5)
+    for vm in (tmp_path / "340-11", tmp_path / "999-12"):
+        vm.mkdir(exist_ok=True)
+        (vm / "mmu_shadow_zapped").write_text(f"{zapped}\n")
+        (vm / "mmu_recycled").write_text(f"{recycled}\n")
+
+
+def test_each_vms_zap_steps_are_logged_with_its_guest_and_interval(tmp_path, monkeypatch):
+    """A VM's debugfs directory is <QEMU pid>-<fd>: a rise of its counters between two reads, with a shrinker call
+    in between, is one step of that guest over the interval between the reads; a VM whose QEMU is no guest of
+    ours, a VM seen for the first time, a read with no rise and a rise without a shrinker call log nothing."""
+    fake_vms(tmp_path, monkeypatch, 5, 0)
+    out = tmp_path / "zaps.jsonl"
+    zaps = sampler.ZapFollower(str(out), GUESTS, 0.1)
+    zaps.observe(1_000, sampler.vm_stats())  # first sight
+    zaps.shrinker_ran()
+    zaps.observe(2_000, sampler.vm_stats())  # no rise
+    fake_vms(tmp_path, monkeypatch, 9, 0)
+    zaps.observe(3_000, sampler.vm_stats())  # a rise, no call: a guest's own page-table writes, say
+    fake_vms(tmp_path, monkeypatch, 49, 3)
+    zaps.shrinker_ran()
+    zaps.observe(500_003_000, sampler.vm_stats())
     steps = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(steps) == 1 and steps[0]["guest"] == "l1-0" and steps[0]["kind"] == "vm_zap"
-    f = steps[0]["fields"]
-    assert f["zapped"] == 40 and f["recycled"] == 3 and 0 < f["since_ns"] < 0.15e9
+    assert steps[0]["fields"] == {"zapped": 40, "recycled": 3, "since_ns": 500_000_000}
+    assert steps[0]["t"] == 500_003_000
+
+
+def test_zap_counters_are_read_when_the_shrinker_ran_not_polled(tmp_path, monkeypatch):
+    """Between shrinker calls nothing is read (the samples aside); after one, a read within interval_s; in a burst
+    of calls, no more often than interval_s."""
+    fake_vms(tmp_path, monkeypatch, 5, 0)
+    reads: list[float] = []
+    real = sampler.vm_stats
+
+    def counted() -> dict:
+        reads.append(time.monotonic())
+        return real()
+
+    monkeypatch.setattr(sampler, "vm_stats", counted)
+    out, stop = tmp_path / "zaps.jsonl", threading.Event()
+    zaps = sampler.ZapFollower(str(out), GUESTS, 0.1)
+    zaps.observe(time.time_ns(), real())  # a sample's read
+    thread = threading.Thread(target=zaps.run, args=(stop,))
+    thread.start()
+    time.sleep(0.4)
+    assert reads == []  # the shrinker did not run: no read
+    fake_vms(tmp_path, monkeypatch, 45, 3)
+    t0 = time.monotonic()
+    for _ in range(50):  # a burst of calls over 0.5 s
+        zaps.shrinker_ran()
+        time.sleep(0.01)
+    time.sleep(0.3)
+    stop.set()
+    thread.join(5)
+    assert reads and reads[0] - t0 < 0.15 and 3 <= len(reads) <= 8
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(reads))
+    steps = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["fields"]["zapped"] == 40

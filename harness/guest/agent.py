@@ -25,7 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from clock import serve_port
+from clock import PTP_KVM, READY_METHOD, VIRTIO_SERIAL, own_clock, serve_port
 from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
 from pressure import PreflightError, PressureRun, preflight
 from supervise import Child, lock_in_memory, read, stop_all, tail
@@ -446,6 +446,7 @@ def main() -> int:
     kind, error, message = ExitKind.OK, None, None
     kids: list[Child] = []
     probe = sampler = None
+    own = None  # the Watch of this guest's own clock (ptp_kvm), when it has one
     try:
         plan = GuestPlan.load(os.path.join(OUT, "plan.json"))
         set_clock(ev)
@@ -454,8 +455,11 @@ def main() -> int:
         time.sleep(0.2)  # let the kmsg pump catch up before facts read it
         with open(os.path.join(OUT, "facts.json"), "w") as facts:
             json.dump(level_facts(plan), facts, indent=1)
+        own, how = own_clock(os.path.join(OUT, "clock.jsonl"))  # its parent measures it unless it can do better
+        ev(EventKind.CLOCK, method=PTP_KVM if own else VIRTIO_SERIAL, detail=how)
         with open(os.path.join(OUT, "ready.json"), "w") as ready:
-            json.dump({"t": time.time_ns(), "uptime_s": float(read("/proc/uptime", "0").split()[0])}, ready)
+            uptime = float(read("/proc/uptime", "0").split()[0])
+            json.dump({"t": time.time_ns(), "uptime_s": uptime, READY_METHOD: PTP_KVM if own else VIRTIO_SERIAL}, ready)
         ev(EventKind.READY, guest=plan.name)
         if plan.schedule is not None:
             for note in preflight({phase.mode for phase in plan.schedule.phases}, plan.run_id):
@@ -483,6 +487,8 @@ def main() -> int:
             finish(kids, probe, sampler, ev)
         except Exception:
             print(traceback.format_exc(), file=sys.stderr)
+        if own is not None:
+            own.stop()  # its last measurement, as a parent's watch takes one when it stops its guest
         stop_all()
         ExitRecord(
             status=0 if kind is ExitKind.OK else 1, kind=kind, error=error, message=message, t=time.time_ns()

@@ -234,13 +234,15 @@ class Schedule(Record):
 class ClockSample(Record):
     """One measurement of a child's clock against its parent's (guest/clock.py), in clock.jsonl of the child's
     export: at t (the parent's CLOCK_REALTIME, ns) the child's clock read offset_ns ahead, give or take
-    uncertainty_ns (what `exchanges` round trips, the shortest round_trip_ns, allow together)."""
+    uncertainty_ns (what `exchanges` round trips, the shortest round_trip_ns, allow together). method: who
+    measured how - the parent over the clock port (virtio-serial) or the child by hypercall (ptp_kvm)."""
 
     t: int
     offset_ns: int
     uncertainty_ns: int
     exchanges: int
     round_trip_ns: int = 0
+    method: str = "virtio-serial"
 
 
 @dataclass

@@ -20,9 +20,9 @@ import subprocess
 import time
 
 try:
-    from .clock import Watch  # imported by the host as harness.guest.*
+    from .clock import PTP_KVM, READY_METHOD, Watch  # imported by the host as harness.guest.*
 except ImportError:  # in a guest: its directory is sys.path[0]
-    from clock import Watch  # type: ignore[no-redef]
+    from clock import PTP_KVM, READY_METHOD, Watch  # type: ignore[no-redef]
 
 PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic", "Attempted to kill init")
 _LIVE: set[Child] = set()
@@ -144,7 +144,8 @@ class Child:
     started first; QEMU starts once its socket exists. monitor: QEMU's human monitor socket (in argv),
     through which a guest that does not come up has its vCPUs' registers saved to hang.txt, and
     system_map: the guest kernel's System.map, to name the function each vCPU is in. clock: the host side of its
-    clock port, where its clock is measured from ready to stop (guest/clock.py). env: added to QEMU's
+    clock port, where its clock is measured from ready to stop (guest/clock.py) - unless the guest's ready.json
+    says it measures its own (ptp_kvm). env: added to QEMU's
     environment (a private QEMU's module directory). view_dir: where a 9p root's view of / was mounted
     (in QEMU's own namespace; here an empty directory), removed at stop. cgroup_procs: the host memory
     group QEMU and the server join (host.MemoryGroup).
@@ -171,7 +172,7 @@ class Child:
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
         self.monitor, self.system_map, self.env = monitor, system_map, env
-        self.clock = Watch(clock, os.path.join(export, "clock.jsonl")) if clock else None
+        self.clock = Watch.port(clock, os.path.join(export, "clock.jsonl")) if clock else None
         self.server: subprocess.Popen | None = None
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
@@ -244,7 +245,10 @@ class Child:
         while time.monotonic() < deadline:
             if os.path.exists(ready):
                 self.ready_s = time.monotonic() - self.started
-                self.kernel_ready_s = self._uptime_at_ready(ready)
+                said = self._ready_record(ready)
+                self.kernel_ready_s = self._number(said, "uptime_s")
+                if self.clock and said.get(READY_METHOD) == PTP_KVM:
+                    self.clock = None  # the guest measures its own clock, more closely than the port could
                 if self.clock:
                     self.clock.start()
                 return self.ready_s
@@ -274,13 +278,24 @@ class Child:
         return "vCPUs at " + ", ".join(rips) + " (hang.txt has their registers)"
 
     @staticmethod
-    def _uptime_at_ready(path: str) -> float | None:
+    def _ready_record(path: str) -> dict:
+        """What the guest said in ready.json (untrusted: {} when it is not a JSON object)."""
         for _ in range(10):  # the file may show up before its content does
             try:
-                return float(json.loads(read(path) or "")["uptime_s"])
-            except (ValueError, KeyError, TypeError):
-                time.sleep(0.1)
-        return None
+                rec = json.loads(read(path) or "")
+                if isinstance(rec, dict):
+                    return rec
+            except ValueError:
+                pass
+            time.sleep(0.1)
+        return {}
+
+    @staticmethod
+    def _number(rec: dict, key: str) -> float | None:
+        try:
+            return float(rec[key])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def wait_exit(self, timeout: float) -> int | None:
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import health, results, stats
-from ..config import Experiment
+from ..config import Experiment, Sampler
 from ..errors import HarnessError
 from ..manifest import Manifest, cell_record
 from . import plots, render
@@ -218,6 +218,23 @@ def _markdown(r: Report) -> str:
     )
 
 
+def _own_vm_zapped_method(sampler: Sampler) -> str:
+    """When this run read each VM's zap counters, i.e. what `own_vm_zapped` can see."""
+    if not sampler.trace_shrinker:
+        when = "around each debugfs scan write only (sampler.trace_shrinker is off: no other call is seen)"
+    elif sampler.zap_interval_s > 0:
+        when = (
+            f"within {sampler.zap_interval_s:g} s after the shrinker's calls (at most that often) and around each "
+            "debugfs scan write"
+        )
+    else:
+        when = (
+            f"with the first sample ({sampler.interval_s:g} s) after the shrinker's calls and around each debugfs "
+            "scan write"
+        )
+    return f"`own_vm_zapped`: its VM lost shadow pages while it lasted (its zap counters read {when}). "
+
+
 def _attribution_method(r: Report) -> str:
     a = r.experiment.attribution
     windows = r.attribution.spikes["window_ms"]
@@ -229,12 +246,7 @@ def _attribution_method(r: Report) -> str:
         "probe has touched every page once more (`zap-refault`), a direct-reclaim stall of the guest's "
         "QEMU (`direct-reclaim`), a rise of that QEMU's major faults within the sampler's interval (`swap-in`); "
         "`none found` when none overlaps. A spike with several causes has its excess split equally among them. "
-        + (
-            f"`own_vm_zapped`: its VM lost shadow pages while it lasted (zap counters every {zap:g} s). "
-            if (zap := r.experiment.sampler.zap_interval_s) and r.experiment.sampler.trace_shrinker
-            else "`own_vm_zapped` is not recorded in this run (sampler.zap_interval_s 0 or trace_shrinker off): "
-            "all false. "
-        )
+        + _own_vm_zapped_method(r.experiment.sampler)
         + f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
         "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"
         + render.clocks_line(clock_summary(r.frames["clocks"]), a.unmeasured_window_ms)

@@ -12,8 +12,9 @@
   `zap-refault`    after such a call, until the guest's probe has touched every page once more (to the end of
                    the pass after the one in progress): the guest rebuilding the shadow pages the call zapped,
   Beside the causes, each spike says whether its own VM in the kernel under test (an L2's: its L1's) lost shadow
-  pages while it lasted (`own_vm_zapped`: a step of that VM's mmu_shadow_zapped/mmu_recycled, read every
-  sampler.zap_interval_s) - the per-VM view of a shrinker call, which may have zapped another VM.
+  pages while it lasted (`own_vm_zapped`: a step of that VM's mmu_shadow_zapped/mmu_recycled, read with every
+  sample and at most every sampler.zap_interval_s while the shrinker runs, and around each debugfs scan write) -
+  the per-VM view of a shrinker call, which may have zapped another VM.
   A spike matches a cause whose window overlaps it within the matching window: the worst measured uncertainty
   of the guest's clock against the kernel under test's in that cell (results.py has the timestamps corrected
   by the measured offsets already); `none found` when nothing does. One spike may have several.
@@ -146,8 +147,9 @@ VM_ZAP_COLUMNS = ["cell", "guest", "t0", "t1", "zapped", "recycled"]
 
 
 def vm_zap_steps(events: pd.DataFrame) -> pd.DataFrame:
-    """The sampler's per-VM zap steps: the interval each fell in, and the shadow pages zapped and recycled."""
-    z = events[(events["level"] == "kut") & (events["kind"] == "vm_zap")]
+    """Per-VM zap steps (the sampler's, and the shrinker-scan actor's around each debugfs write): the interval
+    each fell in, and the shadow pages zapped and recycled."""
+    z = events[(events["level"] == "kut") & events["kind"].isin(["vm_zap", "pressure.vm_zap"])]
     if z.empty:
         return pd.DataFrame(columns=VM_ZAP_COLUMNS)
     d = _detail(z)
@@ -349,12 +351,15 @@ def matching_windows(clocks: pd.DataFrame) -> dict[tuple[str, str], float]:
 
 
 def clock_summary(clocks: pd.DataFrame) -> pd.DataFrame:
-    """Per level below the kernel under test: measurements, worst uncertainty and offset range against it (ms)."""
+    """Per level below the kernel under test: how it was measured, measurements, median and worst uncertainty and
+    offset range against it (ms)."""
     c = clocks.dropna(subset=["uncertainty_kut_ms"])
     return (
         c.groupby("level", sort=False)
         .agg(
+            methods=("method", lambda m: ", ".join(dict.fromkeys(m))),
             samples=("t", "size"),
+            median_uncertainty_ms=("uncertainty_kut_ms", "median"),
             worst_uncertainty_ms=("uncertainty_kut_ms", "max"),
             offset_min_ms=("offset_kut_ms", "min"),
             offset_max_ms=("offset_kut_ms", "max"),

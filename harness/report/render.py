@@ -161,13 +161,17 @@ def clocks_line(summary: pd.DataFrame, unmeasured_ms: float) -> str:
             "by assumption."
         )
     levels = "; ".join(
-        f"{r['level']}: worst ±{fmt(r['worst_uncertainty_ms'], 3)} ms over {r['samples']} measurements "
+        f"{r['level']} ({r['methods']}): median ±{fmt(r['median_uncertainty_ms'], 3)}, worst "
+        f"±{fmt(r['worst_uncertainty_ms'], 3)} ms over {r['samples']} measurements "
         f"(offset {fmt(r['offset_min_ms'], 1)} to {fmt(r['offset_max_ms'], 1)} ms, corrected)"
         for _, r in summary.iterrows()
     )
     return (
-        "**Clocks** against the kernel under test's, measured by round trips over each guest's virtio-serial port "
-        f"at start, every 10 s and at the end: {levels}. Each guest's worst uncertainty is its matching window."
+        "**Clocks** against the kernel under test's, at start, every 10 s and at the end, each guest against its "
+        "parent (an L2's chained through its L1) - by the guest itself with the KVM PTP clock (`ptp_kvm`: its "
+        "parent's time by hypercall, between two readings of its own) where its parent's KVM pairs clocks, else by "
+        f"round trips over its virtio-serial port (`virtio-serial`): {levels}. Each guest's worst uncertainty is "
+        "its matching window."
     )
 
 
