@@ -61,16 +61,21 @@ PTP_SYS_OFFSET_SIZE = 16 + 16 * (2 * PTP_SAMPLES + 1)
 PTP_SYS_OFFSET = (1 << 30) | (PTP_SYS_OFFSET_SIZE << 16) | (ord("=") << 8) | 5
 
 
-def find_port() -> str | None:
-    """The device of the clock port in this guest (/dev/vportNpM), or None where its parent gave none."""
-    for name in glob.glob("/sys/class/virtio-ports/*/name"):
+def device_named(pattern: str, name: str) -> str | None:
+    """/dev/<dir> of the first sysfs directory matching pattern (a glob of name files) whose file says name."""
+    for path in sorted(glob.glob(pattern)):
         try:
-            with open(name) as f:
-                if f.read().strip() == PORT:
-                    return "/dev/" + name.split("/")[-2]
+            with open(path) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + path.split("/")[-2]
         except OSError:
             continue
     return None
+
+
+def find_port() -> str | None:
+    """The device of the clock port in this guest (/dev/vportNpM), or None where its parent gave none."""
+    return device_named("/sys/class/virtio-ports/*/name", PORT)
 
 
 def serve(fd: int, clock=time.time_ns) -> None:
@@ -238,14 +243,7 @@ class Ptp:
 def find_ptp() -> str | None:
     """The device of this guest's KVM virtual PTP clock (/dev/ptpN), or None: no ptp_kvm, or its parent's KVM
     could not pair clocks when it loaded (the device is only made when the first hypercall worked)."""
-    for name in sorted(glob.glob("/sys/class/ptp/ptp*/clock_name")):
-        try:
-            with open(name) as f:
-                if f.read().strip() == PTP_CLOCK_NAME:
-                    return "/dev/" + name.split("/")[-2]
-        except OSError:
-            continue
-    return None
+    return device_named("/sys/class/ptp/ptp*/clock_name", PTP_CLOCK_NAME)
 
 
 class Meter(Protocol):

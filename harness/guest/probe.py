@@ -83,9 +83,11 @@ def permuted(items: list) -> list:
 
 
 class Writer:
-    """Appends records from a thread: the export is 9p (over 9p for L2), where one write can take
-    seconds under TCG; the touch loop must never wait for it. Flushed every record, so a crash
-    loses at most what is still queued."""
+    """Appends records from a thread, and replaces the status file from it: the export is 9p (over 9p
+    for L2), where one write can take seconds under TCG; the touch loop must never wait for it. (It
+    did for the status file, between passes: an L2 once paused 6 s there, and the phase it paused in
+    got one histogram, failing its cell's health check.) Flushed every record, so a crash loses at
+    most what is still queued."""
 
     def __init__(self, path: str):
         self.q: queue.Queue = queue.Queue()
@@ -94,23 +96,42 @@ class Writer:
         self.t.start()
 
     def _run(self) -> None:
-        while (batch := self.q.get()) is not None:
-            lines = [batch]
-            while not self.q.empty():
-                nxt = self.q.get()
-                if nxt is None:
-                    self.f.write("".join(lines))
-                    return
-                lines.append(nxt)
-            self.f.write("".join(lines))
+        lines: list[str] = []
+        while True:
+            item = self.q.get()
+            if isinstance(item, str):
+                lines.append(item)
+                if not self.q.empty():  # more queued: one write for all of it
+                    continue
+            if lines:
+                self.f.write("".join(lines))
+                lines = []
+            if item is None:
+                return
+            if isinstance(item, tuple):
+                try:
+                    replace(*item)
+                except OSError:  # the next pass says it again; the records go on either way
+                    pass
 
     def __call__(self, rec: dict) -> None:
         self.q.put(json.dumps(rec) + "\n")
+
+    def status(self, path: str, rec: dict) -> None:
+        """path replaced by rec as JSON, in order with the records (after those queued before it)."""
+        self.q.put((path, rec))
 
     def close(self) -> None:
         self.q.put(None)
         self.t.join(timeout=30)
         self.f.close()
+
+
+def replace(path: str, rec: dict) -> None:
+    """path holds rec as JSON, whole: written beside it, then renamed over it (a reader never sees half)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(rec, f)
+    os.replace(path + ".tmp", path)
 
 
 USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -218,9 +239,7 @@ def run(job: ProbeJob) -> None:
                 }
             )
             seen = now_view
-            with open(job.status + ".tmp", "w") as f:
-                json.dump({"passes": passes, "t": wall()}, f)
-            os.replace(job.status + ".tmp", job.status)
+            out.status(job.status, {"passes": passes, "t": wall()})
             time.sleep(job.pause_s)
     finally:
         out.close()

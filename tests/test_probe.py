@@ -1,0 +1,37 @@
+"""The probe's writer (harness/guest/probe.py): records and the status file leave the touch loop through one
+thread, in order, so a slow export (9p, over 9p in L2) never holds a touch or the gap between two passes."""
+
+import json
+import threading
+
+from harness.guest import probe
+
+
+def test_records_and_status_are_written_in_order_by_the_writer_not_the_caller(tmp_path, monkeypatch):
+    out, status = tmp_path / "probe.jsonl", tmp_path / "probe.status"
+    gate = threading.Event()
+    real = probe.replace
+
+    def slow(path: str, rec: dict) -> None:  # an export that takes its time
+        gate.wait(5)
+        real(path, rec)
+
+    monkeypatch.setattr(probe, "replace", slow)
+    w = probe.Writer(str(out))
+    w({"type": "pass", "pass": 1})
+    w.status(str(status), {"passes": 1})
+    w({"type": "hist", "pass": 1})  # queued behind the status: the caller did not wait for it
+    assert not status.exists()
+    gate.set()
+    w.close()
+    assert json.loads(status.read_text()) == {"passes": 1} and not (tmp_path / "probe.status.tmp").exists()
+    assert [json.loads(line)["type"] for line in out.read_text().splitlines()] == ["pass", "hist"]
+
+
+def test_a_status_the_export_refuses_does_not_stop_the_records(tmp_path):
+    out = tmp_path / "probe.jsonl"
+    w = probe.Writer(str(out))
+    w.status(str(tmp_path / "no-such-dir" / "probe.status"), {"passes": 1})
+    w({"type": "pass", "pass": 1})
+    w.close()
+    assert json.loads(out.read_text())["type"] == "pass"
