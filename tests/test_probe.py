@@ -3,6 +3,7 @@ thread, in order, so a slow export (9p, over 9p in L2) never holds a touch or th
 
 import json
 import threading
+import time
 
 from harness.guest import probe
 
@@ -35,3 +36,27 @@ def test_a_status_the_export_refuses_does_not_stop_the_records(tmp_path):
     w({"type": "pass", "pass": 1})
     w.close()
     assert json.loads(out.read_text())["type"] == "pass"
+
+
+def test_a_slow_status_never_holds_the_records_back_only_the_newest_is_written(tmp_path, monkeypatch):
+    """A small probe ends a pass every few ms, and each status write is several round trips on 9p: the writer
+    writes the newest status of whatever queued meanwhile, so records keep pace (once they fell seconds behind,
+    and what was still queued when the probe was stopped was lost)."""
+    out, status = tmp_path / "probe.jsonl", tmp_path / "probe.status"
+    written: list[dict] = []
+    real = probe.replace
+
+    def slow(path: str, rec: dict) -> None:
+        time.sleep(0.05)
+        written.append(rec)
+        real(path, rec)
+
+    monkeypatch.setattr(probe, "replace", slow)
+    w = probe.Writer(str(out))
+    for n in range(1, 201):  # 200 passes, each with its record and its status, in 0.2 s
+        w({"type": "pass", "pass": n})
+        w.status(str(status), {"passes": n})
+        time.sleep(0.001)
+    w.close()
+    assert len(out.read_text().splitlines()) == 200 and json.loads(status.read_text()) == {"passes": 200}
+    assert len(written) < 50

@@ -96,21 +96,20 @@ class Writer:
         self.t.start()
 
     def _run(self) -> None:
-        lines: list[str] = []
-        while True:
-            item = self.q.get()
-            if isinstance(item, str):
-                lines.append(item)
-                if not self.q.empty():  # more queued: one write for all of it
-                    continue
+        """Whatever is queued, in one go: its records in one write, then the newest status of it only (a
+        status write is several round trips: one per pass of a small probe would starve the records)."""
+        done = False
+        while not done:
+            batch = [self.q.get()]
+            while not self.q.empty():
+                batch.append(self.q.get())
+            done = None in batch
+            lines = [item for item in batch if isinstance(item, str)]
             if lines:
                 self.f.write("".join(lines))
-                lines = []
-            if item is None:
-                return
-            if isinstance(item, tuple):
+            if statuses := [item for item in batch if isinstance(item, tuple)]:
                 try:
-                    replace(*item)
+                    replace(*statuses[-1])
                 except OSError:  # the next pass says it again; the records go on either way
                     pass
 
@@ -118,7 +117,8 @@ class Writer:
         self.q.put(json.dumps(rec) + "\n")
 
     def status(self, path: str, rec: dict) -> None:
-        """path replaced by rec as JSON, in order with the records (after those queued before it)."""
+        """path replaced by rec as JSON after the records queued before it (a newer status may replace it
+        first: only the newest one counts)."""
         self.q.put((path, rec))
 
     def close(self) -> None:
