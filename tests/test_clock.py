@@ -206,3 +206,14 @@ def test_the_parent_measures_a_guest_unless_it_says_it_measures_itself(tmp_path,
     finally:
         child.stop()
     assert (export / "clock.jsonl").exists() == watched
+
+
+def test_what_a_guest_says_in_ready_json_is_read_bounded(tmp_path):
+    from harness.guest.supervise import Child
+
+    huge = tmp_path / "ready.json"
+    huge.write_text('{"uptime_s": 1, "pad": "' + "x" * (8 << 20) + '"}')  # 8 MiB: only its first 4 KiB are read
+    assert Child._ready_record(str(huge)) == {}
+    small = tmp_path / "small.json"
+    small.write_text('{"uptime_s": 1.5, "clock_method": "ptp_kvm"}')
+    assert Child._ready_record(str(small)) == {"uptime_s": 1.5, "clock_method": "ptp_kvm"}

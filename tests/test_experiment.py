@@ -165,16 +165,17 @@ def test_each_pass_carries_the_guests_own_view(e2e):
 
 def test_l1s_clock_is_measured_against_the_kernel_under_test_within_a_millisecond(e2e):
     """L1 measures its own clock by ptp_kvm (the kernel under test's time by hypercall, between two readings of its
-    own) all along - at start, every 10 s, at the end, under pressure too -; the kernel under test, whose host is
-    TCG, by round trips from the host. The goal, <= 1 ms, holds for every measurement. (Measured here: L1 median
+    own) all along - at start, every 10 s, at the end, under pressure too -; the kernel under test, under TCG,
+    by round trips from the host. The goal, <= 1 ms, holds for every measurement. (Measured here: L1 median
     0.017-0.025 ms, worst 0.032 ms; by round trips it was 0.74-0.91 ms median, 1.16 ms worst.)"""
     c = e2e["frames"]["clocks"]
     l1 = c[c["level"] == "l1"]
     print(l1.to_string())
     for cell in ("baseline.r1", "patched.r1"):
         assert len(l1[l1["cell"] == cell]) >= 5 and len(c[(c["cell"] == cell) & (c["level"] == "kut")]) >= 5
-    assert set(l1["method"]) == {"ptp_kvm"} and set(c.loc[c["level"] == "kut", "method"]) == {"virtio-serial"}
-    assert l1["uncertainty_kut_ms"].max() <= 1.0
+    assert set(l1["method"]) == {"ptp_kvm"} and l1["uncertainty_kut_ms"].max() <= 1.0
+    if decide_accel("auto").accel == "tcg":  # no KVM below the kernel under test to ask: the host measures it
+        assert set(c.loc[c["level"] == "kut", "method"]) == {"virtio-serial"}
 
 
 def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):

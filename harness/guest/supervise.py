@@ -278,14 +278,15 @@ class Child:
         return "vCPUs at " + ", ".join(rips) + " (hang.txt has their registers)"
 
     @staticmethod
-    def _ready_record(path: str) -> dict:
-        """What the guest said in ready.json (untrusted: {} when it is not a JSON object)."""
+    def _ready_record(path: str, limit: int = 4096) -> dict:
+        """What the guest said in ready.json (untrusted: its first 4 KiB, {} unless they are a JSON object)."""
         for _ in range(10):  # the file may show up before its content does
             try:
-                rec = json.loads(read(path) or "")
+                with open(path, "rb") as f:
+                    rec = json.loads(f.read(limit))
                 if isinstance(rec, dict):
                     return rec
-            except ValueError:
+            except (OSError, ValueError):
                 pass
             time.sleep(0.1)
         return {}
