@@ -28,10 +28,10 @@ import time
 
 try:
     from .contract import EventKind, GlobalHog, PressureJob, PressureMode, PressureParams  # as harness.guest.pressure
-    from .sampler import qemu_guests, vm_stats, zap_steps
+    from .sampler import ZAP_STATS, qemu_guests, vm_stats, zap_steps
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
     from contract import EventKind, GlobalHog, PressureJob, PressureMode, PressureParams  # type: ignore[no-redef]
-    from sampler import qemu_guests, vm_stats, zap_steps  # type: ignore[no-redef]
+    from sampler import ZAP_STATS, qemu_guests, vm_stats, zap_steps  # type: ignore[no-redef]
 
 CG = "/sys/fs/cgroup"
 PAGE = 4096
@@ -157,11 +157,11 @@ def actor(mode: PressureMode, p: PressureParams, ready, log) -> None:
     elif mode is PressureMode.SHRINKER_SCAN:
         while True:
             for d in glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*"):
-                guests, t0, before = qemu_guests(), time.time_ns(), vm_stats()
+                guests, t0, before = qemu_guests(), time.time_ns(), vm_stats(ZAP_STATS)
                 began = time.monotonic()  # the call's span: a spike it caused overlaps it (report/attribution.py)
                 write(d + "/scan", f"0 0 {p.shrinker_scan_objects}")
                 took = round(time.monotonic() - began, 6)
-                t1, after = time.time_ns(), vm_stats()
+                t1, after = time.time_ns(), vm_stats(ZAP_STATS)
                 log("shrinker_scan", shrinker=os.path.basename(d), objects=p.shrinker_scan_objects, took_s=took)
                 # which VM the call zapped, and how much, within its span: these calls bypass the tracepoints that
                 # wake the sampler's zap steps (its own t: when the counters were read)

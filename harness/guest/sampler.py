@@ -104,11 +104,11 @@ def kv_lines(text: str | None, keys: tuple[str, ...], sep: str | None = None) ->
 VM_STATS = ("mmu_recycled", "mmu_shadow_zapped", "mmu_cache_miss", "pages_4k")
 
 
-def vm_stats() -> dict[str, dict[str, int]]:
-    """Each VM's stats: its debugfs directory's name (<its QEMU's pid>-<fd>) -> stat -> value."""
+def vm_stats(names: tuple[str, ...] = VM_STATS) -> dict[str, dict[str, int]]:
+    """Each VM's stats (those named): its debugfs directory's name (<its QEMU's pid>-<fd>) -> stat -> value."""
     out: dict[str, dict[str, int]] = {}
     for vm in glob.glob(f"{KVM}/*-*/"):
-        stats = {k: int(s) for k in VM_STATS if (s := read(vm + k)) is not None}
+        stats = {k: int(s) for k in names if (s := read(vm + k)) is not None}
         if stats:
             out[os.path.basename(vm.rstrip("/"))] = stats
     return out
@@ -220,7 +220,7 @@ def qemu_counters(guests: dict[int, str]) -> dict[str, float]:
     return v
 
 
-def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, zaps: ZapFollower | None) -> None:
+def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, zaps: ZapFollower) -> None:
     """Log cause events from the vmscan tracepoints (trace clock = CLOCK_MONOTONIC) to shrinker.jsonl; tell zaps
     whenever the KVM shrinker ran."""
     inst = "/sys/kernel/tracing/instances/nestpress"
@@ -246,13 +246,14 @@ def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, z
         for line in pipe:
             if (rec := trace_record(line, guests, offset)) is not None:
                 out.write(json.dumps(rec) + "\n")
-                if zaps is not None and rec["kind"].startswith("shrink"):
+                if rec["kind"].startswith("shrink"):
                     zaps.shrinker_ran()
             if stop.is_set():
                 break
 
 
 ZAP_KEYS = {"mmu_shadow_zapped": "zapped", "mmu_recycled": "recycled"}
+ZAP_STATS = tuple(ZAP_KEYS)  # what a read for the zap steps alone needs of vm_stats()
 
 
 def zap_steps(
@@ -313,7 +314,7 @@ class ZapFollower:
                 continue
             if stop.wait(max(0.0, self.t / 1e9 + self.interval_s - time.time())):
                 return
-            self.observe(time.time_ns(), vm_stats())
+            self.observe(time.time_ns(), vm_stats(ZAP_STATS))
 
 
 def main(job: SamplerJob) -> None:
