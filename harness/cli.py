@@ -22,7 +22,7 @@ def _matrix(args):
 
 
 def cmd_doctor(args) -> int:
-    from .host import doctor
+    from .machine.host import doctor
 
     d = doctor(default_cache())
     print(json.dumps(d.as_dict(), indent=2) if args.json else d.text())
@@ -30,10 +30,10 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .build import check_inputs
     from .config import describe
-    from .host import decide_environment
-    from .schedule import check
+    from .kernel.build import check_inputs
+    from .machine.host import decide_environment
+    from .run.schedule import check
 
     matrix = _matrix(args)
     resolved = check_inputs(matrix.experiment)
@@ -52,7 +52,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .build import Builder
+    from .kernel.build import Builder
 
     matrix = _matrix(args)
     for name, b in Builder(matrix.experiment, default_cache()).build_all().items():
@@ -84,9 +84,10 @@ def check_size(matrix, yes: bool) -> None:
 
 
 def cmd_run(args, report: bool = False) -> int:
-    from .manifest import Manifest
-    from .report import analyze, generate
-    from .stats import VALIDITY
+    from .analysis import analyze
+    from .analysis.stats import VALIDITY
+    from .report import generate, render
+    from .results.manifest import Manifest
 
     matrix = _matrix(args)
     if args.shard:
@@ -94,7 +95,7 @@ def cmd_run(args, report: bool = False) -> int:
         matrix.cells = matrix.shard(i, n)
         log(f"shard {i}/{n}: {len(matrix.cells)} cell(s) on this host")
     from .config import check_output, describe
-    from .run import Runner, find_run_dir
+    from .run.runner import Runner, find_run_dir
 
     console.print(describe(matrix))
     check_size(matrix, args.yes)
@@ -110,10 +111,11 @@ def cmd_run(args, report: bool = False) -> int:
         if report and (run_dir / "manifest.json").exists():  # an interrupted run still gets its report
             console.print(f"report of what was measured (incomplete): {generate(run_dir).html}")
         raise
-    result = generate(run_dir) if report else analyze(run_dir, rebuild_tables=True)
     if report:
-        print(f"verdict ({VALIDITY[result.manifest.tcg]}):\n\n{result.verdict_markdown()}\n")
-        print(f"report: {result.html}")
+        written = generate(run_dir)
+        print(f"verdict ({VALIDITY[written.manifest.tcg]}):\n\n{render.verdict_markdown(written.ab)}\n")
+        print(f"report: {written.html}")
+    result = written if report else analyze(run_dir, rebuild_tables=True)
     print(f"run directory: {run_dir}")
     status = Manifest.load(run_dir / "manifest.json").status
     if status != "complete":
@@ -153,7 +155,7 @@ def cmd_compare(args) -> int:
 def cmd_setup(args) -> int:
     """Install what the harness needs on this host (Debian/Ubuntu): system packages and kernel sources."""
     from .config import load, resolve_config_path
-    from .distro import packages_for
+    from .kernel.distro import packages_for
 
     needs = packages_for(load(resolve_config_path(args.config)).experiment) if args.config else []
     pkgs = SETUP_PACKAGES + debian_packages(list(dict.fromkeys([*(args.extra or []), *needs])))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT
-from harness.build import Builder
 from harness.config import load
+from harness.kernel.build import Builder
 
 SRC_61 = Path("/usr/src/linux-source-6.1.tar.xz")
 SRC_612 = Path("/usr/src/linux-source-6.12.tar.xz")

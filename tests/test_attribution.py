@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.analysis import attribution as at
 from harness.config import Experiment
-from harness.report import attribution as at
-from harness.results import COLUMNS
+from harness.results.tables import COLUMNS
 
 EXP = Experiment.model_validate(
     {

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT
-from harness.build import Builder
 from harness.config import load
 from harness.errors import KconfigError, MissingTool
-from harness.schedule import check_kernel
+from harness.kernel.build import Builder
+from harness.run.schedule import check_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -54,8 +54,8 @@ def test_second_build_compiles_nothing(builds, cache_dir):
 def test_a_build_killed_while_changing_patches_is_undone_not_built_as_the_other_variant(
     builds, cache_dir, killed_while
 ):
-    from harness.build import AppliedState
-    from harness.patches import _git_apply
+    from harness.kernel.build import AppliedState
+    from harness.kernel.patches import _git_apply
     from harness.util import write_json
 
     builder = Builder(load("shrinker-ab").experiment, cache_dir)

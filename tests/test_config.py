@@ -6,10 +6,11 @@ import sys
 import pytest
 
 from harness import REPO_ROOT
-from harness.config import axis_paths, describe, load, schema_reference
+from harness.config import axis_paths, describe, load
+from harness.config.reference import schema_reference
 from harness.errors import ConfigError
 from harness.guest.contract import GuestPlan, PressureMode
-from harness.host import Qemu, TopologyDecision
+from harness.machine.host import Qemu, TopologyDecision
 
 
 def write(tmp_path, text):
@@ -93,8 +94,8 @@ def test_a_config_that_is_no_text_file_is_refused_in_one_line(tmp_path, content,
 
 
 def test_validate_finds_missing_build_inputs_without_building(tmp_path):
-    from harness.build import check_inputs
     from harness.errors import PatchError, SourceError
+    from harness.kernel.build import check_inputs
 
     with pytest.raises(SourceError, match="does not exist"):
         check_inputs(load("shrinker-ab", ["source.path=/nonexistent.tar.xz"]).experiment, tmp_path)
@@ -113,8 +114,8 @@ def test_validate_finds_missing_build_inputs_without_building(tmp_path):
 def test_validate_resolves_the_patch_variant_for_the_sources_version(tmp_path):
     import tarfile
 
-    from harness.build import check_inputs
     from harness.errors import PatchError, UnsupportedKernel
+    from harness.kernel.build import check_inputs
 
     def kernel(version: str, kind: str) -> list[str]:
         major, minor, sub = version.split(".")
@@ -151,7 +152,7 @@ def test_bad_override_is_named(tmp_path):
 
 def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_starts():
     from harness.errors import HostResourceError
-    from harness.host import check_host_resources
+    from harness.machine.host import check_host_resources
 
     matrix = load("shrinker-ab", ["topology.kut.memory_mb=99999999"])
     with pytest.raises(HostResourceError, match=r"needs 100000255 MiB with its QEMU, this host has 8000 MiB"):
@@ -179,7 +180,7 @@ def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_sta
 @pytest.mark.parametrize("run_id", ["../../etc", "/tmp/x", "a/b", "-x", "..", "a..b"])
 def test_a_run_id_is_a_name_not_a_path(run_id, tmp_path):
     from harness.errors import ConfigError
-    from harness.run import find_run_dir, new_run_id
+    from harness.run.runner import find_run_dir, new_run_id
 
     matrix = load("shrinker-ab")
     with pytest.raises(ConfigError, match="a name, not a path"):
@@ -192,7 +193,7 @@ def test_one_writer_per_run_directory(tmp_path):
     import os
 
     from harness.errors import HarnessError
-    from harness.run import lock_run_dir
+    from harness.run.runner import lock_run_dir
 
     fd = lock_run_dir(tmp_path / "run")
     try:
@@ -247,7 +248,7 @@ def test_every_shipped_config_validates():
 
 def test_kernel_without_what_the_schedule_needs_is_refused_before_boot(tmp_path):
     from harness.errors import PressureError
-    from harness.schedule import check_kernel
+    from harness.run.schedule import check_kernel
 
     exp = load("shrinker-ab").experiment
     full = tmp_path / "full.config"
@@ -287,14 +288,14 @@ PRIVATE_72 = Qemu(
 
 def level_argvs(kut, l1, l2_argv) -> list[tuple[str, list[str]]]:
     """Each level's QEMU argv of a nested plan, by level."""
-    from harness.qemu import qemu_argv
+    from harness.machine.qemu import qemu_argv
 
     return [("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", l2_argv)]
 
 
 def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
     """build_plan for a nested cell with a kernel and paths that need not exist."""
-    from harness.qemu import build_plan
+    from harness.machine.qemu import build_plan
 
     decision = TopologyDecision("nested", qemu, [])
     return build_plan(exp, "/k/bzImage", accel, decision, rootfs, tmp_path / "cell", tmp_path, "run",
@@ -303,7 +304,7 @@ def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
-    from harness.qemu import ROOTFS_SERVER, qemu_argv, rootfs_server
+    from harness.machine.qemu import ROOTFS_SERVER, qemu_argv, rootfs_server
 
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
     kut, plan = _nested_plan(exp, "kvm", PRIVATE_72, rootfs, tmp_path, tmp_path / "l2.cpio")
@@ -364,7 +365,7 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
 def test_only_a_level_with_guests_is_told_to_keep_its_time_on_the_tsc(tmp_path):
     """Shadow topology: the kernel under test has guests (its L1s pair their clocks with it by ptp_kvm), an L1
     has none and keeps its default clocksource."""
-    from harness.qemu import build_plan, qemu_argv
+    from harness.machine.qemu import build_plan, qemu_argv
 
     exp = load("shrinker-ab", ["topology.kind=shadow"]).experiment
     decision = TopologyDecision("shadow", PRIVATE_72, [])
@@ -376,7 +377,7 @@ def test_only_a_level_with_guests_is_told_to_keep_its_time_on_the_tsc(tmp_path):
 
 
 def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
-    from harness.qemu import GuestSpec, qemu_argv
+    from harness.machine.qemu import GuestSpec, qemu_argv
 
     evil = str(tmp_path / "x,readonly=on")
     spec = GuestSpec(
@@ -407,8 +408,8 @@ def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
 def test_the_hosts_export_maps_guest_ownership_where_user_xattrs_work(tmp_path):
     from dataclasses import replace
 
-    from harness.host import export_model
-    from harness.qemu import GuestSpec, qemu_argv
+    from harness.machine.host import export_model
+    from harness.machine.qemu import GuestSpec, qemu_argv
 
     model, why = export_model(tmp_path / "run")
     assert model == "mapped-xattr" and "user xattrs work" in why  # tmp_path: ext4 here and on CI
@@ -425,7 +426,7 @@ def test_nested_l2_needs_its_initramfs(tmp_path):
 
 def test_nested_under_tcg_needs_a_kernel_under_test_with_one_cpu():
     from harness.errors import AccelError
-    from harness.host import decide_topology
+    from harness.machine.host import decide_topology
 
     with pytest.raises(AccelError, match=r"topology\.kut\.cpus: 1"):
         decide_topology("nested", "tcg", [SYSTEM_10], kut_cpus=2)
@@ -447,7 +448,7 @@ def test_nested_under_tcg_needs_a_kernel_under_test_with_one_cpu():
 )
 def test_each_topology_gets_the_qemu_that_runs_it(accel, installs, requested, kind, version):
     from harness.errors import AccelError
-    from harness.host import decide_topology
+    from harness.machine.host import decide_topology
 
     if kind is None:
         with pytest.raises(AccelError, match=version):
@@ -458,8 +459,8 @@ def test_each_topology_gets_the_qemu_that_runs_it(accel, installs, requested, ki
 
 
 def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
-    from harness import host
     from harness.errors import AccelError
+    from harness.machine import host
 
     monkeypatch.setattr(host, "find_virtiofsd", lambda: None)
     assert host.decide_rootfs("auto", "kvm").kind == "9p"
@@ -468,7 +469,7 @@ def test_virtiofs_is_refused_where_it_cannot_be_served(monkeypatch):
 
 
 def test_auto_serves_the_root_over_9p_under_tcg_and_virtiofs_on_kvm(monkeypatch):
-    from harness import host
+    from harness.machine import host
 
     monkeypatch.setattr(host, "find_virtiofsd", lambda: "/usr/libexec/virtiofsd")
     monkeypatch.setattr(host.os, "geteuid", lambda: 0)

@@ -17,7 +17,7 @@ from harness.guest.contract import (
     ProbeSpec,
     Schedule,
 )
-from harness.schedule import conductor_schedule
+from harness.run.schedule import conductor_schedule
 
 
 def test_schedule_round_trips_with_its_modes():

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import harness, require
 
-from harness import distro
-from harness.build import Builder
 from harness.config import DistroKernel, Experiment, load
-from harness.distro import DEBIAN, Distro, DistroImage
 from harness.errors import BuildError, PressureError, SourceError
-from harness.qemu import GuestSpec, kernel_cmdline
+from harness.kernel import distro
+from harness.kernel.build import Builder
+from harness.kernel.distro import DEBIAN, Distro, DistroImage
+from harness.kernel.source import KernelVersion
+from harness.machine.qemu import GuestSpec, kernel_cmdline
 from harness.report import analyze
-from harness.schedule import check_kernel
-from harness.source import KernelVersion
+from harness.run.schedule import check_kernel
 
 MMU = "arch/x86/kvm/mmu/mmu.c"
 

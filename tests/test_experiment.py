@@ -18,9 +18,9 @@ from conftest import assert_every_phase_delivered
 from harness import REPO_ROOT
 from harness.errors import ResultsError
 from harness.guest.contract import OUT
-from harness.host import decide_accel, decide_topology, qemu_installs
+from harness.machine.host import decide_accel, decide_topology, qemu_installs
 from harness.report import analyze, generate
-from harness.results import load as load_tables
+from harness.results.tables import load as load_tables
 
 pytestmark = pytest.mark.kernel
 

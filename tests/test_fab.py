@@ -15,8 +15,8 @@ from fabric import Connection
 
 from harness import REPO_ROOT
 from harness.errors import RemoteError
-from harness.manifest import cell_complete
-from harness.remote import KEEP_APPS, Remote
+from harness.lab.remote import KEEP_APPS, Remote
+from harness.results.manifest import cell_complete
 
 pytestmark = pytest.mark.ssh
 FAB = str(Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin" / "fab")

@@ -14,9 +14,9 @@ from harness.config import load
 from harness.errors import AccelError
 from harness.guest.contract import ChildSpec, ExitKind, ExitRecord, GuestPlan
 from harness.guest.supervise import Child
-from harness.host import decide_accel, decide_rootfs
-from harness.qemu import GuestSpec, qemu_argv, rootfs_server
-from harness.schedule import conductor_schedule
+from harness.machine.host import decide_accel, decide_rootfs
+from harness.machine.qemu import GuestSpec, qemu_argv, rootfs_server
+from harness.run.schedule import conductor_schedule
 from harness.util import python_for_guests
 
 pytestmark = pytest.mark.kernel

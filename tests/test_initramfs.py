@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from harness import REPO_ROOT, initramfs
+from harness import REPO_ROOT
 from harness.errors import HarnessError
 from harness.guest.contract import PATH
+from harness.machine import initramfs
 from harness.util import python_for_guests
 
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import assert_every_phase_delivered, require
 
 from harness import REPO_ROOT
-from harness.host import decide_accel, qemu_installs, topology_support
+from harness.machine.host import decide_accel, qemu_installs, topology_support
 from harness.report import analyze
-from harness.results import load as load_tables
+from harness.results.tables import load as load_tables
 
 pytestmark = pytest.mark.kernel
 

@@ -11,12 +11,12 @@ import pytest
 from conftest import git, harness
 
 from harness import REPO_ROOT
-from harness.build import Builder
 from harness.config import load
-from harness.manifest import Manifest
-from harness.patches import split_mbox
+from harness.kernel.build import Builder
+from harness.kernel.patches import split_mbox
+from harness.kernel.source import prepare
 from harness.report import analyze
-from harness.source import prepare
+from harness.results.manifest import Manifest
 
 pytestmark = pytest.mark.kernel
 

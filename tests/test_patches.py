@@ -8,8 +8,8 @@ import pytest
 
 from harness.config import Source
 from harness.errors import PatchError, UnsupportedKernel
-from harness.patches import PATCHES_DIR, Expectations, PatchFile, apply, load_series, trial
-from harness.source import KernelVersion, makefile_version, prepare
+from harness.kernel.patches import PATCHES_DIR, Expectations, PatchFile, apply, load_series, trial
+from harness.kernel.source import KernelVersion, makefile_version, prepare
 
 SERIES = load_series("shrinker-removal")
 MMU = "arch/x86/kvm/mmu/mmu.c"

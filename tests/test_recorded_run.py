@@ -13,10 +13,10 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.fleet import _merge_manifests
-from harness.manifest import Manifest, cell_complete
+from harness.lab.fleet import _merge_manifests
 from harness.report import analyze, generate
+from harness.results import tables as results
+from harness.results.manifest import Manifest, cell_complete
 
 RECORDED = Path(__file__).parent / "data" / "recorded-run"
 
@@ -164,8 +164,8 @@ def test_a_check_the_phase_fails_marks_it_not_delivered_and_its_rows_inconclusiv
 
 
 def _shortfalls(run, cell_id):
-    from harness import health
     from harness.config import Experiment
+    from harness.run import checks as health
 
     m = Manifest.load(run / "manifest.json")
     exp = Experiment.model_validate(m.expanded)

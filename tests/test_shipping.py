@@ -7,7 +7,7 @@ import tarfile
 import uuid
 
 from harness import REPO_ROOT
-from harness.remote import _tarball, project_files
+from harness.lab.remote import _tarball, project_files
 
 
 def test_shipped_files_are_root_owned_and_not_group_or_world_writable(tmp_path):
@@ -29,7 +29,7 @@ def test_untracked_files_are_never_shipped():
         shipped = project_files()
     finally:
         stray.unlink()
-    assert stray.name not in shipped and "harness/remote.py" in shipped and "README.md" in shipped
+    assert stray.name not in shipped and "harness/lab/remote.py" in shipped and "README.md" in shipped
 
 
 def test_host_records_never_write_through_links_a_guest_planted(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from harness.config import Source
 from harness.errors import SourceError
-from harness.source import makefile_version, prepare
+from harness.kernel.source import makefile_version, prepare
 
 MAKEFILE = "VERSION = 6\nPATCHLEVEL = 6\nSUBLEVEL = 3\nEXTRAVERSION = -rc1\n"
 
@@ -66,9 +66,9 @@ def test_missing_tarball_names_the_package(tmp_path):
 
 
 def test_a_cache_another_user_could_write_is_refused(tmp_path):
-    from harness.build import Builder
     from harness.config import load
     from harness.errors import HarnessError
+    from harness.kernel.build import Builder
 
     exp = load("shrinker-ab").experiment
     mine = tmp_path / "new" / "cache"

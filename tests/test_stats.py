@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from harness import stats
+from harness.analysis import stats
 from harness.guest.probe import bucket, bucket_bounds
 
 

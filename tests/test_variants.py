@@ -12,10 +12,10 @@ import yaml
 from conftest import git
 
 from harness import REPO_ROOT
-from harness.build import Builder
 from harness.config import Experiment, load
 from harness.errors import ConfigError, PatchError, SourceError
-from harness.patches import split_mbox, touched_files
+from harness.kernel.build import Builder
+from harness.kernel.patches import split_mbox, touched_files
 
 MMU = "arch/x86/kvm/mmu/mmu.c"
 BASE = """// mmu
@@ -262,7 +262,7 @@ def test_a_configs_hash_does_not_depend_on_where_it_lies(tmp_path):
 
 
 def test_a_config_from_outside_the_harness_ships_with_its_own_patches(tmp_path):
-    from harness.remote import config_files
+    from harness.lab.remote import config_files
 
     (tmp_path / "fixes").mkdir()
     (tmp_path / "fixes" / "0001-a.patch").write_text("--- a/x\n+++ b/x\n")

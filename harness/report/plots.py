@@ -12,9 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .. import stats
-from ..manifest import Manifest
-from . import attribution
+from ..analysis import attribution, stats
+from ..results.manifest import Manifest
 
 COLORS = {0: "#1f77b4", 1: "#d62728", 2: "#2ca02c", 3: "#9467bd"}
 

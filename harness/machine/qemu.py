@@ -17,12 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import REPO_ROOT
-from .config import Experiment
-from .guest.clock import PORT as CLOCK_PORT
-from .guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, RootServer
+from .. import REPO_ROOT
+from ..config import Experiment
+from ..guest.clock import PORT as CLOCK_PORT
+from ..guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, RootServer
+from ..run.schedule import conductor_schedule
 from .host import TopologyDecision
-from .schedule import conductor_schedule
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"

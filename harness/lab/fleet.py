@@ -19,13 +19,13 @@ from typing import Any
 
 from fabric import Connection
 
-from . import cli
-from .config import load, resolve_config_path
-from .errors import HarnessError, RemoteError
-from .manifest import Manifest, cell_complete
+from .. import cli
+from ..config import load, resolve_config_path
+from ..errors import HarnessError, RemoteError
+from ..results.manifest import Manifest, cell_complete
+from ..run.runner import check_run_id, new_run_id
+from ..util import SETUP_PACKAGES, console, debian_packages, log, warn
 from .remote import Remote, run_on_hosts
-from .run import check_run_id, new_run_id
-from .util import SETUP_PACKAGES, console, debian_packages, log, warn
 
 
 @dataclass
@@ -212,11 +212,14 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
         )
     if not (local_run / "manifest.json").exists():
         return 1
-    from .report import analyze, generate
+    from ..analysis import Analysis, analyze
+    from ..report import generate
 
+    result: Analysis
     if request.task == "experiment" or failed:
-        result = generate(local_run)
-        print(f"report: {result.html}")
+        report = generate(local_run)
+        print(f"report: {report.html}")
+        result = report
     else:
         result = analyze(local_run, rebuild_tables=True)
     print(f"run directory: {local_run}")
@@ -238,7 +241,7 @@ def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:
         if o != 0:
             warn(f"{h}: fetch failed: {o}")
     if (run_dir / "manifest.json").exists():
-        from .report import generate
+        from ..report import generate
 
         print(f"report: {generate(run_dir).html}")
     return 0 if all(o == 0 for o in outcomes.values()) else 1

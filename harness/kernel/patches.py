@@ -28,10 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from . import REPO_ROOT
-from .errors import PatchError, UnsupportedKernel
+from .. import REPO_ROOT
+from ..errors import PatchError, UnsupportedKernel
+from ..util import hash_file, need_tool, run
 from .source import KernelVersion
-from .util import hash_file, need_tool, run
 
 PATCHES_DIR = REPO_ROOT / "patches"
 MAX_PATCH_BYTES = 256 << 20  # a whole release's diff is ~100 MB; anything larger is not a patch

@@ -15,9 +15,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Source
-from .errors import SourceError
-from .util import atomic_dir, hash_file, log, need_tool, run
+from ..config import Source
+from ..errors import SourceError
+from ..util import atomic_dir, hash_file, log, need_tool, run
 
 
 @dataclass(frozen=True)

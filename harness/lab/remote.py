@@ -36,10 +36,10 @@ import paramiko
 import yaml
 from fabric import Connection
 
-from . import REPO_ROOT
-from .config import anchored, load_raw
-from .errors import RemoteError
-from .util import log, warn
+from .. import REPO_ROOT
+from ..config import anchored, load_raw
+from ..errors import RemoteError
+from ..util import log, warn
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15  # NESTPRESS_KEEPALIVE_S overrides (tests)

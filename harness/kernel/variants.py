@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Experiment, Source, Variant
-from .errors import HarnessError, PatchError, SourceError
+from ..config import Experiment, Source, Variant
+from ..errors import HarnessError, PatchError, SourceError
+from ..util import log, run
 from .patches import (
     Expectations,
     PatchFile,
@@ -28,7 +29,6 @@ from .patches import (
     user_patches,
 )
 from .source import PreparedSource, check_present, is_local_repo, resolve_commit
-from .util import log, run
 
 MAX_RANGE_COMMITS = 500
 

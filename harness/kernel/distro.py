@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .config import DistroKernel, Experiment
-from .errors import BuildError, SourceError
-from .initramfs import elf_deps
+from ..config import DistroKernel, Experiment
+from ..errors import BuildError, SourceError
+from ..machine.initramfs import elf_deps
+from ..util import hash_file, run
 from .source import KernelVersion
-from .util import hash_file, run
 
 KVM_DIRS = ("arch/x86/kvm", "virt/kvm")
 KVM_MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")

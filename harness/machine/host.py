@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import Cell, Matrix
-from .errors import AccelError, HostResourceError
-from .guest.rootfs import find_virtiofsd
-from .util import HEADER_PACKAGES, TOOL_PACKAGES, run, warn, which
+from ..config import Cell, Matrix
+from ..errors import AccelError, HostResourceError
+from ..guest.rootfs import find_virtiofsd
+from ..util import HEADER_PACKAGES, TOOL_PACKAGES, run, warn, which
 
 KVM_GET_API_VERSION = 0xAE00
 

@@ -24,19 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import REPO_ROOT, health, initramfs
-from .build import Builder, BuildResult
-from .config import Cell, Matrix
-from .errors import ConfigError, GuestError, HarnessError, PressureError
-from .guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, ExitKind, ExitRecord
-from .guest.supervise import Child, stop_all, tail
-from .host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor, export_model
-from .manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
-from .qemu import build_plan, dry_run, probe_levels, qemu_argv, rootfs_server
-from .results import Problems, cell_frames, guest_records
-from .schedule import check as check_sizes
-from .schedule import check_kernel
-from .util import (
+from .. import REPO_ROOT
+from ..config import Cell, Matrix
+from ..errors import ConfigError, GuestError, HarnessError, PressureError
+from ..guest.contract import GUEST_FAILURES, PATH, ContractError, EventKind, ExitKind, ExitRecord
+from ..guest.supervise import Child, stop_all, tail
+from ..kernel.build import Builder, BuildResult
+from ..machine import initramfs
+from ..machine.host import GROUP_SLACK_MB, MemoryGroup, decide_environment, doctor, export_model
+from ..machine.qemu import build_plan, dry_run, probe_levels, qemu_argv, rootfs_server
+from ..results.manifest import AccelRecord, BuildEntry, CellEntry, CellRecord, Manifest, cell_complete, record_path
+from ..results.tables import Problems, cell_frames, guest_records
+from ..util import (
     GuestFileError,
     console,
     default_cache,
@@ -48,6 +47,9 @@ from .util import (
     status,
     warn,
 )
+from . import checks as health
+from .schedule import check as check_sizes
+from .schedule import check_kernel
 
 WARM_TIMEOUT_S = 240
 STAGES = {

@@ -35,8 +35,8 @@ import pandas as pd
 
 from ..config import Experiment
 from ..guest.probe import OUTLIER_NS
-from ..results import PhaseSpans
-from ..stats import weighted_quantiles
+from ..results.tables import PhaseSpans
+from .stats import weighted_quantiles
 
 SHRINKER_ZAP, ZAP_REFAULT = "shrinker-zap", "zap-refault"
 SWAP_IN, DIRECT_RECLAIM, NONE_FOUND = "swap-in", "direct-reclaim", "none found"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .util import read_json, write_json
+from ..util import read_json, write_json
 
 RunStatus = Literal["running", "complete", "incomplete", "failed", "interrupted"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Experiment
-from .errors import PressureError
-from .guest.contract import GlobalHog, PhaseSpec, PressureMode, PressureParams, SamplerSpec, Schedule
+from ..config import Experiment
+from ..errors import PressureError
+from ..guest.contract import GlobalHog, PhaseSpec, PressureMode, PressureParams, SamplerSpec, Schedule
 
 GUEST_OVERHEAD_MB = 160  # QEMU + guest kernel beyond a guest's -m, measured roughly on TCG
 KUT_RESERVE_MB = 256  # the kernel under test's own kernel, agent and sampler

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import ResultsError
-from .guest.contract import ClockSample, ContractError, EventKind
-from .guest.probe import bucket_bounds
+from ..errors import ResultsError
+from ..guest.contract import ClockSample, ContractError, EventKind
+from ..guest.probe import bucket_bounds
 from .manifest import CellEntry, Manifest, cell_complete, cell_record
-from .util import GuestFileError, read_guest_file, warn
+from ..util import GuestFileError, read_guest_file, warn
 
 _CELL = ["variant", "repetition", "cell"]
 COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-formed (empty) tables

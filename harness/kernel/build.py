@@ -28,14 +28,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from . import REPO_ROOT, distro, initramfs
-from .config import Experiment, Source, Variant
-from .distro import DistroImage
-from .errors import BuildError, KconfigError
-from .manifest import Record
-from .patches import apply, check_effect, revert, undo_partial
-from .source import PreparedSource, prepare
-from .util import (
+from .. import REPO_ROOT
+from ..config import Experiment, Source, Variant
+from ..errors import BuildError, KconfigError
+from ..machine import initramfs
+from ..results.manifest import Record
+from ..util import (
     atomic_dir,
     default_cache,
     hash_file,
@@ -48,6 +46,10 @@ from .util import (
     status,
     write_json,
 )
+from . import distro
+from .distro import DistroImage
+from .patches import apply, check_effect, revert, undo_partial
+from .source import PreparedSource, prepare
 from .variants import Resolved, resolve_all
 
 RECIPE = "nestpress-build-1"  # bump when the way we build changes what comes out

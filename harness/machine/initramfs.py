@@ -20,9 +20,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import REPO_ROOT
-from .errors import HarnessError
-from .util import atomic_file, hash_text
+from .. import REPO_ROOT
+from ..errors import HarnessError
+from ..util import atomic_file, hash_text
 
 GUEST_DIR = REPO_ROOT / "harness" / "guest"
 # what the agent and its helpers import, and what they load lazily (a traceback formats its lines)

@@ -1,0 +1,305 @@
+"""The experiment schema: topology, workload, pressure, phases, sampler, checks, boot, and the Experiment.
+
+A field marked as an *axis* may hold one value or a list; every list-valued axis multiplies the matrix of
+cells (matrix.py). The config reference in the docs is generated from these models (reference.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ..guest.contract import PressureMode
+from .base import Strict, axis
+from .kernels import DistroKernel, KernelConfig, Source, Variant
+
+TopologyKind = Literal["auto", "nested", "shadow"]
+ProbeLevel = Literal["l1", "l2"]
+PROBE_LEVELS: list[ProbeLevel] = ["l2", "l1"]
+
+
+class LevelSpec(Strict):
+    count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
+    memory_mb: int = axis(ge=64, description="memory per guest")
+    cpus: int = Field(1, ge=1, le=64)
+    prealloc: bool = Field(
+        True,
+        description="guest RAM resident from QEMU start, as on a busy host, so reclaim "
+        "in the kernel under test meets it (under TCG 1.6 GiB adds ~12 s to "
+        "L1's boot)",
+    )
+    thp: Literal["never", "always", "madvise"] = Field(
+        "never",
+        description="transparent huge pages in this guest (transparent_hugepage=): with `always` an L1 "
+        "maps its L2's RAM with 2 MiB pages in its nested page tables",
+    )
+    mlock: bool = Field(
+        False,
+        description="guest RAM locked in its parent (QEMU -overcommit mem-lock=on): reclaim "
+        "in the parent never swaps it, as on hosts that pin guest memory",
+    )
+
+
+class KutSpec(Strict):
+    memory_mb: int = Field(4096, ge=512, description="memory of the kernel under test")
+    cpus: int = Field(2, ge=1, le=64)
+    swap_mb: int = Field(1024, ge=0, description="virtio-blk swap disk, so global reclaim has something to do")
+    thp: Literal["never", "always", "madvise"] = Field(
+        "never",
+        description="transparent huge pages in the kernel under test: `never` keeps its guests' RAM in 4 KiB "
+        "pages, so its nested MMU keeps one shadow page per 2 MiB of L2 memory",
+    )
+
+
+class Topology(Strict):
+    kind: TopologyKind = axis("auto", description="auto: nested on KVM hosts, shadow under TCG")
+    kut: KutSpec = KutSpec()
+    l1: LevelSpec = LevelSpec(memory_mb=1600)
+    l2: LevelSpec = LevelSpec(memory_mb=384)
+
+
+class Probe(Strict):
+    size_mb: int = axis(1200, ge=1, description="address span the probe touches (mapped MAP_NORESERVE)")
+    access: Literal["write", "read"] = "write"
+    pattern: Literal["sequential", "random"] = "sequential"
+    stride: int = Field(
+        4096,
+        ge=8,
+        description="bytes between touches (4096: every page; resident memory is "
+        "size_mb * 4096 / stride when stride > 4096)",
+    )
+    interval_s: float = Field(1.0, gt=0, description="histogram interval")
+    levels: list[ProbeLevel] = Field(
+        default_factory=lambda: list(PROBE_LEVELS),
+        description="where the probe runs (levels absent in the topology are skipped)",
+    )
+
+    def resident_mb(self, thp: str = "never") -> float:
+        """What the probe keeps resident: with transparent huge pages every 2 MiB it touches is all there."""
+        return self.size_mb * (1.0 if thp == "always" else min(1.0, 4096 / self.stride))
+
+
+class Workload(Strict):
+    probe: Probe = Probe()
+    command: list[str] | None = Field(
+        None,
+        description="argv run in every guest that runs the probe; its stdout, "
+        "stderr and exit status are kept apart in files",
+    )
+
+
+class GlobalPressure(Strict):
+    target_available_mb: int = Field(
+        96, ge=16, description="in the phase the hog grows until MemAvailable falls to this and reclaim scans start"
+    )
+    overshoot_mb: int = Field(384, ge=0, description="then grows this much further into swap")
+    headroom_mb: int = Field(
+        256,
+        ge=0,
+        description="before the phase starts the hog takes free memory down to target + this (no pressure yet), "
+        "so that the phase itself is reclaim however much memory the kernel under test had free",
+    )
+    chunk_mb: int = Field(32, ge=1)
+    ramp_s: float = Field(5.0, ge=0, description="spreads the in-phase growth (headroom + overshoot) over this")
+
+
+class Pressure(Strict):
+    mode: PressureMode = axis(PressureMode.GLOBAL, description="what makes the kernel under test reclaim")
+    global_: GlobalPressure = Field(GlobalPressure(), alias="global")
+    drop_caches_period_s: float = Field(3.0, gt=0)
+    root_reclaim_mb: int = Field(256, ge=1, description="bytes asked per write to the root memory.reclaim")
+    root_reclaim_period_s: float = Field(3.0, gt=0)
+    shrinker_scan_objects: int = Field(1024, ge=1, description="objects asked per debugfs scan write")
+    shrinker_scan_period_s: float = Field(3.0, gt=0)
+    memcg_limit_mb: int = Field(
+        64, ge=8, description="memory.high of the control hog's group (its memory.max: this + the hog + 64 MiB)"
+    )
+    memcg_hog_mb: int = Field(512, ge=8, description="what the control hog tries to allocate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+class Phase(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    duration_s: float = Field(gt=0)
+    pressure: bool | PressureMode = Field(
+        False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone"
+    )
+
+    def mode(self, cell_mode: PressureMode) -> PressureMode:
+        if self.pressure is True:
+            return cell_mode
+        return PressureMode(self.pressure) if self.pressure else PressureMode.NONE
+
+
+class Sampler(Strict):
+    interval_s: float = Field(0.5, gt=0)
+    trace_shrinker: bool = Field(
+        True,
+        description="record cause events: the KVM shrinker's calls and guests' direct reclaim (vmscan "
+        "tracepoints), and read each VM's shadow-page zap counters whenever the shrinker ran",
+    )
+    zap_interval_s: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="after the shrinker's calls each VM's shadow-page zap counters are read, at most this often "
+        "(not polled: nothing is read between its calls); each rise goes to the events table as vm_zap; 0: with "
+        "the next sample",
+    )
+
+
+class Attribution(Strict):
+    """How the report ties each latency spike to the cause events it overlaps (report/attribution.py)."""
+
+    spike_quantile: float = Field(
+        0.999,
+        gt=0.5,
+        lt=1,
+        description="a spike is a touch above this quantile of the same guest's undisturbed (no-pressure) phases "
+        "in the same cell, and never below the probe's raw-record floor (1 ms: shorter touches are only in histograms)",
+    )
+    unmeasured_window_ms: float = Field(
+        5.0,
+        ge=0,
+        description="matching window for a guest whose clock offset was not measured (a run from before the "
+        "round-trip clock); otherwise the measured uncertainty is the window",
+    )
+
+
+class Checks(Strict):
+    """What a cell must show to count (else it failed and is retried), and what a phase must show to have
+    delivered its pressure (else its A/B rows are inconclusive and the run ends with exit status 3)."""
+
+    min_intervals_per_phase: int = Field(
+        2, ge=1, description="probe histograms (one per probe interval) each probe level must write in every phase"
+    )
+    max_probe_gap_s: float = Field(
+        30.0, gt=0, description="longest silence of a probe during the phases before its guest counts as stalled"
+    )
+    memcg_min_events: int = Field(
+        50, ge=1, description="memory.events max+high the memcg-limit control must raise in its group"
+    )
+
+
+class Boot(Strict):
+    timeout_s: dict[str, float] = Field(
+        default_factory=lambda: {"kut": 120.0, "l1": 300.0, "l2": 900.0},
+        description="per level: QEMU start to agent ready",
+    )
+    retries: int = Field(
+        1, ge=0, le=5, description="reruns of a cell whose guests failed to boot or that fell short of `checks`"
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        if bad := [x for x in paths if not x.startswith("/") or "\0" in x]:
+            raise ValueError(f"absolute host paths only: {bad}")
+        return paths
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _known_levels(cls, t: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(t) - {"kut", "l1", "l2"})
+        if unknown:
+            raise ValueError(f"levels are kut, l1, l2; unknown: {', '.join(unknown)}")
+        if bad := {k: v for k, v in t.items() if not 0 < v <= 86400}:
+            raise ValueError(f"timeouts must be over 0 s and at most a day: {bad}")
+        return t
+
+    on_guest_failure: Literal["fail", "continue"] = Field(
+        "continue",
+        description="fail: any guest that fails to boot or dies fails the cell; continue: the cell goes on "
+        "with the others (it still fails if a probing level then lacks samples: `checks`)",
+    )
+    kvm_trace_on_failure: bool = Field(
+        False,
+        description="keep the kernel under test's KVM tracepoints (exits, nested entries, injected "
+        "exceptions) in a ring buffer and save it as kvm-trace.<guest>.txt when a guest dies or fails to boot",
+    )
+    hidden: list[str] = Field(
+        default_factory=lambda: ["/root/.ssh", "/home/*/.ssh", "/etc/shadow", "/etc/gshadow", "/etc/ssh/*_key"],
+        description="host paths (globs) the kernel under test and its guests cannot read in the host's root: "
+        "directories show empty, files empty",
+    )
+    rootfs: Literal["auto", "9p", "virtiofs"] = Field(
+        "auto",
+        description="how each level shares the host's root with its guests, read-only; "
+        "auto: virtiofs on KVM where a virtiofsd exists and the run is root, else virtio-9p (under TCG the "
+        "host's virtiofsd writes bypass TCG's invalidation of translated code)",
+    )
+
+
+def check_output(output: str) -> str:
+    """A results root (config `output:` or --output) is a plain directory path: never one that climbs."""
+    if not output.strip() or ".." in Path(output).parts or "\0" in output:
+        raise ValueError(f"{output!r}: a directory path without '..' (absolute, or relative to where you run)")
+    return output
+
+
+class Experiment(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    source: Source
+    kernel_config: KernelConfig = KernelConfig()
+    distro_kernel: DistroKernel | None = Field(
+        None,
+        description="boot a distribution's kernel and build only KVM's modules from the source (kernel_config unused)",
+    )
+    variants: list[Variant] = Field(min_length=1)
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto: KVM when usable with vmx/svm, else TCG (said loudly)"
+    )
+    topology: Topology = Topology()
+    workload: Workload = Workload()
+    pressure: Pressure = Pressure()
+    phases: list[Phase] = Field(min_length=1)
+    sampler: Sampler = Sampler()
+    attribution: Attribution = Attribution()
+    boot: Boot = Boot()
+    checks: Checks = Checks()
+    repetitions: int = Field(3, ge=1, le=100)
+    output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_a_plain_path(cls, output: str) -> str:
+        return check_output(output)
+
+    @model_validator(mode="after")
+    def _git_variants_have_a_repository(self) -> Experiment:
+        if self.source.kind != "git":
+            for v in self.variants:
+                if v.git is not None and not v.git.repo:
+                    raise ValueError(
+                        f"variant {v.name}: git without repo needs the experiment's source to be a git repository "
+                        f"(it is a {self.source.kind}); give git.repo"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _distro_kernel_builds_from_its_own_source(self) -> Experiment:
+        if self.distro_kernel is not None:
+            if self.source.kind != "tarball":
+                raise ValueError("distro_kernel: the source must be the distribution's source tarball (kind: tarball)")
+            for v in self.variants:
+                if v.source is not None or (v.git is not None and v.git.ref is not None):
+                    raise ValueError(
+                        f"variant {v.name}: a source of its own does not fit a distro_kernel, whose modules must "
+                        "match the one image (give patches, a series or git.range instead)"
+                    )
+        return self
+
+    @field_validator("variants", "phases")
+    @classmethod
+    def _unique_names(cls, items: list) -> list:
+        names = [x.name for x in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"names must be unique, got {names}")
+        return items

@@ -1,0 +1,1 @@
+"""Kernels: sources, patches and variants resolved before anything builds, and cached builds."""

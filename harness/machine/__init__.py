@@ -1,0 +1,1 @@
+"""This host and the machines it starts: accelerator and topology decisions, QEMU command lines, guest roots."""

@@ -1,0 +1,154 @@
+"""The report's Markdown: the first screen, the verdict, evidence, the guests' view, attribution, delivery, health,
+plots, latency summary and how to reproduce - assembled from an Analysis (render.py formats the tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis import Analysis, health, stats
+from ..analysis.attribution import clock_summary
+from ..analysis.evidence import evidence_summary
+from ..config import Sampler
+from . import render
+
+
+def report_markdown(r: Analysis, plots: list[Path]) -> str:
+    m, cells = r.manifest, r.cells
+    missing = cells[cells["status"] != "complete"]
+    return "\n".join(
+        [
+            f"# {m.experiment} - run {m.run_id}",
+            "",
+            f"**Status: {'complete' if r.complete else 'INCOMPLETE'}** - "
+            f"{int((cells['status'] == 'complete').sum())} of "
+            f"{len(cells)} cells complete"
+            + (f"; missing or failed: {', '.join(missing['cell'])}" if len(missing) else ""),
+            "",
+            f"> {m.accel.banner}",
+            "",
+            *_first_screen(r),
+            *_attribution_screen(r),
+            f"Topology `{m.topology}`; variants "
+            + ", ".join(f"`{n}` ({b.summary()})" for n, b in m.builds.items())
+            + f"; order {m.order}.",
+            "",
+            "## Verdict",
+            "",
+            "Latency of single page touches in the guests whose memory the kernel under test shadow-pages; "
+            "one value per repetition, each variant against the baseline "
+            f"(`{m.baseline}`). *worse* = higher latency than the baseline.",
+            "",
+            f"**Validity: {stats.VALIDITY[m.tcg]}.**",
+            "",
+            render.verdict_markdown(r.ab),
+            "",
+            "## Evidence: did the shrinker run?",
+            "",
+            *evidence_summary(r.evidence, m.baseline),
+            "",
+            "## The guests' own view",
+            "",
+            "What each guest's kernel counted during the probe's passes: its major faults (its own swap and "
+            "file reads: none expected) and its vCPUs' steal time (what its hypervisor reports taking from them; "
+            "under TCG, QEMU reports it too).",
+            "",
+            render.guest_view_markdown(r.guest_view),
+            "",
+            "## Attribution: what each spike overlapped",
+            "",
+            _attribution_method(r),
+            "",
+            render.attribution_markdown(r.attribution.table),
+            "",
+            "## Pressure delivered, per phase",
+            "",
+            render.delivery_markdown(r.evidence),
+            "",
+            "## Health: boots, warm-up, cells",
+            "",
+            "Medians over cells [min-max], seconds (attempts: how many tries a cell took). Boot = QEMU start to "
+            "the agent ready; kernel = to the kernel's first log line of user space; warm-up = the probe's first "
+            f"pass. ⚠ marks a median more than {health.FAR:g}x the baseline's (either way).",
+            "",
+            render.health_markdown(r.health),
+            "",
+            "## Plots",
+            "",
+            *[f"![{p.stem}](plots/{p.name})\n" for p in plots],
+            "## Latency summary (all repetitions pooled, µs; 95% bootstrap CI over 1 s intervals)",
+            "",
+            render.summary_markdown(r.summary),
+            "",
+            "## Reproduce",
+            "",
+            f"```\n{m.reproduce or 'fab experiment --config ' + m.config_path}\n```",
+            "",
+            f"Regenerate this report: `fab report --run {r.run_dir}`. "
+            "Tables: `tables/*.parquet` (CSV twins beside them).",
+            "",
+        ]
+    )
+
+
+def _own_vm_zapped_method(sampler: Sampler) -> str:
+    """When this run read each VM's zap counters, i.e. what `own_vm_zapped` can see."""
+    if not sampler.trace_shrinker:
+        when = "around each debugfs scan write only (sampler.trace_shrinker is off: no other call is seen)"
+    elif sampler.zap_interval_s > 0:
+        when = (
+            f"within {sampler.zap_interval_s:g} s after the shrinker's calls (at most that often) and around each "
+            "debugfs scan write"
+        )
+    else:
+        when = (
+            f"with the first sample ({sampler.interval_s:g} s) after the shrinker's calls and around each debugfs "
+            "scan write"
+        )
+    return f"`own_vm_zapped`: its VM lost shadow pages while it lasted (its zap counters read {when}). "
+
+
+def _attribution_method(r: Analysis) -> str:
+    a = r.experiment.attribution
+    windows = r.attribution.spikes["window_ms"]
+    return (
+        f"A spike is a touch above its guest's p{a.spike_quantile * 100:g} of the undisturbed phases of the same "
+        "cell (and at least 1 ms, the probe's raw-record floor); its excess is its latency above that guest's "
+        "undisturbed p99. Each spike is matched to the cause events of the kernel under test it overlaps: a call "
+        "of the x86-mmu shrinker that freed shadow pages (`shrinker-zap`), the guest refaulting after one until its "
+        "probe has touched every page once more (`zap-refault`), a direct-reclaim stall of the guest's "
+        "QEMU (`direct-reclaim`), a rise of that QEMU's major faults within the sampler's interval (`swap-in`); "
+        "`none found` when none overlaps. A spike with several causes has its excess split equally among them. "
+        + _own_vm_zapped_method(r.experiment.sampler)
+        + f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
+        "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"
+        + render.clocks_line(clock_summary(r.frames["clocks"]), a.unmeasured_window_ms)
+    )
+
+
+def _attribution_screen(r: Analysis) -> list[str]:
+    """Per pressure phase: what share of the baseline's extra tail latency coincided with shrinker zapping."""
+    lines = render.attribution_lines(r.attribution.ab, r.manifest.baseline)
+    if not lines:
+        return []
+    return ["**What the baseline's extra tail latency coincided with** (see Attribution):", "", *lines, ""]
+
+
+def _first_screen(r: Analysis) -> list[str]:
+    """What makes this run's comparison weaker than it looks: said before the verdict."""
+    lines = []
+    for v in r.unmeasured:
+        lines.append(f"- **No latency samples from `{v}`**: the A/B table cannot compare it (see Health and cells).")
+    for (_variant, phase), why in r.undelivered.items():
+        lines.append(f"- **Phase `{phase}`: {why}**; its A/B rows are inconclusive.")
+    for _, st in stats.clock_stalls(r.frames["samples"]).iterrows():
+        lines.append(
+            f"- Probe clock: {st['touches']} touches of `{st['variant']}` {st['level']} read 0-1 ns (the guest's "
+            "clock did not advance between two reads): no latency, left out of the CCDF; see its clocksource "
+            "in the level's facts.json."
+        )
+    for _, h in health.far_from_baseline(r.health).iterrows():
+        lines.append(
+            f"- Health: `{h['variant']}` {h['level']} {h['figure']} median {h['median']:.1f} is "
+            f"{h['vs_baseline']:.1f}x the baseline's."
+        )
+    return [*lines, ""] if lines else []
