@@ -33,13 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import REPO_ROOT
-from harness.build import Builder
 from harness.config import load
-from harness.distro import packages_for
 from harness.errors import AccelError
 from harness.guest.probe import calibrate
-from harness.host import decide_accel, decide_rootfs
-from harness.manifest import record_path
+from harness.kernel.build import Builder
+from harness.kernel.distro import packages_for
+from harness.machine.host import decide_accel, decide_rootfs
+from harness.results.manifest import record_path
 from harness.util import default_cache
 
 QUICK = [
@@ -264,11 +264,11 @@ def bench_nested() -> None:
 
 def bench_analysis(run_dir: Path) -> None:
     """What a finished run costs to analyse (target: attribution < 30 s), and how well its clocks agreed."""
-    from harness import results
+    from harness.analysis.attribution import attribute, clock_summary
     from harness.config import Experiment
-    from harness.manifest import Manifest
     from harness.report import generate
-    from harness.report.attribution import attribute, clock_summary
+    from harness.results import tables as results
+    from harness.results.manifest import Manifest
 
     print(f"analysis of {run_dir}")
     with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as tmp:

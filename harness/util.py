@@ -6,9 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -103,28 +101,11 @@ TOOL_PACKAGES = {
     "xz": "xz-utils",
     "mkswap": "util-linux",
     "ssh": "openssh-client",
-    "sshd": "openssh-server",
     "perl": "perl",
     "openssl": "openssl",
 }
 # headers found by path rather than by a binary
 HEADER_PACKAGES = {"/usr/include/libelf.h": "libelf-dev", "/usr/include/openssl/ssl.h": "libssl-dev"}
-SETUP_PACKAGES = sorted(
-    set(TOOL_PACKAGES.values())
-    | set(HEADER_PACKAGES.values())
-    | {"build-essential", "python3", "python3-venv", "procps", "kmod", "iproute2", "rsync"}
-)
-
-
-DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")  # Debian policy 5.6.1
-
-
-def debian_packages(names: list[str]) -> list[str]:
-    """Package names as Debian allows them, nothing else: they reach apt-get on this and on lab hosts."""
-    bad = [n for n in names if not DEBIAN_PACKAGE.fullmatch(n)]
-    if bad:
-        raise HarnessError(f"setup: not Debian package names: {', '.join(map(repr, bad))}")
-    return names
 
 
 def which(tool: str) -> str | None:
@@ -204,49 +185,6 @@ def write_json(path: Path, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-GUEST_FILE_LIMIT = 1 << 30  # a guest's record files: hours of samples are a few hundred MB
-
-
-class GuestFileError(HarnessError):
-    """A file a guest wrote is no regular file, too large, or unreadable: data, never a crash."""
-
-
-def read_guest_file(path: Path, limit: int = GUEST_FILE_LIMIT, tail: int | None = None) -> str:
-    """A file a guest wrote, read as untrusted data: never through a link (O_NOFOLLOW), never a fifo or
-    device (it could block or never end), at most `limit` bytes (or only the last `tail`)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise GuestFileError(f"{path}: unreadable ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise GuestFileError(f"{path}: not a regular file")
-        if tail is not None and st.st_size > tail:
-            f.seek(st.st_size - tail)
-        elif st.st_size > limit:
-            raise GuestFileError(f"{path}: {st.st_size >> 20} MiB, over the {limit >> 20} MiB a guest may write")
-        return f.read(limit).decode(errors="replace")
-
-
-def defuse_guest_files(top: Path) -> list[str]:
-    """A guest's root writes its export as the host's root (9p security_model=none): once it is off, remove
-    what results have no use for and a local user could abuse (links, device nodes, fifos, sockets) and drop
-    setuid/setgid and group/other write bits. Returns what it changed, relative to top."""
-    changed = []
-    for dirpath, dirnames, filenames in os.walk(top):  # never follows links
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                os.unlink(path)
-                changed.append(os.path.relpath(path, top))
-            elif st.st_mode & 0o7022 & ~stat.S_ISVTX:
-                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o755)
-                changed.append(os.path.relpath(path, top))
-    return changed
 
 
 def read_json(path: Path) -> Any:

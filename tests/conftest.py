@@ -1,6 +1,7 @@
-"""Shared fixtures. Kernel tests share one build cache per run (NESTPRESS_CACHE), so every
-test kernel is built once. Set NESTPRESS_REQUIRE_KERNEL=1 (CI does) to turn a missing kernel
-source or QEMU into a failure instead of a skip."""
+"""Shared fixtures and helpers, and the tiers: tests/unit (no kernel, no ssh: the fast tier, `pytest tests/unit`),
+tests/kernel (real kernels, QEMU; marked `kernel`), tests/lab (fab through a real sshd; marked `ssh`). Kernel
+tests share one build cache per run (NESTPRESS_CACHE), so every test kernel is built once. Set
+NESTPRESS_REQUIRE_KERNEL=1 (CI does) to turn a missing kernel source or QEMU into a failure instead of a skip."""
 
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ from harness import REPO_ROOT
 from harness.config import load
 from harness.kernel.build import Builder
 
+TIERS = {"kernel": pytest.mark.kernel, "lab": pytest.mark.ssh}
 SRC_61 = Path("/usr/src/linux-source-6.1.tar.xz")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test of tests/kernel is a kernel test, every one of tests/lab an ssh test: -m selects by tier."""
+    for item in items:
+        tier = TIERS.get(Path(item.path).parent.name)
+        if tier is not None:
+            item.add_marker(tier)
+
+
 SRC_612 = Path("/usr/src/linux-source-6.12.tar.xz")
 
 
@@ -89,3 +101,10 @@ def assert_every_phase_delivered(evidence) -> None:
     assert evidence.loc[scan_on_patched, "delivery"].eq("not applicable").all()
     why = evidence[["cell", "phase", "delivery_reason"]]
     assert evidence.loc[~scan_on_patched, "delivery"].eq("delivered").all(), why
+
+
+def phase_row(evidence, variant: str, phase: str):
+    """The one evidence row of a variant's phase (a run of one repetition)."""
+    rows = evidence[(evidence["variant"] == variant) & (evidence["phase"] == phase)]
+    assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
+    return rows.iloc[0]

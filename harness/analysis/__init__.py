@@ -14,7 +14,7 @@ from ..results import tables as results
 from ..results.manifest import Manifest, cell_record
 from . import health, stats
 from .attribution import Attribution, attribute
-from .evidence import inapplicable, shrinker_evidence, shrinker_ran, undelivered
+from .evidence import inapplicable, phase_evidence, shrinker_ran, undelivered
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Analysis:
     complete: bool
     cells: pd.DataFrame  # one row per cell of the matrix, with its status
     ab: pd.DataFrame  # verdict rows: phase x level x metric, patched against baseline
-    evidence: pd.DataFrame  # per cell x phase: the shrinker and reclaim (evidence.shrinker_evidence)
+    evidence: pd.DataFrame  # per cell x phase: the shrinker, reclaim and delivery (evidence.phase_evidence)
     summary: pd.DataFrame  # latency percentiles per variant x phase x level
     health: pd.DataFrame  # boot, warm-up and cell times per variant x level (health.health_table)
     guest_view: pd.DataFrame  # major faults and steal the guests' own kernels saw, per variant x phase x level
@@ -48,7 +48,7 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
     manifest = Manifest.load(run_dir / "manifest.json")
     exp = Experiment.model_validate(manifest.expanded)
     cells = frames["cells"]
-    evidence = shrinker_evidence(frames, exp) if not frames["phases"].empty else pd.DataFrame()
+    evidence = phase_evidence(frames, exp) if not frames["phases"].empty else pd.DataFrame()
     base_ran = shrinker_ran(evidence, manifest.baseline) if not evidence.empty else False
     not_delivered = undelivered(evidence)
     variants = [v.name for v in exp.variants if any(c.variant == v.name for c in manifest.cells)]  # a shard's own

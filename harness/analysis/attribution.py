@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,18 +59,6 @@ class Attribution:
     vm_zaps: pd.DataFrame  # one row per step of a VM's zap counters: cell, guest (its L1), t0, t1, zapped, recycled
 
 
-def _detail(df: pd.DataFrame) -> pd.DataFrame:
-    """The events' JSON detail as columns."""
-    return pd.DataFrame([json.loads(d) for d in df["detail"]], index=df.index)
-
-
-def _number(detail: pd.DataFrame, field: str) -> pd.Series:
-    """A detail field as numbers (NaN where missing or not a number: the guest wrote it)."""
-    if field not in detail:
-        return pd.Series(np.nan, index=detail.index)
-    return pd.to_numeric(detail[field], errors="coerce")
-
-
 def thresholds(samples: pd.DataFrame, phases: pd.DataFrame, quantile: float) -> pd.DataFrame:
     """Per cell x guest: the spike threshold and the excess reference, from its undisturbed phases."""
     calm = phases.loc[phases["mode"] == "none", ["cell", "phase"]]
@@ -83,17 +70,17 @@ def thresholds(samples: pd.DataFrame, phases: pd.DataFrame, quantile: float) -> 
     return pd.DataFrame(rows, columns=["cell", "guest", "threshold_ns", "reference_ns"])
 
 
-def _pairs(events: pd.DataFrame, begin: str, end: str) -> pd.DataFrame:
-    """Begin/end events of one thread paired in order: cell, pid, t0, t1 and both details' fields (a run
-    recorded without thread ids pairs them per cell)."""
+def _pairs(trace: pd.DataFrame, begin: str, end: str) -> pd.DataFrame:
+    """Begin/end records of one thread paired in order: cell, pid, t0, t1, and the end's freed count and guest
+    (a run recorded without thread ids pairs them per cell)."""
     sides = []
     for kind in (begin, end):
-        e = events[events["kind"] == kind]
-        d = e[["cell", "t"]].join(_detail(e)) if len(e) else pd.DataFrame(columns=["cell", "t"])
-        d["pid"] = pd.to_numeric(d["pid"], errors="coerce").fillna(-1) if "pid" in d else -1
-        sides.append(d.sort_values("t").assign(n=lambda x: x.groupby(["cell", "pid"]).cumcount()))
-    m = sides[0].merge(sides[1], on=["cell", "pid", "n"], suffixes=("", "_end"))
-    return m[m["t_end"] >= m["t"]].rename(columns={"t": "t0", "t_end": "t1"})
+        d = trace.loc[trace["kind"] == kind, ["cell", "t", "pid", "freed", "guest"]]
+        d = d.assign(pid=pd.to_numeric(d["pid"], errors="coerce").fillna(-1)).sort_values("t")
+        sides.append(d.assign(n=d.groupby(["cell", "pid"]).cumcount()))
+    m = sides[0].merge(sides[1], on=["cell", "pid", "n"], suffixes=("_begin", ""))
+    m = m[m["t"] >= m["t_begin"]].rename(columns={"t_begin": "t0", "t": "t1"})
+    return m.assign(guest=m["guest"].fillna(m["guest_begin"]))
 
 
 def refault_windows(zaps: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
@@ -111,25 +98,21 @@ def refault_windows(zaps: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
 
 
-def cause_windows(events: pd.DataFrame, counters: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
+def cause_windows(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Every cause event of every cell as a time window (s since the cell's first phase)."""
-    kut = events[events["level"] == "kut"]
+    trace, pressure, counters, passes = frames["trace"], frames["pressure"], frames["counters"], frames["passes"]
     parts = []
-    zaps = _pairs(kut, "shrink_start", "shrink_end")
-    if "freed" in zaps:
-        zaps = zaps[pd.to_numeric(zaps["freed"], errors="coerce").fillna(0) > 0]
-        parts.append(zaps.assign(guest=None, cause=SHRINKER_ZAP)[WINDOW_COLUMNS])
-    scans = kut[kut["kind"] == "pressure.shrinker_scan"]  # debugfs scan writes call the shrinker without tracepoints
-    if len(scans):
-        took = _number(_detail(scans), "took_s")
-        scans = scans.assign(t0=scans["t"] - took, t1=scans["t"], guest=None, cause=SHRINKER_ZAP).dropna(subset="t0")
-        parts.append(scans[WINDOW_COLUMNS])
-    if parts:
-        refaults = refault_windows(pd.concat(parts), passes)
+    zaps = _pairs(trace, "shrink_start", "shrink_end")
+    zaps = zaps[zaps["freed"].fillna(0) > 0]
+    parts.append(zaps.assign(guest=None, cause=SHRINKER_ZAP)[WINDOW_COLUMNS])
+    scans = pressure[(pressure["kind"] == "shrinker_scan") & pressure["seconds"].notna()]  # no tracepoints there
+    parts.append(scans.assign(t0=scans["t"] - scans["seconds"], t1=scans["t"], guest=None, cause=SHRINKER_ZAP))
+    zapping = [p[WINDOW_COLUMNS] for p in parts if len(p)]
+    if zapping:
+        refaults = refault_windows(pd.concat(zapping), passes)
         parts.append(refaults[refaults["t1"] > refaults["t0"]])
-    stalls = _pairs(kut, "direct_reclaim_begin", "direct_reclaim_end")
-    if "guest" in stalls:
-        parts.append(stalls.assign(cause=DIRECT_RECLAIM)[WINDOW_COLUMNS])
+    stalls = _pairs(trace, "direct_reclaim_begin", "direct_reclaim_end")
+    parts.append(stalls[stalls["guest"].notna()].assign(cause=DIRECT_RECLAIM))
     faults = counters[counters["name"].str.startswith("qemu.") & counters["name"].str.endswith(".majflt")]
     for (cell, name), g in faults.groupby(["cell", "name"], sort=False):
         g = g.sort_values("t")
@@ -139,35 +122,14 @@ def cause_windows(events: pd.DataFrame, counters: pd.DataFrame, passes: pd.DataF
             idx = np.flatnonzero(rose)
             guest = str(name)[len("qemu.") : -len(".majflt")]
             parts.append(pd.DataFrame({"cell": cell, "guest": guest, "cause": SWAP_IN, "t0": t[idx - 1], "t1": t[idx]}))
-    parts = [p for p in parts if len(p)]
-    return pd.concat(parts, ignore_index=True)[WINDOW_COLUMNS] if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
-
-
-VM_ZAP_COLUMNS = ["cell", "guest", "t0", "t1", "zapped", "recycled"]
-
-
-def vm_zap_steps(events: pd.DataFrame) -> pd.DataFrame:
-    """Per-VM zap steps (the sampler's, and the shrinker-scan actor's around each debugfs write): the interval
-    each fell in, and the shadow pages zapped and recycled."""
-    z = events[(events["level"] == "kut") & events["kind"].isin(["vm_zap", "pressure.vm_zap"])]
-    if z.empty:
-        return pd.DataFrame(columns=VM_ZAP_COLUMNS)
-    d = _detail(z)
-    guest = d["guest"].astype(str) if "guest" in d else pd.Series("", index=z.index)
-    out = z.assign(
-        guest=guest,
-        t0=z["t"] - _number(d, "since_ns").fillna(0) / 1e9,
-        t1=z["t"],
-        zapped=_number(d, "zapped").fillna(0),
-        recycled=_number(d, "recycled").fillna(0),
-    )
-    return out[VM_ZAP_COLUMNS].reset_index(drop=True)
+    parts = [p[WINDOW_COLUMNS] for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
 
 
 def top_guests(events: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(cell, guest) -> the guest whose QEMU runs it in the kernel under test (itself for an L1; an L2's L1)."""
     boots = events[(events["kind"] == "boot_start") & (events["level"] == "l1")]
-    return {(c, json.loads(d).get("guest")): g for c, g, d in zip(boots["cell"], boots["guest"], boots["detail"])}
+    return {(c, str(child)): g for c, g, child in zip(boots["cell"], boots["guest"], boots["subject"])}
 
 
 def _overlaps(w: pd.DataFrame, a: np.ndarray, b: np.ndarray, slack: np.ndarray) -> np.ndarray:
@@ -205,10 +167,9 @@ def find_spikes(
     events, phases = frames["events"], frames["phases"]
     cols = ["variant", "repetition", "cell", "phase", "mode", "level", "guest", "t", "latency_ns", "excess_ns"]
     cols += [*CAUSES, "causes", "own_vm_zapped", "window_ms"]
-    raw = events[events["kind"] == "probe_outlier"]
+    raw = frames["outliers"]
     if raw.empty or phases.empty:
         return pd.DataFrame(columns=cols)
-    raw = raw.assign(latency_ns=_number(_detail(raw), "latency_ns")).dropna(subset="latency_ns")
     raw = raw.merge(thresholds(frames["samples"], phases, exp.attribution.spike_quantile), on=["cell", "guest"])
     raw = raw[raw["latency_ns"] > raw["threshold_ns"]]
     out = []
@@ -370,8 +331,8 @@ def clock_summary(clocks: pd.DataFrame) -> pd.DataFrame:
 
 def attribute(frames: dict[str, pd.DataFrame], exp: Experiment, baseline: str) -> Attribution:
     """Spikes, their causes, and the tables: from the run's tables alone."""
-    windows = cause_windows(frames["events"], frames["counters"], frames["passes"])
-    vm_zaps = vm_zap_steps(frames["events"])
+    windows = cause_windows(frames)
+    vm_zaps = frames["vm_zaps"]
     spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]), vm_zaps)
     levels = list(dict.fromkeys(frames["samples"]["level"])) if len(frames["samples"]) else []
     phases = frames["phases"].merge(frames["cells"].loc[frames["cells"]["status"] == "complete", ["cell"]], on="cell")

@@ -1,22 +1,22 @@
-"""Evidence, from the stored tables: per cell and phase, did the x86-mmu shrinker run and free shadow pages,
-what did reclaim do, (nested) how many shadow pages of the VM that runs L2 were zapped, and did the phase
-deliver the pressure its mode claims (delivery())."""
+"""Evidence, from the stored tables: per cell and phase, did the x86-mmu shrinker run and free shadow pages, what
+did reclaim do, (nested) how many shadow pages of the VM that runs L2 were zapped, and did the phase deliver the
+pressure its mode claims - judged by that mode (guest/modes/), from a PhaseEvidence of typed values."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
 from ..config import Experiment
-from ..guest.contract import EventKind, PressureMode
+from ..guest import modes
+from ..guest.contract import EventKind, LevelFacts, PressureRecord
+from ..guest.modes.base import Counters, PhaseEvidence, Series
 
-# the modes whose reclaim calls a non-memcg-aware shrinker (guest/pressure.py says why), as the tables spell them
-REACHES_SHRINKER = {
-    m.value
-    for m in (PressureMode.GLOBAL, PressureMode.DROP_CACHES, PressureMode.ROOT_RECLAIM, PressureMode.SHRINKER_SCAN)
-}
-DELTA_COUNTERS = {
+# the modes whose reclaim calls a non-memcg-aware shrinker (each mode says so of itself)
+REACHES_SHRINKER = {m.name for m in modes.MODES.values() if m.calls_global_shrinkers}
+RISES = {
     "kvm.mmu_recycled": "mmu_recycled",
     "kvm.mmu_shadow_zapped": "shadow_zapped",
     "vmstat.slabs_scanned": "slabs_scanned",
@@ -28,190 +28,135 @@ DELTA_COUNTERS = {
     "cgroup.pressure.events.high": "memcg_high_events",
 }
 DELIVERED, NOT_DELIVERED, NOT_APPLICABLE = "delivered", "not delivered", "not applicable"
-ACTOR_LEAD_S = 2.0
-EAGAIN = "Resource temporarily unavailable"  # strerror, as guest/pressure.py logs a failed write
+ACTOR_LEAD_S = 2.0  # an actor is ready, and may already act, a moment before the agent logs phase_start
 
 
-# -- evidence -------------------------------------------------------------------------------------
-def _delta(c: pd.DataFrame, name: str, t0: float, t1: float) -> float:
-    """Rise of a cumulative counter over a phase: from the last sample before it to the first sample after
-    it (which is when its last changes become visible). KVM stats restart at 0 when a VM exits, so only
-    rises are summed."""
-    s = c[c["name"] == name].sort_values("t")
-    before, inside, after = s[s["t"] <= t0].tail(1), s[(s["t"] > t0) & (s["t"] <= t1)], s[s["t"] > t1].head(1)
-    series = pd.concat([before, inside, after])["value"]
-    if len(series) < 2:
-        return float("nan")
-    d = series.diff().dropna()
-    return float(d[d > 0].sum())
-
-
-def l2_vms(events: pd.DataFrame, cell: str) -> dict[str, str]:
-    """KVM's per-VM debugfs directories (<pid>-<fd>) in the kernel under test of the L1 guests that run L2s:
-    the shadow pages of a nested L2 belong to its L1's VM there. vm prefix ("<pid>-") -> L1 guest name."""
-    e = events[events["cell"] == cell]
-    runs_l2 = set(e.loc[(e["level"] == "l1") & (e["kind"] == EventKind.BOOT_START.value), "guest"])
+def series(counters: pd.DataFrame) -> dict[str, Series]:
+    """One cell's counters, name -> its samples in time order."""
     out = {}
-    for d in e.loc[(e["level"] == "kut") & (e["kind"] == EventKind.BOOT_START.value), "detail"]:
-        started = json.loads(d)
-        if started.get("guest") in runs_l2 and started.get("pid"):
-            out[f"{started['pid']}-"] = started["guest"]
+    for name, g in counters.sort_values("t").groupby("name", sort=False):
+        out[str(name)] = Series(g["t"].tolist(), g["value"].astype(float).tolist())
     return out
 
 
-def _vm_delta(c: pd.DataFrame, vms: dict[str, str], stat: str, t0: float, t1: float) -> float:
-    names = [
-        n
-        for n in c["name"].unique()
-        if n.startswith("kvm_vm.")
-        and n.endswith("." + stat)
-        and any(n.split(".")[1].startswith(prefix) for prefix in vms)
+def l2_vms(events: pd.DataFrame) -> dict[str, str]:
+    """KVM's per-VM debugfs directories (<pid>-<fd>) in the kernel under test of the L1 guests that run L2s, for
+    one cell's events: the shadow pages of a nested L2 belong to its L1's VM there. "<pid>-" -> L1 guest name."""
+    boots = events[events["kind"] == EventKind.BOOT_START.value]
+    runs_l2 = set(boots.loc[boots["level"] == "l1", "guest"])
+    started = boots[(boots["level"] == "kut") & boots["subject"].isin(runs_l2) & boots["pid"].notna()]
+    return {f"{int(pid)}-": str(guest) for pid, guest in zip(started["pid"], started["subject"])}
+
+
+def _vm_rise(c: Counters, vms: dict[str, str], stat: str) -> float:
+    names = [n for n in c.series if n.startswith("kvm_vm.") and n.endswith("." + stat)]
+    mine = [n for n in names if any(n.split(".")[1].startswith(prefix) for prefix in vms)]
+    return float(sum(c.rise(n) for n in mine)) if mine else math.nan
+
+
+def _value(v):
+    """A table's value as the record had it: None where the table holds NaN or None, numpy scalars as Python's."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v.item() if hasattr(v, "item") else v
+
+
+def _records(pressure: pd.DataFrame) -> list[PressureRecord]:
+    """A phase's PressureRecords back from its rows of the `pressure` table (t in seconds there; not needed)."""
+    fields = ("mb", "count", "seconds", "ok", "error", "target")
+    return [
+        PressureRecord(t=0, mode=r["mode"], kind=r["kind"], **{f: _value(r[f]) for f in fields})
+        for r in pressure.to_dict("records")
     ]
-    return float(sum(_delta(c, n, t0, t1) for n in names)) if names else float("nan")
 
 
-def _count_drop(c: pd.DataFrame, t0: float, t1: float) -> float:
-    """How far the x86-mmu shrinker's count fell below its value at the start of the phase."""
-    s = c[c["name"] == "shrinker.x86_mmu_count"].sort_values("t")
-    before, inside = s[s["t"] <= t0].tail(1), s[(s["t"] > t0) & (s["t"] <= t1 + 1)]
-    if before.empty or inside.empty:
-        return float("nan")
-    return float(max(0.0, before["value"].iloc[0] - inside["value"].min()))
+def delivery(ev: PhaseEvidence, unavailable: str | None, actor_status: int | None, exp: Experiment) -> tuple[str, str]:
+    """(status, reason): did this phase of this cell deliver what its mode claims? A mode that does not exist on
+    the kernel that ran it is not applicable; otherwise its actor must have started and lasted the phase, the
+    sampler must have seen it, and the mode's own check (Mode.shortfalls) must find nothing missing."""
+    mode = modes.get(ev.mode)
+    if why := mode.inapplicable(ev):
+        return NOT_APPLICABLE, why
+    if unavailable:
+        return NOT_DELIVERED, unavailable
+    if math.isnan(ev.counters.scans()):
+        return NOT_DELIVERED, "no counter samples around the phase"
+    missing = []
+    if mode.acts and actor_status is None:
+        missing.append("its pressure actor never started")
+    elif actor_status:  # a healthy actor ends on the agent's SIGTERM with status 0
+        killed = " (killed: OOM in its group?)" if actor_status == -9 else ""
+        missing.append(f"its pressure actor ended early with status {actor_status}{killed}")
+    missing += mode.shortfalls(ev, exp.pressure.knobs(mode.name))
+    return (NOT_DELIVERED, "; ".join(missing)) if missing else (DELIVERED, "")
 
 
-def _min_mb(c: pd.DataFrame, name: str, t0: float, t1: float) -> float:
-    s = c.loc[(c["name"] == name) & (c["t"] >= t0) & (c["t"] <= t1), "value"]
-    return float(s.min()) / 1024 if len(s) else float("nan")
+def _phase_row(
+    ph: dict, c: Counters, frames: dict[str, pd.DataFrame], facts: LevelFacts | None, exp: Experiment
+) -> dict:
+    """One cell x phase: frames are that cell's rows of the tables."""
+    t0, t1 = ph["t_start"], ph["t_end"]
+    trace, events, pressure = frames["trace"], frames["events"], frames["pressure"]
+    inside = trace[(trace["t"] >= t0) & (trace["t"] < t1 + 1)]
+    own = pressure[(pressure["mode"] == ph["mode"]) & (pressure["t"] >= t0 - ACTOR_LEAD_S) & (pressure["t"] < t1 + 1)]
+    said = events[(events["mode"] == ph["mode"]) & (events["t"] >= t0 - ACTOR_LEAD_S) & (events["t"] < t1 + 1)]
+    unavailable = "; ".join(said.loc[said["kind"] == EventKind.PRESSURE_UNAVAILABLE.value, "reason"].dropna())
+    stops = said.loc[said["kind"] == EventKind.PRESSURE_STOP.value, "status"].dropna().astype(int).tolist()
+    actor_status = next((s for s in stops if s != 0), 0 if stops else None)
+    ev = PhaseEvidence(mode=ph["mode"], counters=c, records=_records(own), facts=facts)
+    faults = [n for n in c.series if n.startswith("qemu.") and n.endswith(".majflt")]
+    vms = l2_vms(events)
+    row = {
+        "cell": ph["cell"],
+        "variant": ph["variant"],
+        "repetition": ph["repetition"],
+        "phase": ph["phase"],
+        "mode": ph["mode"],
+        "shrinker_present": facts.has_kvm_shrinker if facts else None,
+        # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file (which bypasses
+        # do_shrink_slab and so its tracepoints)
+        "shrinker_calls": int((inside["kind"] == "shrink_start").sum() + (own["kind"] == "shrinker_scan").sum()),
+        "shrinker_freed": int(inside.loc[inside["kind"] == "shrink_end", "freed"].fillna(0).sum()),
+        # the other causes a guest's touch may wait on: its QEMU's threads stalled in direct reclaim (traced),
+        # and its QEMU's major faults (swap-ins of guest RAM among them)
+        "guest_reclaim_stalls": int((inside["kind"] == "direct_reclaim_begin").sum()),
+        "guest_qemu_majflt": float(sum(c.rise(n) for n in faults)) if faults else math.nan,
+        **{label: c.rise(name) for name, label in RISES.items()},
+        "x86_mmu_count_drop": c.fall("shrinker.x86_mmu_count"),
+        "mem_available_min_mb": c.low("meminfo.MemAvailable_kb") / 1024,
+        "unavailable": unavailable or None,
+        "actor_status": actor_status,
+        "l2_vm": ", ".join(sorted(set(vms.values()))) or None,
+        "l2_vm_shadow_zapped": _vm_rise(c, vms, "mmu_shadow_zapped") if vms else math.nan,
+        "l2_vm_recycled": _vm_rise(c, vms, "mmu_recycled") if vms else math.nan,
+        "delivered_on": modes.get(ph["mode"]).shown(ev),
+    }
+    row["delivery"], row["delivery_reason"] = delivery(ev, unavailable or None, actor_status, exp)
+    return row
 
 
-def shrinker_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.DataFrame:
+def kut_facts(cells: pd.DataFrame) -> dict[str, LevelFacts]:
+    """Each cell's kernel under test's LevelFacts, from the cells table (stored as JSON, checked again here)."""
+    out = {}
+    for cell, text in zip(cells["cell"], cells.get("kut_facts", pd.Series(None, index=cells.index))):
+        if isinstance(text, str):
+            out[str(cell)] = LevelFacts.from_guest(json.loads(text))
+    return out
+
+
+def phase_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.DataFrame:
     """Per cell x phase: did the x86-mmu shrinker run (invocations, zaps), what reclaim did, and whether the phase
     delivered its pressure. In the nested topology also the shadow pages zapped in the VM that runs L2 (its L1's
     VM in the kernel under test)."""
-    phases, counters, events, cells = frames["phases"], frames["counters"], frames["events"], frames["cells"]
+    facts = kut_facts(frames["cells"])
     rows = []
-    for _, ph in phases.iterrows():
-        c = counters[counters["cell"] == ph["cell"]] if not counters.empty else counters
-        e = (
-            events[(events["cell"] == ph["cell"]) & (events["t"] >= ph["t_start"]) & (events["t"] < ph["t_end"] + 1)]
-            if not events.empty
-            else events
-        )
-        # what the phase's own pressure actor and the agent said of it, from its start: the actor is ready,
-        # and may already act, a moment before the agent logs phase_start
-        own = (
-            events[
-                (events["cell"] == ph["cell"])
-                & (events["t"] >= ph["t_start"] - ACTOR_LEAD_S)
-                & (events["t"] < ph["t_end"] + 1)
-                & events["detail"].str.contains(f'"mode": "{ph["mode"]}"', regex=False)
-            ]
-            if not events.empty
-            else events
-        )
-        present = cells.loc[cells["cell"] == ph["cell"], "x86_mmu_shrinker_present"]
-        row = {
-            "cell": ph["cell"],
-            "variant": ph["variant"],
-            "repetition": ph["repetition"],
-            "phase": ph["phase"],
-            "mode": ph["mode"],
-            "shrinker_present": bool(present.iloc[0]) if len(present) else None,
-            # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file
-            # (which bypasses do_shrink_slab and so its tracepoints)
-            "shrinker_calls": int((e["kind"] == "shrink_start").sum() + (own["kind"] == "pressure.shrinker_scan").sum())
-            if not e.empty
-            else 0,
-            "shrinker_freed": int(
-                sum(json.loads(d).get("freed", 0) for d in e.loc[e["kind"] == "shrink_end", "detail"])
-            )
-            if not e.empty
-            else 0,
-            # the other causes a guest's touch may wait on: its QEMU's threads stalled in direct reclaim (traced),
-            # and its QEMU's major faults (swap-ins of guest RAM among them)
-            "guest_reclaim_stalls": int((e["kind"] == "direct_reclaim_begin").sum()) if not e.empty else 0,
+    for cell, phases in frames["phases"].groupby("cell", sort=False):
+        mine = {
+            name: frames[name][frames[name]["cell"] == cell] for name in ("counters", "trace", "events", "pressure")
         }
-        faults = [n for n in c["name"].unique() if n.startswith("qemu.") and n.endswith(".majflt")] if len(c) else []
-        row["guest_qemu_majflt"] = (
-            float(sum(_delta(c, n, ph["t_start"], ph["t_end"]) for n in faults)) if faults else float("nan")
-        )
-        for name, label in DELTA_COUNTERS.items():
-            row[label] = _delta(c, name, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
-        row["x86_mmu_count_drop"] = _count_drop(c, ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
-        row["mem_available_min_mb"] = (
-            _min_mb(c, "meminfo.MemAvailable_kb", ph["t_start"], ph["t_end"]) if not c.empty else float("nan")
-        )
-        writes = [json.loads(d) for d in own.loc[own["kind"] == "pressure.root_reclaim", "detail"]]
-        row["root_reclaim_requests"] = int((own["kind"] == "pressure.root_reclaim_request").sum())
-        # EAGAIN: less was reclaimable than asked, after reclaiming what was; any other error is a refusal
-        row["root_reclaim_refused"] = "; ".join(
-            sorted({str(w.get("error")) for w in writes if w.get("ok") is False and w.get("error") != EAGAIN})
-        )
-        said = own.loc[own["kind"] == EventKind.PRESSURE_UNAVAILABLE.value, "detail"]
-        row["unavailable"] = "; ".join(json.loads(d).get("reason", "") for d in said) or None
-        stops = own.loc[own["kind"] == EventKind.PRESSURE_STOP.value, "detail"]
-        ended = [json.loads(d).get("status") for d in stops]
-        row["actor_status"] = next((s for s in ended if s != 0), 0 if ended else None)
-        vms = l2_vms(events, ph["cell"]) if not events.empty else {}
-        row["l2_vm"] = ", ".join(sorted(set(vms.values()))) or None
-        for stat, label in (("mmu_shadow_zapped", "l2_vm_shadow_zapped"), ("mmu_recycled", "l2_vm_recycled")):
-            row[label] = _vm_delta(c, vms, stat, ph["t_start"], ph["t_end"]) if vms and not c.empty else float("nan")
-        row["delivery"], row["delivery_reason"] = delivery(row, exp)
-        rows.append(row)
+        cell_series = series(mine["counters"])
+        for ph in phases.to_dict("records"):
+            c = Counters(cell_series, float(ph["t_start"]), float(ph["t_end"]))
+            rows.append(_phase_row(ph, c, mine, facts.get(str(cell)), exp))
     return pd.DataFrame(rows)
-
-
-def delivery(row: dict, exp: Experiment) -> tuple[str, str]:
-    """(status, reason): did this phase of this cell deliver what its mode claims, by the sampler's counters?
-    `none` claims quiet (no global reclaim); shrinker-scan on a kernel without the shrinker is not applicable."""
-    mode = row["mode"]
-    scans = row["pgscan_kswapd"] + row["pgscan_direct"]
-    if mode == PressureMode.SHRINKER_SCAN.value and row["shrinker_present"] is False:
-        return NOT_APPLICABLE, "no x86-mmu shrinker in this kernel: nothing to scan"
-    if row["unavailable"]:
-        return NOT_DELIVERED, row["unavailable"]
-    if pd.isna(scans):
-        return NOT_DELIVERED, "no counter samples around the phase"
-    missing = []
-    if mode != PressureMode.NONE.value and row["actor_status"] is None:
-        missing.append("its pressure actor never started")
-    elif row["actor_status"]:  # a healthy actor ends on the agent's SIGTERM with status 0
-        missing.append(
-            f"its pressure actor ended early with status {row['actor_status']}"
-            + (" (killed: OOM in its group?)" if row["actor_status"] == -9 else "")
-        )
-    if mode == PressureMode.GLOBAL.value:
-        target = exp.pressure.global_.target_available_mb
-        if scans <= 0:
-            missing.append("global reclaim never scanned (pgscan kswapd+direct +0)")
-        if not row["mem_available_min_mb"] <= target:
-            missing.append(f"MemAvailable stayed at {row['mem_available_min_mb']:.0f} MB or more (target {target} MB)")
-    elif mode == PressureMode.DROP_CACHES.value:
-        if not row["drop_slab"] > 0:
-            missing.append("drop_slab did not rise")
-    elif mode == PressureMode.ROOT_RECLAIM.value:
-        if row["root_reclaim_requests"] == 0:
-            missing.append("no write to the root memory.reclaim was made")
-        if row["root_reclaim_refused"]:
-            missing.append(f"writes to the root memory.reclaim were refused: {row['root_reclaim_refused']}")
-        if not scans + row["slabs_scanned"] > 0:
-            missing.append("no reclaim scan")
-    elif mode == PressureMode.SHRINKER_SCAN.value:
-        if not zapped(pd.DataFrame([row])).iloc[0]:
-            missing.append("the x86-mmu shrinker freed nothing (count did not fall, mmu_recycled +0)")
-    elif mode == PressureMode.MEMCG_LIMIT.value:
-        events = (0 if pd.isna(row["memcg_max_events"]) else row["memcg_max_events"]) + (
-            0 if pd.isna(row["memcg_high_events"]) else row["memcg_high_events"]
-        )
-        if events < exp.checks.memcg_min_events:
-            missing.append(
-                f"memory.events max+high +{events:.0f} in the hog's group (need {exp.checks.memcg_min_events})"
-            )
-        if scans > 0:
-            missing.append(f"global reclaim ran (+{scans:.0f} pages scanned): not a memcg-confined control")
-    elif mode == PressureMode.NONE.value and scans > 0:
-        missing.append(f"global reclaim ran (+{scans:.0f} pages scanned) in a phase without pressure")
-    return (NOT_DELIVERED, "; ".join(missing)) if missing else (DELIVERED, "")
 
 
 def undelivered(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -253,74 +198,3 @@ def zapped(rows: pd.DataFrame) -> pd.Series:
 def shrinker_ran(evidence: pd.DataFrame, variant: str) -> bool:
     v = evidence[(evidence["variant"] == variant) & evidence["mode"].isin(REACHES_SHRINKER)]
     return bool(zapped(v).any()) if not v.empty else False
-
-
-def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
-    lines = []
-    if evidence.empty:
-        return ["No phase completed: there is no evidence either way."]
-    for variant, g in evidence.groupby("variant", sort=False):
-        present = g["shrinker_present"].dropna().unique()
-        pres = "present" if list(present) == [True] else "absent" if list(present) == [False] else "mixed/unknown"
-        lines += ["", f"**{variant}**: x86-mmu shrinker {pres} in the kernel under test (debugfs + kallsyms).", ""]
-        for mode, m in g.groupby("mode", sort=False):
-            if mode == "none":
-                continue
-            l2 = (
-                f", in the VM that runs L2 ({m['l2_vm'].dropna().iloc[0]}) shadow pages zapped "
-                f"+{m['l2_vm_shadow_zapped'].sum():.0f}"
-                if m["l2_vm"].notna().any()
-                else ""
-            )
-            lines.append(
-                f"- `{mode}` phases ({len(m)}): shrinker calls {int(m['shrinker_calls'].sum())}, "
-                f"objects freed {int(m['shrinker_freed'].sum())}, "
-                f"mmu_recycled +{m['mmu_recycled'].sum():.0f}, "
-                + (
-                    f"x86-mmu count fell by {m['x86_mmu_count_drop'].sum():.0f}"
-                    if m["x86_mmu_count_drop"].notna().any()
-                    else "no x86-mmu count in debugfs"
-                )
-                + f"{l2}, "
-                f"slabs_scanned +{m['slabs_scanned'].sum():.0f}, pgscan kswapd/direct "
-                f"+{m['pgscan_kswapd'].sum():.0f}/+{m['pgscan_direct'].sum():.0f}, "
-                f"memcg max events +{m['memcg_max_events'].sum():.0f}; guests' QEMU: direct-reclaim stalls "
-                f"{int(m['guest_reclaim_stalls'].sum())}, major faults +{m['guest_qemu_majflt'].sum():.0f}"
-            )
-    lines.append("")
-    base_ran = shrinker_ran(evidence, baseline)
-    reach = evidence[(evidence["variant"] == baseline) & evidence["mode"].isin(REACHES_SHRINKER)]
-    if not base_ran:
-        lines.append(
-            "**INCONCLUSIVE**: the baseline's x86-mmu shrinker never freed a shadow page - pressure too weak "
-            "or shadow footprint too small; this run cannot show what removing it changes."
-        )
-    elif not reach.empty:
-        lines.append(
-            f"Baseline: the shrinker freed shadow pages ({int(reach['shrinker_calls'].sum())} calls, "
-            f"mmu_recycled +{reach['mmu_recycled'].sum():.0f}, count fell by "
-            f"{reach['x86_mmu_count_drop'].sum():.0f} in phases that reach it); phases where it did: "
-            + ", ".join(sorted(set(reach.loc[zapped(reach), "phase"])))
-            + "."
-        )
-    others = evidence[evidence["variant"] != baseline]
-    if not others.empty:
-        ok = (others["shrinker_calls"].sum() == 0) and not zapped(others).any()
-        lines.append(
-            "Patched: no shrinker calls and no mmu_recycled zapping."
-            if ok
-            else f"Patched: shrinker activity seen ({int(others['shrinker_calls'].sum())} calls, mmu_recycled "
-            f"+{others['mmu_recycled'].sum():.0f}) - check that the patch took effect."
-        )
-    ctrl = evidence[evidence["mode"] == PressureMode.MEMCG_LIMIT.value]
-    if not ctrl.empty:
-        lines.append(
-            "Control (memcg-limit): "
-            + (
-                "no shrinker activity in any variant, as expected."
-                if ctrl["shrinker_calls"].sum() == 0
-                else f"{int(ctrl['shrinker_calls'].sum())} shrinker calls - the "
-                "control caused global reclaim; tighten memcg_limit_mb."
-            )
-        )
-    return lines

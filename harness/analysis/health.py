@@ -3,8 +3,6 @@ section), with a variant far from the baseline called out."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
@@ -31,17 +29,13 @@ def boot_times(events: pd.DataFrame, cells: pd.DataFrame, records: dict[str, Cel
                     "kernel_s": r.kut_kernel_s,
                 }
             )
-    ready = events[events["kind"] == EventKind.BOOT_READY.value] if not events.empty else events
-    for _, e in ready.iterrows():
-        d = json.loads(e["detail"])
+    ready = events[events["kind"] == EventKind.BOOT_READY.value]
+    for e in ready.to_dict("records"):
+        level = CHILD_LEVEL.get(e["level"], "?")
         rows.append(
             {
-                "cell": e["cell"],
-                "variant": e["variant"],
-                "level": CHILD_LEVEL.get(e["level"], "?"),
-                "guest": d.get("guest"),
-                "ready_s": d.get("seconds"),
-                "kernel_s": d.get("kernel_s"),
+                **{k: e[k] for k in ("cell", "variant")},
+                **{"level": level, "guest": e["subject"], "ready_s": e["seconds"], "kernel_s": e["kernel_s"]},
             }
         )
     return pd.DataFrame(rows, columns=["cell", "variant", "level", "guest", "ready_s", "kernel_s"])

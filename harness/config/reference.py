@@ -38,7 +38,8 @@ def schema_reference() -> str:
             if "enum" in spec:
                 kind = " \\| ".join(map(str, spec["enum"]))
             elif "anyOf" in spec and any("enum" in x for x in spec["anyOf"]):
-                kind = " \\| ".join(str(v) for x in spec["anyOf"] for v in x.get("enum", [])) + " (or a list)"
+                kinds = [str(v) for x in spec["anyOf"] for v in x.get("enum", [x.get("type", "?")])]
+                kind = " \\| ".join(kinds)
             if spec.get("axis"):
                 kind += " (axis: a list expands the matrix)"
             default = "required" if name in required else json.dumps(spec.get("default")) if "default" in spec else ""

@@ -7,13 +7,13 @@ cells (matrix.py). The config reference in the docs is generated from these mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..guest.contract import PressureMode
 from .base import Strict, axis
 from .kernels import DistroKernel, KernelConfig, Source, Variant
+from .pressure import ModeName, Pressure, upgrade
 
 TopologyKind = Literal["auto", "nested", "shadow"]
 ProbeLevel = Literal["l1", "l2"]
@@ -90,48 +90,17 @@ class Workload(Strict):
     )
 
 
-class GlobalPressure(Strict):
-    target_available_mb: int = Field(
-        96, ge=16, description="in the phase the hog grows until MemAvailable falls to this and reclaim scans start"
-    )
-    overshoot_mb: int = Field(384, ge=0, description="then grows this much further into swap")
-    headroom_mb: int = Field(
-        256,
-        ge=0,
-        description="before the phase starts the hog takes free memory down to target + this (no pressure yet), "
-        "so that the phase itself is reclaim however much memory the kernel under test had free",
-    )
-    chunk_mb: int = Field(32, ge=1)
-    ramp_s: float = Field(5.0, ge=0, description="spreads the in-phase growth (headroom + overshoot) over this")
-
-
-class Pressure(Strict):
-    mode: PressureMode = axis(PressureMode.GLOBAL, description="what makes the kernel under test reclaim")
-    global_: GlobalPressure = Field(GlobalPressure(), alias="global")
-    drop_caches_period_s: float = Field(3.0, gt=0)
-    root_reclaim_mb: int = Field(256, ge=1, description="bytes asked per write to the root memory.reclaim")
-    root_reclaim_period_s: float = Field(3.0, gt=0)
-    shrinker_scan_objects: int = Field(1024, ge=1, description="objects asked per debugfs scan write")
-    shrinker_scan_period_s: float = Field(3.0, gt=0)
-    memcg_limit_mb: int = Field(
-        64, ge=8, description="memory.high of the control hog's group (its memory.max: this + the hog + 64 MiB)"
-    )
-    memcg_hog_mb: int = Field(512, ge=8, description="what the control hog tries to allocate")
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
-
-
 class Phase(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     duration_s: float = Field(gt=0)
-    pressure: bool | PressureMode = Field(
+    pressure: bool | ModeName = Field(
         False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone"
     )
 
-    def mode(self, cell_mode: PressureMode) -> PressureMode:
+    def mode(self, cell_mode: str) -> str:
         if self.pressure is True:
             return cell_mode
-        return PressureMode(self.pressure) if self.pressure else PressureMode.NONE
+        return str(self.pressure) if self.pressure else "none"
 
 
 class Sampler(Strict):
@@ -178,9 +147,6 @@ class Checks(Strict):
     )
     max_probe_gap_s: float = Field(
         30.0, gt=0, description="longest silence of a probe during the phases before its guest counts as stalled"
-    )
-    memcg_min_events: int = Field(
-        50, ge=1, description="memory.events max+high the memcg-limit control must raise in its group"
     )
 
 
@@ -266,6 +232,15 @@ class Experiment(Strict):
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_spellings(cls, data: Any) -> Any:
+        return upgrade(data)
+
+    def modes_used(self) -> list[str]:
+        """The pressure modes its phases use, in the order they first run."""
+        return list(dict.fromkeys(p.mode(self.pressure.mode) for p in self.phases))
 
     @field_validator("output")
     @classmethod

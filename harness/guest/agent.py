@@ -26,7 +26,19 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clock import PTP_KVM, READY_METHOD, VIRTIO_SERIAL, own_clock, serve_port
-from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
+from contract import (
+    OUT,
+    PATH,
+    ContractError,
+    Event,
+    EventKind,
+    ExitKind,
+    ExitRecord,
+    GuestPlan,
+    LevelFacts,
+    ProbeJob,
+    SamplerJob,
+)
 from pressure import PreflightError, PressureRun, preflight
 from supervise import Child, lock_in_memory, read, stop_all, tail
 
@@ -71,9 +83,9 @@ class Events:
         self._lock = threading.Lock()
 
     def __call__(self, kind: EventKind, **fields) -> None:
-        rec = {"t": time.time_ns(), "mono": time.monotonic_ns(), "kind": kind.value, **fields}
+        line = Event(t=time.time_ns(), mono=time.monotonic_ns(), kind=kind, **fields).to_json()
         with self._lock:
-            self._f.write(json.dumps(rec) + "\n")
+            self._f.write(line + "\n")
 
 
 def copy_kmsg(dest: str) -> None:
@@ -97,7 +109,7 @@ def copy_kmsg(dest: str) -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-def level_facts(plan: GuestPlan) -> dict:
+def level_facts(plan: GuestPlan) -> LevelFacts:
     """What makes this level's numbers mean what we say: KVM, nesting, TDP, and who runs us."""
     kmsg = read(os.path.join(OUT, "kmsg.log"))
     cpuinfo = read("/proc/cpuinfo")
@@ -118,27 +130,25 @@ def level_facts(plan: GuestPlan) -> dict:
     shrinkers = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
     kallsyms = read("/proc/kallsyms")
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
-    return {
-        "name": plan.name,
-        "level": plan.level,
-        "uname": os.uname().release,
-        "cpu_flags": flags,
-        "kvm_device": os.path.exists("/dev/kvm"),
-        "kvm_vendor": next(
-            (v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")), None
-        ),
-        "kvm_params": params,
-        "runs_on_kvm": "Hypervisor detected: KVM" in kmsg,
-        "hypervisor_line": next((l for l in kmsg.splitlines() if "Hypervisor detected" in l), None),
-        "x86_mmu_shrinker_dirs": [os.path.basename(s) for s in shrinkers],
-        "mmu_shrink_scan_in_kallsyms": " mmu_shrink_scan" in kallsyms,
-        "mem_total_kb": int(mem.get("MemTotal", "0 kB").split()[0]),
-        "swap_total_kb": int(mem.get("SwapTotal", "0 kB").split()[0]),
-        "memory_reclaim_root": os.path.exists("/sys/fs/cgroup/memory.reclaim"),
-        "cmdline": read("/proc/cmdline"),
-        "clocksource": read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
-        "rootfs": next((l.split()[2] for l in read("/proc/self/mounts").splitlines() if l.split()[1] == "/"), None),
-    }
+    return LevelFacts(
+        name=plan.name,
+        level=plan.level,
+        uname=os.uname().release,
+        cpu_flags=flags,
+        kvm_device=os.path.exists("/dev/kvm"),
+        kvm_vendor=next((v for v in ("kvm_amd", "kvm_intel") if os.path.exists(f"/sys/module/{v}/parameters")), None),
+        kvm_params=params,
+        runs_on_kvm="Hypervisor detected: KVM" in kmsg,
+        hypervisor_line=next((l for l in kmsg.splitlines() if "Hypervisor detected" in l), None),
+        x86_mmu_shrinker_dirs=[os.path.basename(s) for s in shrinkers],
+        mmu_shrink_scan_in_kallsyms=" mmu_shrink_scan" in kallsyms,
+        mem_total_kb=int(mem.get("MemTotal", "0 kB").split()[0]),
+        swap_total_kb=int(mem.get("SwapTotal", "0 kB").split()[0]),
+        memory_reclaim_root=os.path.exists("/sys/fs/cgroup/memory.reclaim"),
+        cmdline=read("/proc/cmdline"),
+        clocksource=read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
+        rootfs=next((l.split()[2] for l in read("/proc/self/mounts").splitlines() if l.split()[1] == "/"), None),
+    )
 
 
 RTC_RD_TIME = 0x80247009  # _IOR('p', 0x09, struct rtc_time)
@@ -381,17 +391,17 @@ def conduct(plan: GuestPlan, kids: list[Child], ev: Events) -> None:
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
     for phase in schedule.phases:
-        pr = PressureRun(phase.mode, schedule.pressure, f"{plan.run_id}-{phase.name}", OUT, ev)
+        pr = PressureRun(phase.mode, schedule.pressure.get(phase.mode, {}), f"{plan.run_id}-{phase.name}", OUT, ev)
         try:
             pr.start()
-            ev(EventKind.PHASE_START, phase=phase.name, mode=phase.mode.value, duration_s=phase.duration_s)
+            ev(EventKind.PHASE_START, phase=phase.name, mode=phase.mode, duration_s=phase.duration_s)
             end = time.monotonic() + phase.duration_s
             while time.monotonic() < end:
                 report_deaths(kids, ev)
                 time.sleep(min(0.5, max(0.0, end - time.monotonic())))
         finally:
             pr.stop()
-            ev(EventKind.PHASE_END, phase=phase.name, mode=phase.mode.value)
+            ev(EventKind.PHASE_END, phase=phase.name, mode=phase.mode)
 
 
 def wait_for_stop(plan: GuestPlan, kids: list[Child], probe: subprocess.Popen | None, ev: Events) -> None:
@@ -453,8 +463,7 @@ def main() -> int:
         if plan.swap_device:
             enable_swap(plan.swap_device, ev)
         time.sleep(0.2)  # let the kmsg pump catch up before facts read it
-        with open(os.path.join(OUT, "facts.json"), "w") as facts:
-            json.dump(level_facts(plan), facts, indent=1)
+        level_facts(plan).save(os.path.join(OUT, "facts.json"))
         own, how = own_clock(os.path.join(OUT, "clock.jsonl"))  # its parent measures it unless it can do better
         ev(EventKind.CLOCK, method=PTP_KVM if own else VIRTIO_SERIAL, detail=how)
         with open(os.path.join(OUT, "ready.json"), "w") as ready:

@@ -12,10 +12,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
+
+try:
+    from . import modes  # as harness.guest.contract
+except ImportError:  # in a guest: its directory is sys.path[0]
+    import modes  # type: ignore[no-redef]
 
 VERSION = 1
 OUT = "/run/nestpress/out"  # where every agent mounts its results export (9p tag `nestout`)
@@ -25,15 +31,6 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the age
 
 class ContractError(ValueError):
     """A record that does not fit the contract (another version, a missing or unknown field, a wrong type)."""
-
-
-class PressureMode(enum.StrEnum):
-    NONE = "none"
-    GLOBAL = "global"
-    DROP_CACHES = "drop-caches"
-    ROOT_RECLAIM = "root-reclaim"
-    SHRINKER_SCAN = "shrinker-scan"
-    MEMCG_LIMIT = "memcg-limit"
 
 
 class EventKind(enum.StrEnum):
@@ -71,13 +68,34 @@ class ExitKind(enum.StrEnum):
     ERROR = "error"
 
 
+MAX_INT = 1 << 63  # a count, a size or a time in ns beyond this is no measurement
+
+
+def _scalar(tp, value, where: str):
+    """A number, a bool or a string as tp: a bool is no number, an int may stand for a float, a number is finite and
+    within MAX_INT."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    fits = number if tp is float else isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not fits:
+        raise ContractError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {str(value)[:80]!r}")
+    if number and not (-MAX_INT < value < MAX_INT and (isinstance(value, int) or math.isfinite(value))):
+        raise ContractError(f"{where}: {str(value)[:40]} is not a finite number within +-2**63")
+    return float(value) if tp is float else value
+
+
 def _convert(tp, value, where: str):
-    """value as type tp, recursively (dataclasses, enums, lists, dicts, optionals); ContractError otherwise."""
+    """value as type tp, recursively (dataclasses, enums, lists, dicts, unions); ContractError otherwise."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _convert(next(a for a in args if a is not type(None)), value, where)
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _convert(member, value, where)
+            except ContractError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ContractError(f"{where}: {str(value)[:80]!r} is not a {tp}")
     if origin is list:
         if not isinstance(value, list):
             raise ContractError(f"{where}: expected a list, got {type(value).__name__}")
@@ -90,23 +108,26 @@ def _convert(tp, value, where: str):
         try:
             return tp(value)
         except ValueError:
-            raise ContractError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
+            raise ContractError(f"{where}: {str(value)[:80]!r} is not one of {[m.value for m in tp]}") from None
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float, bool, str):
+        return _scalar(tp, value, where)
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ContractError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ContractError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
     return value
 
 
-def _from_dict(cls, data, where: str):
+def _from_dict(cls, data, where: str, lenient: bool = False):
+    """cls from a mapping; lenient: fields it does not know are left out (a guest's records, which an older or newer
+    agent may have written), else they are an error (what the host hands a guest)."""
     if not isinstance(data, dict):
         raise ContractError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {cls.ALIASES.get(k, k): v for k, v in data.items()} if getattr(cls, "ALIASES", None) else data
     unknown = set(data) - names
-    if unknown:
+    if unknown and not lenient:
         raise ContractError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -118,10 +139,15 @@ def _from_dict(cls, data, where: str):
 
 
 class Record:
-    """A dataclass that travels as JSON: to_json() on one side, from_json() (checked) on the other."""
+    """A dataclass that travels as JSON: to_json() on one side, from_dict() (checked) on the other. ALIASES: a JSON
+    key that cannot be a field's name (a keyword) -> the field's."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
+        data = json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
+        back = {field: key for key, field in self.ALIASES.items()}
+        return {back.get(k, k): v for k, v in data.items()} if back else data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -129,6 +155,11 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict, where: str | None = None):
         return _from_dict(cls, data, where or cls.__name__)
+
+    @classmethod
+    def from_guest(cls, data: dict, where: str | None = None):
+        """As from_dict, for what a guest wrote: fields this harness does not know are left out, not refused."""
+        return _from_dict(cls, data, where or cls.__name__, lenient=True)
 
     @classmethod
     def load(cls, path: str):
@@ -147,36 +178,49 @@ class Record:
 
 
 @dataclass
-class GlobalHog(Record):
-    target_available_mb: int
-    overshoot_mb: int
-    chunk_mb: int
-    ramp_s: float
-    headroom_mb: int
-
-
-@dataclass
-class PressureParams(Record):
-    """The knobs of every pressure mode (config.Pressure as the guest needs it)."""
-
-    global_hog: GlobalHog
-    drop_caches_period_s: float
-    root_reclaim_mb: int
-    root_reclaim_period_s: float
-    shrinker_scan_objects: int
-    shrinker_scan_period_s: float
-    memcg_limit_mb: int
-    memcg_hog_mb: int
-
-
-@dataclass
 class PressureJob(Record):
-    """What the agent hands one pressure actor process (guest/pressure.py), in its argv."""
+    """What the agent hands one pressure actor process (guest/pressure.py), in its argv: its mode (modes/) and that
+    mode's knobs."""
 
-    mode: PressureMode
-    params: PressureParams
+    mode: str
+    params: dict[str, int | float | bool | str]
     cgroup: str
     log: str
+
+
+@dataclass
+class PressureRecord(Record):
+    """One thing a pressure actor did (pressure.jsonl): what (kind, of its mode), how much memory (mb) or how many
+    objects (count), how long it took (seconds), whether it worked (ok, error), on what (target); its other figures
+    in info, for the reader."""
+
+    t: int
+    mode: str
+    kind: str
+    mb: float | None = None
+    count: float | None = None
+    seconds: float | None = None
+    ok: bool | None = None
+    error: str | None = None
+    target: str | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class VmZap(Record):
+    """A step of one VM's shadow-page zap counters in the kernel under test (zaps.jsonl, and a shrinker-scan actor's
+    vm_zap records): the guest whose QEMU runs that VM lost `zapped` shadow pages (`recycled` of them by
+    kvm_mmu_zap_oldest_mmu_pages) in the since_ns before t."""
+
+    t: int
+    guest: str
+    zapped: int = 0
+    recycled: int = 0
+    since_ns: int = 0
+
+    def line(self) -> str:
+        """Its JSON line, with its kind: it shares pressure.jsonl with an actor's PressureRecords."""
+        return json.dumps({"kind": "vm_zap", **self.to_dict()}) + "\n"
 
 
 @dataclass
@@ -216,7 +260,11 @@ class ProbeJob(Record):
 class PhaseSpec(Record):
     name: str
     duration_s: float
-    mode: PressureMode
+    mode: str  # a pressure mode's name (modes/)
+
+    def __post_init__(self) -> None:
+        if self.mode not in modes.MODES:
+            raise ContractError(f"phase {self.name}: {self.mode!r} is not one of {list(modes.MODES)}")
 
 
 @dataclass
@@ -224,7 +272,7 @@ class Schedule(Record):
     """What the kernel under test's agent conducts: the phases and their pressure, and the sampler."""
 
     phases: list[PhaseSpec]
-    pressure: PressureParams
+    pressure: dict[str, dict[str, int | float | bool | str]]  # the knobs of each mode its phases use
     sampler: SamplerSpec
     warm_timeout_s: float
     expected_probes: int = 0
@@ -310,3 +358,142 @@ class ExitRecord(Record):
     error: str | None  # the traceback
     t: int
     message: str | None = None  # the exception's own words, for the user
+
+
+@dataclass
+class Event(Record):
+    """One thing an agent saw or did (events.jsonl), at t (CLOCK_REALTIME ns) of its level. `guest` is the guest it
+    is about (a child that started, came up, failed or died; the level itself once ready)."""
+
+    t: int
+    kind: EventKind
+    mono: int | None = None
+    guest: str | None = None
+    level: str | None = None
+    pid: int | None = None
+    phase: str | None = None
+    mode: str | None = None
+    duration_s: float | None = None
+    seconds: float | None = None
+    kernel_s: float | None = None
+    status: int | None = None
+    error: str | None = None
+    reason: str | None = None
+    when: str | None = None
+    ok: bool | None = None
+    count: int | None = None
+    expected: int | None = None
+    warm: int | None = None
+    timeout_s: float | None = None
+    cgroup: str | None = None
+    removed: bool | None = None
+    clean: bool | None = None
+    console: str | None = None
+    stderr: str | None = None
+    detail: str | None = None
+    method: str | None = None
+    port: str | None = None
+    step_s: float | None = None
+    polls: int | None = None
+    wait_s: float | None = None
+    device: str | None = None
+    total_kb: str | None = None
+    events: list[str] | None = None
+
+
+@dataclass
+class CounterSample(Record):
+    """One sample of the kernel under test's counters (counters.jsonl), at t (ns): counter name -> value."""
+
+    t: int
+    v: dict[str, float]
+
+
+@dataclass
+class TraceCall(Record):
+    """A cause event the sampler followed in the kernel under test's tracepoints (shrinker.jsonl): a call of the KVM
+    shrinker (shrink_start/end: asked, freed, and who called), or a guest's QEMU in direct reclaim (begin/end)."""
+
+    t: int
+    kind: str  # shrink_start | shrink_end | direct_reclaim_begin | direct_reclaim_end
+    pid: int | None = None
+    comm: str | None = None
+    guest: str | None = None
+    raw: str | None = None
+    fields: dict[str, int] = field(default_factory=dict)  # the numbers the tracepoint printed
+
+
+@dataclass
+class ProbeHeader(Record):
+    """The probe's first record (probe.jsonl): what it touches, and its own floor (clock resolution, loop cost)."""
+
+    t: int
+    size_mb: int
+    stride: int
+    touches_per_pass: int
+    pid: int | None = None
+    pattern: str | None = None
+    access: str | None = None
+    sub_bits: int | None = None
+    outlier_ns: int | None = None
+    clock: str | None = None
+    clock_resolution_ns: float | None = None
+    loop_overhead_ns: float | None = None
+
+
+@dataclass
+class ProbeHist(Record):
+    """One interval of touches (probe.jsonl): a log-linear histogram (bucket index -> touches) and every touch of
+    at least the outlier floor as [t, latency_ns]."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"pass": "number"}
+    t0: int
+    t1: int
+    counts: dict[str, int]
+    n: int = 0
+    sum_ns: int = 0
+    max_ns: int = 0
+    number: int = 0  # the pass it fell in ("pass" in the file)
+    outliers: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class ProbePass(Record):
+    """One pass over the working set (probe.jsonl), with what the guest's own kernel counted meanwhile."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"pass": "number"}
+    t0: int
+    t1: int
+    number: int  # ("pass" in the file)
+    touches: int | None = None
+    majflt: int | None = None
+    steal_ms: float | None = None
+
+
+@dataclass
+class LevelFacts(Record):
+    """What makes a level's numbers mean what they say (facts.json): KVM, nesting, TDP, who runs it."""
+
+    name: str
+    level: str
+    uname: str | None = None
+    cpu_flags: list[str] = field(default_factory=list)
+    kvm_device: bool | None = None
+    kvm_vendor: str | None = None
+    kvm_params: dict[str, str] = field(default_factory=dict)
+    runs_on_kvm: bool | None = None
+    hypervisor_line: str | None = None
+    x86_mmu_shrinker_dirs: list[str] = field(default_factory=list)
+    mmu_shrink_scan_in_kallsyms: bool | None = None
+    mem_total_kb: int | None = None
+    swap_total_kb: int | None = None
+    memory_reclaim_root: bool | None = None
+    cmdline: str | None = None
+    clocksource: str | None = None
+    rootfs: str | None = None
+
+    @property
+    def has_kvm_shrinker(self) -> bool:
+        """Its debugfs directory where the kernel has CONFIG_SHRINKER_DEBUG (a distribution's may not), else its
+        scan function in the kernel's symbols (the patch removes it)."""
+        return bool(self.x86_mmu_shrinker_dirs or self.mmu_shrink_scan_in_kallsyms)

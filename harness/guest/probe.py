@@ -29,13 +29,14 @@ import threading
 import time
 
 try:
-    from .contract import ProbeJob  # imported by the host as harness.guest.*
+    from .contract import ProbeHeader, ProbeHist, ProbeJob, ProbePass  # imported by the host as harness.guest.*
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
-    from contract import ProbeJob  # type: ignore[no-redef]
+    from contract import ProbeHeader, ProbeHist, ProbeJob, ProbePass  # type: ignore[no-redef]
 
 SUB_BITS = 4  # 16 sub-buckets per power of two
 OUTLIER_NS = 1_000_000  # touches >= 1 ms are also kept raw
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; older Pythons do not export it
+PROBE_RECORDS = {ProbeHeader: "header", ProbeHist: "hist", ProbePass: "pass"}  # each record's "type" in probe.jsonl
 
 
 def bucket(v: int) -> int:
@@ -113,8 +114,8 @@ class Writer:
                 except OSError:  # the next pass says it again; the records go on either way
                     pass
 
-    def __call__(self, rec: dict) -> None:
-        self.q.put(json.dumps(rec) + "\n")
+    def __call__(self, rec: ProbeHeader | ProbeHist | ProbePass) -> None:
+        self.q.put(json.dumps({"type": PROBE_RECORDS[type(rec)], **rec.to_dict()}) + "\n")
 
     def status(self, path: str, rec: dict) -> None:
         """path replaced by rec as JSON after the records queued before it (a newer status may replace it
@@ -162,19 +163,18 @@ def run(job: ProbeJob) -> None:
     interval = int(spec.interval_s * 1e9)
     out = Writer(job.out)
     out(
-        {
-            "type": "header",
-            "t": time.time_ns(),
-            "pid": os.getpid(),
-            "size_mb": spec.size_mb,
-            "stride": stride,
-            "touches_per_pass": len(offsets),
-            "pattern": spec.pattern,
-            "access": spec.access,
-            "sub_bits": SUB_BITS,
-            "outlier_ns": OUTLIER_NS,
+        ProbeHeader(
+            t=time.time_ns(),
+            pid=os.getpid(),
+            size_mb=spec.size_mb,
+            stride=stride,
+            touches_per_pass=len(offsets),
+            pattern=spec.pattern,
+            access=spec.access,
+            sub_bits=SUB_BITS,
+            outlier_ns=OUTLIER_NS,
             **calibrate(),
-        }
+        )
     )
     # the span may exceed the guest's RAM (only size * 4096 / stride is touched): no overcommit accounting
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
@@ -210,17 +210,16 @@ def run(job: ProbeJob) -> None:
                     outliers.append((now - mono0 + wall0, d))
                 if now - t_int >= interval:
                     out(
-                        {
-                            "type": "hist",
-                            "t0": t_int - mono0 + wall0,
-                            "t1": now - mono0 + wall0,
-                            "n": n,
-                            "sum_ns": total,
-                            "max_ns": worst,
-                            "pass": passes,
-                            "counts": hist,
-                            "outliers": outliers,
-                        }
+                        ProbeHist(
+                            t0=t_int - mono0 + wall0,
+                            t1=now - mono0 + wall0,
+                            n=n,
+                            sum_ns=total,
+                            max_ns=worst,
+                            number=passes,
+                            counts={str(k): v for k, v in hist.items()},
+                            outliers=[[t, ns] for t, ns in outliers],
+                        )
                     )
                     hist, outliers, n, total, worst = {}, [], 0, 0, 0
                     t_int = now
@@ -228,15 +227,14 @@ def run(job: ProbeJob) -> None:
             passes += 1
             now_view = guest_view()
             out(
-                {
-                    "type": "pass",
-                    "t0": p_start - mono0 + wall0,
-                    "t1": prev - mono0 + wall0,
-                    "pass": passes,
-                    "touches": len(offsets),
-                    "majflt": now_view[0] - seen[0] if min(now_view[0], seen[0]) >= 0 else None,
-                    "steal_ms": now_view[1] - seen[1],
-                }
+                ProbePass(
+                    t0=p_start - mono0 + wall0,
+                    t1=prev - mono0 + wall0,
+                    number=passes,
+                    touches=len(offsets),
+                    majflt=now_view[0] - seen[0] if min(now_view[0], seen[0]) >= 0 else None,
+                    steal_ms=now_view[1] - seen[1],
+                )
             )
             seen = now_view
             out.status(job.status, {"passes": passes, "t": wall()})

@@ -32,10 +32,10 @@ import threading
 import time
 
 try:
-    from .contract import SamplerJob  # imported by the host as harness.guest.*
+    from .contract import CounterSample, SamplerJob, TraceCall, VmZap  # imported by the host as harness.guest.*
     from .supervise import lock_in_memory
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
-    from contract import SamplerJob  # type: ignore[no-redef]
+    from contract import CounterSample, SamplerJob, TraceCall, VmZap  # type: ignore[no-redef]
     from supervise import lock_in_memory  # type: ignore[no-redef]
 
 KVM = "/sys/kernel/debug/kvm"
@@ -172,7 +172,7 @@ TRACE_EVENTS = {  # tracepoint -> the kind its records get
 }
 
 
-def trace_record(line: str, guests: dict[int, str], offset_ns: int) -> dict | None:
+def trace_record(line: str, guests: dict[int, str], offset_ns: int) -> TraceCall | None:
     """A cause event from one trace line: every call of the KVM shrinker (whoever made it), and direct reclaim
     by a guest's QEMU (guests: QEMU process id -> guest name); None for anything else."""
     m = TRACE_RE.match(line)
@@ -186,15 +186,15 @@ def trace_record(line: str, guests: dict[int, str], offset_ns: int) -> dict | No
     if kind.startswith("direct_reclaim") and process not in guests:
         return None
     fields = {k: int(hit.group(1)) for k, rx in TRACE_FIELDS.items() if (hit := re.search(rx, rest))}
-    return {
-        "t": int(float(ts) * 1e9) + offset_ns,
-        "kind": kind,
-        "pid": int(pid),
-        "comm": comm.strip()[:32],
-        **({"guest": guests[process]} if process in guests else {}),
-        "raw": rest.strip()[:300],
-        "fields": fields,
-    }
+    return TraceCall(
+        t=int(float(ts) * 1e9) + offset_ns,
+        kind=kind,
+        pid=int(pid),
+        comm=comm.strip()[:32],
+        guest=guests.get(process),
+        raw=rest.strip()[:300],
+        fields=fields,
+    )
 
 
 def qemu_guests() -> dict[int, str]:
@@ -238,15 +238,15 @@ def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, z
                 f.write("1")
     except OSError as e:
         with open(out_path, "a") as f:
-            f.write(json.dumps({"kind": "trace_unavailable", "error": str(e)}) + "\n")
+            f.write(TraceCall(t=time.time_ns(), kind="trace_unavailable", raw=str(e)[:300]).to_json() + "\n")
         return
     # CLOCK_MONOTONIC -> CLOCK_REALTIME offset, so trace timestamps join the other series
     offset = time.time_ns() - time.monotonic_ns()
     with open(inst + "/trace_pipe") as pipe, open(out_path, "a", buffering=1) as out:
         for line in pipe:
             if (rec := trace_record(line, guests, offset)) is not None:
-                out.write(json.dumps(rec) + "\n")
-                if rec["kind"].startswith("shrink"):
+                out.write(rec.to_json() + "\n")
+                if rec.kind.startswith("shrink"):
                     zaps.shrinker_ran()
             if stop.is_set():
                 break
@@ -258,10 +258,9 @@ ZAP_STATS = tuple(ZAP_KEYS)  # what a read for the zap steps alone needs of vm_s
 
 def zap_steps(
     t0: int, before: dict[str, dict[str, int]], t1: int, after: dict[str, dict[str, int]], guests: dict[int, str]
-) -> list[dict]:
-    """The steps of the guests' VMs' zap counters between two vm_stats() reads, at t0 and t1 (ns): {"t": t1,
-    "kind": "vm_zap", "guest", "fields": {zapped, recycled, since_ns}} - the counts that rose in (t0, t1]. A VM
-    seen first at t1 has no step yet."""
+) -> list[VmZap]:
+    """The steps of the guests' VMs' zap counters between two vm_stats() reads, at t0 and t1 (ns): the counts that
+    rose in (t0, t1], each a VmZap at t1. A VM seen first at t1 has no step yet."""
     steps = []
     for vm_id, now in after.items():
         pid, was = vm_id.split("-", 1)[0], before.get(vm_id)
@@ -269,9 +268,7 @@ def zap_steps(
             continue
         rose = {key: now[stat] - was[stat] for stat, key in ZAP_KEYS.items() if stat in now and stat in was}
         if any(v > 0 for v in rose.values()):
-            steps.append(
-                {"t": t1, "kind": "vm_zap", "guest": guests[int(pid)], "fields": {**rose, "since_ns": t1 - t0}}
-            )
+            steps.append(VmZap(t=t1, guest=guests[int(pid)], since_ns=t1 - t0, **rose))
     return steps
 
 
@@ -300,7 +297,7 @@ class ZapFollower:
             if self.wanted.is_set():
                 self.wanted.clear()
                 for step in zap_steps(self.t, self.last, t, vms, self.guests):
-                    self.out.write(json.dumps(step) + "\n")
+                    self.out.write(step.line())
             self.t, self.last = t, vms
 
     def shrinker_ran(self) -> None:
@@ -340,7 +337,7 @@ def main(job: SamplerJob) -> None:
                 guests.pop(gone, None)
             vms = vm_stats()
             zaps.observe(t, vms)
-            out.write(json.dumps({"t": t, "v": {**sample(vms), **qemu_counters(now)}}) + "\n")
+            out.write(CounterSample(t=t, v={**sample(vms), **qemu_counters(now)}).to_json() + "\n")
             stop.wait(max(0.0, interval - (time.time_ns() - t) / 1e9))
 
 

@@ -25,14 +25,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
-from .. import REPO_ROOT
 from ..config import Experiment, Source, Variant
-from ..errors import BuildError, KconfigError
-from ..machine import initramfs
-from ..results.manifest import Record
+from ..errors import BuildError
+from ..results.manifest import BuildEntry, Record
 from ..util import (
     atomic_dir,
     default_cache,
@@ -49,6 +48,7 @@ from ..util import (
 from . import distro
 from .distro import DistroImage
 from .patches import apply, check_effect, revert, undo_partial
+from .products import INITRD, DistroModules, FullKernel, Product, fragment_paths
 from .source import PreparedSource, prepare
 from .variants import Resolved, resolve_all
 
@@ -67,13 +67,53 @@ class AppliedState(Record):
     changing: list[AppliedState] = Field(default_factory=list)
 
 
+class BuildAbout(Record):
+    """How a variant got its inputs (said in the metadata and the manifest; not part of the key)."""
+
+    source_description: str
+    kernel_version: str
+    own_source: bool = False
+    series: str | None = None
+    patch_variant: str | None = None
+    patches: dict[str, str] = Field(default_factory=dict)  # origin -> the stashed patch's content id, as applied
+    evidence: list[str] = Field(default_factory=list)
+
+
+class BuildMetadata(Record):
+    """metadata.json of a build: written when it starts (status running), completed when it ends (TuxMake's way:
+    what was built, from what, how long it took, and how to do it again by hand)."""
+
+    status: Literal["running", "complete", "failed", "interrupted"]
+    variant: str
+    key: str
+    inputs: dict[str, Any]
+    about: BuildAbout
+    started: float
+    reproducer: str
+    tree: str
+    host: str
+    duration_s: float | None = None
+    compiles: int | None = None
+    kernelrelease: str | None = None
+    finished: float | None = None
+    ccache: str | None = None
+    artifacts: dict[str, str] = Field(default_factory=dict)
+    config_sha256: str | None = None
+    kvm_sources_changed: list[str] | None = None
+    error: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> BuildMetadata:
+        return cls.model_validate(read_json(path))
+
+
 @dataclass
 class BuildResult:
     variant: str
     key: str
     dir: Path
     bzimage: Path
-    metadata: dict
+    metadata: BuildMetadata
     cached: bool
 
     @property
@@ -82,25 +122,31 @@ class BuildResult:
         p = self.dir / INITRD
         return p if p.exists() else None
 
-
-INITRD = "initrd.cpio"
-KERNEL_ARTIFACTS = (("arch/x86/boot/bzImage", "bzImage"), (".config", "config"), ("System.map", "System.map"))
+    def entry(self, kernel_params: list[str]) -> BuildEntry:
+        """This build as the manifest lists it, with the parameters its variant boots it with."""
+        m, about = self.metadata, self.metadata.about
+        return BuildEntry(
+            key=self.key,
+            dir=str(self.dir),
+            kernelrelease=m.kernelrelease,
+            kernel_version=about.kernel_version,
+            source=about.source_description,
+            own_source=about.own_source,
+            patch_variant=about.patch_variant,
+            patches=about.patches,
+            patched_result=str(m.inputs.get("patched_result", "")),
+            evidence=about.evidence,
+            kernel_params=kernel_params,
+            config_sha256=m.config_sha256,
+            fragments=m.inputs.get("fragments", {}),
+            distro_image=m.inputs.get("distro_image", {}),
+            bzImage_sha256=m.artifacts.get("bzImage"),
+        )
 
 
 def compiler_version() -> str:
     need_tool("gcc")
     return run(["gcc", "--version"], capture=True).stdout.splitlines()[0]
-
-
-def fragment_paths(exp: Experiment) -> list[Path]:
-    out = []
-    for frag in exp.kernel_config.fragments:
-        p = Path(frag).expanduser()
-        p = p if p.is_absolute() else REPO_ROOT / "configs" / frag
-        if not p.exists():
-            raise KconfigError(f"config fragment {frag} not found (looked at {p})")
-        out.append(p)
-    return out
 
 
 def check_inputs(exp: Experiment, cache: Path | None = None) -> list[str]:
@@ -113,45 +159,6 @@ def check_inputs(exp: Experiment, cache: Path | None = None) -> list[str]:
     lines = [line for r in builder.resolved().values() for line in r.describe()]
     image = builder.image()
     return lines + ([f"kernel under test: {image.describe()}, KVM modules built from the source"] if image else [])
-
-
-def base_identity(base: str) -> str:
-    p = Path(base).expanduser()
-    if p.is_file():
-        return "file:" + hash_file(p)
-    if not re.fullmatch(r"[a-z0-9_]*config", base):
-        raise KconfigError(f"kernel_config.base '{base}' is neither a file nor a *config make target")
-    return "target:" + base
-
-
-def requested_options(fragments: list[Path]) -> dict[str, str]:
-    """CONFIG_X -> value ('n' for '# CONFIG_X is not set') as the fragments ask, later ones winning."""
-    want: dict[str, str] = {}
-    for frag in fragments:
-        for line in frag.read_text().splitlines():
-            line = line.strip()
-            if m := re.fullmatch(r"(CONFIG_[A-Za-z0-9_]+)=(.*)", line):
-                want[m.group(1)] = m.group(2)
-            elif m := re.fullmatch(r"# (CONFIG_[A-Za-z0-9_]+) is not set", line):
-                want[m.group(1)] = "n"
-    return want
-
-
-def check_config(final: Path, want: dict[str, str]) -> None:
-    have: dict[str, str] = {}
-    for line in final.read_text().splitlines():
-        if m := re.fullmatch(r"(CONFIG_[A-Za-z0-9_]+)=(.*)", line):
-            have[m.group(1)] = m.group(2)
-    dropped = [
-        f"{k}={v} (final: {have.get(k, 'not set')})"
-        for k, v in want.items()
-        if (v == "n" and have.get(k, "n") not in ("n",)) or (v != "n" and have.get(k) != v)
-    ]
-    if dropped:
-        raise KconfigError(
-            f"{len(dropped)} option(s) the fragments ask for are not in the final .config "
-            f"(unknown in this kernel, or a dependency is missing):\n  " + "\n  ".join(dropped)
-        )
 
 
 class Builder:
@@ -182,47 +189,35 @@ class Builder:
             self._image = distro.resolve(self.exp.distro_kernel, self.prepare(self.exp.source).version)
         return self._image
 
+    def product(self, work_root: Path) -> Product:
+        """What the builds make: KVM's modules for a distribution kernel, else the whole kernel."""
+        image = self.image()
+        return DistroModules(image, work_root) if image else FullKernel(self.exp)
+
     def inputs(self, r: Resolved) -> dict:
         """What the build's output depends on, and nothing else: the cache key. The same change given as a
-        series, a file, an mbox or a git range has one result id, so one build. A distribution kernel's
-        modules depend on its image and headers instead of a config."""
-        image = self.image()
-        frags = [] if image else fragment_paths(self.exp)
-        product = (
-            {
-                "distro_image": image.identity,
-                "boot_init": hash_file(initramfs.DISTRO_INIT),
-                "boot_modules": list(distro.BOOT_MODULES),
-            }
-            if image
-            else {
-                "config_base": base_identity(self.exp.kernel_config.base),
-                "fragments": {
-                    str(f.relative_to(REPO_ROOT) if f.is_relative_to(REPO_ROOT) else f): hash_file(f) for f in frags
-                },
-            }
-        )
+        series, a file, an mbox or a git range has one result id, so one build."""
         return {
             "recipe": RECIPE,
             "source": r.source.identity,
             "patched_result": r.trial.result_id,
-            **product,
+            **self.product(Path()).key(),
             "compiler": compiler_version(),
             "arch": "x86_64",
         }
 
     @staticmethod
-    def about(r: Resolved) -> dict:
+    def about(r: Resolved) -> BuildAbout:
         """How this variant got its inputs (said in metadata and the manifest; not part of the key)."""
-        return {
-            "source_description": r.source.description,
-            "kernel_version": str(r.source.version),
-            "own_source": r.own_source,
-            "series": r.variant.series,
-            "patch_variant": r.series_variant,
-            "patches": {p.origin: p.path.stem for p in r.patches},
-            "evidence": list(r.trial.evidence),
-        }
+        return BuildAbout(
+            source_description=r.source.description,
+            kernel_version=str(r.source.version),
+            own_source=r.own_source,
+            series=r.variant.series,
+            patch_variant=r.series_variant,
+            patches={p.origin: p.path.stem for p in r.patches},
+            evidence=list(r.trial.evidence),
+        )
 
     def build_all(self) -> dict[str, BuildResult]:
         return {v.name: self.build(v) for v in self.exp.variants}
@@ -233,10 +228,10 @@ class Builder:
         key = hash_text(repr(sorted(inputs.items())))[:20]
         out = self.cache / "builds" / key
         if (out / "metadata.json").exists() and (out / "bzImage").exists():
-            meta = read_json(out / "metadata.json")
-            meta["about"] = self.about(r)  # this variant's way to the same result
-            self._check_abi(out)
-            log(f"build {v.name}: cached ({meta['kernelrelease']}, built in {meta['duration_s']:.0f}s) -> {out}")
+            meta = BuildMetadata.load(out / "metadata.json")
+            meta.about = self.about(r)  # this variant's way to the same result
+            self.product(self._work_root(inputs)).check(out)
+            log(f"build {v.name}: cached ({meta.kernelrelease}, built in {meta.duration_s or 0:.0f}s) -> {out}")
             return BuildResult(v.name, key, out, out / "bzImage", meta, cached=True)
         for tool in BUILD_TOOLS:
             need_tool(tool)
@@ -246,11 +241,6 @@ class Builder:
         if r.own_source:
             log(f"build {v.name}: its own source ({r.source.description}): a tree and objects of its own")
         return self._build(r, inputs, key, out)
-
-    def _check_abi(self, out: Path) -> None:
-        """A distribution kernel's modules against its image, before any boot (the build checked them too)."""
-        if image := self.image():
-            distro.check_abi([out / m for m in distro.KVM_MODULES], out / "Module.symvers", image)
 
     def _work_root(self, inputs: dict) -> Path:
         return self.cache / "work" / hash_text(inputs["source"], inputs["compiler"])[:16]
@@ -302,34 +292,6 @@ class Builder:
         else:
             state.unlink()
 
-    def _make(self, tree: Path, *targets: str, env: dict) -> subprocess.CompletedProcess:
-        return run(["make", "-s", "-C", str(tree), "O=o", *targets], capture=True, env=env)
-
-    def _configure(self, tree: Path, env: dict) -> Path:
-        o = tree / "o"
-        o.mkdir(exist_ok=True)
-        cfg = o / ".config"
-        old = cfg.read_bytes() if cfg.exists() else None
-        old_mtime = cfg.stat().st_mtime_ns if cfg.exists() else None
-        base = self.exp.kernel_config.base
-        if Path(base).expanduser().is_file():
-            shutil.copy(Path(base).expanduser(), cfg)
-        else:
-            self._make(tree, base, env=env)
-        frags = fragment_paths(self.exp)
-        if frags:
-            run(
-                [str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(o), str(cfg), *map(str, frags)],
-                cwd=tree,
-                capture=True,
-                env=env,
-            )
-        self._make(tree, "olddefconfig", env=env)
-        check_config(cfg, requested_options(frags))
-        if old is not None and old_mtime is not None and cfg.read_bytes() == old:
-            os.utime(cfg, ns=(old_mtime, old_mtime))  # same config: keep make's view of it unchanged
-        return cfg
-
     def _build(self, r: Resolved, inputs: dict, key: str, out: Path) -> BuildResult:
         work = self._work_root(inputs)
         work.mkdir(parents=True, exist_ok=True)
@@ -338,91 +300,56 @@ class Builder:
             fcntl.flock(lock, fcntl.LOCK_EX)
             tree = self._tree(r, inputs)
             if (out / "metadata.json").exists():  # built meanwhile by another process
-                return BuildResult(name, key, out, out / "bzImage", read_json(out / "metadata.json"), cached=True)
+                return BuildResult(name, key, out, out / "bzImage", BuildMetadata.load(out / "metadata.json"), True)
             self._checkout(tree, r)
             return self._build_locked(r, inputs, key, out, tree)
 
     def _build_locked(self, r: Resolved, inputs: dict, key: str, out: Path, tree: Path) -> BuildResult:
-        v = r.variant
-        env = dict(
-            os.environ,
-            KBUILD_BUILD_TIMESTAMP="nestpress",
-            KBUILD_BUILD_USER="nestpress",
-            KBUILD_BUILD_HOST="nestpress",
-            LC_ALL="C",
+        """Build the checked-out tree: metadata first (running), then the product's preparation and make, then its
+        artifacts into the cache, atomically; the metadata says how it ended, whatever happened."""
+        product = self.product(self._work_root(inputs))
+        env = dict(os.environ, KBUILD_BUILD_TIMESTAMP="nestpress", KBUILD_BUILD_USER="nestpress", LC_ALL="C")
+        env["KBUILD_BUILD_HOST"] = "nestpress"
+        cmd = product.command(tree, self._ccache(env, product), self.jobs)
+        meta = BuildMetadata(
+            status="running",
+            variant=r.variant.name,
+            key=key,
+            inputs=inputs,
+            about=self.about(r),
+            started=time.time(),
+            reproducer=" ".join(cmd),
+            tree=str(tree),
+            host=os.uname().nodename,
         )
-        image = self.image()
-        cc = self._ccache(env, image)
-        mod_dir = self._work_root(inputs) / f"kvm-{image.release}" if image else None
-        if image and mod_dir:
-            make_cmd = distro.make_command(image, mod_dir, self.jobs)
-        else:
-            make_cmd = ["make", "-C", str(tree), "O=o", f"-j{self.jobs}", f"CC={cc}", "bzImage"]
-        meta = {
-            "status": "running",
-            "variant": v.name,
-            "key": key,
-            "inputs": inputs,
-            "about": self.about(r),
-            "started": time.time(),
-            "reproducer": " ".join(make_cmd),
-            "tree": str(tree),
-            "host": os.uname().nodename,
-        }
-        write_json(tree / "metadata.json", meta)
+        meta.save(tree / "metadata.json")
         t0 = time.monotonic()
         try:
-            if image and mod_dir:
-                meta["kvm_sources_changed"] = distro.sync_kvm_sources(tree, mod_dir)
-            else:
-                meta["config_sha256"] = hash_file(self._configure(tree, env))
-            write_json(tree / "metadata.json", meta)
-            compiles, log_path = self._run_make(v.name, make_cmd, tree, env)
-            if image and mod_dir:
-                release = image.release
-                kos = [mod_dir / "arch/x86/kvm" / m for m in distro.KVM_MODULES]
-                distro.check_abi(kos, mod_dir / "arch/x86/kvm/Module.symvers", image)  # before it is cached
-                artifacts = [
-                    (image.path("image"), "bzImage"),
-                    (image.path("config"), "config"),
-                    (image.path("system_map"), "System.map"),
-                    (mod_dir / "arch/x86/kvm/Module.symvers", "Module.symvers"),
-                    *((ko, ko.name) for ko in kos),
-                ]
-            else:
-                release = self._make(tree, "kernelrelease", env=env).stdout.strip()
-                artifacts = [(tree / f"o/{a}", b) for a, b in KERNEL_ARTIFACTS]
+            for name, value in product.prepare(tree, env).items():
+                setattr(meta, name, value)
+            meta.save(tree / "metadata.json")
+            meta.compiles, log_path = self._run_make(r.variant.name, cmd, tree, env)
+            meta.kernelrelease, artifacts = product.artifacts(tree, env)
         except BaseException as e:
-            meta.update(
-                status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                error=str(e)[-2000:],
-                duration_s=time.monotonic() - t0,
-            )
-            write_json(tree / "metadata.json", meta)
+            meta.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            meta.error, meta.duration_s = str(e)[-2000:], time.monotonic() - t0
+            meta.save(tree / "metadata.json")
             raise
-        meta.update(
-            status="complete",
-            duration_s=time.monotonic() - t0,
-            compiles=compiles,
-            kernelrelease=release,
-            finished=time.time(),
-            ccache=self._ccache_stats(env),
-        )
+        meta.status, meta.duration_s, meta.finished = "complete", time.monotonic() - t0, time.time()
+        meta.ccache = self._ccache_stats(env)
         with atomic_dir(out, replace=True) as tmp:  # under tree.lock
             for src, name in artifacts:
                 shutil.copy2(src, tmp / name)
-            if image:
-                ours = [tmp / m for m in distro.KVM_MODULES]
-                initramfs.boot_archive(image.distro.busybox, distro.boot_modules(image, ours), ours, tmp / INITRD)
+            product.finish(tmp)
             shutil.copy2(log_path, tmp / "build.log")
-            meta["artifacts"] = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
-            write_json(tmp / "metadata.json", meta)
-        write_json(tree / "metadata.json", meta)
-        what = f"KVM modules for {image.describe()}" if image else release
-        log(f"build {v.name}: {what} in {meta['duration_s']:.0f}s, {compiles} compile(s) -> {out}")
-        return BuildResult(v.name, key, out, out / "bzImage", meta, cached=False)
+            meta.artifacts = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
+            meta.save(tmp / "metadata.json")
+        meta.save(tree / "metadata.json")
+        what = product.describe(meta.kernelrelease)
+        log(f"build {r.variant.name}: {what} in {meta.duration_s:.0f}s, {meta.compiles} compile(s) -> {out}")
+        return BuildResult(r.variant.name, key, out, out / "bzImage", meta, cached=False)
 
-    def _ccache(self, env: dict, image: DistroImage | None) -> str:
+    def _ccache(self, env: dict, product: Product) -> str:
         """The compiler command, with ccache when there is one (env updated for it)."""
         if not shutil.which("ccache"):
             log(
@@ -435,7 +362,7 @@ class Builder:
             CCACHE_BASEDIR=str(self.cache / "work"),
             CCACHE_NOHASHDIR="true",
             CCACHE_SLOPPINESS="time_macros",
-            **(image.distro.ccache_env if image else {}),
+            **product.ccache_env(),
         )
         return "ccache gcc"
 

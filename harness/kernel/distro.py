@@ -22,7 +22,6 @@ from ..machine.initramfs import elf_deps
 from ..util import hash_file, run
 from .source import KernelVersion
 
-KVM_DIRS = ("arch/x86/kvm", "virt/kvm")
 KVM_MODULES = ("kvm.ko", "kvm-amd.ko", "kvm-intel.ko")
 # what every level needs before its agent runs: the root share (9p or virtiofs), the results export (9p),
 # the swap disk (virtio-blk), the clock port and the KVM PTP clock (guest/clock.py; ptp_kvm loads only where
@@ -200,48 +199,6 @@ def packages_for(exp: Experiment) -> list[str]:
     if exp.distro_kernel:
         pkgs += DISTROS[exp.distro_kernel.distro].packages(exp.distro_kernel)
     return list(dict.fromkeys(pkgs))
-
-
-# -- the modules' build -------------------------------------------------------------------------------------
-
-
-def sync_kvm_sources(tree: Path, dest: Path) -> list[str]:
-    """Make dest hold KVM's sources as the (patched) tree has them, copying only files that differ, so that make
-    rebuilds only what a patch changed. The Makefile is pointed at dest's own virt/kvm (kbuild's srctree is the
-    headers', which have no KVM sources). Returns the files that changed."""
-    listing = dest / ".nestpress-sources"
-    before = set(listing.read_text().split("\n")) - {""} if listing.exists() else set()
-    now, changed = set(), []
-    for d in KVM_DIRS:
-        for s in sorted(p for p in (tree / d).rglob("*") if p.is_file()):
-            rel = str(s.relative_to(tree))
-            t = dest / rel
-            now.add(rel)
-            text = _out_of_tree_makefile(s.read_bytes()) if rel == "arch/x86/kvm/Makefile" else s.read_bytes()
-            if t.exists() and t.read_bytes() == text:
-                continue
-            t.parent.mkdir(parents=True, exist_ok=True)
-            t.write_bytes(text)
-            changed.append(rel)
-    for rel in sorted(before - now):  # a file a patch removed (what make generated is never in the listing)
-        (dest / rel).unlink(missing_ok=True)
-        changed.append(rel)
-    (dest / "include" / "trace").mkdir(parents=True, exist_ok=True)
-    listing.write_text("\n".join(sorted(now)))
-    return changed
-
-
-def _out_of_tree_makefile(makefile: bytes) -> bytes:
-    """arch/x86/kvm/Makefile for `make M=`: $(srctree) is the headers' tree there. Its own includes become
-    $(src); virt/kvm is dest's; trace.h's TRACE_INCLUDE_PATH (../../arch/x86/kvm, relative to an include
-    directory) resolves from dest/include/trace."""
-    text = makefile.decode().replace("$(srctree)/arch/$(SRCARCH)/kvm", "$(src)")
-    text = text.replace("$(srctree)/arch/x86/kvm", "$(src)").replace("$(srctree)/virt/kvm", "$(src)/../../../virt/kvm")
-    return ("ccflags-y += -I $(src)/../../../include/trace\n" + text).encode()
-
-
-def make_command(image: DistroImage, dest: Path, jobs: int) -> list[str]:
-    return ["make", "-C", str(image.path("headers")), f"M={dest / 'arch/x86/kvm'}", f"-j{jobs}", "modules"]
 
 
 # -- the ABI check ------------------------------------------------------------------------------------------

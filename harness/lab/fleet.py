@@ -1,6 +1,6 @@
 """What a fab task does, decided in one place: here or on lab hosts, one host or a sharded fleet.
 
-A task is a Request (what to do) and a Lab (where). Without hosts it runs on this machine and says so
+A task is a Request (what to do: commands.py) and a Lab (where). Without hosts it runs on this machine and says so
 first. With hosts it runs on every host over SSH; `run`/`experiment` with several hosts shard the cells
 (whole repetitions, so each host interleaves baseline and patched itself, Matrix.shard) across them in
 parallel; each host runs its shard detached under one run id, results are fetched into one local run
@@ -19,67 +19,14 @@ from typing import Any
 
 from fabric import Connection
 
-from .. import cli
+from ..commands import Request
 from ..config import load, resolve_config_path
 from ..errors import HarnessError, RemoteError
 from ..results.manifest import Manifest, cell_complete
-from ..run.runner import check_run_id, new_run_id
-from ..util import SETUP_PACKAGES, console, debian_packages, log, warn
+from ..run.run_dir import RUN_ID, check_run_id, new_run_id
+from ..tasks import EXIT_INCONCLUSIVE, conclusion, perform, setup_packages
+from ..util import console, log, warn
 from .remote import Remote, run_on_hosts
-
-
-@dataclass
-class Request:
-    """One task as the harness's command line takes it (`python -m harness ...`), here or on a host."""
-
-    task: str  # doctor validate setup build run experiment fetch report compare
-    config: str | None = None
-    sets: list[str] = field(default_factory=list)
-    run_id: str | None = None
-    resume: bool = False
-    json: bool = False  # doctor
-    packages: list[str] = field(default_factory=list)  # setup: more Debian packages (kernel sources)
-    experiment: str | None = None  # fetch
-    run: str | None = None  # report
-    repetition: int | None = None  # report: the timeline and counters of this one
-    runs: list[str] = field(default_factory=list)  # compare
-    output: str | None = None  # run/experiment: results root
-    shard: str | None = None  # run: I/N of a fleet
-    yes: bool = False  # run/experiment: a matrix of more than 100 cells is meant
-
-    def __post_init__(self) -> None:
-        debian_packages(self.packages)
-
-    def argv(self) -> list[str]:
-        config = ["--config", self.config] if self.config else []
-        sets = [a for s in self.sets for a in ("--set", s)]
-        if self.task == "doctor":
-            return ["doctor", *(["--json"] if self.json else [])]
-        if self.task in ("validate", "build"):
-            return [self.task, *config, *sets]
-        if self.task in ("run", "experiment"):
-            return [
-                self.task,
-                *config,
-                *sets,
-                *(["--run-id", self.run_id] if self.run_id else []),
-                *(["--resume"] if self.resume else []),
-                *(["--output", self.output] if self.output else []),
-                *(["--shard", self.shard] if self.shard else []),
-                *(["--yes"] if self.yes else []),
-            ]
-        if self.task == "setup":
-            return ["setup", "--extra", *self.packages]
-        if self.task == "report":
-            return [
-                "report",
-                "--run",
-                str(self.run),
-                *(["--repetition", str(self.repetition)] if self.repetition else []),
-            ]
-        if self.task == "compare":
-            return ["compare", *self.runs]
-        raise HarnessError(f"{self.task}: not something a host can be asked to do")
 
 
 @dataclass
@@ -94,14 +41,14 @@ class Lab:
 
 
 def execute(request: Request, lab: Lab) -> int:
-    if not lab.hosts or request.task in ("report", "compare"):
+    """The request here (no hosts, or a command that is always local) or on the lab's hosts, said first."""
+    command = request.command
+    if not lab.hosts or command.where == "local":
         why = "it reads local results" if lab.hosts else "no hosts given"
         console.print(f"[bold]nestpress {request.task}: running on THIS MACHINE ({platform.node()}) - {why}[/bold]")
-        if request.task == "fetch":
-            raise HarnessError("fetch brings results from hosts: give them with -H or --hosts")
         if lab.cache:
             os.environ["NESTPRESS_CACHE"] = lab.cache
-        return cli.main(request.argv())
+        return perform(request)
     remotes = [
         Remote(Connection(h, config=lab.config), lab.remote_dir, lab.accept_new_host, lab.cache) for h in lab.hosts
     ]
@@ -111,37 +58,25 @@ def execute(request: Request, lab: Lab) -> int:
         + "[/bold]"
     )
     try:
-        if request.task in ("run", "experiment"):
+        if command.detached:
             return run_fleet(remotes, request)
         if request.task == "fetch":
             return fetch_fleet(remotes, str(request.experiment), str(request.run_id))
+        if request.task == "setup":
+            extra = setup_packages(request)
+            return max(_setup(r, extra) for r in remotes)
         return max(_simple(r, request) for r in remotes)
     except RemoteError as e:
         console.print(f"[bold red]error:[/bold red] {e}", markup=True)
         return 2
 
 
-def _simple(r: Remote, request: Request) -> int:
-    as_root: list[str] = []
-    if request.task == "setup":
-        r.connect()
-        as_root = [] if r.sh("id -u").stdout.strip() == "0" else ["sudo", "-n"]
-        apt = shlex.join([*as_root, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"])
-        packages = shlex.join(SETUP_PACKAGES + debian_packages(request.packages))
-        _as_root(r, f"{apt} update -qq && {apt} install -y -qq --no-install-recommends {packages}")
-    remote_config = r.ship(resolve_config_path(request.config) if request.config else None)
-    if request.task == "setup":  # the QEMUs each topology needs (QEMU >= 10 for nested under TCG; README)
-        _as_root(r, shlex.join([*as_root, "bash", f"{r.app}/harness/setup_qemu.sh"]))
-    r.ensure_env()
-    if request.task == "setup":
-        log(f"{r.name}: ready")
-        return 0
-    return r.python(dataclasses.replace(request, config=remote_config).argv(), timeout=3600).exited
-
-
-def _as_root(r: Remote, cmd: str) -> None:
+def _setup(r: Remote, extra: list[str]) -> int:
+    """The host set up by the same script as this machine (harness/setup.sh), shipped first, as root."""
+    r.ship(None)
+    as_root = [] if r.sh("id -u").stdout.strip() == "0" else ["sudo", "-n"]
     try:
-        r.sh(cmd, timeout=1800, hide=False)
+        r.sh(shlex.join([*as_root, "bash", f"{r.app}/harness/setup.sh", *extra]), timeout=1800, hide=False)
     except RemoteError as e:
         if "password is required" in str(e):
             raise RemoteError(
@@ -149,6 +84,15 @@ def _as_root(r: Remote, cmd: str) -> None:
                 "a password (sudo -n asked for one)"
             ) from None
         raise
+    r.ensure_env()
+    log(f"{r.name}: ready")
+    return 0
+
+
+def _simple(r: Remote, request: Request) -> int:
+    remote_config = r.ship(resolve_config_path(request.config) if request.config else None)
+    r.ensure_env()
+    return r.python(dataclasses.replace(request, config=remote_config).argv(), timeout=3600).exited
 
 
 def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
@@ -171,7 +115,7 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
     config = str(request.config)
     matrix = load(config, request.sets)  # validate here, before any host is touched
     exp = matrix.experiment
-    run_id = check_run_id(request.run_id) if request.run_id else new_run_id()
+    run_id = check_run_id(request.run_id) if request.run_id is not None else new_run_id()
     local_run = Path(exp.output).resolve() / exp.name / run_id
     n = len(remotes)
     hosts_by_cell = {c.id: r.name for i, r in enumerate(remotes) for c in matrix.shard(i, n)}
@@ -203,7 +147,7 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
 
     outcomes = run_on_hosts(remotes, one)
     _merge_manifests(local_run, hosts_by_cell)
-    failed = {h: o for h, o in outcomes.items() if o not in (0, cli.EXIT_INCONCLUSIVE)}  # judged on the merged run
+    failed = {h: o for h, o in outcomes.items() if o not in (0, EXIT_INCONCLUSIVE)}  # judged on the merged run
     for h, o in failed.items():
         warn(
             f"{h}: "
@@ -223,10 +167,14 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
     else:
         result = analyze(local_run, rebuild_tables=True)
     print(f"run directory: {local_run}")
-    return 1 if failed else cli.conclusion(result)
+    return 1 if failed else conclusion(result)
 
 
 def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:
+    """One run's results from every host into results/<experiment>/<run_id> here (both names, never paths)."""
+    check_run_id(run_id)
+    if not RUN_ID.fullmatch(experiment) or ".." in experiment:
+        raise HarnessError(f"--experiment {experiment!r}: an experiment's name (letters, digits, '_', '.', '-')")
     local_root = Path("results").resolve()
 
     def one(r: Remote, i: int) -> int:

@@ -8,21 +8,18 @@ cannot work is an error, never a silent fallback.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import platform
 import re
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Cell, Matrix
 from ..errors import AccelError, HostResourceError
 from ..guest.rootfs import find_virtiofsd
-from ..util import HEADER_PACKAGES, TOOL_PACKAGES, run, warn, which
+from ..util import run, which
 
 KVM_GET_API_VERSION = 0xAE00
 
@@ -288,105 +285,6 @@ def check_host_resources(matrix: Matrix, available_mb: int | None = None, free_d
         )
 
 
-GROUP_SLACK_MB = 1536  # a memory group's cap above guest RAM: TCG's code cache (up to 1 GiB), devices, file cache
-CGROUP = Path("/sys/fs/cgroup")
-
-
-class MemoryGroup:
-    """A host memory cgroup for one kernel under test's QEMU and its root's server, capped at its RAM plus
-    GROUP_SLACK_MB and kept out of swap: whatever the guest or the run does, it reclaims or is OOM-killed
-    inside the group, and the host's OOM killer never picks a lab host's own processes for it. cgroup v2
-    where the root delegates memory, else the v1 memory hierarchy below this process's own group (as on
-    hybrid hosts such as ours)."""
-
-    def __init__(self, path: Path, limit_mb: int):
-        self.path, self.limit_mb = path, limit_mb
-
-    @property
-    def procs(self) -> str:
-        return str(self.path / "cgroup.procs")
-
-    @classmethod
-    def create(cls, name: str, limit_mb: int) -> tuple[MemoryGroup | None, str]:
-        """The group, and what to say about it; (None, why) where this host gives us none. `name` ends
-        with the creating process's pid: a group whose creator was killed (SIGKILL runs no cleanup) is
-        removed by the next run, once it is empty."""
-        if (CGROUP / "cgroup.controllers").exists():
-            if "memory" not in (CGROUP / "cgroup.subtree_control").read_text().split():
-                return None, "cgroup v2 without the memory controller delegated from the root"
-            path, limits = CGROUP / f"nestpress-{name}", {"memory.max": limit_mb << 20, "memory.swap.max": 0}
-        else:
-            own = [ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in ln]
-            if not own or not (CGROUP / "memory").is_dir():
-                return None, "no cgroup memory controller mounted"
-            path = CGROUP / "memory" / own[0].lstrip("/") / f"nestpress-{name}"
-            limits = {"memory.limit_in_bytes": limit_mb << 20, "memory.memsw.limit_in_bytes": limit_mb << 20}
-        _sweep(path.parent)
-        try:
-            path.mkdir()
-            for file, value in limits.items():
-                if (path / file).exists():
-                    (path / file).write_text(f"{value}\n")
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-            return None, f"{path}: {e.strerror}"
-        return cls(path, limit_mb), f"{path}, capped at {limit_mb} MiB without swap"
-
-    def oom_kills(self) -> int:
-        for file in ("memory.events", "memory.oom_control"):  # v2, v1
-            with contextlib.suppress(OSError):
-                for line in (self.path / file).read_text().splitlines():
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        return 0
-
-    def remove(self) -> None:
-        """Once its processes are gone (the caller stopped them); a group still busy after 5 s is said."""
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
-        warn(f"{self.path}: still has processes; left in place")
-
-
-def export_model(results: Path) -> tuple[str, str]:
-    """The 9p security model of the kernel under test's results export on this host, and why. mapped-xattr:
-    what the guest's root creates is, on the host, a plain root-owned file of mode 0600 or 0700 (ownership,
-    modes, links and device nodes live in user.virtfs.* xattrs), so no setuid file, link or device node a
-    guest makes ever exists on the host. It needs user xattrs on the results file system; without them,
-    `none` (the guest writes as root) and the host defuses what is left once the guest is off."""
-    probe = results / f".xattr-probe-{os.getpid()}"
-    try:
-        results.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        os.setxattr(probe, "user.nestpress", b"1")
-        return "mapped-xattr", f"{results}: user xattrs work, guest ownership and modes are mapped into them"
-    except OSError as e:
-        return "none", f"{results}: no user xattrs ({e.strerror}): the guest writes as root, defused after"
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-
-
-def _sweep(parent: Path) -> None:
-    for stale in parent.glob("nestpress-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):  # still has processes: not ours to end
-                stale.rmdir()
-        except PermissionError:
-            pass
-
-
 def decide_environment(matrix: Matrix) -> Environment:
     """Every decision a run depends on; a cell that cannot run here fails the whole run before anything starts."""
     check_host_resources(matrix)
@@ -401,112 +299,9 @@ def decide_environment(matrix: Matrix) -> Environment:
     return Environment(accel, decide_rootfs(matrix.experiment.boot.rootfs, accel.accel), topologies)
 
 
-def nested_support() -> dict[str, str]:
-    out = {}
-    for mod in ("kvm_intel", "kvm_amd"):
-        for param in ("nested", "ept", "npt"):
-            p = Path(f"/sys/module/{mod}/parameters/{param}")
-            if p.exists():
-                out[f"{mod}.{param}"] = p.read_text().strip()
-    return out
-
-
 def meminfo() -> dict[str, int]:
     out = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         k, v = line.split(":", 1)
         out[k] = int(v.split()[0])
     return out
-
-
-@dataclass
-class Doctor:
-    accel: str
-    reasons: list[str]
-    cpu_flags: list[str]
-    nested: dict[str, str]
-    rootfs: str
-    rootfs_reasons: list[str]
-    qemu: list[str]  # every installation: "version (path)"
-    topologies: dict[str, str]  # kind -> "works: why" / "does not work: why" on this host
-    cgroup_v2: bool
-    mem_total_mb: int
-    mem_available_mb: int
-    disk_free_mb: int
-    cpus: int
-    kernel: str
-    python: str
-    tools: dict[str, str | None]
-    missing_packages: list[str] = field(default_factory=list)
-    ready: bool = True
-    problems: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def text(self) -> str:
-        lines = [
-            f"host: {platform.node()} ({self.kernel}, {self.cpus} CPUs, {self.mem_total_mb} MiB RAM, "
-            f"{self.mem_available_mb} MiB available, {self.disk_free_mb} MiB free disk for the cache)",
-            f"accel: {self.accel.upper()}" + ("" if self.accel == "kvm" else "  <-- software emulation"),
-            *[f"  - {r}" for r in self.reasons],
-            f"nested KVM on this host: {self.nested or 'kvm_intel/kvm_amd not loaded'}",
-            f"guest root filesystem: {self.rootfs} ({'; '.join(self.rootfs_reasons)})",
-            f"qemu-system-x86_64: {'; '.join(self.qemu) or 'MISSING'}",
-            *[f"topology {kind}: {what}" for kind, what in self.topologies.items()],
-            f"cgroup v2 on this host: {'yes' if self.cgroup_v2 else 'no'} "
-            "(pressure runs inside the kernel under test, which mounts its own)",
-            f"python: {self.python}",
-            "tools: " + ", ".join(f"{t}{'' if p else ' (MISSING)'}" for t, p in self.tools.items()),
-        ]
-        if self.missing_packages:
-            lines.append("install: apt-get install " + " ".join(self.missing_packages) + "   (or: fab setup)")
-        lines.append("ready: yes" if self.ready else "ready: NO - " + "; ".join(self.problems))
-        return "\n".join(lines)
-
-
-def doctor(cache_dir: Path | None = None) -> Doctor:
-    d = decide_accel("auto")
-    rootfs = decide_rootfs("auto", d.accel)
-    tools = {t: which(t) for t in TOOL_PACKAGES}
-    missing = sorted(
-        {TOOL_PACKAGES[t] for t, p in tools.items() if not p}
-        | {pkg for h, pkg in HEADER_PACKAGES.items() if not Path(h).exists()}
-    )
-    mi = meminfo()
-    disk_path = cache_dir or Path.home()
-    while not disk_path.exists():
-        disk_path = disk_path.parent
-    problems = []
-    if missing:
-        problems.append("missing packages: " + " ".join(missing))
-    if shutil.disk_usage(disk_path).free < 8 << 30:
-        problems.append(f"less than 8 GiB free under {disk_path} (a kernel build needs ~4 GiB)")
-    if mi["MemAvailable"] < 6 << 20:
-        problems.append("less than 6 GiB memory available (the kernel under test alone uses 4 GiB)")
-    installs = qemu_installs()
-    topologies = {
-        kind: ("works " if q else "does not work: ") + why
-        for kind, (q, why) in topology_support(d.accel, installs).items()
-    }
-    return Doctor(
-        accel=d.accel,
-        reasons=d.reasons,
-        cpu_flags=d.cpu_flags,
-        nested=nested_support(),
-        rootfs=rootfs.kind,
-        rootfs_reasons=rootfs.reasons,
-        topologies=topologies,
-        qemu=[f"{q.version} ({q.binary})" for q in installs],
-        cgroup_v2=Path("/sys/fs/cgroup/cgroup.controllers").exists(),
-        mem_total_mb=mi["MemTotal"] >> 10,
-        mem_available_mb=mi["MemAvailable"] >> 10,
-        disk_free_mb=shutil.disk_usage(disk_path).free >> 20,
-        cpus=os.cpu_count() or 1,
-        kernel=platform.release(),
-        python=platform.python_version(),
-        tools=tools,
-        missing_packages=missing,
-        ready=not problems,
-        problems=problems,
-    )

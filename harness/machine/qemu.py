@@ -1,4 +1,4 @@
-"""QEMU command lines and guest topologies, as pure functions (config in, argument lists out).
+"""QEMU command lines, as pure functions (a GuestSpec in, an argument list out).
 
 Every level boots the same way, virtme-style: the built bzImage (through qboot where QEMU
 ships it), the host's root shared read-only - over virtiofs (guest/rootfs.py serves it) where
@@ -11,23 +11,15 @@ a virtio-blk swap disk so that global reclaim has something to do.
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import REPO_ROOT
-from ..config import Experiment
 from ..guest.clock import PORT as CLOCK_PORT
-from ..guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, RootServer
-from ..run.schedule import conductor_schedule
-from .host import TopologyDecision
+from ..guest.contract import RootServer
+from .roots import ROOTS, opt
 
 AGENT = REPO_ROOT / "harness" / "guest" / "agent.py"
-ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
-ROOT_TAG = "nestroot"
-KUT_SWAP_DEVICE = "/dev/vda"
 DISTRO_KVM = ("kvm", "kvm_amd", "kvm_intel")  # a distribution kernel's own, kept out (ours are in its initrd)
 # A level with guests keeps its time on the TSC: only then does its KVM answer their ptp_kvm's clock pairing
 # hypercall (kvm_get_walltime_and_clockread), by which they measure their clocks far more closely than over the
@@ -74,17 +66,7 @@ def kernel_cmdline(spec: GuestSpec) -> str:
     # Below the kernel under test the console is a file on a 9p export, written through emulated
     # I/O: only emergencies (panics) go there; the agent keeps the whole kernel log in kmsg.log.
     quiet = spec.level != "kut"
-    root = {
-        "virtiofs": [f"root={ROOT_TAG}", "rootfstype=virtiofs", "ro", f"init={spec.python}"],
-        "9p": [
-            "root=/dev/root",
-            "rootfstype=9p",
-            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=any",
-            "ro",
-            f"init={spec.python}",
-        ],
-        "initramfs": [f"rdinit={spec.python}"],
-    }[spec.rootfs]
+    root = ROOTS[spec.rootfs].cmdline(spec)
     if spec.distro_init:  # /init mounts the root the command line names, then execs the interpreter after "--"
         root = [a for a in root if not a.startswith(("init=", "rdinit="))]
         root += ["rdinit=/init", f"modprobe.blacklist={','.join(DISTRO_KVM)}"]
@@ -109,11 +91,6 @@ def kernel_cmdline(spec: GuestSpec) -> str:
         str(AGENT),
     ]
     return " ".join(args)
-
-
-def opt(value: str) -> str:
-    """A path or name inside a QEMU option list: its commas doubled, so `x,readonly=on` stays a name."""
-    return value.replace(",", ",,")
 
 
 def qemu_argv(spec: GuestSpec) -> list[str]:
@@ -161,22 +138,7 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
             if spec.clock
             else []
         ),
-        *{
-            "virtiofs": [
-                "-chardev",
-                f"socket,id=root,path={opt(spec.rootfs_socket)}",
-                "-device",
-                f"vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}",
-            ],
-            "9p": [
-                "-fsdev",
-                f"local,id=root,path={opt(spec.rootfs_dir + '/root' if spec.root_view else '/')},"
-                "security_model=none,readonly=on,multidevs=remap",
-                "-device",
-                "virtio-9p-pci,fsdev=root,mount_tag=/dev/root",
-            ],
-            "initramfs": [],
-        }[spec.rootfs],
+        *ROOTS[spec.rootfs].devices(spec),
         *(["-initrd", spec.initrd] if spec.initrd else []),
         "-fsdev",
         f"local,id=out,path={opt(spec.export)},security_model={spec.export_model}",
@@ -191,22 +153,15 @@ def qemu_argv(spec: GuestSpec) -> list[str]:
     # busy host: reclaim in the kernel under test then meets real guest memory, and a hog has less
     # free memory to fill before reclaim begins. Two threads fault it in.
     prealloc = ",prealloc=on,prealloc-threads=2" if spec.prealloc else ""
-    # virtiofs: the daemon reads and writes guest RAM directly, so it must be shareable memory
-    backend = "memory-backend-memfd,share=on" if spec.rootfs == "virtiofs" else "memory-backend-ram"
+    root = ROOTS[spec.rootfs]
+    backend = "memory-backend-memfd,share=on" if root.shared_memory else "memory-backend-ram"
     argv += ["-object", f"{backend},id=ram,size={spec.memory_mb}M{prealloc}"]
-    if spec.rootfs == "9p" and spec.root_view:  # QEMU starts inside the namespace that holds the view (this
-        # host's Python makes it: spec.python is the guest's init, which a test may point elsewhere)
-        argv = [sys.executable, "-E", "-S", str(ROOTFS_SERVER), "--exec", spec.rootfs_dir, *spec.hidden, "--", *argv]
-    return argv
+    return root.wrap(argv, spec)
 
 
 def rootfs_server(spec: GuestSpec) -> RootServer | None:
     """The process that must serve the guest's root before its QEMU starts (virtiofs only), for Child."""
-    if spec.rootfs != "virtiofs":
-        return None
-    return RootServer(
-        argv=[spec.python, "-E", "-S", str(ROOTFS_SERVER), spec.rootfs_dir, *spec.hidden], socket=spec.rootfs_socket
-    )
+    return ROOTS[spec.rootfs].server(spec)
 
 
 def dry_run(argv: list[str]) -> str:
@@ -219,134 +174,3 @@ def kut_params(topology: str) -> list[str]:
     if topology == "shadow":  # TDP off: every L1 is shadow-paged by the kernel under test
         params += ["kvm_amd.npt=0", "kvm_intel.ept=0"]
     return params
-
-
-def probe_levels(exp: Experiment, topology: str) -> set[str]:
-    present = {"l1", "l2"} if topology == "nested" else {"l1"}
-    return {str(level) for level in exp.workload.probe.levels} & present
-
-
-def build_plan(
-    exp: Experiment,
-    kernel: str,
-    accel: str,
-    decision: TopologyDecision,
-    rootfs: str,
-    cell_dir: Path,
-    scratch: Path,
-    run_id: str,
-    python: str,
-    warm_timeout_s: float,
-    swap_image: Path | None,
-    l2_initrd: Path | None = None,
-    export_model: str = "none",
-    variant_params: tuple[str, ...] = (),
-    boot_initrd: Path | None = None,
-) -> tuple[GuestSpec, GuestPlan]:
-    """The kernel under test's QEMU spec and the plan tree its agent (and its children's) will follow.
-    The kernel under test and L1 share the host's root (rootfs); L2 boots from l2_initrd (initramfs.py);
-    every level runs the one QEMU decided for the topology. cell_dir is the results directory (the kernel
-    under test's export), scratch a host-only directory for its sockets. variant_params (the variant's
-    cmdline and module_params) follow the harness's own, so a variant's value wins. boot_initrd: a distribution
-    kernel's boot archive, which every level boots (for L2, l2_initrd has it appended: initramfs.joined)."""
-    topology, qemu = decision.kind, decision.qemu
-    levels = probe_levels(exp, topology)
-    system_map = str(Path(kernel).with_name("System.map"))
-    p = exp.workload.probe
-    probe = ProbeSpec(size_mb=p.size_mb, access=p.access, pattern=p.pattern, stride=p.stride, interval_s=p.interval_s)
-    timeouts = exp.boot.timeout_s
-
-    def guest_plan(name: str, level: str, children: list[ChildSpec]) -> GuestPlan:
-        return GuestPlan(
-            name=name,
-            level=level,
-            run_id=run_id,
-            children=children,
-            probe=probe if level in levels else None,
-            command=exp.workload.command if level in levels else None,
-            on_guest_failure=exp.boot.on_guest_failure,
-        )
-
-    def child(parent_out: str, name: str, level: str, spec_level, grandchildren: list[ChildSpec]) -> ChildSpec:
-        export = f"{parent_out}/{name.split('.')[-1]}"
-        spec = GuestSpec(
-            name=name,
-            level=level,
-            kernel=kernel,
-            memory_mb=spec_level.memory_mb,
-            cpus=spec_level.cpus,
-            prealloc=spec_level.prealloc,
-            mlock=spec_level.mlock,
-            accel="kvm",
-            export=export,
-            console=f"{export}/console.log",
-            python=python,
-            rootfs="initramfs" if level == "l2" else rootfs,
-            initrd=str(l2_initrd) if level == "l2" else str(boot_initrd) if boot_initrd else None,
-            distro_init=boot_initrd is not None,
-            thp=spec_level.thp,
-            qemu=tuple(qemu.command),
-            bios=qemu.qboot,
-            rootfs_dir=f"{SCRATCH}/{name}.rootfs",
-            monitor=f"{SCRATCH}/{name}.monitor",
-            clock=f"{SCRATCH}/{name}.clock",
-            cmdline_extra=list(PARENT_CLOCKSOURCE) if grandchildren else [],
-        )
-        return ChildSpec(
-            name=name,
-            export=export,
-            console=spec.console,
-            timeout_s=timeouts.get(level, 600),
-            argv=qemu_argv(spec),
-            plan=guest_plan(name, level, grandchildren),
-            rootfs_server=rootfs_server(spec),
-            monitor=spec.monitor,
-            clock=spec.clock,
-            system_map=system_map,
-            env=qemu.env,
-        )
-
-    if topology == "nested" and l2_initrd is None:
-        raise ValueError("nested topology: the L2 initramfs must be built first (initramfs.build)")
-    l1s = []
-    for i in range(exp.topology.l1.count):
-        l1_name = f"l1-{i}"
-        l2s = (
-            [child(OUT, f"{l1_name}.l2-{j}", "l2", exp.topology.l2, []) for j in range(exp.topology.l2.count)]
-            if topology == "nested"
-            else []
-        )
-        l1s.append(child(OUT, l1_name, "l1", exp.topology.l1, l2s))
-    expected_probes = sum(1 for c in l1s if "l1" in levels) + sum(len(c.plan.children) for c in l1s if "l2" in levels)
-    kut = GuestSpec(
-        name="kut",
-        level="kut",
-        kernel=kernel,
-        memory_mb=exp.topology.kut.memory_mb,
-        cpus=exp.topology.kut.cpus,
-        accel=accel,
-        export=str(cell_dir),
-        console=str(cell_dir / "console.log"),
-        python=python,
-        rootfs=rootfs,
-        initrd=str(boot_initrd) if boot_initrd else None,
-        distro_init=boot_initrd is not None,
-        rootfs_dir=str(scratch / "kut.rootfs"),
-        root_view=os.geteuid() == 0,  # the view needs a mount namespace; without one 9p exports all of /
-        hidden=tuple(exp.boot.hidden),
-        monitor=str(scratch / "monitor"),
-        clock=str(scratch / "clock"),
-        cmdline_extra=[*kut_params(topology), *PARENT_CLOCKSOURCE, *variant_params],
-        thp=exp.topology.kut.thp,
-        qemu=tuple(qemu.command),
-        bios=qemu.qboot,
-        swap_image=str(swap_image) if swap_image else None,
-        export_model=export_model,
-    )
-    plan = guest_plan("kut", "kut", l1s)
-    plan.swap_device = KUT_SWAP_DEVICE if kut.swap_image else None
-    plan.cgroup_controllers = ["memory"]
-    plan.topology = topology
-    plan.schedule = conductor_schedule(exp, warm_timeout_s, expected_probes)
-    plan.kvm_trace_on_failure = exp.boot.kvm_trace_on_failure
-    return kut, plan

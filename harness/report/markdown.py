@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ..analysis import Analysis, health, stats
 from ..analysis.attribution import clock_summary
-from ..analysis.evidence import evidence_summary
 from ..config import Sampler
 from . import render
+from .evidence import evidence_summary
 
 
 def report_markdown(r: Analysis, plots: list[Path]) -> str:

@@ -1,19 +1,28 @@
-"""Raw per-guest outputs -> tidy tables (Parquet, with a CSV twin) in <run>/tables/.
+"""Raw per-guest outputs -> tidy, typed tables (Parquet, with a CSV twin) in <run>/tables/.
 
-  samples   one row per latency histogram bin per interval: variant, repetition, cell, level,
-            guest, phase, t (s since the cell's first phase), latency_ns (bin middle), lo_ns,
-            hi_ns, count
-  passes    one row per probe pass over the working set (its duration; the guest's major faults and steal
-            time in it, as the guest's own kernel counts them)
-  counters  variant, repetition, cell, source, name, t, value (sampler, kernel under test)
-  phases    cell, variant, repetition, phase, mode, t_start, t_end
-  events    boots, pressure steps, shrinker invocations, guest deaths: cell, guest, kind, t, detail
+  samples   one row per latency histogram bin per interval: variant, repetition, cell, level, guest, phase, t (s
+            since the cell's first phase), latency_ns (bin middle), lo_ns, hi_ns, count, interval
+  outliers  every touch the probe kept raw (>= its 1 ms floor): level, guest, t (when it ended), latency_ns
+  passes    one row per probe pass over the working set (its duration; the guest's major faults and steal time
+            in it, as the guest's own kernel counts them)
+  counters  source, name, t, value (sampler, kernel under test)
+  phases    phase, mode, t_start, t_end
+  events    what the agents said (boots, phases, pressure starting and stopping, deaths): level, guest (who said
+            it), kind, t, and typed columns: subject (the guest it is about), phase, mode, status, seconds,
+            kernel_s, error, reason, pid; info holds the rest, for reading (never searched)
+  pressure  what the pressure actors did: mode, kind, t, mb, count, seconds, ok, error, target, info
+  trace     the kernel under test's traced cause events: KVM shrinker calls (shrink_start/end: pid, comm, asked,
+            freed) and guests' QEMUs in direct reclaim (guest, nr_reclaimed)
+  vm_zaps   steps of each VM's shadow-page zap counters: source (sampler, scan), guest (whose QEMU runs the VM),
+            t0, t1, zapped, recycled
   clocks    each guest's clock against its parent's (guest/clock.py) and against the kernel under test's
-  cells     one row per cell of the plan: status (complete / failed / missing), attempts, facts
+  cells     one row per cell of the plan: status (complete / failed / missing), attempts, facts (kut_facts: the
+            kernel under test's LevelFacts as JSON)
 
 All times are on the kernel under test's clock (CLOCK_REALTIME): every agent aligns its own to its parent's at
 boot, and a guest's timestamps are then corrected by its measured offset (clocks), interpolated between
-measurements and chained through its parents.
+measurements and chained through its parents. Every line is read through results/guest_files.py as its
+contract record: what does not fit is a problem of its cell, said, never a row.
 """
 
 from __future__ import annotations
@@ -26,138 +35,44 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ResultsError
-from ..guest.contract import ClockSample, ContractError, EventKind
-from ..guest.probe import bucket_bounds
+from ..guest.contract import Event, EventKind, LevelFacts
+from ..util import warn
+from .clocks import GuestClock, clock_samples
+from .guest_files import DIR_DEPTH, Problems, json_object, present, records, walk
 from .manifest import CellEntry, Manifest, cell_complete, cell_record
-from ..util import GuestFileError, read_guest_file, warn
+from .rows import GuestRows
 
 _CELL = ["variant", "repetition", "cell"]
 COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-formed (empty) tables
     "samples": _CELL + ["level", "guest", "phase", "t", "latency_ns", "lo_ns", "hi_ns", "count", "interval"],
+    "outliers": _CELL + ["level", "guest", "t", "latency_ns"],
     "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms", "majflt", "steal_ms"],
     "counters": _CELL + ["source", "name", "t", "value"],
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
-    "events": _CELL + ["level", "guest", "kind", "t", "detail"],
+    "events": _CELL + ["level", "guest", "kind", "t", "subject", "phase", "mode", "status", "seconds", "kernel_s"]
+    + ["error", "reason", "pid", "info"],
+    "pressure": _CELL + ["mode", "kind", "t", "mb", "count", "seconds", "ok", "error", "target", "info"],
+    "trace": _CELL + ["kind", "t", "pid", "comm", "guest", "cache_items", "total_scan", "delta", "freed"]
+    + ["nr_reclaimed"],
+    "vm_zaps": _CELL + ["source", "guest", "t0", "t1", "zapped", "recycled"],
     "clocks": _CELL
     + ["level", "guest", "parent", "method", "t", "offset_ms", "uncertainty_ms", "offset_kut_ms", "uncertainty_kut_ms"],
-    "cells": [
-        "cell",
-        "variant",
-        "repetition",
-        "host",
-        "status",
-        "attempt",
-        "retried",
-        "kut_ready_s",
-        "x86_mmu_shrinker_present",
-        "mmu_shrink_scan_in_kallsyms",
-        "kvm_params",
-        "children_on_kvm",
-        "errors",
-        "problems",
-    ],
+    "cells": _CELL
+    + ["host", "status", "attempt", "retried", "kut_ready_s", "x86_mmu_shrinker_present"]
+    + ["mmu_shrink_scan_in_kallsyms", "kvm_params", "children_on_kvm", "kut_facts", "errors", "problems"],
 }
 TABLES = tuple(COLUMNS)
 
 
-class Problems(list):
-    """What was wrong with a cell's guest files (torn, missing, not data): said with the cell named."""
-
-    def note(self, path: Path, cell_dir: Path, what: str) -> None:
-        self.append(f"{path.relative_to(cell_dir) if path.is_relative_to(cell_dir) else path}: {what}")
-
-
-def guest_records(path: Path, problems: Problems, cell_dir: Path) -> list[dict]:
-    """Records of a JSON-lines file a guest wrote; a torn line (crash mid-write) or one that is not a
-    record is skipped and counted, a file that is no regular file or too large is skipped and said."""
-    if not path.exists() and not path.is_symlink():
-        return []
-    try:
-        text = read_guest_file(path)
-    except GuestFileError as e:
-        problems.note(path, cell_dir, str(e).split(": ", 1)[-1])
-        return []
-    out, bad = [], 0
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if isinstance(rec, dict):
-            out.append(rec)
-        else:
-            bad += 1
-    if bad:
-        problems.note(path, cell_dir, f"{bad} torn or malformed line(s) skipped")
-    return out
-
-
-def _guest_json(path: Path, problems: Problems, cell_dir: Path) -> dict | None:
-    """One JSON object a guest wrote (facts.json, plan.json of its children), or None, said."""
-    try:
-        rec = json.loads(read_guest_file(path, limit=1 << 20))
-    except (GuestFileError, ValueError) as e:
-        problems.note(path, cell_dir, f"torn or unreadable ({str(e).split(': ', 1)[-1]})")
-        return None
-    if not isinstance(rec, dict):
-        problems.note(path, cell_dir, "not a JSON object")
-        return None
-    return rec
-
-
-@dataclass
-class GuestClock:
-    """A guest's clock against the kernel under test's, sampled: at t (ns, the kernel under test's clock) it
-    read offset ns ahead, give or take uncertainty ns. Empty for the kernel under test itself (the reference)
-    and for a guest whose clock was not measured."""
-
-    t: np.ndarray
-    offset: np.ndarray
-    uncertainty: np.ndarray
-
-    @classmethod
-    def reference(cls) -> GuestClock:
-        return cls(np.zeros(0), np.zeros(0), np.zeros(0))
-
-    def offset_at(self, ns: float) -> float:
-        return float(np.interp(ns, self.t, self.offset)) if len(self.t) else 0.0
-
-    def uncertainty_at(self, ns: float) -> float:
-        return float(np.interp(ns, self.t, self.uncertainty)) if len(self.t) else 0.0
-
-    def below(self, samples: list[ClockSample]) -> GuestClock:
-        """The clock of a child of this guest, from the child's samples against this guest's clock."""
-        t = np.array([s.t - self.offset_at(s.t) for s in samples], float)
-        off = np.array([s.offset_ns + self.offset_at(s.t) for s in samples], float)
-        unc = np.array([s.uncertainty_ns + self.uncertainty_at(s.t) for s in samples], float)
-        order = np.argsort(t)
-        return GuestClock(t[order], off[order], unc[order])
-
-
-def clock_samples(path: Path, problems: Problems, cell_dir: Path) -> list[ClockSample]:
-    """A guest's clock.jsonl (written by its parent): its measurements; a failure to measure is said."""
+def guest_dirs(cell_dir: Path, problems: Problems) -> list[tuple[str, str, Path]]:
+    """(guest name, level, export dir) for every guest of a cell, found by their plan files, parents first."""
     out = []
-    for rec in guest_records(path, problems, cell_dir):
-        if "ended" in rec:  # what closed the port (the guest's end, normally)
-            continue
-        if "error" in rec:
-            problems.note(path, cell_dir, f"clock not measured: {str(rec['error'])[:200]}")
-            continue
-        try:
-            out.append(ClockSample.from_dict(rec))
-        except ContractError as e:
-            problems.note(path, cell_dir, str(e)[:200])
-    return out
-
-
-def _guest_dirs(cell_dir: Path, problems: Problems) -> list[tuple[str, str, Path]]:
-    """(guest name, level, export dir) for every guest of a cell, found by their plan files."""
-    out = []
-    for plan in sorted(cell_dir.rglob("plan.json")):
-        p = _guest_json(plan, problems, cell_dir)
-        if p is not None and isinstance(p.get("name"), str) and isinstance(p.get("level"), str):
-            out.append((p["name"], p["level"], plan.parent))
-    return out
+    for d, entries in walk(cell_dir, max_depth=DIR_DEPTH):
+        if any(e.name == "plan.json" for e in entries):
+            p = json_object(d / "plan.json", problems, cell_dir)
+            if p is not None and isinstance(p.get("name"), str) and p.get("level") in ("kut", "l1", "l2"):
+                out.append((p["name"][:64], p["level"], d))
+    return sorted(out, key=lambda x: (len(x[2].parts), str(x[2])))
 
 
 @dataclass
@@ -189,159 +104,69 @@ class PhaseSpans:
         return "pre" if len(self.starts) and t < self.starts[0] else "post"
 
 
-def _rows(records: list[dict], to_rows, problems: Problems, path: Path, cell_dir: Path) -> list[tuple[str, dict]]:
-    """(table, row) from each record; a record without the fields its kind has is skipped and counted."""
-    out, bad = [], 0
-    for rec in records:
-        try:
-            out.extend(to_rows(rec))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            bad += 1
-    if bad:
-        problems.note(path, cell_dir, f"{bad} record(s) without the fields their kind has, skipped")
-    return out
+def _phases(cell_dir: Path, base: dict, problems: Problems) -> tuple[list[dict], float]:
+    """The cell's phases from its kernel under test's phase_start/end events, and their clock's origin (ns)."""
+    events = list(records(cell_dir / "events.jsonl", problems, cell_dir, Event.from_guest))
+    starts = {e.phase: e for e in events if e.kind is EventKind.PHASE_START and e.phase}
+    ends = {e.phase: e for e in events if e.kind is EventKind.PHASE_END and e.phase}
+    t0 = min((e.t for e in starts.values()), default=min((e.t for e in events), default=0))
+    phases = [
+        {
+            **base,
+            "phase": name,
+            "mode": e.mode or "none",
+            "t_start": (e.t - t0) / 1e9,
+            "t_end": (ends[name].t - t0) / 1e9 if name in ends else (e.t - t0) / 1e9 + (e.duration_s or 0.0),
+        }
+        for name, e in starts.items()
+    ]
+    return phases, t0
 
 
-def _number(v) -> float:
-    """A number a guest wrote, or NaN (missing, null, or not a number)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
-
-
-def _converters(g: dict, base: dict, sec, phases: PhaseSpans) -> dict:
-    """For each file a guest writes: record -> [(table, row)], for guest g (its level and name in `g`)."""
-
-    def event(e: dict) -> list[tuple[str, dict]]:
-        detail = {k: v for k, v in e.items() if k not in ("t", "mono", "kind")}
-        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps(detail)})]
-
-    def pressure(e: dict) -> list[tuple[str, dict]]:
-        detail = json.dumps({k: v for k, v in e.items() if k not in ("t", "kind")})
-        return [("events", {**g, "kind": "pressure." + e["kind"], "t": sec(e["t"]), "detail": detail})]
-
-    def shrinker(e: dict) -> list[tuple[str, dict]]:
-        if "t" not in e:
-            return []
-        who = {k: e[k] for k in ("pid", "comm", "guest") if k in e}  # who called the shrinker, or stalled
-        return [("events", {**g, "kind": e["kind"], "t": sec(e["t"]), "detail": json.dumps({**e["fields"], **who})})]
-
-    def probe(rec: dict) -> list[tuple[str, dict]]:
-        out: list[tuple[str, dict]] = []
-        if rec["type"] == "hist":
-            tm = sec((rec["t0"] + rec["t1"]) / 2)
-            phase = phases.name_at(tm)
-            for k, n in rec["counts"].items():
-                lo, hi = bucket_bounds(int(k))
-                out.append(
-                    (
-                        "samples",
-                        {
-                            **g,
-                            "phase": phase,
-                            "t": tm,
-                            "latency_ns": (lo + hi) / 2,
-                            "lo_ns": lo,
-                            "hi_ns": hi,
-                            "count": int(n),
-                            "interval": rec["t0"],
-                        },
-                    )
-                )
-            for t, ns in rec.get("outliers", []):
-                out.append(
-                    (
-                        "events",
-                        {**g, "kind": "probe_outlier", "t": sec(t), "detail": json.dumps({"latency_ns": ns})},
-                    )
-                )
-        elif rec["type"] == "pass":
-            out.append(
-                (
-                    "passes",
-                    {
-                        **g,
-                        "pass": rec["pass"],
-                        "t": sec(rec["t1"]),
-                        "phase": phases.name_at(sec(rec["t0"])),
-                        "duration_ms": (rec["t1"] - rec["t0"]) / 1e6,
-                        "majflt": _number(rec.get("majflt")),
-                        "steal_ms": _number(rec.get("steal_ms")),
-                    },
-                )
-            )
-        return out
-
-    def counters(rec: dict) -> list[tuple[str, dict]]:
-        t = sec(rec["t"])
-        return [
-            ("counters", {**base, "source": name.split(".", 1)[0], "name": name, "t": t, "value": float(value)})
-            for name, value in rec["v"].items()
-        ]
-
-    return {
-        "events.jsonl": event,
-        "pressure.jsonl": pressure,
-        "shrinker.jsonl": shrinker,
-        "zaps.jsonl": shrinker,
-        "probe.jsonl": probe,
-        "counters.jsonl": counters,
-    }
+def _clock_rows(g: dict, parent: str | None, samples: list, mine: GuestClock, sec) -> list[dict]:
+    """A guest's clock measurements: against its parent, and (below the kernel under test) against that one."""
+    kut = parent is None  # the kernel under test's own: against the host, not corrected
+    return [
+        {
+            **g,
+            "parent": parent or "host",
+            "method": c.method,
+            "t": sec(c.t if kut else mine.t[i]),
+            "offset_ms": c.offset_ns / 1e6,
+            "uncertainty_ms": c.uncertainty_ns / 1e6,
+            "offset_kut_ms": np.nan if kut else mine.offset[i] / 1e6,
+            "uncertainty_kut_ms": np.nan if kut else mine.uncertainty[i] / 1e6,
+        }
+        for i, c in enumerate(samples)
+    ]
 
 
 def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = None) -> dict[str, list[dict]]:
     problems = Problems() if problems is None else problems
     base = {"variant": cell.variant, "repetition": cell.repetition, "cell": cell.id}
-    kut_events = [
-        e for e in guest_records(cell_dir / "events.jsonl", problems, cell_dir) if isinstance(e.get("t"), (int, float))
-    ]
-    starts = {e["phase"]: e for e in kut_events if e.get("kind") == EventKind.PHASE_START.value and "phase" in e}
-    ends = {e["phase"]: e for e in kut_events if e.get("kind") == EventKind.PHASE_END.value and "phase" in e}
-    t0 = min((e["t"] for e in starts.values()), default=None)
-    if t0 is None:
-        t0 = min((e["t"] for e in kut_events), default=0)
-    sec = lambda ns: (ns - t0) / 1e9  # noqa: E731
-    phases = [
-        {
-            **base,
-            "phase": name,
-            "mode": e["mode"],
-            "t_start": sec(e["t"]),
-            "t_end": sec(ends[name]["t"]) if name in ends else sec(e["t"]) + e["duration_s"],
-        }
-        for name, e in starts.items()
-    ]
+    phases, t0 = _phases(cell_dir, base, problems)
     rows: dict[str, list[dict]] = {t: [] for t in TABLES}
     rows["phases"] = phases
     spans = PhaseSpans.of(phases)
     clocks: dict[Path, GuestClock] = {}
     names: dict[Path, str] = {}
-    for guest, level, d in sorted(_guest_dirs(cell_dir, problems), key=lambda x: len(x[2].parts)):
+    for guest, level, d in guest_dirs(cell_dir, problems):
+        parent = next((p for p in d.parents if p in clocks), None)  # its parent's export holds its own
+        if parent is None and d != cell_dir:
+            continue  # a plan.json of a guest without a parent: not one the kernel under test started
         g = {**base, "level": level, "guest": guest}
         names[d] = guest
-        parent = next((p for p in d.parents if p in clocks), None)  # its parent's export holds its own
-        samples = sorted(clock_samples(d / "clock.jsonl", problems, cell_dir), key=lambda c: c.t)
+        samples = clock_samples(d / "clock.jsonl", problems, cell_dir)
         clocks[d] = mine = clocks[parent].below(samples) if parent is not None else GuestClock.reference()
-        kut = parent is None
-        for i, c in enumerate(samples):  # the kernel under test's own: against the host, not corrected
-            rows["clocks"].append(
-                {
-                    **g,
-                    "parent": "host" if parent is None else names[parent],
-                    "method": c.method,
-                    "t": sec(c.t if kut else mine.t[i]),
-                    "offset_ms": c.offset_ns / 1e6,
-                    "uncertainty_ms": c.uncertainty_ns / 1e6,
-                    "offset_kut_ms": np.nan if kut else mine.offset[i] / 1e6,
-                    "uncertainty_kut_ms": np.nan if kut else mine.uncertainty[i] / 1e6,
-                }
-            )
 
-        def on_kut_clock(ns: float, clock: GuestClock = mine) -> float:
-            return sec(ns - clock.offset_at(ns))
+        def sec(ns: float, clock: GuestClock = mine) -> float:
+            return (ns - clock.offset_at(ns) - t0) / 1e9
 
-        for file, to_rows in _converters(g, base, on_kut_clock, spans).items():
-            path = d / file
-            for table, row in _rows(guest_records(path, problems, cell_dir), to_rows, problems, path, cell_dir):
-                rows[table].append(row)
+        rows["clocks"] += _clock_rows(g, names.get(parent) if parent else None, samples, mine, lambda ns: (ns - t0) / 1e9)
+        for table, row in GuestRows(base, {"level": level, "guest": guest}, sec, spans.name_at).read(
+            d, problems, cell_dir
+        ):
+            rows[table].append(row)
     return rows
 
 
@@ -354,39 +179,50 @@ def cell_frames(cell_dir: Path, cell: CellEntry, problems: Problems | None = Non
     return _frames(collect_cell(cell_dir, cell, problems))
 
 
-def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -> dict:
-    d = run_dir / "cells" / cell.id
+def level_facts(cell_dir: Path, problems: Problems, complete: bool) -> dict[str, LevelFacts]:
+    """Each guest's facts.json (LevelFacts), by guest name; a missing one is a problem of a complete cell."""
+    facts: dict[str, LevelFacts] = {}
+    for guest, level, gd in guest_dirs(cell_dir, problems) if cell_dir.exists() else []:
+        path = gd / "facts.json"
+        if not present(path):
+            if complete:
+                problems.note(path, cell_dir, "missing")
+            continue
+        raw = json_object(path, problems, cell_dir)
+        try:
+            facts[guest] = LevelFacts.from_guest(raw or {"name": guest, "level": level})
+        except ValueError as e:
+            problems.note(path, cell_dir, str(e)[:200])
+    return facts
+
+
+def _status(run_dir: Path, cell: CellEntry) -> str:
     record = cell_record(run_dir, cell.id)
-    facts: dict[str, dict] = {}
-    for guest, _level, gd in _guest_dirs(d, problems) if d.exists() else []:
-        if (gd / "facts.json").exists() or (gd / "facts.json").is_symlink():
-            facts[guest] = _guest_json(gd / "facts.json", problems, d) or {}
-        elif record is not None and record.status == "complete":
-            problems.note(gd / "facts.json", d, "missing")
-    kut = facts.get("kut", {})
+    if cell_complete(run_dir, cell.id):
+        return "complete"
+    if record and record.status == "failed":
+        return "failed"
+    return "missing" if not (run_dir / "cells" / cell.id).exists() else "incomplete"
+
+
+def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -> dict:
+    record = cell_record(run_dir, cell.id)
+    facts = level_facts(run_dir / "cells" / cell.id, problems, record is not None and record.status == "complete")
+    kut = facts.get("kut")
     return {
         "cell": cell.id,
         "variant": cell.variant,
         "repetition": cell.repetition,
         "host": host,
-        "status": "complete"
-        if cell_complete(run_dir, cell.id)
-        else "failed"
-        if record and record.status == "failed"
-        else "missing"
-        if not d.exists()
-        else "incomplete",
+        "status": _status(run_dir, cell),
         "attempt": record.attempt if record else 0,
         "retried": record.retried if record else False,
         "kut_ready_s": record.kut_ready_s if record else None,
-        # its debugfs directory where the kernel has CONFIG_SHRINKER_DEBUG (a distribution's may not), else its
-        # scan function in the kernel's symbols (the patch removes it)
-        "x86_mmu_shrinker_present": bool(kut.get("x86_mmu_shrinker_dirs") or kut.get("mmu_shrink_scan_in_kallsyms"))
-        if kut
-        else None,
-        "mmu_shrink_scan_in_kallsyms": kut.get("mmu_shrink_scan_in_kallsyms"),
-        "kvm_params": json.dumps(kut.get("kvm_params", {})),
-        "children_on_kvm": json.dumps({g: f.get("runs_on_kvm") for g, f in facts.items() if g != "kut"}),
+        "x86_mmu_shrinker_present": kut.has_kvm_shrinker if kut else None,
+        "mmu_shrink_scan_in_kallsyms": kut.mmu_shrink_scan_in_kallsyms if kut else None,
+        "kvm_params": json.dumps(kut.kvm_params if kut else {}),
+        "children_on_kvm": json.dumps({g: f.runs_on_kvm for g, f in facts.items() if g != "kut"}),
+        "kut_facts": kut.to_json() if kut else None,
         "errors": json.dumps(record.errors if record else []),
         "problems": json.dumps(list(problems)),
     }
@@ -402,7 +238,7 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
     for cell in manifest.cells:
         d = run_dir / "cells" / cell.id
         problems = Problems()
-        if d.exists():
+        if d.is_dir() and not d.is_symlink():
             for table, r in collect_cell(d, cell, problems).items():
                 rows[table].extend(r)
         status = cell_status(run_dir, cell, manifest.cell_hosts.get(cell.id, "local"), problems)

@@ -8,7 +8,6 @@ failure: a guest that stalled for minutes measured its stall, not the patch.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import Checks
-from ..util import GuestFileError, read_guest_file
+from ..results.guest_files import GuestFileError, Problems, read_text
+from ..results.tables import guest_dirs, level_facts
 
 # what a guest kernel prints when it stopped making progress (kernel/rcu/tree_stall.h, kernel/watchdog.c,
 # kernel/hung_task.c); under TCG a vCPU starved by its host thread shows the same way
@@ -30,9 +30,9 @@ KMSG_LIMIT = 8 << 20
 def stalls(cell_dir: Path) -> list[str]:
     """The stall reports in every level's kernel log of a cell, 'guest-dir: [time] line' (at most 3 per log)."""
     out = []
-    for log in sorted(cell_dir.rglob("kmsg.log")):
+    for log in sorted(d / "kmsg.log" for _, _, d in guest_dirs(cell_dir, Problems())):
         try:
-            text = read_guest_file(log, limit=KMSG_LIMIT, tail=KMSG_LIMIT)
+            text = read_text(log, limit=KMSG_LIMIT, tail=KMSG_LIMIT)
         except GuestFileError:
             continue
         hits = [line.strip() for line in text.splitlines() if STALL.search(line)]
@@ -47,15 +47,12 @@ BOOLEAN = {"y": "Y", "1": "Y", "true": "Y", "on": "Y", "n": "N", "0": "N", "fals
 def param_mismatches(cell_dir: Path, module_params: dict[str, dict[str, str]]) -> list[str]:
     """The variant's module parameters the kernel under test does not show in sysfs as asked (a typo, a
     parameter this kernel lacks, or one the harness's own overrode). Only KVM modules are recorded."""
-    try:
-        facts = json.loads(read_guest_file(cell_dir / "facts.json", limit=1 << 20))
-        have = facts.get("kvm_params") if isinstance(facts, dict) else None
-    except (GuestFileError, ValueError):
-        have = None
-    if not isinstance(have, dict):
+    kut = level_facts(cell_dir, Problems(), complete=False).get("kut")
+    if kut is None:
         return (
             ["the kernel under test's facts.json (its module parameters) is missing or torn"] if module_params else []
         )
+    have = kut.kvm_params
     out = []
     for mod, params in module_params.items():
         if not mod.startswith("kvm") or not any(k.startswith(f"{mod}.") for k in have):

@@ -12,19 +12,17 @@ from pathlib import Path
 
 from ..config import Experiment
 from ..errors import PressureError
-from ..guest.contract import GlobalHog, PhaseSpec, PressureMode, PressureParams, SamplerSpec, Schedule
+from ..guest import modes
+from ..guest.contract import PhaseSpec, SamplerSpec, Schedule
+from ..guest.modes import Sizes
 
 GUEST_OVERHEAD_MB = 160  # QEMU + guest kernel beyond a guest's -m, measured roughly on TCG
 KUT_RESERVE_MB = 256  # the kernel under test's own kernel, agent and sampler
 
 
-def modes_used(exp: Experiment) -> set[PressureMode]:
-    return {p.mode(exp.pressure.mode) for p in exp.phases}
-
-
 def check(exp: Experiment, topology: str) -> None:
     """Raise PressureError for sizes that cannot work on the kernel under test."""
-    t, pr = exp.topology, exp.pressure
+    t = exp.topology
     kut = t.kut.memory_mb
     l1_total = t.l1.count * (t.l1.memory_mb + GUEST_OVERHEAD_MB)
     if l1_total + KUT_RESERVE_MB > kut:
@@ -50,46 +48,16 @@ def check(exp: Experiment, topology: str) -> None:
                     f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
                     f"({spec.memory_mb} MiB, about {room} MiB free for the probe)"
                 )
-    modes = modes_used(exp)
-    if PressureMode.GLOBAL in modes:
-        if t.kut.swap_mb == 0:
-            raise PressureError(
-                "pressure global needs swap in the kernel under test (topology.kut.swap_mb > 0): "
-                "without it an anonymous hog meets the OOM killer instead of sustained reclaim"
-            )
-        if pr.global_.overshoot_mb >= t.kut.swap_mb:
-            raise PressureError(
-                f"pressure.global.overshoot_mb={pr.global_.overshoot_mb} must stay below the swap "
-                f"({t.kut.swap_mb} MiB) or the hog ends in the OOM killer"
-            )
-    if PressureMode.MEMCG_LIMIT in modes and pr.memcg_limit_mb >= kut - l1_total - KUT_RESERVE_MB:
-        raise PressureError(
-            f"pressure.memcg_limit_mb={pr.memcg_limit_mb} is not a tight limit: the kernel under "
-            f"test has only ~{kut - l1_total - KUT_RESERVE_MB} MiB to spare, so the control would "
-            "cause global reclaim"
-        )
+    sizes = Sizes(kut_mb=kut, swap_mb=t.kut.swap_mb, guests_mb=l1_total, reserve_mb=KUT_RESERVE_MB)
+    for name in exp.modes_used():
+        if problems := modes.get(name).check_sizes(exp.pressure.knobs(name), sizes):
+            raise PressureError("; ".join(problems))
 
 
 # what each part of a run needs from the kernel under test's .config, and why
 ALWAYS_NEEDED = {
     "CONFIG_DEBUG_FS": "the sampler reads KVM's MMU stats from /sys/kernel/debug/kvm",
     "CONFIG_KVM": "the kernel under test runs the guests",
-}
-MODE_NEEDS = {
-    PressureMode.GLOBAL: {
-        "CONFIG_MEMCG": "the hog's cgroup bounds it with memory.max",
-        "CONFIG_SWAP": "sustained reclaim",
-    },
-    PressureMode.MEMCG_LIMIT: {"CONFIG_MEMCG": "the control is a cgroup with a tight memory.max"},
-    PressureMode.DROP_CACHES: {
-        "CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
-        "CONFIG_PROC_SYSCTL": "writes /proc/sys/vm/drop_caches",
-    },
-    PressureMode.ROOT_RECLAIM: {"CONFIG_MEMCG": "writes the root cgroup's memory.reclaim"},
-    PressureMode.SHRINKER_SCAN: {
-        "CONFIG_MEMCG": "each pressure actor runs in a cgroup of its own",
-        "CONFIG_SHRINKER_DEBUG": "writes /sys/kernel/debug/shrinker/x86-mmu-*/scan",
-    },
 }
 
 
@@ -118,8 +86,8 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
     """Raise PressureError, before anything boots, when the built kernel lacks what the run uses."""
     have = kernel_options(kernel_config.read_text())
     need = {**ALWAYS_NEEDED, **ROOTFS_NEEDS[rootfs]}
-    for mode in sorted(modes_used(exp), key=lambda m: m.value):
-        need.update(MODE_NEEDS.get(mode, {}))
+    for name in exp.modes_used():
+        need.update(modes.get(name).needs)
     if exp.sampler.trace_shrinker:
         need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
     missing = [f"{opt} ({why})" for opt, why in need.items() if opt not in have]
@@ -138,26 +106,10 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
 
 
 def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: int) -> Schedule:
-    """What the kernel under test's agent conducts: phases with their modes, pressure knobs, sampler."""
-    pr, g = exp.pressure, exp.pressure.global_
+    """What the kernel under test's agent conducts: phases with their modes, the knobs of each mode, the sampler."""
     return Schedule(
-        phases=[PhaseSpec(name=p.name, duration_s=p.duration_s, mode=p.mode(pr.mode)) for p in exp.phases],
-        pressure=PressureParams(
-            global_hog=GlobalHog(
-                target_available_mb=g.target_available_mb,
-                overshoot_mb=g.overshoot_mb,
-                headroom_mb=g.headroom_mb,
-                chunk_mb=g.chunk_mb,
-                ramp_s=g.ramp_s,
-            ),
-            drop_caches_period_s=pr.drop_caches_period_s,
-            root_reclaim_mb=pr.root_reclaim_mb,
-            root_reclaim_period_s=pr.root_reclaim_period_s,
-            shrinker_scan_objects=pr.shrinker_scan_objects,
-            shrinker_scan_period_s=pr.shrinker_scan_period_s,
-            memcg_limit_mb=pr.memcg_limit_mb,
-            memcg_hog_mb=pr.memcg_hog_mb,
-        ),
+        phases=[PhaseSpec(name=p.name, duration_s=p.duration_s, mode=p.mode(exp.pressure.mode)) for p in exp.phases],
+        pressure={name: exp.pressure.knob_values(name) for name in exp.modes_used()},
         sampler=SamplerSpec(
             interval_s=exp.sampler.interval_s,
             trace_shrinker=exp.sampler.trace_shrinker,

@@ -1,8 +1,6 @@
 """Attribution on synthetic tables whose causes are known: which spikes overlap which cause events, how the
 excess is split, and how the A/B difference decomposes. The e2e tests check it on real runs."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,37 +40,47 @@ class Run:
                     {**base, "level": level, "guest": guest, "phase": "steady", "t": 5.0, "latency_ns": lat, "count": n}
                 )
         if l2:
-            self.event(cell, "l1", "l1-0", "boot_start", 0.0, guest="l2-0", level="l2")
+            self.rows["events"].append(
+                {**base, "level": "l1", "guest": "l1-0", "kind": "boot_start", "t": 0.0, "subject": "l2-0"}
+            )
         return cell
 
-    def event(self, cell, at_level, who, kind, t, **detail):
+    @staticmethod
+    def base(cell):
         variant, rep = cell.split(".r")
-        self.rows["events"].append(
-            {
-                "variant": variant,
-                "repetition": int(rep),
-                "cell": cell,
-                "level": at_level,
-                "guest": who,
-                "kind": kind,
-                "t": t,
-                "detail": json.dumps(detail),
-            }
-        )
+        return {"variant": variant, "repetition": int(rep), "cell": cell}
 
     def spike(self, cell, t_end, ms, guest="l1-0", level="l1"):
-        self.event(cell, level, guest, "probe_outlier", t_end, latency_ns=ms * 1e6)
+        self.rows["outliers"].append(
+            {**self.base(cell), "level": level, "guest": guest, "t": t_end, "latency_ns": ms * 1e6}
+        )
+
+    def trace(self, cell, kind, t, **fields):
+        self.rows["trace"].append({**self.base(cell), "kind": kind, "t": t, **fields})
 
     def zap(self, cell, t0, t1, freed=100, pid=7):
-        self.event(cell, "kut", "kut", "shrink_start", t0, cache_items=1, pid=pid)
-        self.event(cell, "kut", "kut", "shrink_end", t1, freed=freed, pid=pid)
+        self.trace(cell, "shrink_start", t0, cache_items=1, pid=pid)
+        self.trace(cell, "shrink_end", t1, freed=freed, pid=pid)
 
     def stall(self, cell, t0, t1, guest="l1-0", pid=9):
-        self.event(cell, "kut", "kut", "direct_reclaim_begin", t0, pid=pid, guest=guest)
-        self.event(cell, "kut", "kut", "direct_reclaim_end", t1, pid=pid, guest=guest, nr_reclaimed=3)
+        self.trace(cell, "direct_reclaim_begin", t0, pid=pid, guest=guest)
+        self.trace(cell, "direct_reclaim_end", t1, pid=pid, guest=guest, nr_reclaimed=3)
 
     def vm_zap(self, cell, guest, t, since_s, zapped):
-        self.event(cell, "kut", "kut", "vm_zap", t, guest=guest, zapped=zapped, recycled=0, since_ns=since_s * 1e9)
+        step = {"source": "sampler", "guest": guest, "t0": t - since_s, "t1": t, "zapped": zapped, "recycled": 0}
+        self.rows["vm_zaps"].append({**self.base(cell), **step})
+
+    def scan(self, cell, t, seconds):
+        self.rows["pressure"].append(
+            {
+                **self.base(cell),
+                "mode": "shrinker-scan",
+                "kind": "shrinker_scan",
+                "t": t,
+                "count": 1024,
+                "seconds": seconds,
+            }
+        )
 
     def majflt(self, cell, guest, points):
         variant, rep = cell.split(".r")
@@ -95,9 +103,8 @@ class Run:
 
 def spikes_of(run, **kw):
     frames = run.frames()
-    windows = at.cause_windows(frames["events"], frames["counters"], frames["passes"])
-    vm_zaps = at.vm_zap_steps(frames["events"])
-    return at.find_spikes(frames, EXP, windows, kw.get("slack", {}), vm_zaps).set_index("t")
+    windows = at.cause_windows(frames)
+    return at.find_spikes(frames, EXP, windows, kw.get("slack", {}), frames["vm_zaps"]).set_index("t")
 
 
 def test_each_spike_gets_the_causes_it_overlaps_and_none_found_otherwise():
@@ -139,7 +146,7 @@ def test_a_spike_says_whether_its_own_vm_lost_shadow_pages_meanwhile():
     s = spikes_of(run)
     assert list(s.loc[[11.150, 11.160, 11.290, 12.080], "own_vm_zapped"]) == [True, True, False, False]
     assert (s.loc[[11.150, 11.290], "causes"] == at.SHRINKER_ZAP).all()  # the cause is the call, per-VM or not
-    steps = at.vm_zap_steps(run.frames()["events"])
+    steps = run.frames()["vm_zaps"]
     assert list(steps["zapped"]) == [40, 9] and steps["t0"].iloc[0] == pytest.approx(11.1)
 
 
@@ -183,7 +190,7 @@ def test_after_a_zap_the_guest_refaulting_for_one_more_probe_pass_is_zap_refault
 def test_debugfs_scans_are_shrinker_zaps_over_the_span_they_took():
     run = Run()
     c = run.cell("baseline", 1)
-    run.event(c, "kut", "kut", "pressure.shrinker_scan", 11.100, mode="shrinker-scan", objects=1024, took_s=0.08)
+    run.scan(c, 11.100, seconds=0.08)
     run.spike(c, 11.050, 10)
     assert spikes_of(run).loc[11.050, "causes"] == at.SHRINKER_ZAP
 

@@ -13,12 +13,13 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
+from harness.analysis import analyze
 from harness.lab.fleet import _merge_manifests
-from harness.report import analyze, generate
+from harness.report import generate
 from harness.results import tables as results
 from harness.results.manifest import Manifest, cell_complete
 
-RECORDED = Path(__file__).parent / "data" / "recorded-run"
+RECORDED = Path(__file__).parent.parent / "data" / "recorded-run"
 
 
 @pytest.fixture

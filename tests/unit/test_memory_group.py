@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from harness.guest.supervise import _spawn
-from harness.machine.host import MemoryGroup
+from harness.machine.memory_group import MemoryGroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
 

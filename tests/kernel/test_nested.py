@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_every_phase_delivered, require
+from conftest import assert_every_phase_delivered, phase_row, require
 
 from harness import REPO_ROOT
+from harness.analysis import analyze
 from harness.machine.host import decide_accel, qemu_installs, topology_support
-from harness.report import analyze
 from harness.results.tables import load as load_tables
 
 pytestmark = pytest.mark.kernel
@@ -37,12 +37,6 @@ def nested(builds, qemu, tmp_path_factory):
         "evidence": analyze(run_dir).evidence,
         "manifest": json.loads((run_dir / "manifest.json").read_text()),
     }
-
-
-def _phase(evidence, variant, phase):
-    rows = evidence[(evidence["variant"] == variant) & (evidence["phase"] == phase)]
-    assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
-    return rows.iloc[0]
 
 
 def test_every_level_is_where_it_should_be(nested):
@@ -75,14 +69,14 @@ def test_l2_is_measured_on_both_kernels(nested):
 
 def test_baseline_shrinker_zaps_the_shadow_pages_of_the_vm_that_runs_l2(nested):
     evidence = nested["evidence"]
-    glob = _phase(evidence, "baseline", "global")
+    glob = phase_row(evidence, "baseline", "global")
     assert glob["shrinker_calls"] > 0 and glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0
     assert glob["l2_vm"] == "l1-0" and glob["l2_vm_shadow_zapped"] > 100 and glob["x86_mmu_count_drop"] > 100
     # shrinker-scan follows global: L2's probe re-faults its shadow pages while the scan zaps them, so the
     # count may end where it began (seen: +920 zapped, count unchanged); the VM's zap counter is the evidence
-    scan = _phase(evidence, "baseline", "shrinker-scan")
+    scan = phase_row(evidence, "baseline", "shrinker-scan")
     assert scan["l2_vm"] == "l1-0" and scan["l2_vm_shadow_zapped"] > 100 and scan["shrinker_calls"] > 0
-    ctrl = _phase(evidence, "baseline", "memcg-limit")
+    ctrl = phase_row(evidence, "baseline", "memcg-limit")
     assert ctrl["shrinker_calls"] == 0 and ctrl["l2_vm_shadow_zapped"] == 0
     assert ctrl["memcg_max_events"] + ctrl["memcg_high_events"] > 0
 
@@ -92,7 +86,7 @@ def test_patched_has_no_shrinker_and_zaps_nothing_of_l2(nested):
     pat = evidence[evidence["variant"] == "patched"]
     assert not pat["shrinker_present"].any() and pat["shrinker_calls"].sum() == 0
     assert pat["l2_vm_shadow_zapped"].fillna(0).sum() == 0
-    glob = _phase(evidence, "patched", "global")
+    glob = phase_row(evidence, "patched", "global")
     assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0  # as much pressure, no shrinker
 
 

@@ -8,6 +8,10 @@ import time
 from harness.guest import probe
 
 
+def a_pass(n: int) -> probe.ProbePass:
+    return probe.ProbePass(t0=0, t1=1, number=n)
+
+
 def test_records_and_status_are_written_in_order_by_the_writer_not_the_caller(tmp_path, monkeypatch):
     out, status = tmp_path / "probe.jsonl", tmp_path / "probe.status"
     gate = threading.Event()
@@ -19,9 +23,9 @@ def test_records_and_status_are_written_in_order_by_the_writer_not_the_caller(tm
 
     monkeypatch.setattr(probe, "replace", slow)
     w = probe.Writer(str(out))
-    w({"type": "pass", "pass": 1})
+    w(a_pass(1))
     w.status(str(status), {"passes": 1})
-    w({"type": "hist", "pass": 1})  # queued behind the status: the caller did not wait for it
+    w(probe.ProbeHist(t0=0, t1=1, counts={}, number=1))  # queued behind the status: the caller did not wait for it
     assert not status.exists()
     gate.set()
     w.close()
@@ -33,7 +37,7 @@ def test_a_status_the_export_refuses_does_not_stop_the_records(tmp_path):
     out = tmp_path / "probe.jsonl"
     w = probe.Writer(str(out))
     w.status(str(tmp_path / "no-such-dir" / "probe.status"), {"passes": 1})
-    w({"type": "pass", "pass": 1})
+    w(a_pass(1))
     w.close()
     assert json.loads(out.read_text())["type"] == "pass"
 
@@ -54,7 +58,7 @@ def test_a_slow_status_never_holds_the_records_back_only_the_newest_is_written(t
     monkeypatch.setattr(probe, "replace", slow)
     w = probe.Writer(str(out))
     for n in range(1, 201):  # 200 passes, each with its record and its status, in 0.2 s
-        w({"type": "pass", "pass": n})
+        w(a_pass(n))
         w.status(str(status), {"passes": n})
         time.sleep(0.001)
     w.close()

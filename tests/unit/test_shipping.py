@@ -50,7 +50,7 @@ def test_host_records_never_write_through_links_a_guest_planted(tmp_path):
 
 
 def test_what_a_guest_leaves_in_its_export_is_defused(tmp_path):
-    from harness.util import defuse_guest_files
+    from harness.results.guest_files import defuse as defuse_guest_files
 
     export = tmp_path / "cell"
     (export / "l1-0").mkdir(parents=True)

@@ -411,7 +411,7 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     assert cell_complete(local_run, "baseline.r1") and cell_complete(local_run, "baseline.r2")
     assert (local_run / "report.html").exists()
     # what the two modes claim, on the baseline 6.1 kernel with the shadow topology
-    from harness.report import analyze
+    from harness.analysis import analyze
 
     report = analyze(local_run)
     frames, evidence = report.frames, report.evidence

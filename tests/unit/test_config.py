@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from harness import REPO_ROOT
 from harness.config import axis_paths, describe, load
 from harness.config.reference import schema_reference
 from harness.errors import ConfigError
-from harness.guest.contract import GuestPlan, PressureMode
+from harness.guest.contract import GuestPlan
 from harness.machine.host import Qemu, TopologyDecision
 
 
@@ -54,7 +55,7 @@ def test_overrides_by_name_and_yaml_values(tmp_path):
     "patch, where, what",
     [
         ("repetitions: 0", "repetitions", "greater than or equal to 1"),
-        ("pressure: {mode: sometimes}", "pressure.mode", "Input should be"),
+        ("pressure: {mode: sometimes}", "pressure.mode", "unknown pressure mode 'sometimes' (known: drop-caches"),
         ("topology: {l1: {memory_mb: 12}}", "topology.l1.memory_mb", "greater than or equal"),
         ("bogus: 1", "bogus", "Extra inputs are not permitted"),
         ("name: again", "key 'name' given twice", "line 7"),  # plain YAML would keep the last one, silently
@@ -180,7 +181,7 @@ def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_sta
 @pytest.mark.parametrize("run_id", ["../../etc", "/tmp/x", "a/b", "-x", "..", "a..b"])
 def test_a_run_id_is_a_name_not_a_path(run_id, tmp_path):
     from harness.errors import ConfigError
-    from harness.run.runner import find_run_dir, new_run_id
+    from harness.run.run_dir import find_run_dir, new_run_id
 
     matrix = load("shrinker-ab")
     with pytest.raises(ConfigError, match="a name, not a path"):
@@ -193,7 +194,7 @@ def test_one_writer_per_run_directory(tmp_path):
     import os
 
     from harness.errors import HarnessError
-    from harness.run.runner import lock_run_dir
+    from harness.run.run_dir import lock_run_dir
 
     fd = lock_run_dir(tmp_path / "run")
     try:
@@ -238,7 +239,7 @@ def test_describe_lists_every_cell():
 
 def test_readme_config_reference_is_generated_from_schema():
     readme = (REPO_ROOT / "README.md").read_text()
-    assert schema_reference() in readme, "README config reference is stale: run `python -m harness.docs`"
+    assert schema_reference() in readme, "README config reference is stale: run `python -m harness.config.reference`"
 
 
 def test_every_shipped_config_validates():
@@ -293,18 +294,24 @@ def level_argvs(kut, l1, l2_argv) -> list[tuple[str, list[str]]]:
     return [("kut", qemu_argv(kut)), ("l1", l1.argv), ("l2", l2_argv)]
 
 
-def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
-    """build_plan for a nested cell with a kernel and paths that need not exist."""
-    from harness.machine.qemu import build_plan
+def cell_plan(exp, accel, decision, rootfs, tmp_path, l2_initrd=None):
+    """The plan tree of a cell with a kernel and paths that need not exist."""
+    from harness.machine.plan import CellMachines, build_plan
+    from harness.run.schedule import conductor_schedule
 
-    decision = TopologyDecision("nested", qemu, [])
-    return build_plan(exp, "/k/bzImage", accel, decision, rootfs, tmp_path / "cell", tmp_path, "run",
-                      "/usr/bin/python3", 240, None, l2_initrd)  # fmt: skip
+    m = CellMachines(exp, Path("/k/bzImage"), accel, decision, rootfs, tmp_path / "cell", tmp_path, "run",
+                     "/usr/bin/python3", l2_initrd=l2_initrd)  # fmt: skip
+    return build_plan(m, conductor_schedule(exp, 240, m.expected_probes()))
+
+
+def _nested_plan(exp, accel, qemu, rootfs, tmp_path, l2_initrd):
+    return cell_plan(exp, accel, TopologyDecision("nested", qemu, []), rootfs, tmp_path, l2_initrd)
 
 
 @pytest.mark.parametrize("rootfs", ["9p", "virtiofs"])
 def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(rootfs, tmp_path):
-    from harness.machine.qemu import ROOTFS_SERVER, qemu_argv, rootfs_server
+    from harness.machine.qemu import qemu_argv, rootfs_server
+    from harness.machine.roots import ROOTFS_SERVER
 
     exp = load("shrinker-ab", ["topology.kind=nested", "topology.l1.thp=always"]).experiment
     kut, plan = _nested_plan(exp, "kvm", PRIVATE_72, rootfs, tmp_path, tmp_path / "l2.cpio")
@@ -359,18 +366,16 @@ def test_kut_and_l1_share_the_root_the_same_way_and_l2_boots_from_its_initramfs(
     assert l1.env == l2.env == {"QEMU_MODULE_DIR": PRIVATE_72.module_dir}
     # the plan crosses into the guest as JSON and comes back the same, typed
     assert GuestPlan.from_dict(json.loads(plan.to_json())) == plan
-    assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode is PressureMode.NONE  # L1 and L2
+    assert plan.schedule.expected_probes == 2 and plan.schedule.phases[0].mode == "none"  # L1 and L2
 
 
 def test_only_a_level_with_guests_is_told_to_keep_its_time_on_the_tsc(tmp_path):
     """Shadow topology: the kernel under test has guests (its L1s pair their clocks with it by ptp_kvm), an L1
     has none and keeps its default clocksource."""
-    from harness.machine.qemu import build_plan, qemu_argv
+    from harness.machine.qemu import qemu_argv
 
     exp = load("shrinker-ab", ["topology.kind=shadow"]).experiment
-    decision = TopologyDecision("shadow", PRIVATE_72, [])
-    kut, plan = build_plan(exp, "/k/bzImage", "tcg", decision, "9p", tmp_path / "cell", tmp_path, "run",
-                           "/usr/bin/python3", 240, None)  # fmt: skip
+    kut, plan = cell_plan(exp, "tcg", TopologyDecision("shadow", PRIVATE_72, []), "9p", tmp_path)
     kut_argv, l1_argv = qemu_argv(kut), plan.children[0].argv
     assert "clocksource=tsc tsc=reliable" in kut_argv[kut_argv.index("-append") + 1]
     assert "clocksource=" not in l1_argv[l1_argv.index("-append") + 1]
@@ -408,7 +413,7 @@ def test_commas_in_paths_stay_inside_their_qemu_option(tmp_path):
 def test_the_hosts_export_maps_guest_ownership_where_user_xattrs_work(tmp_path):
     from dataclasses import replace
 
-    from harness.machine.host import export_model
+    from harness.machine.memory_group import export_model
     from harness.machine.qemu import GuestSpec, qemu_argv
 
     model, why = export_model(tmp_path / "run")

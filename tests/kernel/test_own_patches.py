@@ -11,11 +11,11 @@ import pytest
 from conftest import git, harness
 
 from harness import REPO_ROOT
+from harness.analysis import analyze
 from harness.config import load
 from harness.kernel.build import Builder
 from harness.kernel.patches import split_mbox
 from harness.kernel.source import prepare
-from harness.report import analyze
 from harness.results.manifest import Manifest
 
 pytestmark = pytest.mark.kernel

@@ -13,13 +13,14 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_every_phase_delivered
+from conftest import assert_every_phase_delivered, phase_row
 
 from harness import REPO_ROOT
+from harness.analysis import analyze
 from harness.errors import ResultsError
 from harness.guest.contract import OUT
 from harness.machine.host import decide_accel, decide_topology, qemu_installs
-from harness.report import analyze, generate
+from harness.report import generate
 from harness.results.tables import load as load_tables
 
 pytestmark = pytest.mark.kernel
@@ -61,12 +62,6 @@ def e2e(builds, qemu, tmp_path_factory):
     }
 
 
-def _phase(evidence, variant, phase):
-    rows = evidence[(evidence["variant"] == variant) & (evidence["phase"] == phase)]
-    assert len(rows) == 1, f"{variant}/{phase} missing from the evidence"
-    return rows.iloc[0]
-
-
 def test_run_is_complete_and_states_what_it_ran_on(e2e):
     m = json.loads((e2e["run_dir"] / "manifest.json").read_text())
     accel = decide_accel("auto").accel
@@ -97,9 +92,9 @@ def test_l1_runs_on_kvm_with_the_paging_its_topology_asks_for_and_its_command_ou
 
 def test_baseline_shrinker_runs_under_pressure_that_reaches_it(e2e):
     evidence = e2e["evidence"]
-    scan = _phase(evidence, "baseline", "shrinker-scan")
+    scan = phase_row(evidence, "baseline", "shrinker-scan")
     assert scan["shrinker_present"] and scan["shrinker_calls"] > 0 and scan["mmu_recycled"] > 0
-    glob = _phase(evidence, "baseline", "global")
+    glob = phase_row(evidence, "baseline", "global")
     assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0  # global reclaim really happened
 
 
@@ -112,7 +107,7 @@ def test_patched_has_no_shrinker_and_no_shrinker_zapping(e2e):
     assert facts["x86_mmu_shrinker_dirs"] == [] and not facts["mmu_shrink_scan_in_kallsyms"]
     e = e2e["frames"]["events"]
     assert ((e["cell"] == "patched.r1") & (e["kind"] == "pressure_unavailable")).any()
-    glob = _phase(evidence, "patched", "global")
+    glob = phase_row(evidence, "patched", "global")
     assert glob["pgscan_kswapd"] + glob["pgscan_direct"] > 0
 
 
@@ -181,7 +176,7 @@ def test_l1s_clock_is_measured_against_the_kernel_under_test_within_a_millisecon
 def test_memcg_limit_control_reclaims_in_its_cgroup_without_the_shrinker(e2e):
     evidence = e2e["evidence"]
     for variant in ("baseline", "patched"):
-        ctrl = _phase(evidence, variant, "memcg-limit")
+        ctrl = phase_row(evidence, variant, "memcg-limit")
         assert ctrl["shrinker_calls"] == 0 and ctrl["memcg_max_events"] + ctrl["memcg_high_events"] > 0
 
 
