@@ -11,8 +11,9 @@ import pandas as pd
 
 from ..config import Experiment
 from ..guest import modes
-from ..guest.contract import EventKind, LevelFacts, PressureRecord
+from ..guest.contract import EventKind
 from ..guest.modes.base import Counters, PhaseEvidence, Series
+from ..guest.records import LevelFacts, PressureRecord
 
 # the modes whose reclaim calls a non-memcg-aware shrinker (each mode says so of itself)
 REACHES_SHRINKER = {m.name for m in modes.MODES.values() if m.calls_global_shrinkers}

@@ -18,10 +18,12 @@ from typing import Any
 
 try:
     from . import modes  # as harness.guest.pressure
-    from .contract import EventKind, PressureJob, PressureRecord, VmZap
+    from .contract import EventKind, PressureJob
+    from .records import PressureRecord, VmZap
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
     import modes  # type: ignore[no-redef]
-    from contract import EventKind, PressureJob, PressureRecord, VmZap  # type: ignore[no-redef]
+    from contract import EventKind, PressureJob  # type: ignore[no-redef]
+    from records import PressureRecord, VmZap  # type: ignore[no-redef]
 
 CG = "/sys/fs/cgroup"
 READY_TIMEOUT_S = 120

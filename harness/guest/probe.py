@@ -29,9 +29,11 @@ import threading
 import time
 
 try:
-    from .contract import ProbeHeader, ProbeHist, ProbeJob, ProbePass  # imported by the host as harness.guest.*
+    from .contract import ProbeJob  # imported by the host as harness.guest.*
+    from .records import ProbeHeader, ProbeHist, ProbePass
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
-    from contract import ProbeHeader, ProbeHist, ProbeJob, ProbePass  # type: ignore[no-redef]
+    from contract import ProbeJob  # type: ignore[no-redef]
+    from records import ProbeHeader, ProbeHist, ProbePass  # type: ignore[no-redef]
 
 SUB_BITS = 4  # 16 sub-buckets per power of two
 OUTLIER_NS = 1_000_000  # touches >= 1 ms are also kept raw

@@ -32,10 +32,12 @@ import threading
 import time
 
 try:
-    from .contract import CounterSample, SamplerJob, TraceCall, VmZap  # imported by the host as harness.guest.*
+    from .contract import SamplerJob  # imported by the host as harness.guest.*
+    from .records import CounterSample, TraceCall, VmZap
     from .supervise import lock_in_memory
 except ImportError:  # run as a script in a guest: its directory is sys.path[0]
-    from contract import CounterSample, SamplerJob, TraceCall, VmZap  # type: ignore[no-redef]
+    from contract import SamplerJob  # type: ignore[no-redef]
+    from records import CounterSample, TraceCall, VmZap  # type: ignore[no-redef]
     from supervise import lock_in_memory  # type: ignore[no-redef]
 
 KVM = "/sys/kernel/debug/kvm"

@@ -16,30 +16,26 @@
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import hashlib
 import io
 import os
 import shlex
-import stat
-import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
-import yaml
 from fabric import Connection
 
 from .. import REPO_ROOT
-from ..config import anchored, load_raw
 from ..errors import RemoteError
 from ..util import log, warn
+from .shipping import config_files, content_id, project_files, tarball
+from .ssh import Heartbeat, TrustOnFirstUse, fingerprint
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15  # NESTPRESS_KEEPALIVE_S overrides (tests)
@@ -47,139 +43,6 @@ KEEPALIVE_COUNT = 3  # keepalives in a row without an answer: the peer is dead
 RECONNECT_S = 300  # how long the controller keeps trying to reattach after a drop
 TRANSFER_IDLE_S = 120  # a put/get that moves no byte for this long fails
 KEEP_APPS = 3  # shipped code directories kept on a host besides those running jobs use
-SHIP_EXCLUDE = (".venv", "results", ".git", "__pycache__", ".pytest_cache", "build")
-
-
-def project_files() -> list[str]:
-    """Files to ship: what git tracks (never untracked files: a stray secret would travel to every host);
-    outside a git checkout, a walk minus build outputs."""
-    r = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True)
-    if r.returncode == 0 and r.stdout.strip():
-        return [f for f in r.stdout.splitlines() if (REPO_ROOT / f).is_file()]
-    out = []
-    for root, dirs, files in os.walk(REPO_ROOT):
-        dirs[:] = [d for d in dirs if d not in SHIP_EXCLUDE and not d.endswith(".egg-info")]
-        out += [os.path.relpath(os.path.join(root, f), REPO_ROOT) for f in files]
-    return out
-
-
-def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    """Shipped code belongs to root and nobody else may write it: root runs it on the lab host."""
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    info.mode &= ~0o022
-    return info
-
-
-def config_files(config: Path, scratch: Path) -> tuple[str, list[tuple[str, Path]]]:
-    """The config's path in the shipped tree, and the files it brings. A config of the harness tree keeps its
-    place (its relative patch paths hold there). One from elsewhere goes to shipped/, with its variants'
-    patch files beside it (shipped/patches/<id>/<name>) and rewritten to name them there (written to
-    scratch): a user's own patch travels with the config that names it."""
-    cfg = config.resolve()
-    if cfg.is_relative_to(REPO_ROOT):
-        rel = cfg.relative_to(REPO_ROOT).as_posix()
-        return rel, [(rel, cfg)]
-    _, raw = load_raw(cfg)
-    rel = f"shipped/{cfg.name}"
-    extra: list[tuple[str, Path]] = []
-    variants = raw.get("variants")
-    for v in variants if isinstance(variants, list) else []:
-        if not isinstance(v, dict) or not isinstance(v.get("patches"), list):
-            continue
-        named = []
-        for given in v["patches"]:
-            local = Path(anchored(cfg.parent, str(given)))
-            if local.is_relative_to(REPO_ROOT):
-                named.append(os.path.relpath(local, REPO_ROOT / "shipped"))
-                continue
-            if not local.exists():
-                raise RemoteError(f"{cfg}: variant {v.get('name')}: patch path {local} does not exist")
-            tag = hashlib.sha256(str(local).encode()).hexdigest()[:12]
-            members = sorted(local.glob("*.patch")) if local.is_dir() else [local]
-            extra += [(f"shipped/patches/{tag}/{f.name}", f) for f in members]
-            named.append(f"patches/{tag}" + ("" if local.is_dir() else f"/{local.name}"))
-        v["patches"] = named
-    if not any(isinstance(v, dict) and v.get("patches") for v in variants or []):
-        return rel, [(rel, cfg)]  # nothing to rewrite: the config as written, comments and all
-    rewritten = scratch / cfg.name
-    rewritten.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return rel, [(rel, rewritten), *extra]
-
-
-def content_id(files: list[tuple[str, Path]]) -> str:
-    """Names what is shipped by what it is (names, shipped modes, bytes): the same tree ships once."""
-    h = hashlib.sha256()
-    for arcname, path in sorted(files):
-        data = path.read_bytes()
-        mode = stat.S_IMODE(path.stat().st_mode) & ~0o022
-        h.update(f"{arcname}\0{mode:o}\0{len(data)}\0".encode())
-        h.update(data)
-    return h.hexdigest()[:16]
-
-
-def _tarball(files: list[tuple[str, Path]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for arcname, path in files:
-            tar.add(str(path), arcname=arcname, recursive=False, filter=_root_owned)
-    return buf.getvalue()
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """As ssh-keygen -l prints it."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
-    """--accept-new-host: an unknown host's key is trusted once, saved to known_hosts and shown; from then
-    on that key is the only one accepted (a changed key is refused: paramiko.BadHostKeyException)."""
-
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(self.known_hosts, "a") as f:
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        log(f"{hostname}: new host key {key.get_name()} {fingerprint(key)} trusted, saved to {self.known_hosts}")
-
-
-class _Heartbeat(threading.Thread):
-    """Keepalives that want an answer (as ssh's ServerAliveInterval/CountMax): one is sent every interval
-    while the previous one was answered; each interval the outstanding one stays unanswered counts as a
-    missed keepalive, and at `count` missed the transport is closed, so every call waiting on a peer that
-    is gone (a dead host, a cut cable that TCP has not noticed) fails now instead of at its own timeout."""
-
-    def __init__(self, remote: Remote, transport: paramiko.Transport, interval: float, count: int):
-        super().__init__(name=f"keepalive {remote.name}", daemon=True)
-        self.remote, self.transport, self.interval, self.count = remote, transport, interval, count
-
-    def _ping(self, answered: threading.Event) -> None:
-        try:
-            self.transport.global_request("keepalive@openssh.com", wait=True)  # OpenSSH answers: failure
-        except Exception:  # the transport went away under it; the loop sees that
-            return
-        answered.set()
-
-    def run(self) -> None:
-        while self.transport.is_active():
-            answered = threading.Event()
-            threading.Thread(target=self._ping, args=(answered,), daemon=True).start()
-            missed = 0
-            while not answered.wait(self.interval):
-                if not self.transport.is_active():
-                    return
-                missed += 1
-                if missed >= self.count:
-                    self.remote.dead = (
-                        f"no answer to {missed} keepalives in {missed * self.interval:.0f}s: host or network down"
-                    )
-                    warn(f"{self.remote.name}: {self.remote.dead}; closing the connection")
-                    self.transport.close()
-                    return
-            time.sleep(self.interval)
 
 
 class Remote:
@@ -210,7 +73,7 @@ class Remote:
                 if path.exists():
                     hop.client.get_host_keys().load(str(path))
             hop.client.set_missing_host_key_policy(
-                _TrustOnFirstUse(known) if self.accept_new_host else paramiko.RejectPolicy()
+                TrustOnFirstUse(known) if self.accept_new_host else paramiko.RejectPolicy()
             )
             hop = hop.gateway
         c.connect_timeout = CONNECT_TIMEOUT_S
@@ -238,7 +101,10 @@ class Remote:
             raise RemoteError(f"{self.name}: unreachable within {CONNECT_TIMEOUT_S}s ({e})") from None
         self.dead = None
         interval = float(os.environ.get("NESTPRESS_KEEPALIVE_S", KEEPALIVE_S))
-        _Heartbeat(self, c.transport, interval, KEEPALIVE_COUNT).start()
+        Heartbeat(self.name, c.transport, interval, KEEPALIVE_COUNT, self._died).start()
+
+    def _died(self, why: str) -> None:
+        self.dead = why
 
     def sh(self, cmd: str, timeout: float = 120, warn_only: bool = False, hide: bool = True):
         """Run a shell command on the host (callers quote every variable part with shlex.quote)."""
@@ -318,7 +184,7 @@ class Remote:
         app = f"{self.root}/app/{digest}"
         q = shlex.quote
         if self.sh(f"test -f {q(app)}/.complete", warn_only=True).failed:
-            data = _tarball(files)
+            data = tarball(files)
             tmp = f"{self.root}/app/.incoming-{digest}-{os.getpid()}"
             self.sh(f"mkdir -p {q(tmp)}")
             self._transfer("shipping the harness", lambda: self.c.put(io.BytesIO(data), remote=f"{tmp}.tgz"))

@@ -30,6 +30,7 @@ class AccelDecision:
     reasons: list[str]
     cpu_flags: list[str]
     forced: bool = False
+    tsc_khz: int | None = None  # under TCG: the host's TSC rate, which the kernel under test is told (host_tsc_khz)
 
     @property
     def banner(self) -> str:
@@ -80,6 +81,24 @@ def decide_accel(requested: str = "auto", cpuinfo: str | None = None, dev: str =
     if ok and not flags:
         reasons.append("a /dev/kvm without vmx/svm is a software KVM that cannot boot Linux guests")
     return AccelDecision("tcg", reasons + ["falling back to TCG with -cpu max (SVM + NPT emulated)"], flags)
+
+
+TSC_LINES = (r"Refined TSC clocksource calibration: (\d+)\.(\d{3}) MHz", r"tsc: Detected (\d+)\.(\d{3}) MHz processor")
+
+
+def host_tsc_khz(kernel_log: str | None = None) -> int | None:
+    """This host's TSC rate as its kernel found it (the last refinement, else its boot estimate); None unknown.
+
+    Under TCG a guest's TSC is the host's (QEMU reads it with rdtsc), so the kernel under test is told this rate
+    (tsc_early_khz) instead of calibrating it against emulated timers: that calibration failed in some boots (no
+    PIT, an HPET estimate 650 ppm off), KVM in the kernel under test then kept the wrong rate, and its L1 could not
+    start (QEMU: "TSC frequency mismatch ... TSC scaling unavailable")."""
+    if kernel_log is None:
+        kernel_log = run(["dmesg"], capture=True, check=False).stdout or ""
+    for line in TSC_LINES:
+        if found := re.findall(line, kernel_log):
+            return int(found[-1][0]) * 1000 + int(found[-1][1])
+    return None
 
 
 @dataclass
@@ -289,6 +308,7 @@ def decide_environment(matrix: Matrix) -> Environment:
     """Every decision a run depends on; a cell that cannot run here fails the whole run before anything starts."""
     check_host_resources(matrix)
     accel = decide_accel(matrix.experiment.accel)
+    accel.tsc_khz = host_tsc_khz() if accel.accel == "tcg" else None
     installs = qemu_installs()
     topologies: dict[str, TopologyDecision] = {
         c.config.topology.kind: decide_topology(

@@ -173,7 +173,7 @@ class Archive:
 def contents(python: str, command: list[str] | None, search_path: str) -> list[str]:
     """Every host path the L2 root holds (before symlinks and directories on the way are added)."""
     files = [python, *python_closure(python), *command_files(command, search_path)]
-    files += [str(p) for p in sorted(GUEST_DIR.glob("*.py"))]
+    files += [str(p) for p in sorted(GUEST_DIR.rglob("*.py"))]
     elves = [f for f in files if os.path.isfile(f) and not f.endswith((".py", ".pyc"))]
     return sorted(set(files + [dep for f in elves for dep in elf_deps(f)]))
 

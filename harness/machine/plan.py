@@ -42,6 +42,7 @@ class CellMachines:
     export_model: str = "none"
     variant_params: tuple[str, ...] = ()
     boot_initrd: Path | None = None
+    tsc_khz: int | None = None  # the kernel under test's TSC rate, where it is known better than it measures it
 
     @property
     def probe(self) -> ProbeSpec:
@@ -139,7 +140,12 @@ class CellMachines:
             hidden=tuple(self.exp.boot.hidden),
             monitor=str(self.scratch / "monitor"),
             clock=str(self.scratch / "clock"),
-            cmdline_extra=[*kut_params(self.topology.kind), *PARENT_CLOCKSOURCE, *self.variant_params],
+            cmdline_extra=[
+                *kut_params(self.topology.kind),
+                *PARENT_CLOCKSOURCE,
+                *([f"tsc_early_khz={self.tsc_khz}"] if self.tsc_khz else []),
+                *self.variant_params,
+            ],
             thp=t.kut.thp,
             qemu=tuple(qemu.command),
             bios=qemu.qboot,

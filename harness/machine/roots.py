@@ -11,13 +11,11 @@ devices that serve it, the guest RAM it needs, the server that must run first, a
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from .. import REPO_ROOT
 from ..guest.contract import RootServer
-
-if TYPE_CHECKING:
-    from .qemu import GuestSpec
+from .spec import GuestSpec
 
 ROOTFS_SERVER = REPO_ROOT / "harness" / "guest" / "rootfs.py"
 ROOT_TAG = "nestroot"

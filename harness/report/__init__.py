@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..analysis import Analysis, analyze
 from ..errors import HarnessError
+from ..results.manifest import Manifest
 from . import plots, render
 from .markdown import report_markdown
 
@@ -34,10 +35,10 @@ class Report(Analysis):
 def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None = None) -> Report:
     """analyze(), then the plots, report.md and report.html. The timeline and the counters show every
     repetition (small multiples), or only `repetition`."""
-    report = Report(**vars(analyze(run_dir, rebuild_tables)))
-    reps = sorted({c.repetition for c in report.manifest.cells})
+    reps = sorted({c.repetition for c in Manifest.load(Path(run_dir) / "manifest.json").cells})
     if repetition is not None and repetition not in reps:
         raise HarnessError(f"{run_dir}: no repetition {repetition} (it has {', '.join(map(str, reps))})")
+    report = Report(**vars(analyze(run_dir, rebuild_tables)))
     plots_dir = report.run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     report.plots = [
@@ -50,7 +51,7 @@ def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None 
     ]
     md = report_markdown(report, report.plots)
     (report.run_dir / "report.md").write_text(md)
-    report.html.write_text(render.html(md, report.run_dir))
+    report.html.write_text(render.html(md, report.plots))
     return report
 
 
@@ -92,5 +93,5 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
     for tag, r in reports:
         md += [f"## {tag}: {r.run_dir}", "", render.verdict_markdown(r.ab), ""]
     (out / "compare.md").write_text("\n".join(md))
-    (out / "compare.html").write_text(render.html("\n".join(md), out))
+    (out / "compare.html").write_text(render.html("\n".join(md)))
     return out / "compare.html"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 
 import numpy as np
@@ -220,14 +219,13 @@ def health_markdown(health: pd.DataFrame) -> str:
     )
 
 
-def html(md: str, base: Path) -> str:
-    """One self-contained HTML file: the Markdown rendered, every image relative to base inlined."""
-
-    def inline(m: re.Match) -> str:
-        data = base64.b64encode((base / m.group(2)).read_bytes()).decode()
-        return f"![{m.group(1)}](data:image/png;base64,{data})"
-
-    body = MarkdownIt("commonmark").enable("table").render(re.sub(r"!\[(.*?)\]\((plots/[^)]+)\)", inline, md))
+def html(md: str, plots: list[Path] | None = None) -> str:
+    """One self-contained HTML file: the Markdown rendered, then each of the report's own plots (by its exact name,
+    from the report's own list: never a path found in the text, which may hold what a guest wrote) inlined."""
+    body = MarkdownIt("commonmark").enable("table").render(md)
+    for plot in plots or []:
+        data = base64.b64encode(plot.read_bytes()).decode()
+        body = body.replace(f'src="plots/{plot.name}"', f'src="data:image/png;base64,{data}"')
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>nestpress report</title>"
         f"<style>{STYLE}</style></head><body>{body}</body></html>\n"

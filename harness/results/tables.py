@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ResultsError
-from ..guest.contract import Event, EventKind, LevelFacts
+from ..guest.contract import EventKind
+from ..guest.records import Event, LevelFacts
 from ..util import warn
 from .clocks import GuestClock, clock_samples
 from .guest_files import DIR_DEPTH, Problems, json_object, present, records, walk

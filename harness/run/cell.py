@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..config import Cell
 from ..errors import GuestError, PressureError
-from ..guest.contract import GUEST_FAILURES, Event, EventKind, ExitKind, ExitRecord
+from ..guest.contract import GUEST_FAILURES, EventKind, ExitKind, ExitRecord
+from ..guest.records import Event
 from ..guest.supervise import Child, stop_all, tail
 from ..kernel.build import BuildResult
 from ..machine import initramfs
@@ -118,6 +119,7 @@ class Attempt:
             export_model=self.ctx.export_model,
             variant_params=tuple(self.exp.variant(self.cell.variant).kernel_params()),
             boot_initrd=self.build.initrd,
+            tsc_khz=self.ctx.env.accel.tsc_khz,
         )
 
     def prepare(self) -> GuestSpec:

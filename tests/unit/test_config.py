@@ -484,3 +484,19 @@ def test_auto_serves_the_root_over_9p_under_tcg_and_virtiofs_on_kvm(monkeypatch)
     forced = host.decide_rootfs("virtiofs", "tcg")  # asked for: served, with the risk said
     assert forced.kind == "virtiofs" and any("stale code" in r for r in forced.reasons)
     assert host.decide_rootfs("9p", "kvm").kind == "9p"
+
+
+def test_under_tcg_the_kernel_under_test_is_told_the_hosts_tsc_rate(tmp_path):
+    """Its own calibration against emulated timers failed in some boots (its KVM then kept a rate 650 ppm off, and
+    L1 could not start); the host's kernel knows the rate, and under TCG the guest's TSC is the host's."""
+    from harness.machine.host import host_tsc_khz
+    from harness.machine.plan import CellMachines
+
+    log = "tsc: Detected 2598.318 MHz processor\n... tsc: Refined TSC clocksource calibration: 2600.001 MHz\n"
+    assert host_tsc_khz(log) == 2600001 and host_tsc_khz("tsc: Detected 2598.318 MHz processor") == 2598318
+    assert host_tsc_khz("no such line") is None
+    exp = load("shrinker-ab", ["topology.kind=shadow"]).experiment
+    decision = TopologyDecision("shadow", PRIVATE_72, [])
+    args = (exp, Path("/k/bzImage"), "tcg", decision, "9p", tmp_path / "cell", tmp_path, "run", "/usr/bin/python3")
+    assert "tsc_early_khz=2600001" in CellMachines(*args, tsc_khz=2600001).kut().cmdline_extra
+    assert not any(a.startswith("tsc_early_khz") for a in CellMachines(*args).kut().cmdline_extra)

@@ -15,7 +15,8 @@ import pytest
 
 from harness.analysis import analyze
 from harness.lab.fleet import _merge_manifests
-from harness.report import generate
+from harness.report import generate, render
+from harness.report.markdown import report_markdown
 from harness.results import tables as results
 from harness.results.manifest import Manifest, cell_complete
 
@@ -24,9 +25,18 @@ RECORDED = Path(__file__).parent.parent / "data" / "recorded-run"
 
 @pytest.fixture
 def run(tmp_path):
+    """A copy of the recorded run of one's own, to change."""
     d = tmp_path / "run"
     shutil.copytree(RECORDED, d)
     return d
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """The recorded run's report, generated once for the tests that only read it: (its copy, the Report)."""
+    d = tmp_path_factory.mktemp("generated") / "run"
+    shutil.copytree(RECORDED, d)
+    return d, generate(d)
 
 
 def test_tables_have_both_variants_measured_in_l2(run):
@@ -39,8 +49,8 @@ def test_tables_have_both_variants_measured_in_l2(run):
     assert (run / "tables" / "samples.parquet").exists() and (run / "tables" / "samples.csv").exists()
 
 
-def test_evidence_baseline_zaps_l2s_shadow_pages_and_patched_has_no_shrinker(run):
-    evidence = analyze(run, rebuild_tables=True).evidence
+def test_evidence_baseline_zaps_l2s_shadow_pages_and_patched_has_no_shrinker(generated):
+    evidence = generated[1].evidence
     base = evidence[evidence["variant"] == "baseline"].set_index("phase")
     assert base.loc["shrinker-scan", "x86_mmu_count_drop"] > 100
     assert base.loc["shrinker-scan", "l2_vm_shadow_zapped"] > 100 and base.loc["shrinker-scan", "l2_vm"] == "l1-0"
@@ -50,8 +60,8 @@ def test_evidence_baseline_zaps_l2s_shadow_pages_and_patched_has_no_shrinker(run
     assert pat["l2_vm_shadow_zapped"].fillna(0).sum() == 0
 
 
-def test_verdicts_are_rows_with_reasons_in_the_schedules_order_with_the_platform_said_once(run):
-    report = analyze(run, rebuild_tables=True)
+def test_verdicts_are_rows_with_reasons_in_the_schedules_order_with_the_platform_said_once(generated):
+    report = generated[1]
     ab = report.ab
     scan = ab["phase"] == "shrinker-scan"  # the patched kernel has no shrinker to scan: no like-for-like row
     assert ab.loc[scan, "verdict"].eq("not comparable").all() and scan.any()
@@ -62,12 +72,12 @@ def test_verdicts_are_rows_with_reasons_in_the_schedules_order_with_the_platform
     schedule = [p["name"] for p in report.manifest.expanded["phases"]]
     assert list(dict.fromkeys(ab["phase"])) == [p for p in schedule if p in set(ab["phase"])]
     assert ab["level"].eq("l2").all() and report.complete
-    md = generate(run).html.with_suffix(".md").read_text()
+    md = report.html.with_suffix(".md").read_text()
     assert md.count("emulated (TCG): the direction holds") == 1
 
 
-def test_report_is_one_html_file_with_its_plots(run):
-    report = generate(run)
+def test_report_is_one_html_file_with_its_plots(generated):
+    run, report = generated
     html = report.html.read_text()
     assert html.count("data:image/png;base64,") == 6 and "<table>" in html
     md = (run / "report.md").read_text()
@@ -135,13 +145,13 @@ def test_a_broken_run_is_reported_with_each_cell_and_what_is_wrong(run):
     assert cells.loc["patched.r1", "status"] == "incomplete" and cells.loc["baseline.r2", "status"] == "missing"
 
 
-def test_every_phase_of_the_recorded_run_delivered_its_pressure(run):
-    report = analyze(run, rebuild_tables=True)
+def test_every_phase_of_the_recorded_run_delivered_its_pressure(generated):
+    report = generated[1]
     ev = report.evidence.set_index(["variant", "phase"])
     assert ev.loc[("patched", "shrinker-scan"), "delivery"] == "not applicable"  # no shrinker to scan
     assert ev.drop(("patched", "shrinker-scan"))["delivery"].eq("delivered").all()
     assert ev.loc[("baseline", "global"), "mem_available_min_mb"] <= 96 and report.conclusive
-    md = generate(run).html.read_text()
+    md = report.html.read_text()
     assert "Pressure delivered, per phase" in md and "INCONCLUSIVE" not in md.split("Verdict")[0]
 
 
@@ -151,7 +161,7 @@ def test_a_check_the_phase_fails_marks_it_not_delivered_and_its_rows_inconclusiv
     m = Manifest.load(run / "manifest.json")
     m.expanded["checks"] = {"memcg_min_events": 100_000}
     m.save(run / "manifest.json")
-    report = generate(run)
+    report = analyze(run, rebuild_tables=True)
     assert not report.conclusive and set(report.undelivered) == {
         ("baseline", "memcg-limit"),
         ("patched", "memcg-limit"),
@@ -160,7 +170,7 @@ def test_a_check_the_phase_fails_marks_it_not_delivered_and_its_rows_inconclusiv
     assert ctrl["verdict"].eq("inconclusive").all()
     assert ctrl["reason"].str.contains(r"pressure not delivered on baseline .*need 100000").all()
     assert not report.ab[report.ab["phase"] != "memcg-limit"]["reason"].str.contains("not delivered").any()
-    first_screen = report.html.read_text().split("Verdict</h2>")[0]
+    first_screen = render.html(report_markdown(report, [])).split("Verdict</h2>")[0]
     assert "Phase <code>memcg-limit</code>: pressure not delivered on patched" in first_screen
 
 
@@ -203,11 +213,11 @@ def test_health_section_calls_out_a_variant_far_from_the_baseline(run):
     rec = json.loads((run / "records" / "patched.r1.json").read_text())
     rec["kut_ready_s"] *= 3
     (run / "records" / "patched.r1.json").write_text(json.dumps(rec))
-    report = generate(run)
+    report = analyze(run, rebuild_tables=True)
     far = report.health[report.health["far"]]
     assert list(zip(far["variant"], far["level"], far["figure"])) == [("patched", "kut", "ready_s")]
     assert (report.run_dir / "tables" / "health.csv").exists()
-    md = (run / "report.md").read_text()
+    md = report_markdown(report, [])
     assert "Health: `patched` kut ready_s median" in md.split("## Verdict")[0] and "⚠" in md
 
 
@@ -226,8 +236,7 @@ def test_timeline_and_counters_show_every_repetition_or_the_one_asked_and_no_shr
     from harness.errors import HarnessError
     from harness.report.plots import _cells, _has_shrinker
 
-    report = generate(run, repetition=1)
-    frames = report.frames
+    frames = analyze(run, rebuild_tables=True).frames
     assert _cells(frames, "baseline", None) == [(1, "baseline.r1")] and _cells(frames, "baseline", 2) == []
     assert _has_shrinker(frames, "baseline.r1") and not _has_shrinker(frames, "patched.r1")
     with pytest.raises(HarnessError, match="no repetition 2 \\(it has 1\\)"):
@@ -239,21 +248,21 @@ def test_touches_the_clock_did_not_see_are_no_latency_and_are_said(run):
     row = samples[(samples["variant"] == "patched") & (samples["phase"] == "global")].iloc[[0]]
     stalled = row.assign(latency_ns=0.5, lo_ns=0, hi_ns=1, count=37)
     pd.concat([samples, stalled]).to_parquet(run / "tables" / "samples.parquet")
-    report = generate(run, rebuild_tables=False)
-    md = (run / "report.md").read_text().split("## Verdict")[0]
+    report = analyze(run, rebuild_tables=False)
+    md = report_markdown(report, []).split("## Verdict")[0]
     assert f"Probe clock: 37 touches of `patched` {row['level'].iloc[0]} read 0-1 ns" in md
     assert report.summary["count"].sum() > 0
 
 
-def test_spikes_are_attributed_and_the_patched_kernel_has_no_shrinker_zap(run):
-    report = analyze(run, rebuild_tables=True)
+def test_spikes_are_attributed_and_the_patched_kernel_has_no_shrinker_zap(generated):
+    run, report = generated
     a = report.attribution
     assert len(a.spikes) and set(a.spikes["level"]) == {"l2"}
     assert not a.spikes.loc[a.spikes["variant"] == "patched", "shrinker-zap"].any()
     assert not a.spikes.loc[a.spikes["mode"] == "memcg-limit", "shrinker-zap"].any()
     for name in ("spikes", "attribution"):
         assert (run / "tables" / f"{name}.parquet").exists() and (run / "tables" / f"{name}.csv").exists()
-    md = generate(run).html.with_suffix(".md").read_text()
+    md = report.html.with_suffix(".md").read_text()
     assert "What the baseline's extra tail latency coincided with" in md and "## Attribution" in md
 
 

@@ -7,7 +7,8 @@ import tarfile
 import uuid
 
 from harness import REPO_ROOT
-from harness.lab.remote import _tarball, project_files
+from harness.lab.shipping import project_files
+from harness.lab.shipping import tarball as _tarball
 
 
 def test_shipped_files_are_root_owned_and_not_group_or_world_writable(tmp_path):

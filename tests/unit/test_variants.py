@@ -262,7 +262,7 @@ def test_a_configs_hash_does_not_depend_on_where_it_lies(tmp_path):
 
 
 def test_a_config_from_outside_the_harness_ships_with_its_own_patches(tmp_path):
-    from harness.lab.remote import config_files
+    from harness.lab.shipping import config_files
 
     (tmp_path / "fixes").mkdir()
     (tmp_path / "fixes" / "0001-a.patch").write_text("--- a/x\n+++ b/x\n")
