@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,18 @@ def write_json(path: Path, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def what_is(path: Path) -> str:
+    """What is at a path, following links as a reader would: "a regular file", "no such file", "a directory",
+    "a FIFO", "a device", "a socket" (to refuse a config's path that is no file with what it is instead)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "no such file" + (" (a link to nothing)" if path.is_symlink() else "")
+    kinds = {"a regular file": stat.S_ISREG, "a directory": stat.S_ISDIR, "a FIFO": stat.S_ISFIFO}
+    kinds |= {"a socket": stat.S_ISSOCK, "a device": stat.S_ISCHR, "a block device": stat.S_ISBLK}
+    return next((name for name, test in kinds.items() if test(mode)), "not a regular file")
 
 
 def read_json(path: Path) -> Any:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..util import what_is
 from .base import Strict
 
 
@@ -37,14 +38,32 @@ class Source(Strict):
         return self
 
 
+MAX_KCONFIG_BYTES = 4 << 20  # a full .config is ~300 KiB
+
+
+def kconfig_problem(path: Path) -> str | None:
+    """Why a file is no kernel config (base or fragment): not a regular file, too large, or no CONFIG_ line."""
+    if (kind := what_is(path)) != "a regular file":
+        return kind
+    if path.stat().st_size > MAX_KCONFIG_BYTES:
+        return f"larger than {MAX_KCONFIG_BYTES >> 20} MiB"
+    with open(path, "rb") as f:
+        head = f.read(MAX_KCONFIG_BYTES).decode(errors="replace")
+    if not re.search(r"^(# )?CONFIG_[A-Za-z0-9_]+( is not set|=)", head, re.M):
+        return "no CONFIG_ line in it: not a kernel config"
+    return None
+
+
 class KernelConfig(Strict):
     base: str = Field("tinyconfig", description="make target (tinyconfig, defconfig, ...) or a config file path")
 
     @field_validator("base")
     @classmethod
     def _target_or_file(cls, base: str) -> str:
-        if not (re.fullmatch(r"[a-z0-9_]*config", base) or Path(base).expanduser().is_file()):
-            raise ValueError(f"{base!r} is neither a make *config target nor an existing file")
+        if re.fullmatch(r"[a-z0-9_]*config", base):
+            return base
+        if why := kconfig_problem(Path(base).expanduser()):
+            raise ValueError(f"{base!r} is neither a make *config target nor a kernel config file ({why})")
         return base
 
     fragments: list[str] = Field(

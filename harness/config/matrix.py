@@ -78,10 +78,34 @@ def _list_item(items: list, key: str, path: str) -> Any:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 32  # YAML aliases (*name) in one config: a few are handy, thousands are a bomb
+MAX_NESTING = 24  # a config is a few levels deep
+MAX_CELLS = 10_000  # no experiment is larger; a matrix is counted before it is expanded
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last, silently), more than
+    MAX_ALIASES aliases (each may stand for a whole tree: a few lines can expand to gigabytes) and nesting deeper
+    than MAX_NESTING - in well under a second, before anything is built from them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases, self.depth = 0, 0
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):  # type: ignore[no-untyped-call]
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases", mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING}", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -101,7 +125,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override '{pair}' is not KEY=VALUE")
         key, raw = pair.split("=", 1)
         try:
-            out.append((key.strip(), yaml.safe_load(raw)))
+            out.append((key.strip(), yaml.load(raw, Loader=_UniqueKeyLoader)))
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {pair}: the value is not YAML ({str(e).splitlines()[0]})") from None
     return out
@@ -183,8 +207,29 @@ def _validate(path: Path, raw: dict) -> Experiment:
             Experiment.model_validate(combo)
         except ValidationError as e:
             raise ConfigError(_format_errors(path, e)) from None
-    # the stored model keeps the first value of each axis; the matrix lives in expand()
+    # the stored model keeps the first value of each axis; the matrix lives in load()
     return Experiment.model_validate(_combinations(raw, axes)[0])
+
+
+def cell_count(raw: dict) -> int:
+    """How many cells a raw config expands to (variants x repetitions x every axis's values), without expanding."""
+    lists = [v for a in axis_paths() if isinstance(v := _get(raw, a), list)]
+    variants, reps = raw.get("variants"), raw.get("repetitions", 3)
+    n = len(variants) if isinstance(variants, list) else 1
+    n *= reps if isinstance(reps, int) and not isinstance(reps, bool) and reps > 0 else 1
+    for values in lists:
+        n *= max(1, len(values))
+    return n
+
+
+def _too_many(path: Path, raw: dict, n: int, limit: int) -> ConfigError:
+    if limit >= MAX_CELLS:
+        return ConfigError(f"{path}: {n} cells, more than the {MAX_CELLS} an experiment may have")
+    phases = raw.get("phases")
+    durations = [p.get("duration_s") for p in phases if isinstance(p, dict)] if isinstance(phases, list) else []
+    seconds = sum(d for d in durations if isinstance(d, (int, float)) and 0 < d <= 86400)
+    hours = n * (120 + seconds) / 3600
+    return ConfigError(f"{n} cells, roughly {hours:.0f} h under TCG or less with KVM: pass --yes to run them")
 
 
 def _combinations(raw: dict, axes: list[str]) -> list[dict]:
@@ -230,21 +275,23 @@ class Cell(BaseModel):
     config: Experiment
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Matrix:
+def load(path: str | Path, overrides: list[str] | None = None, limit: int = MAX_CELLS) -> Matrix:
     """The validated matrix. Its `raw` is the config as written (what its hash, and so a resume, compare);
-    the models have the variants' relative paths anchored at the config file."""
+    the models have the variants' relative paths anchored at the config file. A matrix of more than `limit`
+    cells is refused, counted before it is expanded."""
     p, raw = load_raw(path, overrides)
+    if (n := cell_count(raw)) > min(limit, MAX_CELLS):
+        raise _too_many(p, raw, n, min(limit, MAX_CELLS))
     anchored = copy.deepcopy(raw)
     _anchor_variant_paths(anchored, p.parent)
     exp = _validate(p, anchored)
     axes_all = axis_paths()
     lists = {a: v for a in axes_all if isinstance(v := _get(anchored, a), list)}
-    combos = _combinations(anchored, axes_all)
+    combos = [(combo, Experiment.model_validate(combo)) for combo in _combinations(anchored, axes_all)]
     cells: list[Cell] = []
     # repetitions outermost and variants innermost: baseline and patched interleave (A B A B ...)
     for rep in range(1, exp.repetitions + 1):
-        for combo in combos:
-            cfg = Experiment.model_validate(combo)
+        for combo, cfg in combos:
             axis_values = {a: _get(combo, a) for a in lists}
             for var in exp.variants:
                 label = "-".join(f"{a.split('.')[-1]}={axis_values[a]}" for a in lists)

@@ -22,7 +22,7 @@ PROBE_LEVELS: list[ProbeLevel] = ["l2", "l1"]
 
 class LevelSpec(Strict):
     count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
-    memory_mb: int = axis(ge=64, description="memory per guest")
+    memory_mb: int = axis(ge=64, le=1 << 20, description="memory per guest")
     cpus: int = Field(1, ge=1, le=64)
     prealloc: bool = Field(
         True,
@@ -43,9 +43,11 @@ class LevelSpec(Strict):
 
 
 class KutSpec(Strict):
-    memory_mb: int = Field(4096, ge=512, description="memory of the kernel under test")
+    memory_mb: int = Field(4096, ge=512, le=1 << 20, description="memory of the kernel under test")
     cpus: int = Field(2, ge=1, le=64)
-    swap_mb: int = Field(1024, ge=0, description="virtio-blk swap disk, so global reclaim has something to do")
+    swap_mb: int = Field(
+        1024, ge=0, le=1 << 20, description="virtio-blk swap disk, so global reclaim has something to do"
+    )
     thp: Literal["never", "always", "madvise"] = Field(
         "never",
         description="transparent huge pages in the kernel under test: `never` keeps its guests' RAM in 4 KiB "
@@ -61,16 +63,17 @@ class Topology(Strict):
 
 
 class Probe(Strict):
-    size_mb: int = axis(1200, ge=1, description="address span the probe touches (mapped MAP_NORESERVE)")
+    size_mb: int = axis(1200, ge=1, le=1 << 20, description="address span the probe touches (mapped MAP_NORESERVE)")
     access: Literal["write", "read"] = "write"
     pattern: Literal["sequential", "random"] = "sequential"
     stride: int = Field(
         4096,
         ge=8,
+        le=1 << 30,
         description="bytes between touches (4096: every page; resident memory is "
         "size_mb * 4096 / stride when stride > 4096)",
     )
-    interval_s: float = Field(1.0, gt=0, description="histogram interval")
+    interval_s: float = Field(1.0, ge=0.01, le=3600, description="histogram interval")
     levels: list[ProbeLevel] = Field(
         default_factory=lambda: list(PROBE_LEVELS),
         description="where the probe runs (levels absent in the topology are skipped)",
@@ -92,7 +95,7 @@ class Workload(Strict):
 
 class Phase(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
-    duration_s: float = Field(gt=0)
+    duration_s: float = Field(gt=0, le=86400)
     pressure: bool | ModeName = Field(
         False, description="true: the cell's pressure.mode during this phase; or name a mode for this phase alone"
     )
@@ -104,7 +107,7 @@ class Phase(Strict):
 
 
 class Sampler(Strict):
-    interval_s: float = Field(0.5, gt=0)
+    interval_s: float = Field(0.5, ge=0.05, le=60)
     trace_shrinker: bool = Field(
         True,
         description="record cause events: the KVM shrinker's calls and guests' direct reclaim (vmscan "
@@ -133,6 +136,7 @@ class Attribution(Strict):
     unmeasured_window_ms: float = Field(
         5.0,
         ge=0,
+        le=1000,
         description="matching window for a guest whose clock offset was not measured (a run from before the "
         "round-trip clock); otherwise the measured uncertainty is the window",
     )
@@ -143,10 +147,16 @@ class Checks(Strict):
     delivered its pressure (else its A/B rows are inconclusive and the run ends with exit status 3)."""
 
     min_intervals_per_phase: int = Field(
-        2, ge=1, description="probe histograms (one per probe interval) each probe level must write in every phase"
+        2,
+        ge=1,
+        le=3600,
+        description="probe histograms (one per probe interval) each probe level must write in every phase",
     )
     max_probe_gap_s: float = Field(
-        30.0, gt=0, description="longest silence of a probe during the phases before its guest counts as stalled"
+        30.0,
+        gt=0,
+        le=86400,
+        description="longest silence of a probe during the phases before its guest counts as stalled",
     )
 
 
@@ -227,7 +237,7 @@ class Experiment(Strict):
     attribution: Attribution = Attribution()
     boot: Boot = Boot()
     checks: Checks = Checks()
-    repetitions: int = Field(3, ge=1, le=100)
+    repetitions: int = Field(3, ge=1, le=1000)
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 
     def variant(self, name: str) -> Variant:

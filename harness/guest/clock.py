@@ -27,6 +27,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -40,8 +41,10 @@ from typing import Protocol
 
 try:
     from .contract import ClockSample  # imported by the host as harness.guest.*
+    from .export import export_file
 except ImportError:  # in a guest: its directory is sys.path[0]
     from contract import ClockSample  # type: ignore[no-redef]
+    from export import export_file  # type: ignore[no-redef]
 
 PORT = "nestpress.clock"
 EXCHANGES = 32
@@ -282,7 +285,7 @@ class Watch:
         self.thread.start()
 
     def _write(self, rec: dict) -> None:
-        with open(self.out, "a") as f:
+        with export_file(self.out, "a") as f:  # the child's export: never through a link it made
             f.write(json.dumps(rec) + "\n")
 
     def _measurement(self, meter: Meter) -> dict:
@@ -307,7 +310,8 @@ class Watch:
         except OSError as e:  # the port closed: after a first measurement, normally the guest ended (said all
             # the same, apart from the errors: what ended the measurements is worth knowing when it was early)
             said = f"{type(e).__name__}: {e}"
-            self._write({"t": time.time_ns(), "ended" if measured else "error": said})
+            with contextlib.suppress(OSError):  # clock.jsonl itself may be what failed (a guest's link there)
+                self._write({"t": time.time_ns(), "ended" if measured else "error": said})
         finally:
             if meter is not None:
                 meter.close()

@@ -21,9 +21,12 @@ import time
 
 try:
     from .clock import PTP_KVM, READY_METHOD, Watch  # imported by the host as harness.guest.*
+    from .export import export_file
 except ImportError:  # in a guest: its directory is sys.path[0]
     from clock import PTP_KVM, READY_METHOD, Watch  # type: ignore[no-redef]
+    from export import export_file  # type: ignore[no-redef]
 
+CONSOLE_TAIL = 1 << 20  # what is read of a console, every poll, for a panic
 PANIC_MARKERS = ("Kernel panic - not syncing", "end Kernel panic", "Attempted to kill init")
 _LIVE: set[Child] = set()
 
@@ -56,14 +59,18 @@ def read(path: str, default: str | None = "") -> str | None:
         return default
 
 
-def tail(path: str, lines: int = 20) -> str:
+def tail_bytes(path: str, limit: int = 8192) -> str:
+    """The last `limit` bytes of a file a guest may have written (a console, a log), as text; "" when unreadable."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 8192))
-            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+        with export_file(path) as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit).decode(errors="replace")
     except OSError:
-        return "(no console output)"
+        return ""
+
+
+def tail(path: str, lines: int = 20) -> str:
+    return "\n".join(tail_bytes(path).splitlines()[-lines:]) or "(no console output)"
 
 
 def _spawn(
@@ -183,10 +190,10 @@ class Child:
 
     def start(self) -> None:
         os.makedirs(self.export, exist_ok=True)
-        with open(os.path.join(self.export, "qemu.argv.json"), "w") as f:
+        with export_file(os.path.join(self.export, "qemu.argv.json"), "w") as f:
             json.dump(self.argv, f)
-        self._stdout = open(os.path.join(self.export, "qemu.stdout"), "wb")
-        self._stderr = open(os.path.join(self.export, "qemu.stderr"), "wb")
+        self._stdout = export_file(os.path.join(self.export, "qemu.stdout"), "wb")
+        self._stderr = export_file(os.path.join(self.export, "qemu.stderr"), "wb")
         self.started = time.monotonic()
         _LIVE.add(self)
         if self.rootfs_server:
@@ -195,7 +202,7 @@ class Child:
 
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
-        with open(log, "wb") as f:
+        with export_file(log, "wb") as f:
             self.server = _spawn(self.rootfs_server.argv, f, subprocess.STDOUT, cgroup_procs=self.cgroup_procs)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.rootfs_server.socket):
@@ -214,11 +221,8 @@ class Child:
         return self.proc.returncode if self.proc else None
 
     def console_text(self) -> str:
-        try:
-            with open(self.console, "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        """The end of its console, where a panic shows (bounded: a guest may make its console any size)."""
+        return tail_bytes(self.console, CONSOLE_TAIL)
 
     def problem(self) -> str | None:
         """Why this guest is not going to make it, or None while it still might."""
@@ -272,7 +276,7 @@ class Child:
                 time.sleep(1)
         except OSError as e:
             return f"its monitor did not answer ({e})"
-        with open(os.path.join(self.export, "hang.txt"), "w") as f:
+        with export_file(os.path.join(self.export, "hang.txt"), "w") as f:
             f.write("\n\n".join(shots))
         rips = [symbolize(int(m, 16), self.system_map) for shot in shots for m in re.findall(r"RIP=([0-9a-f]+)", shot)]
         return "vCPUs at " + ", ".join(rips) + " (hang.txt has their registers)"
@@ -282,7 +286,7 @@ class Child:
         """What the guest said in ready.json (untrusted: its first 4 KiB, {} unless they are a JSON object)."""
         for _ in range(10):  # the file may show up before its content does
             try:
-                with open(path, "rb") as f:
+                with export_file(path) as f:
                     rec = json.loads(f.read(limit))
                 if isinstance(rec, dict):
                     return rec

@@ -30,7 +30,7 @@ import yaml
 
 from .. import REPO_ROOT
 from ..errors import PatchError, UnsupportedKernel
-from ..util import hash_file, need_tool, run
+from ..util import hash_file, need_tool, run, what_is
 from .source import KernelVersion
 
 PATCHES_DIR = REPO_ROOT / "patches"
@@ -117,8 +117,8 @@ def load_series(name: str, root: Path = PATCHES_DIR) -> Series:
 # -- a user's patches: files, mbox files, directories -------------------------------------------------------
 def _read_patch(path: Path) -> bytes:
     """A patch or mbox file's bytes, gunzipped when it is gzip (lore's t.mbox.gz), at most MAX_PATCH_BYTES."""
-    if not path.is_file():
-        raise PatchError(f"patch {path}: no such file")
+    if (kind := what_is(path)) != "a regular file":
+        raise PatchError(f"patch {path}: {kind}, not a patch file")
     if path.stat().st_size > MAX_PATCH_BYTES:
         raise PatchError(f"patch {path}: larger than {MAX_PATCH_BYTES >> 20} MiB; not a patch")
     data = path.read_bytes()

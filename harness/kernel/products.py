@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import REPO_ROOT
 from ..config import Experiment
+from ..config.kernels import kconfig_problem
 from ..errors import KconfigError
 from ..machine import initramfs
 from ..util import hash_file, run
@@ -66,8 +67,8 @@ def fragment_paths(exp: Experiment) -> list[Path]:
     for frag in exp.kernel_config.fragments:
         p = Path(frag).expanduser()
         p = p if p.is_absolute() else REPO_ROOT / "configs" / frag
-        if not p.exists():
-            raise KconfigError(f"config fragment {frag} not found (looked at {p})")
+        if why := kconfig_problem(p):
+            raise KconfigError(f"config fragment {frag}: {why} (looked at {p})")
         out.append(p)
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Source
 from ..errors import SourceError
-from ..util import atomic_dir, hash_file, log, need_tool, run
+from ..util import atomic_dir, hash_file, log, need_tool, run, what_is
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,9 @@ def resolve_commit(repo: str, ref: str, what: str) -> str:
 def check_present(src: Source) -> None:
     """The tarball or the local tree is there (a git ref is resolved by prepare)."""
     where = Path(src.where).expanduser()
-    if src.kind == "tarball" and not where.is_file():
+    if src.kind == "tarball" and (kind := what_is(where)) != "a regular file":
         hint = f" (install it: apt-get install {src.package}, or `fab setup`)" if src.package else ""
-        raise SourceError(f"kernel tarball {where} does not exist{hint}")
+        raise SourceError(f"kernel tarball {where}: {'does not exist' if kind.startswith('no such') else kind}{hint}")
     if src.kind == "local" and not where.is_dir():
         raise SourceError(f"local kernel tree {where.resolve()} does not exist")
 

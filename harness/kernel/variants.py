@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Experiment, Source, Variant
 from ..errors import HarnessError, PatchError, SourceError
-from ..util import log, run
+from ..util import log, run, what_is
 from .patches import (
     Expectations,
     PatchFile,
@@ -131,8 +131,10 @@ def precheck(exp: Experiment, v: Variant) -> None:
                 f"{', '.join(names)})"
             )
     for given in v.patches:
-        if not Path(given).exists():
+        if (kind := what_is(Path(given))).startswith("no such"):
             raise PatchError(f"variant {v.name}: patch path {given} does not exist")
+        if kind not in ("a regular file", "a directory"):
+            raise PatchError(f"variant {v.name}: patch path {given} is {kind}, not a patch file or a directory")
 
 
 def resolve(exp: Experiment, v: Variant, prepare: Callable[[Source], PreparedSource], store: Path) -> Resolved:

@@ -20,11 +20,11 @@ from typing import Any
 from fabric import Connection
 
 from ..commands import Request
-from ..config import load, resolve_config_path
+from ..config import resolve_config_path
 from ..errors import HarnessError, RemoteError
 from ..results.manifest import Manifest, cell_complete
 from ..run.run_dir import RUN_ID, check_run_id, new_run_id
-from ..tasks import EXIT_INCONCLUSIVE, conclusion, perform, setup_packages
+from ..tasks import EXIT_INCONCLUSIVE, conclusion, matrix_of, perform, setup_packages
 from ..util import console, log, warn
 from .remote import Remote, run_on_hosts
 
@@ -113,7 +113,7 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
 
 def run_fleet(remotes: list[Remote], request: Request) -> int:
     config = str(request.config)
-    matrix = load(config, request.sets)  # validate here, before any host is touched
+    matrix = matrix_of(request)  # validated here, counted and confirmed, before any host is touched
     exp = matrix.experiment
     run_id = check_run_id(request.run_id) if request.run_id is not None else new_run_id()
     local_run = Path(exp.output).resolve() / exp.name / run_id

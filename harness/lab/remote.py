@@ -23,6 +23,7 @@ import os
 import shlex
 import tarfile
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from .ssh import Heartbeat, TrustOnFirstUse, fingerprint
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15  # NESTPRESS_KEEPALIVE_S overrides (tests)
 KEEPALIVE_COUNT = 3  # keepalives in a row without an answer: the peer is dead
+STOP_WAIT_S = 60  # how long Ctrl-C waits for a job's start under way to finish, to stop it
 RECONNECT_S = 300  # how long the controller keeps trying to reattach after a drop
 TRANSFER_IDLE_S = 120  # a put/get that moves no byte for this long fails
 KEEP_APPS = 3  # shipped code directories kept on a host besides those running jobs use
@@ -58,7 +60,9 @@ class Remote:
         self.name = f"{c.user}@{c.host}:{c.port}"
         self._home: str | None = None
         self._app: str | None = None  # set by ship(): the code directory this controller's jobs use
-        self.job: str | None = None  # the detached job this controller follows, if any
+        self.job: str | None = None  # the detached job this controller follows, if any (its pid file exists)
+        self.starting = threading.Lock()  # held while a job is being started
+        self.cancelled = threading.Event()  # Ctrl-C: no job may start any more
         self.dead: str | None = None  # why the heartbeat closed the connection, if it did
 
     # -- connection ---------------------------------------------------------------------------
@@ -254,13 +258,18 @@ class Remote:
 
     # -- detached jobs --------------------------------------------------------------------------
     def start_job(self, job: str, args: list[str]) -> None:
-        self.job = job
+        """Start the job detached; it is this controller's (self.job, what Ctrl-C stops) once its pid file exists.
+        A start the controller cancelled meanwhile (Ctrl-C) does not happen, or is stopped at once."""
         jobs = shlex.quote(f"{self.root}/jobs")
         j = shlex.quote(f"{self.root}/jobs/{job}")
         inner = f"{self._python_cmd(args)}; echo $? > {j}.rc"
         self.sh(f"mkdir -p {jobs} && rm -f {j}.rc {j}.pid && echo {shlex.quote(self.app)} > {j}.app")
-        # only the job goes to the background (`a && b & c` would background the whole chain)
-        self.sh(f"setsid nohup sh -c {shlex.quote(inner)} > {j}.log 2>&1 < /dev/null & echo $! > {j}.pid")
+        with self.starting:
+            if self.cancelled.is_set():
+                raise RemoteError(f"{self.name}: job {job} not started: the run was interrupted")
+            # only the job goes to the background (`a && b & c` would background the whole chain)
+            self.sh(f"setsid nohup sh -c {shlex.quote(inner)} > {j}.log 2>&1 < /dev/null & echo $! > {j}.pid")
+            self.job = job
         log(f"{self.name}: started detached job {job} (log {self.root}/jobs/{job}.log)")
 
     def job_state(self, job: str) -> str:
@@ -341,11 +350,33 @@ class Remote:
         return dest
 
 
+def stop_jobs(remotes: list[Remote]) -> None:
+    """Ctrl-C: no job starts any more; every job that started is stopped, each host on its own (one that does not
+    answer leaves the others' stopping untouched, and is said); a second Ctrl-C leaves them running."""
+    for r in remotes:
+        r.cancelled.set()
+    for r in remotes:  # a start under way finishes (its pid file exists) or never happens
+        if r.starting.acquire(timeout=STOP_WAIT_S):
+            r.starting.release()
+    running = [r for r in remotes if r.job]
+    warn(
+        f"Ctrl-C: stopping the remote job on {', '.join(r.name for r in running) or 'no host'} "
+        "(Ctrl-C again to leave them running)"
+    )
+    try:
+        for r in running:
+            try:
+                r.stop_job(str(r.job))
+            except RemoteError as e:
+                warn(f"{r.name}: its job could not be stopped ({e}); it may still run there")
+    except KeyboardInterrupt:
+        warn("left the remote jobs running; reattach with the same command and --run-id")
+
+
 def run_on_hosts(remotes: list[Remote], fn: Callable[[Remote, int], int]) -> dict[str, object]:
     """Call fn(remote, index) for every host in parallel; one host's failure does not stop the others.
 
-    Ctrl-C reaches only this (the main) thread: it stops the remote job of every host that has one, and
-    says so; a second Ctrl-C while they stop leaves them running and says how to reattach."""
+    Ctrl-C reaches only this (the main) thread: it stops the remote job of every host that has one (stop_jobs)."""
     results: dict[str, object] = {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(remotes), thread_name_prefix="host")
     futures = {pool.submit(fn, r, i): r for i, r in enumerate(remotes)}
@@ -354,16 +385,7 @@ def run_on_hosts(remotes: list[Remote], fn: Callable[[Remote, int], int]) -> dic
         while pending:
             _, pending = concurrent.futures.wait(pending, timeout=0.5)
     except KeyboardInterrupt:
-        running = [r for r in remotes if r.job]
-        warn(
-            f"Ctrl-C: stopping the remote job on {', '.join(r.name for r in running) or 'no host'} "
-            "(Ctrl-C again to leave them running)"
-        )
-        try:
-            for r in running:
-                r.stop_job(str(r.job))
-        except KeyboardInterrupt:
-            warn("left the remote jobs running; reattach with the same command and --run-id")
+        stop_jobs(remotes)
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -63,13 +63,14 @@ def _uncomparable(piv: pd.DataFrame, reports: list[tuple[str, Analysis]]) -> lis
         for tag, r in reports:
             if pd.isna(row.get(f"{tag}: {r.run_dir.name}")):
                 why = (
-                    f"`{variant}` has no latency samples in that run"
+                    f"{render.code(variant)} has no latency samples in that run"
                     if variant in r.unmeasured
-                    else f"that run has no `{level}` samples of `{variant}` in phase `{phase}`"
+                    else f"that run has no {render.code(level)} samples of {render.code(variant)} in phase "
+                    f"{render.code(phase)}"
                 )
-                lines.append(f"- {variant} / {phase} / {level}: not in {tag} ({why})")
+                lines.append(f"- {render.text(f'{variant} / {phase} / {level}')}: not in {tag} ({why})")
     for tag, r in reports:
-        lines += [f"- {tag}: {why}" for why in r.undelivered.values()]
+        lines += [f"- {tag}: {render.text(why)}" for why in r.undelivered.values()]
     if not lines:
         return []
     return ["Rows that cannot be compared, and phases whose pressure was not delivered:", "", *lines, ""]
@@ -86,7 +87,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path) -> Path:
         "",
         "p99 touch latency (µs):",
         "",
-        piv.round(1).reset_index().to_markdown(index=False, tablefmt="pipe"),
+        render.table(piv.round(1).reset_index().to_dict("records")),
         "",
         *_uncomparable(piv, reports),
     ]

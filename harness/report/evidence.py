@@ -6,12 +6,13 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.evidence import REACHES_SHRINKER, shrinker_ran, zapped
+from .render import text
 
 
 def _delivered_on(m: pd.DataFrame) -> str:
     """What each phase's delivery check read (its mode's figures), one per repetition."""
     shown = [s for s in m.get("delivered_on", pd.Series(dtype=object)).dropna() if s]
-    return "delivered on: " + "; ".join(dict.fromkeys(shown)) if shown else "delivery not judged"
+    return "delivered on: " + text("; ".join(dict.fromkeys(shown))) if shown else "delivery not judged"
 
 
 def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
@@ -26,7 +27,7 @@ def evidence_summary(evidence: pd.DataFrame, baseline: str) -> list[str]:
             if mode == "none":
                 continue
             l2 = (
-                f", in the VM that runs L2 ({m['l2_vm'].dropna().iloc[0]}) shadow pages zapped "
+                f", in the VM that runs L2 ({text(m['l2_vm'].dropna().iloc[0])}) shadow pages zapped "
                 f"+{m['l2_vm_shadow_zapped'].sum():.0f}"
                 if m["l2_vm"].notna().any()
                 else ""

@@ -22,7 +22,7 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             f"**Status: {'complete' if r.complete else 'INCOMPLETE'}** - "
             f"{int((cells['status'] == 'complete').sum())} of "
             f"{len(cells)} cells complete"
-            + (f"; missing or failed: {', '.join(missing['cell'])}" if len(missing) else ""),
+            + (f"; missing or failed: {render.text(', '.join(missing['cell']))}" if len(missing) else ""),
             "",
             f"> {m.accel.banner}",
             "",
@@ -137,9 +137,11 @@ def _first_screen(r: Analysis) -> list[str]:
     """What makes this run's comparison weaker than it looks: said before the verdict."""
     lines = []
     for v in r.unmeasured:
-        lines.append(f"- **No latency samples from `{v}`**: the A/B table cannot compare it (see Health and cells).")
+        lines.append(
+            f"- **No latency samples from {render.code(v)}**: the A/B table cannot compare it (see Health and cells)."
+        )
     for (_variant, phase), why in r.undelivered.items():
-        lines.append(f"- **Phase `{phase}`: {why}**; its A/B rows are inconclusive.")
+        lines.append(f"- **Phase {render.code(phase)}: {render.text(why)}**; its A/B rows are inconclusive.")
     for _, st in stats.clock_stalls(r.frames["samples"]).iterrows():
         lines.append(
             f"- Probe clock: {st['touches']} touches of `{st['variant']}` {st['level']} read 0-1 ns (the guest's "

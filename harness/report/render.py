@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,20 @@ STYLE = (
 )
 
 
+MARKUP = re.compile(r"([\\`*_\[\]()!|<>&~#])")  # what can open a link, an image, emphasis, code, HTML, a cell
+
+
+def text(value) -> str:
+    """Data as Markdown text that is never markup: what could start markup escaped (CommonMark lets any ASCII
+    punctuation be), lines joined. Whatever a guest wrote (a reason, a name, a log line) reaches the report so."""
+    return MARKUP.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def code(value) -> str:
+    """Data as a code span: never anything but text inside it (a backtick in the data cannot close it)."""
+    return "`" + " ".join(str(value).replace("`", "'").split()) + "`"
+
+
 def fmt(v, nd: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{nd}f}"
 
@@ -25,8 +40,11 @@ def fmt_p(p) -> str:
     return fmt(p, 3) if not (isinstance(p, float) and p < 0.001) else "<0.001"
 
 
-def table(rows: list[dict]) -> str:
-    return pd.DataFrame(rows).to_markdown(index=False, tablefmt="pipe")
+def table(rows: list[dict], formatted: tuple[str, ...] = ()) -> str:
+    """A Markdown table whose text cells are data (escaped), but for the `formatted` columns, which the caller made
+    of escaped data and markup of its own."""
+    safe = [{k: text(v) if isinstance(v, str) and k not in formatted else v for k, v in row.items()} for row in rows]
+    return pd.DataFrame(safe).to_markdown(index=False, tablefmt="pipe")
 
 
 def verdict_markdown(ab: pd.DataFrame) -> str:
@@ -50,10 +68,11 @@ def verdict_markdown(ab: pd.DataFrame) -> str:
                 "Welch p (logs)": fmt_p(r["welch_p"]),
                 "MWU p": fmt_p(r["mwu_p"]),
                 "detects a fall of": f"{fmt(r['detectable_pct'], 0)}%",
-                "verdict": f"**{r['verdict']}**" + (f" ({r['reason']})" if r["reason"] else ""),
+                "verdict": f"**{text(r['verdict'])}**" + (f" ({text(r['reason'])})" if r["reason"] else ""),
             }
             for _, r in ab.iterrows()
-        ]
+        ],
+        formatted=("verdict",),
     )
 
 
@@ -88,7 +107,7 @@ def guest_view_markdown(view: pd.DataFrame) -> str:
         return "_no probe passes_"
     two = {"majflt_per_pass": "major faults / pass", "steal_ms_per_s": "steal (ms/s)"}
     shown = view.assign(**{k: view[k].map(lambda v: fmt(v, 2)) for k in two}).rename(columns=two)
-    return shown.to_markdown(index=False, tablefmt="pipe")
+    return table(shown.to_dict("records"))
 
 
 def delivery_markdown(evidence: pd.DataFrame) -> str:
@@ -222,7 +241,7 @@ def health_markdown(health: pd.DataFrame) -> str:
 def html(md: str, plots: list[Path] | None = None) -> str:
     """One self-contained HTML file: the Markdown rendered, then each of the report's own plots (by its exact name,
     from the report's own list: never a path found in the text, which may hold what a guest wrote) inlined."""
-    body = MarkdownIt("commonmark").enable("table").render(md)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)  # raw HTML is text
     for plot in plots or []:
         data = base64.b64encode(plot.read_bytes()).decode()
         body = body.replace(f'src="plots/{plot.name}"', f'src="data:image/png;base64,{data}"')

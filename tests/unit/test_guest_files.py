@@ -162,3 +162,25 @@ def test_directories_nested_thousands_deep_are_walked_without_recursion_and_defu
     (deep / "plan.json").unlink()
     for d in reversed(made):  # pytest's own cleanup would recurse as deep
         d.rmdir()
+
+
+def test_a_parent_never_writes_or_reads_through_what_a_guest_put_in_its_export(tmp_path):
+    """With 9p's security_model=none a guest writes its export as the host's root: a link at clock.jsonl or
+    hang.txt would make the host write wherever it points, a FIFO at ready.json would block it."""
+    from harness.guest.export import export_file
+    from harness.guest.supervise import Child, tail
+
+    target = tmp_path / "host-file"
+    target.write_text("untouched\n")
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("clock.jsonl", "hang.txt", "console.log"):
+        (export / name).symlink_to(target)
+    os.mkfifo(export / "ready.json")
+    for name, mode in (("clock.jsonl", "a"), ("hang.txt", "w"), ("ready.json", "rb")):
+        began = time.monotonic()
+        with pytest.raises(OSError):
+            export_file(str(export / name), mode)
+        assert time.monotonic() - began < 1
+    assert target.read_text() == "untouched\n" and tail(str(export / "console.log")) == "(no console output)"
+    assert Child._ready_record(str(export / "ready.json")) == {}  # a FIFO: nothing read, nothing waited for

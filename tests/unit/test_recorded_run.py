@@ -288,3 +288,51 @@ def test_guest_timestamps_are_moved_onto_the_kernel_under_tests_clock_by_their_m
     c = after["clocks"].set_index("level")
     assert c.loc["l2", "uncertainty_kut_ms"].max() == pytest.approx(0.5)
     assert c.loc["l2", "offset_kut_ms"].max() == pytest.approx(3000) and c.loc["l2", "parent"].iloc[0] == "l1-0"
+
+
+HOSTILE = "![x](plots/../../host-secret) <script>alert(1)</script> [l](javascript:x) | **b** `c` <img src=x>"
+
+
+def test_guest_text_is_never_markup_and_never_brings_a_host_file_into_the_report(run, tmp_path):
+    """Every string a guest wrote that reaches the report (a reason, an error, a name, a caller) is text: no link,
+    image, HTML or table cell of its own, and the HTML inlines only the report's own plots, by name."""
+    import base64
+    import subprocess
+    import sys
+
+    from harness import REPO_ROOT
+
+    secret = b"host-secret-bytes-5d2a"
+    (run.parent / "host-secret").write_bytes(secret)
+    (run / "host-secret").write_bytes(secret)
+    cell = run / "cells" / "baseline.r1"
+    start = next(
+        json.loads(line)
+        for line in (cell / "events.jsonl").read_text().splitlines()
+        if '"phase_start"' in line and '"global"' in line
+    )
+    with open(cell / "events.jsonl", "a") as f:
+        said = {"t": start["t"] + 1, "kind": "pressure_unavailable", "mode": "global", "reason": HOSTILE}
+        f.write(json.dumps(said) + "\n")
+        f.write(json.dumps({"t": start["t"] + 2, "kind": "guest_died", "guest": HOSTILE, "error": HOSTILE}) + "\n")
+    with open(cell / "pressure.jsonl", "a") as f:
+        rec = {"t": start["t"] + 3, "mode": "global", "kind": HOSTILE, "error": HOSTILE, "target": HOSTILE}
+        f.write(json.dumps(rec) + "\n")
+    with open(cell / "shrinker.jsonl", "a") as f:
+        call = {"t": start["t"] + 4, "kind": "shrink_start", "comm": HOSTILE, "guest": HOSTILE, "raw": HOSTILE}
+        f.write(json.dumps(call) + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "report", "--run", str(run)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    html = (run / "report.html").read_text()
+    md = (run / "report.md").read_text()
+    assert "pressure not delivered on baseline" in md and "alert\\(1\\)" in md  # said, as text
+    assert "<script>" not in html and "<img src=x>" not in html and 'href="javascript' not in html
+    assert '<img src="plots/..' not in html and html.count("<img ") == 6  # the report's own plots, nothing else
+    for out in [html, md, *(p.read_text() for p in (run / "tables").glob("*.csv"))]:
+        assert secret.decode() not in out and base64.b64encode(secret).decode()[:16] not in out
