@@ -155,8 +155,8 @@ def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_sta
     from harness.errors import HostResourceError
     from harness.machine.host import check_host_resources
 
-    matrix = load("shrinker-ab", ["topology.kut.memory_mb=99999999"])
-    with pytest.raises(HostResourceError, match=r"needs 100000255 MiB with its QEMU, this host has 8000 MiB"):
+    matrix = load("shrinker-ab", ["topology.kut.memory_mb=999999"])
+    with pytest.raises(HostResourceError, match=r"needs 1000255 MiB with its QEMU, this host has 8000 MiB"):
         check_host_resources(matrix, available_mb=8000, free_disk_mb=10**6)
     with pytest.raises(HostResourceError, match="swap image needs up to 1536 MiB"):
         check_host_resources(load("shrinker-ab-nested"), available_mb=10**6, free_disk_mb=1000)
@@ -169,7 +169,7 @@ def test_a_kernel_under_test_bigger_than_the_host_is_refused_before_anything_sta
             "--config",
             "shrinker-ab",
             "--set",
-            "topology.kut.memory_mb=99999999",
+            "topology.kut.memory_mb=999999",
         ],
         capture_output=True,
         text=True,

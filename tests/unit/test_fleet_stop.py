@@ -41,7 +41,7 @@ class FakeHost(Remote):
         self.stopped.append(job)
 
 
-def run_and_interrupt(hosts: list[FakeHost], after_s: float) -> None:
+def run_and_interrupt(hosts: list[Remote], after_s: float) -> None:
     def body(r: Remote, i: int) -> int:
         if isinstance(r, FakeHost) and r.reachable:
             r.start_job(f"job{i}", ["run"])
@@ -54,10 +54,10 @@ def run_and_interrupt(hosts: list[FakeHost], after_s: float) -> None:
 
 
 def test_ctrl_c_stops_every_reachable_hosts_job_when_the_first_host_does_not_answer():
-    hosts = [FakeHost("dead", reachable=False), FakeHost("h1"), FakeHost("h2")]
-    hosts[0].job = "job0"  # it had started, then the host went away
-    run_and_interrupt(hosts, 0.5)
-    assert hosts[1].stopped == ["job1"] and hosts[2].stopped == ["job2"]
+    dead, h1, h2 = FakeHost("dead", reachable=False), FakeHost("h1"), FakeHost("h2")
+    dead.job = "job0"  # it had started, then the host went away
+    run_and_interrupt([dead, h1, h2], 0.5)
+    assert h1.stopped == ["job1"] and h2.stopped == ["job2"]
 
 
 def test_a_start_under_way_when_ctrl_c_comes_is_stopped_once_started_and_no_later_start_happens():
