@@ -98,11 +98,11 @@ def bench_builds(cold: bool, config: str) -> float | None:
             row("source unpacked (empty cache)", f"{t_src:.0f} s")
             base, t_cold = timed(lambda: b.build(exp.variants[0]))
             pat, t_pat = timed(lambda: b.build(exp.variants[1]))
-            row("cold build (baseline, empty cache)", f"{t_cold:.0f} s", f"{base.metadata['compiles']} compiles")
+            row("cold build (baseline, empty cache)", f"{t_cold:.0f} s", f"{base.metadata.compiles} compiles")
             row(
                 "patched build after baseline",
                 f"{t_pat:.0f} s",
-                f"{pat.metadata['compiles']} compiles, {t_pat / t_cold:.1%} of cold",
+                f"{pat.metadata.compiles} compiles, {t_pat / t_cold:.1%} of cold",
             )
             _, t_hit = timed(lambda: Builder(exp, cache).build_all())
             row("cached re-run (both variants)", f"{t_hit:.1f} s", f"{t_hit / t_cold:.2%} of cold, 0 compiles")

@@ -1,5 +1,5 @@
-"""The config reference, generated from the schema; `python -m harness.config.reference` rewrites the docs' copy
-(so it cannot drift: a test fails when it is stale)."""
+"""The config reference, generated from the schema: `python -m harness.config.reference` rewrites
+docs/config-reference.md (so it cannot drift: a test fails when it is stale)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def schema_reference() -> str:
-    """Markdown config reference generated from the schema (the README embeds it)."""
+    """Markdown config reference generated from the schema (docs/config-reference.md embeds it)."""
     schema = Experiment.model_json_schema(by_alias=True)
     defs = schema.get("$defs", {})
     lines: list[str] = []
@@ -49,12 +49,14 @@ def schema_reference() -> str:
     return "| field | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(lines)
 
 
+DOC = REPO_ROOT / "docs" / "config-reference.md"
+
+
 def main() -> None:
-    readme = REPO_ROOT / "README.md"
-    text = readme.read_text()
+    text = DOC.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{schema_reference()}\n{END}{tail}")
+    DOC.write_text(f"{head}{BEGIN}\n{schema_reference()}\n{END}{tail}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def decide_rootfs(requested: str, accel: str) -> RootfsDecision:
 
 
 PRIVATE_QEMUS = Path("/usr/local/lib/nestpress")  # where harness/setup_qemu.sh keeps bookworm's QEMU 7.2 tree
-# Under TCG each topology works with one generation of QEMU's emulated SVM (measured; README "Which QEMU"):
+# Under TCG each topology works with one generation of QEMU's emulated SVM (measured; docs/qemu-and-tcg.md):
 # nested needs >= 10 (7.2 kills L1 minutes after its L2 starts), shadow needs < 10 (10.0.2 triple-faults an
 # L1 with npt=0 at its first switch of paging mode).
 TCG_QEMU = {"nested": lambda v: v >= (10, 0), "shadow": lambda v: v < (10, 0)}
@@ -255,7 +255,7 @@ def decide_topology(requested: str, accel: str, installs: list[Qemu], kut_cpus: 
         raise AccelError(
             f"topology.kind: nested under TCG needs topology.kut.cpus: 1 (got {kut_cpus}): with two "
             "emulated CPUs the kernel under test's KVM lost L1 within minutes (a triple fault), or its "
-            'own memory under global reclaim (README, "Nested under TCG")'
+            'own memory under global reclaim (docs/qemu-and-tcg.md, "Nested under TCG")'
         )
     reasons = [why] + (
         ["auto: nested only with hardware virtualization; under TCG shadow keeps the default experiment short"]

@@ -33,8 +33,8 @@ def distro_builds(src61, cache_dir):
 def test_both_variants_build_only_kvm_modules_and_the_patched_one_recompiles_mmu_c(distro_builds):
     image, builds = distro_builds
     base, patched = builds["baseline"], builds["patched"]
-    assert base.metadata["compiles"] <= 60  # KVM's modules, not a kernel (1 247 compiles)
-    assert patched.metadata["kvm_sources_changed"] == [MMU] and patched.metadata["compiles"] <= 5
+    assert base.metadata.compiles <= 60  # KVM's modules, not a kernel (1 247 compiles)
+    assert patched.metadata.kvm_sources_changed == [MMU] and patched.metadata.compiles <= 5
     theirs = image.path("modules") / "kernel/arch/x86/kvm/kvm.ko"
     for b in (base, patched):
         assert distro.modinfo(b.dir / "kvm.ko", "vermagic") == distro.modinfo(theirs, "vermagic")

@@ -54,7 +54,7 @@ def test_the_series_as_a_file_an_mbox_or_a_git_range_is_the_series_build_from_th
     exp = load(EXAMPLES / "git-range.yaml", sets).experiment
     b = Builder(exp, cache_dir).build(exp.variant("topic"))
     assert b.cached and b.key == patched.key
-    assert [o.split(" (")[0] for o in b.metadata["about"]["patches"]] == [
+    assert [o.split(" (")[0] for o in b.metadata.about.patches] == [
         f"git {sha}" for sha in git(repo, "rev-list", "--reverse", "base..HEAD").split()
     ]
 
@@ -71,11 +71,11 @@ def test_an_own_patch_builds_incrementally_on_the_baseline_and_takes_effect(buil
     b = Builder(exp, cache_dir).build(exp.variant("step-one"))
     assert b.key not in {x.key for x in builds.values()}
     if not b.cached:
-        assert b.metadata["compiles"] < 40, b.metadata["compiles"]
-        print(f"step-one: {b.metadata['duration_s']:.0f} s, {b.metadata['compiles']} compiles")
+        assert b.metadata.compiles < 40, b.metadata.compiles
+        print(f"step-one: {b.metadata.duration_s:.0f} s, {b.metadata.compiles} compiles")
     symbols = (b.dir / "System.map").read_text()
     assert " mmu_shrink_scan" not in symbols and " kvm_total_used_mmu_pages" in symbols
-    assert b.metadata["about"]["evidence"] == [
+    assert b.metadata.about.evidence == [
         f"'mmu_shrink_scan' removed from {MMU}",
         f"'kvm_total_used_mmu_pages' in {MMU}",
     ]

@@ -164,7 +164,7 @@ def test_validate_over_ssh_ships_the_config(keys, hosts, rdir):
 
 def test_setup_refuses_what_is_no_debian_package_name(keys, tmp_path):
     pwned = tmp_path / "PWNED"
-    r = fab(keys, "setup", "--sources", f"linux-source-6.1; touch {pwned}", "--hosts", "nobody@127.0.0.1:1")
+    r = fab(keys, "setup", "--extra", f"linux-source-6.1; touch {pwned}", "--hosts", "nobody@127.0.0.1:1")
     assert r.returncode == 2 and "not Debian package names" in r.stdout + r.stderr and not pwned.exists()
     assert "Traceback" not in r.stderr
 
@@ -418,8 +418,8 @@ def test_fleet_shards_survives_a_dropped_host_and_resumes(keys, hosts, rdir, bui
     dc = evidence[evidence["phase"] == "drop-caches"]
     assert len(dc) == 2 and (dc["shrinker_calls"] > 0).all() and (dc["shrinker_freed"] > 0).all()
     assert (dc["mmu_recycled"] > 0).all() and (dc["slabs_scanned"] > 0).all()
-    e = frames["events"]
-    rr = e[e["kind"] == "pressure.root_reclaim_request"]
+    pressure = frames["pressure"]
+    rr = pressure[pressure["kind"] == "root_reclaim_request"]
     assert rr["cell"].nunique() == 2  # root memory.reclaim written in both cells
     root = evidence[evidence["phase"] == "root-reclaim"]
     assert (root["slabs_scanned"] > 0).all()  # root reclaim runs shrink_slab

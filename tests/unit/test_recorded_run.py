@@ -7,12 +7,15 @@ real; this tier checks everything after them."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
+from harness import REPO_ROOT
 from harness.analysis import analyze
 from harness.lab.fleet import _merge_manifests
 from harness.report import generate, render
@@ -29,6 +32,13 @@ def run(tmp_path):
     d = tmp_path / "run"
     shutil.copytree(RECORDED, d)
     return d
+
+
+def report_cli(run: Path) -> subprocess.CompletedProcess:
+    """`python -m harness report` on a run, as a user runs it (a bare environment, lines unfolded)."""
+    env = {"COLUMNS": "300", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "harness", "report", "--run", str(run)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +117,6 @@ def test_fleet_merge_is_the_union_of_the_hosts_manifests(run):
 def test_a_broken_run_is_reported_with_each_cell_and_what_is_wrong(run):
     """Guest files are data: torn, planted or missing ones are named with their cell, never a traceback;
     a cell record a guest writes into its own export does not count (the host keeps records elsewhere)."""
-    import subprocess
-    import sys
-
-    from harness import REPO_ROOT
 
     manifest = Manifest.load(run / "manifest.json")
     never = manifest.cells[0].model_copy(update={"id": "baseline.r2", "repetition": 2, "order": 9})
@@ -125,13 +131,7 @@ def test_a_broken_run_is_reported_with_each_cell_and_what_is_wrong(run):
     with open(run / "cells" / "baseline.r1" / "counters.jsonl", "a") as f:
         f.write('[1, 2]\n{"t": "soon", "v": 3}\n{"t": 17')
     assert not cell_complete(run, "patched.r1")
-    r = subprocess.run(
-        [sys.executable, "-m", "harness", "report", "--run", str(run)],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
-    )
+    r = report_cli(run)
     out = " ".join((r.stdout + r.stderr).split())
     assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
     assert "cell baseline.r2: missing (no directory: it never ran)" in out
@@ -297,10 +297,6 @@ def test_guest_text_is_never_markup_and_never_brings_a_host_file_into_the_report
     """Every string a guest wrote that reaches the report (a reason, an error, a name, a caller) is text: no link,
     image, HTML or table cell of its own, and the HTML inlines only the report's own plots, by name."""
     import base64
-    import subprocess
-    import sys
-
-    from harness import REPO_ROOT
 
     secret = b"host-secret-bytes-5d2a"
     (run.parent / "host-secret").write_bytes(secret)
@@ -321,13 +317,7 @@ def test_guest_text_is_never_markup_and_never_brings_a_host_file_into_the_report
     with open(cell / "shrinker.jsonl", "a") as f:
         call = {"t": start["t"] + 4, "kind": "shrink_start", "comm": HOSTILE, "guest": HOSTILE, "raw": HOSTILE}
         f.write(json.dumps(call) + "\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "harness", "report", "--run", str(run)],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
-    )
+    r = report_cli(run)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     html = (run / "report.html").read_text()
     md = (run / "report.md").read_text()

@@ -65,3 +65,14 @@ def test_what_a_guest_leaves_in_its_export_is_defused(tmp_path):
     assert sorted(changed) == ["fifo", "l1-0/sh", "link"]
     assert shell.stat().st_mode & 0o7777 == 0o755 and (export / "samples.csv").read_text() == "t,v\n"
     assert sorted(p.name for p in export.iterdir()) == ["l1-0", "samples.csv"]
+
+
+def test_every_module_of_the_harness_is_shipped():
+    """A lab host runs what git tracks: a module an ignore pattern hides would be missing there (and in CI)."""
+    shipped = set(project_files())
+    missing = [
+        str(p.relative_to(REPO_ROOT))
+        for p in (REPO_ROOT / "harness").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and str(p.relative_to(REPO_ROOT)) not in shipped
+    ]
+    assert not missing, missing

@@ -100,7 +100,8 @@ def test_change_and_its_interval_are_the_welch_test_on_logs():
 
 
 # The boot-to-boot spread (SD of the log of per-boot values) of the default experiment's L1 touch p99.9 under
-# `global`, measured here: 0.16 (baseline) and 0.39 (patched) in a 4 vs 4 run, pooled 0.30 (README: Power).
+# `global`, measured here: 0.16 (baseline) and 0.39 (patched) in a 4 vs 4 run, pooled 0.30 (docs/reading-the-report.md:
+# Power).
 MEASURED_SPREAD = 0.30
 
 

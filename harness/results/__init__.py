@@ -1,0 +1,1 @@
+"""A run directory: its own typed records (manifest, cell records), the guests' files read as data, the tables."""
