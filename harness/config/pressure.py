@@ -78,7 +78,8 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 def upgrade(data: Any) -> Any:
-    """An experiment's raw config with its modes' older flat knobs moved into their sections."""
+    """An experiment's raw config with its modes' older flat knobs moved into their sections (an older spelling given
+    beside the new one, as a --set over a new config, wins)."""
     if not isinstance(data, dict):
         return data
     for mode in MODES.values():
@@ -89,5 +90,5 @@ def upgrade(data: Any) -> Any:
                 continue
             data = {**data, section: {k: v for k, v in holder.items() if k != key}}
             pressure = _mapping(data.get("pressure"))
-            data["pressure"] = {**pressure, mode.name: {knob: holder[key], **_mapping(pressure.get(mode.name))}}
+            data["pressure"] = {**pressure, mode.name: {**_mapping(pressure.get(mode.name)), knob: holder[key]}}
     return data

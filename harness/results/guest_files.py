@@ -160,9 +160,7 @@ def json_lines(path: Path, problems: Problems, cell_dir: Path) -> Iterator[dict]
 R = TypeVar("R")
 
 
-def records(
-    path: Path, problems: Problems, cell_dir: Path, parse: Callable[[dict], R | None]
-) -> Iterator[R]:
+def records(path: Path, problems: Problems, cell_dir: Path, parse: Callable[[dict], R | None]) -> Iterator[R]:
     """json_lines() as contract records: parse(line) gives the record (None: a line to pass over, not a
     problem), or raises ContractError, KeyError, TypeError or ValueError for a line that does not fit its type,
     which is skipped and counted with the first reason."""

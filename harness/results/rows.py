@@ -16,12 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from ..guest.records import CounterSample, Event, PressureRecord, ProbeHist, ProbePass, TraceCall, VmZap
 from ..guest.probe import bucket_bounds
+from ..guest.records import CounterSample, Event, PressureRecord, ProbeHist, ProbePass, TraceCall, VmZap
 from .guest_files import Problems, records
 
 Row = tuple[str, dict[str, Any]]  # (table, row)
-EVENT_COLUMNS = ("guest", "phase", "mode", "status", "seconds", "kernel_s", "error", "reason", "pid")  # typed columns of `events`
+EVENT_COLUMNS = (
+    "guest",
+    "phase",
+    "mode",
+    "status",
+    "seconds",
+    "kernel_s",
+    "error",
+    "reason",
+    "pid",
+)  # typed columns of `events`
 TRACE_NUMBERS = ("cache_items", "total_scan", "delta", "freed", "nr_reclaimed")
 PRESSURE_FIELDS = {f.name for f in dataclasses.fields(PressureRecord)}
 OLDER_PRESSURE = {"hog_mb": "mb", "objects": "count", "took_s": "seconds", "shrinker": "target"}

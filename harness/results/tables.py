@@ -50,10 +50,12 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
     "passes": _CELL + ["level", "guest", "pass", "t", "phase", "duration_ms", "majflt", "steal_ms"],
     "counters": _CELL + ["source", "name", "t", "value"],
     "phases": _CELL + ["phase", "mode", "t_start", "t_end"],
-    "events": _CELL + ["level", "guest", "kind", "t", "subject", "phase", "mode", "status", "seconds", "kernel_s"]
+    "events": _CELL
+    + ["level", "guest", "kind", "t", "subject", "phase", "mode", "status", "seconds", "kernel_s"]
     + ["error", "reason", "pid", "info"],
     "pressure": _CELL + ["mode", "kind", "t", "mb", "count", "seconds", "ok", "error", "target", "info"],
-    "trace": _CELL + ["kind", "t", "pid", "comm", "guest", "cache_items", "total_scan", "delta", "freed"]
+    "trace": _CELL
+    + ["kind", "t", "pid", "comm", "guest", "cache_items", "total_scan", "delta", "freed"]
     + ["nr_reclaimed"],
     "vm_zaps": _CELL + ["source", "guest", "t0", "t1", "zapped", "recycled"],
     "clocks": _CELL
@@ -163,7 +165,9 @@ def collect_cell(cell_dir: Path, cell: CellEntry, problems: Problems | None = No
         def sec(ns: float, clock: GuestClock = mine) -> float:
             return (ns - clock.offset_at(ns) - t0) / 1e9
 
-        rows["clocks"] += _clock_rows(g, names.get(parent) if parent else None, samples, mine, lambda ns: (ns - t0) / 1e9)
+        rows["clocks"] += _clock_rows(
+            g, names.get(parent) if parent else None, samples, mine, lambda ns: (ns - t0) / 1e9
+        )
         for table, row in GuestRows(base, {"level": level, "guest": guest}, sec, spans.name_at).read(
             d, problems, cell_dir
         ):
