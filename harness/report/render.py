@@ -17,7 +17,7 @@ STYLE = (
 )
 
 
-MARKUP = re.compile(r"([\\`*_\[\]()!|<>&~#])")  # what can open a link, an image, emphasis, code, HTML, a cell
+MARKUP = re.compile(r"([\\`*_\[\]|<>])")  # what can open a link or an image, emphasis, code, an autolink, a cell
 
 
 def text(value) -> str:
