@@ -36,7 +36,9 @@ class Problems(list[str]):
     """What was wrong with a cell's guest files (torn, missing, not data): said with the cell named."""
 
     def note(self, path: Path, cell_dir: Path, what: str) -> None:
-        self.append(f"{path.relative_to(cell_dir) if path.is_relative_to(cell_dir) else path}: {what}")
+        said = f"{path.relative_to(cell_dir) if path.is_relative_to(cell_dir) else path}: {what}"
+        if said not in self:  # a file read twice (its phases, then its rows) is said once
+            self.append(said)
 
 
 def open_regular(path: Path) -> int:

@@ -33,6 +33,8 @@ from .run_dir import harness_commit, lock_run_dir
 from .schedule import check as check_sizes
 from .schedule import check_kernel
 
+# what a cell's guests can make reading their files raise, if a check misses it: the cell fails, the run goes on
+GUEST_DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError, UnicodeError)
 # what the fallback means, said when a run uses it
 EXPORT_NONE = (
     "guests write their results as the host's root; the host never follows a link a guest made (every file it "
@@ -202,7 +204,9 @@ class Runner:
             except PressureError as e:
                 CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(record)
                 raise
-            except GuestError as e:
+            except (GuestError, *GUEST_DATA_ERRORS) as e:  # a guest may fail its own cell, never the run
+                if not isinstance(e, GuestError):
+                    e = GuestError(f"what the cell left could not be read: {type(e).__name__}: {str(e)[:500]}")
                 errors.append(str(e))
                 CellRecord(status="failed", attempt=attempt, errors=errors).save(record)
                 warn(f"cell {cell.id} attempt {attempt}/{attempts} failed: {e}")

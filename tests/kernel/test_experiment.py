@@ -4,6 +4,7 @@ repetition set through --set (the same config). Asserts the science, not just th
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,14 @@ from harness.results.tables import load as load_tables
 
 pytestmark = pytest.mark.kernel
 
+HOSTILE_GUEST = "![x](plots/../../../../etc/hostname) <script>"
+PLANTS = [
+    "uname -r",
+    f"cd {OUT} && ln -s /etc/hostname planted && cp /bin/true suid && chmod 6755 suid",
+    "{ printf %.0s[ $(seq 3000); echo; } >> events.jsonl",
+    "echo " + shlex.quote(json.dumps({"t": 10**400, "kind": "ready"})) + " >> events.jsonl",
+    "echo " + shlex.quote(json.dumps({"t": 1, "kind": "guest_died", "guest": HOSTILE_GUEST})) + " >> events.jsonl",
+]
 QUICK = [
     "repetitions=1",
     "phases.steady.duration_s=6",
@@ -34,10 +43,10 @@ QUICK = [
     "phases.recovery-1.duration_s=8",
     "phases.shrinker-scan.duration_s=9",
     "phases.recovery-2.duration_s=5",
-    # L1 also plants a link and a setuid file in its export: the host must keep neither in results/
-    "workload.command=[sh, -c, 'uname -r; cd "
-    + OUT
-    + " && ln -s /etc/hostname planted && cp /bin/true suid && chmod 6755 suid']",
+    # L1 also plants a link and a setuid file in its export: the host must keep neither in results/; and it writes
+    # records no reader should take (nested 3000 deep, a number past any measurement, markup that would inline a
+    # host file) into its own events: the run goes on, the report names them and never renders them
+    "workload.command=" + json.dumps(["sh", "-c", "; ".join(PLANTS)]),
 ]
 
 
@@ -308,3 +317,16 @@ def test_compare_puts_two_runs_side_by_side(e2e, tmp_path):
     assert r.returncode == 0, r.stderr
     md = (out / "compare.md").read_text()
     assert "p99 touch latency" in md and "baseline" in md and (out / "compare.html").exists()
+
+
+def test_records_a_real_guest_should_not_have_written_are_named_and_never_rendered(e2e):
+    """L1's command wrote into its own events what no reader should take (see PLANTS): the run completed, the
+    lines are named as problems of its cell, and the report shows the guest's text as text, never markup."""
+    cells = e2e["frames"]["cells"].set_index("cell")
+    problems = " | ".join(json.loads(cells.loc["baseline.r1", "problems"]))
+    assert cells.loc["baseline.r1", "status"] == "complete"
+    assert "l1-0/events.jsonl: 1 torn or malformed line(s) skipped" in problems  # the 3000-deep line
+    assert "l1-0/events.jsonl: 1 record(s) without the fields their kind has" in problems  # the 400-digit t
+    html = (e2e["run_dir"] / "report.html").read_text()
+    assert "<script>" not in html and '<img src="plots/..' not in html
+    assert json.loads((e2e["run_dir"] / "manifest.json").read_text())["status"] == "complete"

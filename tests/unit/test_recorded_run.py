@@ -6,9 +6,11 @@ wrote it), probe intervals inside the phases, every level's kernel log. The full
 real; this tier checks everything after them."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -326,3 +328,87 @@ def test_guest_text_is_never_markup_and_never_brings_a_host_file_into_the_report
     assert '<img src="plots/..' not in html and html.count("<img ") == 6  # the report's own plots, nothing else
     for out in [html, md, *(p.read_text() for p in (run / "tables").glob("*.csv"))]:
         assert secret.decode() not in out and base64.b64encode(secret).decode()[:16] not in out
+
+
+GUEST_FILES = [  # every file a guest of the recorded run wrote, at every level
+    "events.jsonl",
+    "pressure.jsonl",
+    "shrinker.jsonl",
+    "counters.jsonl",
+    "facts.json",
+    "kmsg.log",
+    "l1-0/events.jsonl",
+    "l1-0/facts.json",
+    "l1-0/l2-0/events.jsonl",
+    "l1-0/l2-0/probe.jsonl",
+]
+PLANS = ["l1-0/l2-0/plan.json"]  # spoiled in one round: the guest is then not read at all (no plan, no guest)
+
+
+def _spoil(path: Path, how: str, secret: Path) -> None:
+    """What a guest can leave at a path of its export instead of what it should have written."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    path.unlink(missing_ok=True)
+    if how == "torn":
+        path.write_text("".join(lines[: len(lines) // 2]) + (lines[len(lines) // 2][:17] if lines else '{"t": 1'))
+    elif how == "link":
+        path.symlink_to(secret)
+    elif how == "fifo":
+        os.mkfifo(path)
+    elif how == "directory":
+        (path / "d" / "d").mkdir(parents=True)
+    elif how == "sparse":
+        with open(path, "wb") as f:
+            f.truncate(2 << 30)
+    else:  # lines no record fits: nesting, wrong types, numbers that are no measurement, markup
+        bad = {
+            "deep": "[" * 5000 + "\n",
+            "types": '{"t": "soon", "kind": 5, "v": {"a": "x"}, "phase": [1], "counts": {"x": -1}}\n',
+            "numbers": '{"t": 1e400, "kind": "ready", "v": {"a": NaN}, "t0": 123456789012345678901234567890}\n',
+            "markup": json.dumps({"t": 1, "kind": "guest_died", "guest": HOSTILE, "error": HOSTILE}) + "\n",
+        }[how]
+        path.write_text("".join(lines) + bad * 3)
+
+
+KINDS = ["torn", "link", "fifo", "directory", "sparse", "deep", "types", "numbers", "markup"]
+
+
+@pytest.mark.parametrize("round_", range(len(KINDS)))
+def test_whatever_a_guest_leaves_in_any_of_its_files_the_tables_and_report_are_made_and_say_so(round_, tmp_path):
+    """Every file a guest writes x truncation, a link, a FIFO, a directory, a huge sparse file, deep nesting, wrong
+    types, absurd numbers and markup: one kind per file per round, each file meeting every kind over the rounds.
+    The tables are built with every refused file named and no planted byte read; the first round makes the whole
+    report through the command line (no traceback, nothing planted in it)."""
+    import base64
+
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    secret = tmp_path / "host-secret"
+    secret.write_text("host-secret-bytes-8f1c\n")
+    spoiled = {name: KINDS[(round_ + i) % len(KINDS)] for i, name in enumerate(GUEST_FILES)}
+    spoiled |= {name: KINDS[(round_ + 3) % len(KINDS)] for name in PLANS if round_ == 0}
+    for name, how in spoiled.items():
+        _spoil(run / "cells" / "baseline.r1" / name, how, secret)
+    began = time.monotonic()
+    if round_ == 0:
+        r = report_cli(run)
+        out = " ".join((r.stdout + r.stderr).split())
+        assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
+        frames = results.load(run)
+    else:
+        frames = results.collect(run)
+    assert time.monotonic() - began < 60
+    problems = json.loads(frames["cells"].set_index("cell").loc["baseline.r1", "problems"])
+    unplanned = [str(Path(n).parent) for n in spoiled if n.endswith("plan.json")]
+    for name, how in spoiled.items():
+        guest_found = not any(name.startswith(d + "/") for d in unplanned)
+        read = not name.endswith(("plan.json", "kmsg.log")) and guest_found  # kmsg.log: read by the run's checks
+        if how in ("link", "fifo", "directory", "sparse") and read:
+            assert any(p.startswith(name) for p in problems), (name, how, problems)
+    written = [*(run / "tables").glob("*.csv"), *([run / "report.html", run / "report.md"] if round_ == 0 else [])]
+    for text in (p.read_text() for p in written):
+        assert "host-secret-bytes" not in text and base64.b64encode(b"host-secret-bytes").decode()[:12] not in text
+    if round_ == 0:
+        html = (run / "report.html").read_text()
+        assert "<script>" not in html, html[html.find("<script>") - 300 : html.find("<script>") + 50]
+        assert any("l1-0/l2-0/plan.json: torn or unreadable" in p for p in problems)
