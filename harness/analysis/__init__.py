@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import hypotheses
 from ..config import Experiment
 from ..results import tables as results
 from ..results.manifest import Manifest, cell_record
 from . import health, stats
 from .attribution import Attribution, attribute
-from .evidence import inapplicable, phase_evidence, shrinker_ran, undelivered
+from .evidence import inapplicable, phase_evidence, undelivered
 
 
 @dataclass
@@ -25,14 +26,15 @@ class Analysis:
     complete: bool
     cells: pd.DataFrame  # one row per cell of the matrix, with its status
     ab: pd.DataFrame  # verdict rows: phase x level x metric, patched against baseline
-    evidence: pd.DataFrame  # per cell x phase: the shrinker, reclaim and delivery (evidence.phase_evidence)
+    evidence: pd.DataFrame  # per cell x phase: the mechanism, reclaim and delivery (evidence.phase_evidence)
     summary: pd.DataFrame  # latency percentiles per variant x phase x level
     health: pd.DataFrame  # boot, warm-up and cell times per variant x level (health.health_table)
     guest_view: pd.DataFrame  # major faults and steal the guests' own kernels saw, per variant x phase x level
     attribution: Attribution  # spikes, their causes, excess by cause (attribution.attribute)
     undelivered: dict[tuple[str, str], str]  # (variant, phase) -> why its pressure was not delivered
-    unmeasured: list[str]  # variants of the plan without a single latency sample
+    unmeasured: list[str]  # variants of the plan without a single latency sample or workload metric
     frames: dict[str, pd.DataFrame]  # the run's tables (results.TABLES)
+    metrics: pd.DataFrame  # one value per variant x repetition x phase x level x metric (what `ab` compares)
 
     @property
     def conclusive(self) -> bool:
@@ -49,17 +51,23 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
     exp = Experiment.model_validate(manifest.expanded)
     cells = frames["cells"]
     evidence = phase_evidence(frames, exp) if not frames["phases"].empty else pd.DataFrame()
-    base_ran = shrinker_ran(evidence, manifest.baseline) if not evidence.empty else False
+    hypothesis = hypotheses.get(exp.hypothesis)
+    precondition = (
+        hypothesis.precondition(evidence, manifest.baseline)
+        if not evidence.empty
+        else f"no phase completed: no evidence of {hypothesis.mechanism}"
+    )
     not_delivered = undelivered(evidence)
     variants = [v.name for v in exp.variants if any(c.variant == v.name for c in manifest.cells)]  # a shard's own
-    unmeasured = [v for v in variants if v not in set(frames["samples"]["variant"])]
+    measured = set(frames["samples"]["variant"]) | set(frames["workload_metrics"]["variant"])
+    unmeasured = [v for v in variants if v not in measured]
     summary = stats.summarize(frames["samples"])
-    metrics = stats.repetition_metrics(frames["samples"], frames["passes"])
+    metrics = stats.repetition_metrics(frames["samples"], frames["passes"], frames.get("workload_metrics"))
     ab = stats.ab_table(
         metrics,
         manifest.baseline,
         tcg=manifest.tcg,
-        baseline_shrinker_ran=base_ran,
+        precondition=precondition,
         variants=variants,
         undelivered=not_delivered,
         inapplicable=inapplicable(evidence),
@@ -98,4 +106,5 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
         not_delivered,
         unmeasured,
         frames,
+        metrics,
     )

@@ -2,19 +2,14 @@
 
 - A spike is a raw touch the probe kept (>= its 1 ms floor) above the same guest's `spike_quantile` of the
   undisturbed (mode `none`) phases of the same cell. It lasted [t - latency, t].
-- Causes, from the kernel under test (the sampler's trace and counters):
-  `shrinker-zap`   a call of the x86-mmu shrinker that freed shadow pages (begin to end; any VM: the call
-                   holds kvm_lock and zaps whichever VM it picks), and every debugfs scan write of the
-                   shrinker-scan mode (which calls it without the tracepoints, so without a freed count),
+- Causes, from the kernel under test (the sampler's trace and counters): the hypothesis's own cause events
+  (harness/hypotheses/: for the shrinker experiment its calls that freed shadow pages and the guests' refaults
+  after them), and two the core always has:
   `direct-reclaim` a direct-reclaim stall of the guest's QEMU (an L2 runs inside its L1's QEMU, so the L1's),
   `swap-in`        a sampler interval in which that QEMU's major faults rose (its guest RAM came back from
                    swap; resolution: the sampler's interval).
-  `zap-refault`    after such a call, until the guest's probe has touched every page once more (to the end of
-                   the pass after the one in progress): the guest rebuilding the shadow pages the call zapped,
   Beside the causes, each spike says whether its own VM in the kernel under test (an L2's: its L1's) lost shadow
-  pages while it lasted (`own_vm_zapped`: a step of that VM's mmu_shadow_zapped/mmu_recycled, read with every
-  sample and at most every sampler.zap_interval_s while the shrinker runs, and around each debugfs scan write) -
-  the per-VM view of a shrinker call, which may have zapped another VM.
+  pages while it lasted (`own_vm_zapped`: a step of that VM's mmu_shadow_zapped/mmu_recycled counters).
   A spike matches a cause whose window overlaps it within the matching window: the worst measured uncertainty
   of the guest's clock against the kernel under test's in that cell (results.py has the timestamps corrected
   by the measured offsets already); `none found` when nothing does. One spike may have several.
@@ -32,17 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .. import hypotheses
 from ..config import Experiment
 from ..guest.probe import OUTLIER_NS
+from ..hypotheses.base import ANY, OWN, OWNER, WINDOW_COLUMNS, Hypothesis, pairs
 from ..results.tables import PhaseSpans
 from .stats import weighted_quantiles
 
-SHRINKER_ZAP, ZAP_REFAULT = "shrinker-zap", "zap-refault"
 SWAP_IN, DIRECT_RECLAIM, NONE_FOUND = "swap-in", "direct-reclaim", "none found"
-CAUSES = (SHRINKER_ZAP, ZAP_REFAULT, SWAP_IN, DIRECT_RECLAIM)
-ZAPPING = (SHRINKER_ZAP, ZAP_REFAULT)  # what "coincided with shrinker zapping" adds up
-SHARES = (*CAUSES, NONE_FOUND)
-WINDOW_COLUMNS = ["cell", "guest", "cause", "t0", "t1"]
+CORE_CAUSES = {SWAP_IN: OWNER, DIRECT_RECLAIM: OWNER}  # the core's causes: beside every hypothesis's own
 REFERENCE_Q = 0.99  # the excess is measured above the undisturbed p99
 N_BOOT = 2000
 
@@ -57,6 +50,12 @@ class Attribution:
     by_repetition: pd.DataFrame  # excess per variant x repetition x phase x level x cause (0 filled)
     ab: pd.DataFrame  # per other variant x phase x level x cause: the difference and its share, with CIs
     vm_zaps: pd.DataFrame  # one row per step of a VM's zap counters: cell, guest (its L1), t0, t1, zapped, recycled
+    causes: tuple[str, ...] = ()  # the hypothesis's causes, then the core's
+    mechanism: tuple[str, ...] = ()  # the hypothesis's own causes: what the `mechanism` rows of `ab` add up
+
+    @property
+    def shares(self) -> tuple[str, ...]:
+        return (*self.causes, NONE_FOUND)
 
 
 def thresholds(samples: pd.DataFrame, phases: pd.DataFrame, quantile: float) -> pd.DataFrame:
@@ -70,48 +69,12 @@ def thresholds(samples: pd.DataFrame, phases: pd.DataFrame, quantile: float) -> 
     return pd.DataFrame(rows, columns=["cell", "guest", "threshold_ns", "reference_ns"])
 
 
-def _pairs(trace: pd.DataFrame, begin: str, end: str) -> pd.DataFrame:
-    """Begin/end records of one thread paired in order: cell, pid, t0, t1, and the end's freed count and guest
-    (a run recorded without thread ids pairs them per cell)."""
-    sides = []
-    for kind in (begin, end):
-        d = trace.loc[trace["kind"] == kind, ["cell", "t", "pid", "freed", "guest"]]
-        d = d.assign(pid=pd.to_numeric(d["pid"], errors="coerce").fillna(-1)).sort_values("t")
-        sides.append(d.assign(n=d.groupby(["cell", "pid"]).cumcount()))
-    m = sides[0].merge(sides[1], on=["cell", "pid", "n"], suffixes=("_begin", ""))
-    m = m[m["t"] >= m["t_begin"]].rename(columns={"t_begin": "t0", "t": "t1"})
-    return m.assign(guest=m["guest"].fillna(m["guest_begin"]))
-
-
-def refault_windows(zaps: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
-    """Per probing guest: from each zap's end to the end of the probe pass after the one in progress then (every
-    page touched once more: whatever the zap took, the guest has faulted back by then)."""
-    parts = []
-    for (cell, guest), p in passes.groupby(["cell", "guest"], sort=False):
-        z = zaps[zaps["cell"] == cell]
-        ends = np.sort(p["t"].to_numpy())
-        if z.empty or len(ends) < 2:
-            continue
-        t1 = z["t1"].to_numpy()
-        nxt = np.minimum(np.searchsorted(ends, t1, side="left") + 1, len(ends) - 1)
-        parts.append(pd.DataFrame({"cell": cell, "guest": guest, "cause": ZAP_REFAULT, "t0": t1, "t1": ends[nxt]}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
-
-
-def cause_windows(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every cause event of every cell as a time window (s since the cell's first phase)."""
-    trace, pressure, counters, passes = frames["trace"], frames["pressure"], frames["counters"], frames["passes"]
-    parts = []
-    zaps = _pairs(trace, "shrink_start", "shrink_end")
-    zaps = zaps[zaps["freed"].fillna(0) > 0]
-    parts.append(zaps.assign(guest=None, cause=SHRINKER_ZAP)[WINDOW_COLUMNS])
-    scans = pressure[(pressure["kind"] == "shrinker_scan") & pressure["seconds"].notna()]  # no tracepoints there
-    parts.append(scans.assign(t0=scans["t"] - scans["seconds"], t1=scans["t"], guest=None, cause=SHRINKER_ZAP))
-    zapping = [p[WINDOW_COLUMNS] for p in parts if len(p)]
-    if zapping:
-        refaults = refault_windows(pd.concat(zapping), passes)
-        parts.append(refaults[refaults["t1"] > refaults["t0"]])
-    stalls = _pairs(trace, "direct_reclaim_begin", "direct_reclaim_end")
+def cause_windows(frames: dict[str, pd.DataFrame], hypothesis: Hypothesis) -> pd.DataFrame:
+    """Every cause event of every cell as a time window (s since the cell's first phase): the hypothesis's, then
+    the core's (its guests' QEMUs in direct reclaim, their major faults rising)."""
+    trace, counters = frames["trace"], frames["counters"]
+    parts = [hypothesis.cause_windows(frames)]
+    stalls = pairs(trace, "direct_reclaim_begin", "direct_reclaim_end")
     parts.append(stalls[stalls["guest"].notna()].assign(cause=DIRECT_RECLAIM))
     faults = counters[counters["name"].str.startswith("qemu.") & counters["name"].str.endswith(".majflt")]
     for (cell, name), g in faults.groupby(["cell", "name"], sort=False):
@@ -161,12 +124,13 @@ def find_spikes(
     windows: pd.DataFrame,
     slack_s: dict[tuple[str, str], float],
     vm_zaps: pd.DataFrame,
+    causes: dict[str, str],
 ) -> pd.DataFrame:
     """Every spike in the phases with its latency, excess, causes and whether its own VM lost shadow pages
-    meanwhile (slack_s: (cell, guest) -> matching window)."""
+    meanwhile (slack_s: (cell, guest) -> matching window; causes: name -> which spikes it can explain)."""
     events, phases = frames["events"], frames["phases"]
     cols = ["variant", "repetition", "cell", "phase", "mode", "level", "guest", "t", "latency_ns", "excess_ns"]
-    cols += [*CAUSES, "causes", "own_vm_zapped", "window_ms"]
+    cols += [*causes, "causes", "own_vm_zapped", "window_ms"]
     raw = frames["outliers"]
     if raw.empty or phases.empty:
         return pd.DataFrame(columns=cols)
@@ -187,11 +151,16 @@ def find_spikes(
         begin = end - g["latency_ns"].to_numpy() / 1e9
         slack = np.array([slack_s.get((cell, guest), default) for guest in g["guest"]])
         w = windows[windows["cell"] == cell]
-        hits = {SHRINKER_ZAP: _overlaps(w[w["cause"] == SHRINKER_ZAP], begin, end, slack)}
         own = g["guest"].to_numpy()
         owner = np.array([top.get((cell, guest), guest) for guest in own])  # whose QEMU runs it
-        for cause, by in ((ZAP_REFAULT, own), (SWAP_IN, owner), (DIRECT_RECLAIM, owner)):
-            hits[cause] = _overlaps_per_guest(w[w["cause"] == cause], by, begin, end, slack)
+        hits = {}
+        for cause, scope in causes.items():
+            mine = w[w["cause"] == cause]
+            hits[cause] = (
+                _overlaps(mine, begin, end, slack)
+                if scope == ANY
+                else _overlaps_per_guest(mine, own if scope == OWN else owner, begin, end, slack)
+            )
         zapped = _overlaps_per_guest(vm_zaps[vm_zaps["cell"] == cell], owner, begin, end, slack)
         g = g.assign(
             excess_ns=(g["latency_ns"] - g["reference_ns"]).clip(lower=0),
@@ -203,31 +172,34 @@ def find_spikes(
     if not out:
         return pd.DataFrame(columns=cols)
     s = pd.concat(out, ignore_index=True)
-    s["causes"] = ["+".join(c for c, on in zip(CAUSES, row) if on) or NONE_FOUND for row in s[list(CAUSES)].to_numpy()]
+    names = list(causes)
+    s["causes"] = ["+".join(c for c, on in zip(names, row) if on) or NONE_FOUND for row in s[names].to_numpy()]
     return s[cols]
 
 
-def _split(spikes: pd.DataFrame) -> pd.DataFrame:
+def _split(spikes: pd.DataFrame, causes: tuple[str, ...]) -> pd.DataFrame:
     """Each spike's excess split equally among its causes (all to `none found` where it has none): long rows."""
-    n = spikes[list(CAUSES)].sum(axis=1).to_numpy()
+    n = spikes[list(causes)].sum(axis=1).to_numpy()
     parts = []
-    for cause in SHARES:
+    for cause in (*causes, NONE_FOUND):
         has = spikes[cause].to_numpy() if cause != NONE_FOUND else n == 0
         share = np.where(has, spikes["excess_ns"].to_numpy() / np.maximum(n, 1), 0.0)
         parts.append(spikes.assign(cause=cause, has=has, excess_ms=share / 1e6))
     return pd.concat(parts, ignore_index=True)
 
 
-def by_repetition(spikes: pd.DataFrame, phases: pd.DataFrame, levels: list[str]) -> pd.DataFrame:
+def by_repetition(
+    spikes: pd.DataFrame, phases: pd.DataFrame, levels: list[str], causes: tuple[str, ...]
+) -> pd.DataFrame:
     """Excess (ms) and spikes per variant x repetition x phase x level x cause; every phase a repetition ran
     has a row per level and cause, 0 where it had no spike."""
     keys = ["variant", "repetition", "phase", "level", "cause"]
     grid = phases[["variant", "repetition", "phase", "mode"]].drop_duplicates()
     grid = grid.merge(pd.DataFrame({"level": pd.Series(levels, dtype=object)}), how="cross")
-    grid = grid.merge(pd.DataFrame({"cause": SHARES}), how="cross")
+    grid = grid.merge(pd.DataFrame({"cause": [*causes, NONE_FOUND]}), how="cross")
     if spikes.empty:
         return grid.assign(spikes=0, excess_ms=0.0)
-    long = _split(spikes)
+    long = _split(spikes, causes)
     agg = long.groupby(keys, sort=False).agg(spikes=("has", "sum"), excess_ms=("excess_ms", "sum")).reset_index()
     out = grid.merge(agg, on=keys, how="left")
     return out.fillna({"spikes": 0, "excess_ms": 0.0}).astype({"spikes": int})
@@ -249,20 +221,23 @@ def summary_table(reps: pd.DataFrame, spikes: pd.DataFrame) -> pd.DataFrame:
     return t.assign(share=np.where(total > 0, t["excess_ms"] / total.where(total > 0, 1), np.nan))
 
 
-ZAPPING_ROW, TOTAL_ROW = "zapping", "total"  # ab rows beside the causes: shrinker-zap + zap-refault, and all
+MECHANISM_ROW, TOTAL_ROW = "mechanism", "total"  # ab rows beside the causes: the hypothesis's own together, and all
 
 
-def ab_decomposition(reps: pd.DataFrame, baseline: str, seed: int = 0) -> pd.DataFrame:
-    """Per other variant x phase x level: mean excess per repetition, baseline minus variant, per cause, for
-    zapping (its two causes) and in total, with each one's share of the total difference; bootstrap CIs over
-    repetitions (none with fewer than 2 repetitions a side)."""
+def ab_decomposition(
+    reps: pd.DataFrame, baseline: str, causes: tuple[str, ...], mechanism: tuple[str, ...], seed: int = 0
+) -> pd.DataFrame:
+    """Per other variant x phase x level: mean excess per repetition, baseline minus variant, per cause, for the
+    mechanism (the hypothesis's causes together) and in total, with each one's share of the total difference;
+    bootstrap CIs over repetitions (none with fewer than 2 repetitions a side)."""
     rng = np.random.default_rng(seed)
     rows = []
-    groups = [(c, [i]) for i, c in enumerate(SHARES)]
-    groups += [(ZAPPING_ROW, [SHARES.index(c) for c in ZAPPING]), (TOTAL_ROW, list(range(len(SHARES))))]
+    shares = (*causes, NONE_FOUND)
+    groups = [(c, [i]) for i, c in enumerate(shares)]
+    groups += [(MECHANISM_ROW, [shares.index(c) for c in mechanism]), (TOTAL_ROW, list(range(len(shares))))]
     for (phase, level), g in reps.groupby(["phase", "level"], sort=False):
         piv = g.pivot_table(index=["variant", "repetition"], columns="cause", values="excess_ms", aggfunc="sum")
-        piv = piv.reindex(columns=list(SHARES), fill_value=0.0)
+        piv = piv.reindex(columns=list(shares), fill_value=0.0)
         if baseline not in piv.index.get_level_values(0):
             continue
         a = piv.loc[baseline].to_numpy()
@@ -331,10 +306,14 @@ def clock_summary(clocks: pd.DataFrame) -> pd.DataFrame:
 
 def attribute(frames: dict[str, pd.DataFrame], exp: Experiment, baseline: str) -> Attribution:
     """Spikes, their causes, and the tables: from the run's tables alone."""
-    windows = cause_windows(frames)
+    hypothesis = hypotheses.get(exp.hypothesis)
+    causes = {**hypothesis.causes, **CORE_CAUSES}
+    names, mechanism = tuple(causes), tuple(hypothesis.causes)
+    windows = cause_windows(frames, hypothesis)
     vm_zaps = frames["vm_zaps"]
-    spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]), vm_zaps)
+    spikes = find_spikes(frames, exp, windows, matching_windows(frames["clocks"]), vm_zaps, causes)
     levels = list(dict.fromkeys(frames["samples"]["level"])) if len(frames["samples"]) else []
     phases = frames["phases"].merge(frames["cells"].loc[frames["cells"]["status"] == "complete", ["cell"]], on="cell")
-    reps = by_repetition(spikes, phases, levels)
-    return Attribution(spikes, windows, summary_table(reps, spikes), reps, ab_decomposition(reps, baseline), vm_zaps)
+    reps = by_repetition(spikes, phases, levels, names)
+    ab = ab_decomposition(reps, baseline, names, mechanism)
+    return Attribution(spikes, windows, summary_table(reps, spikes), reps, ab, vm_zaps, names, mechanism)

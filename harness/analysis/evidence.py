@@ -1,6 +1,6 @@
-"""Evidence, from the stored tables: per cell and phase, did the x86-mmu shrinker run and free shadow pages, what
-did reclaim do, (nested) how many shadow pages of the VM that runs L2 were zapped, and did the phase deliver the
-pressure its mode claims - judged by that mode (guest/modes/), from a PhaseEvidence of typed values."""
+"""Evidence, from the stored tables: per cell and phase, what the experiment's mechanism did (its hypothesis's own
+columns, harness/hypotheses/), what reclaim did, and did the phase deliver the pressure its mode claims - judged by
+that mode (guest/modes/), from a PhaseEvidence of typed values."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import math
 
 import pandas as pd
 
+from .. import hypotheses
 from ..config import Experiment
 from ..guest import modes
 from ..guest.contract import EventKind
 from ..guest.modes.base import Counters, PhaseEvidence, Series
 from ..guest.records import LevelFacts, PressureRecord
+from ..hypotheses import PhaseView
 
-# the modes whose reclaim calls a non-memcg-aware shrinker (each mode says so of itself)
-REACHES_SHRINKER = {m.name for m in modes.MODES.values() if m.calls_global_shrinkers}
 RISES = {
     "kvm.mmu_recycled": "mmu_recycled",
     "kvm.mmu_shadow_zapped": "shadow_zapped",
@@ -47,12 +47,6 @@ def l2_vms(events: pd.DataFrame) -> dict[str, str]:
     runs_l2 = set(boots.loc[boots["level"] == "l1", "guest"])
     started = boots[(boots["level"] == "kut") & boots["subject"].isin(runs_l2) & boots["pid"].notna()]
     return {f"{int(pid)}-": str(guest) for pid, guest in zip(started["pid"], started["subject"])}
-
-
-def _vm_rise(c: Counters, vms: dict[str, str], stat: str) -> float:
-    names = [n for n in c.series if n.startswith("kvm_vm.") and n.endswith("." + stat)]
-    mine = [n for n in names if any(n.split(".")[1].startswith(prefix) for prefix in vms)]
-    return float(sum(c.rise(n) for n in mine)) if mine else math.nan
 
 
 def _value(v):
@@ -104,30 +98,23 @@ def _phase_row(
     actor_status = next((s for s in stops if s != 0), 0 if stops else None)
     ev = PhaseEvidence(mode=ph["mode"], counters=c, records=_records(own), facts=facts)
     faults = [n for n in c.series if n.startswith("qemu.") and n.endswith(".majflt")]
-    vms = l2_vms(events)
+    wm = frames["workload_metrics"]
+    view = PhaseView(ph["mode"], c, inside, own, wm[wm["phase"] == ph["phase"]], facts, l2_vms(events))
     row = {
         "cell": ph["cell"],
         "variant": ph["variant"],
         "repetition": ph["repetition"],
         "phase": ph["phase"],
         "mode": ph["mode"],
-        "shrinker_present": facts.has_kvm_shrinker if facts else None,
-        # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file (which bypasses
-        # do_shrink_slab and so its tracepoints)
-        "shrinker_calls": int((inside["kind"] == "shrink_start").sum() + (own["kind"] == "shrinker_scan").sum()),
-        "shrinker_freed": int(inside.loc[inside["kind"] == "shrink_end", "freed"].fillna(0).sum()),
+        **hypotheses.get(exp.hypothesis).columns(view),
         # the other causes a guest's touch may wait on: its QEMU's threads stalled in direct reclaim (traced),
         # and its QEMU's major faults (swap-ins of guest RAM among them)
         "guest_reclaim_stalls": int((inside["kind"] == "direct_reclaim_begin").sum()),
         "guest_qemu_majflt": float(sum(c.rise(n) for n in faults)) if faults else math.nan,
         **{label: c.rise(name) for name, label in RISES.items()},
-        "x86_mmu_count_drop": c.fall("shrinker.x86_mmu_count"),
         "mem_available_min_mb": c.low("meminfo.MemAvailable_kb") / 1024,
         "unavailable": unavailable or None,
         "actor_status": actor_status,
-        "l2_vm": ", ".join(sorted(set(vms.values()))) or None,
-        "l2_vm_shadow_zapped": _vm_rise(c, vms, "mmu_shadow_zapped") if vms else math.nan,
-        "l2_vm_recycled": _vm_rise(c, vms, "mmu_recycled") if vms else math.nan,
         "delivered_on": modes.get(ph["mode"]).shown(ev),
     }
     row["delivery"], row["delivery_reason"] = delivery(ev, unavailable or None, actor_status, exp)
@@ -144,14 +131,14 @@ def kut_facts(cells: pd.DataFrame) -> dict[str, LevelFacts]:
 
 
 def phase_evidence(frames: dict[str, pd.DataFrame], exp: Experiment) -> pd.DataFrame:
-    """Per cell x phase: did the x86-mmu shrinker run (invocations, zaps), what reclaim did, and whether the phase
-    delivered its pressure. In the nested topology also the shadow pages zapped in the VM that runs L2 (its L1's
-    VM in the kernel under test)."""
+    """Per cell x phase: what the hypothesis's mechanism did (its columns), what reclaim did, and whether the phase
+    delivered its pressure."""
     facts = kut_facts(frames["cells"])
     rows = []
     for cell, phases in frames["phases"].groupby("cell", sort=False):
         mine = {
-            name: frames[name][frames[name]["cell"] == cell] for name in ("counters", "trace", "events", "pressure")
+            name: frames[name][frames[name]["cell"] == cell]
+            for name in ("counters", "trace", "events", "pressure", "workload_metrics")
         }
         cell_series = series(mine["counters"])
         for ph in phases.to_dict("records"):
@@ -176,8 +163,8 @@ def undelivered(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 
 def inapplicable(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """(variant, phase) -> the fact, for a phase whose mode does not exist on that variant (shrinker-scan on a
-    kernel without the shrinker): its A/B rows compare pressure with no pressure, not like with like."""
+    """(variant, phase) -> the fact, for a phase whose mode does not exist on that variant (a mode that needs what
+    the variant removed): its A/B rows compare pressure with no pressure, not like with like."""
     if evidence.empty:
         return {}
     na = evidence[evidence["delivery"] == NOT_APPLICABLE].drop_duplicates(["variant", "phase"])
@@ -185,17 +172,3 @@ def inapplicable(evidence: pd.DataFrame) -> dict[tuple[str, str], str]:
         (str(r.variant), str(r.phase)): f"`{r.mode}` does not exist on {r.variant} ({r.delivery_reason})"
         for r in na.itertuples()
     }
-
-
-def zapped(rows: pd.DataFrame) -> pd.Series:
-    """Per phase: did the shrinker free shadow pages (not merely get called)? What it says it freed, the pages
-    kvm_mmu_zap_oldest_mmu_pages() recycled, or its count falling (for an L2's nested pages the recursive
-    zapping of their children is not in either number: mmu_recycled +13 while the count fell by 512, measured)."""
-    return (
-        (rows["shrinker_freed"] > 0) | (rows["mmu_recycled"].fillna(0) > 0) | (rows["x86_mmu_count_drop"].fillna(0) > 0)
-    )
-
-
-def shrinker_ran(evidence: pd.DataFrame, variant: str) -> bool:
-    v = evidence[(evidence["variant"] == variant) & evidence["mode"].isin(REACHES_SHRINKER)]
-    return bool(zapped(v).any()) if not v.empty else False

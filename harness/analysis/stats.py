@@ -18,9 +18,9 @@
   tests/test_stats.py checks the model on synthetic boots: false positives <= 5 % with no effect, and
   the power against a 50 % fall at the default design (4 vs 4 boots) and the spread measured here.
 - Verdict: *better* / *worse* (lower / higher with the patch), *no significant difference*, or
-  *inconclusive: <statistical reason>* (fewer than MIN_REPS boots a side; the baseline never ran the
-  shrinker); *not comparable* where the phase's mode does not exist on one side (shrinker-scan on a
-  kernel without the shrinker).
+  *inconclusive: <statistical reason>* (fewer than MIN_REPS boots a side; the hypothesis's precondition
+  failed, e.g. its mechanism never acted on the baseline); *not comparable* where the phase's mode does not
+  exist on one side (a mode that needs what the variant removed).
 - The platform is not a verdict: every row carries one `validity` label (VALIDITY), said once on
   the report. Under TCG the comparison is internally valid (one emulator, one host, interleaved
   repetitions); what does not transfer to hardware is the magnitude.
@@ -44,7 +44,7 @@ VALIDITY = {
     True: "emulated (TCG): the direction holds for this emulated machine; magnitudes do not transfer to hardware",
     False: "hardware virtualization (KVM)",
 }
-LEVEL_ORDER = ("l2", "l1")
+LEVEL_ORDER = ("l2", "l1", "kut")
 CLOCK_STALL_NS = 2  # the probe's buckets below 2 ns hold 0 and 1 ns: its clock did not advance between touches
 
 
@@ -127,8 +127,16 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def repetition_metrics(samples: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFrame:
-    """One value per variant x repetition x phase x level x metric: what the A/B compares."""
+def workload_label(workload: str, metric: str, unit: str) -> str:
+    return f"{workload}: {metric} ({unit})" if unit else f"{workload}: {metric}"
+
+
+def repetition_metrics(
+    samples: pd.DataFrame, passes: pd.DataFrame, workload_metrics: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One value per variant x repetition x phase x level x metric: what the A/B compares. A workload's metric
+    counts once per boot too: the median of its runs that lay inside the phase (better: which way is an
+    improvement; the probe's latencies are better lower)."""
     rows = []
     samples, passes = in_phases(samples), in_phases(passes)
     if not samples.empty:
@@ -157,7 +165,26 @@ def repetition_metrics(samples: pd.DataFrame, passes: pd.DataFrame) -> pd.DataFr
                     "value": float(g["duration_ms"].mean()),
                 }
             )
-    return pd.DataFrame(rows)
+    wm = in_phases(workload_metrics) if workload_metrics is not None else pd.DataFrame()
+    if not wm.empty:
+        wm = wm[wm["phase"] != "across"]
+        keys = ["variant", "repetition", "phase", "level", "workload", "metric", "unit", "better"]
+        for (variant, rep, phase, level, workload, name, unit, better), g in wm.groupby(keys, sort=False):
+            rows.append(
+                {
+                    "variant": variant,
+                    "repetition": rep,
+                    "phase": phase,
+                    "level": level,
+                    "metric": workload_label(str(workload), str(name), str(unit)),
+                    "value": float(g["value"].median()),
+                    "better": better,
+                }
+            )
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["better"] = out["better"].fillna("lower") if "better" in out else "lower"
+    return out
 
 
 def guest_view(passes: pd.DataFrame) -> pd.DataFrame:
@@ -235,26 +262,27 @@ def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
     return c
 
 
-def direction(c: Comparison) -> str:
+def direction(c: Comparison, better: str = "lower") -> str:
     """What the numbers alone say: better / worse / no significant difference. (Welch p < ALPHA is the same
     as its interval excluding no change: one test, one interval.)"""
     if not c.welch_p < ALPHA:
         return "no significant difference"
-    return "worse" if c.change_pct > 0 else "better"
+    return "worse" if (c.change_pct > 0) == (better == "lower") else "better"
 
 
-def verdict(c: Comparison, *, baseline_shrinker_ran: bool) -> tuple[str, str]:
-    """(verdict, reason). Inconclusive says which condition made it so, and what the numbers say."""
+def verdict(c: Comparison, *, precondition: str | None = None, better: str = "lower") -> tuple[str, str]:
+    """(verdict, reason). Inconclusive says which condition made it so (precondition: why the hypothesis's
+    mechanism makes no comparison meaningful), and what the numbers say."""
     reasons = []
     if c.n_min < MIN_REPS:
         reasons.append(f"too few repetitions ({c.n_baseline} vs {c.n_patched}, need {MIN_REPS})")
-    if not baseline_shrinker_ran:
-        reasons.append("the baseline never ran the x86-mmu shrinker")
+    if precondition:
+        reasons.append(precondition)
     if c.note:
         reasons.append(c.note)
     if c.n_min < 2 or c.note:
         return "inconclusive", "; ".join(reasons)
-    said = direction(c)
+    said = direction(c, better)
     if reasons:
         return "inconclusive", "; ".join(reasons) + f" (the numbers alone say: {said})"
     return said, ""
@@ -264,7 +292,7 @@ def ab_table(
     metrics: pd.DataFrame,
     baseline: str,
     tcg: bool,
-    baseline_shrinker_ran: bool,
+    precondition: str | None = None,
     variants: list[str] | None = None,
     undelivered: dict[tuple[str, str], str] | None = None,
     inapplicable: dict[tuple[str, str], str] | None = None,
@@ -281,12 +309,13 @@ def ab_table(
     undelivered, inapplicable = undelivered or {}, inapplicable or {}
     order = [v for v in variants or [] if v != baseline]
     for (phase, level, metric), g in metrics.groupby(["phase", "level", "metric"], sort=False):
+        better = str(g["better"].iloc[0]) if "better" in g else "lower"
         a = g[g["variant"] == baseline]["value"].to_numpy()
         measured = sorted(set(g["variant"]) - {baseline} - set(order))
         for variant in [*order, *measured]:
             b = g[g["variant"] == variant]["value"].to_numpy()
             c = compare(a, b)
-            v, why = verdict(c, baseline_shrinker_ran=baseline_shrinker_ran)
+            v, why = verdict(c, precondition=precondition, better=better)
             blocked = [undelivered[k] for k in ((baseline, phase), (variant, phase)) if k in undelivered]
             blocked += [f"no samples from {name}" for name, x in ((baseline, a), (variant, b)) if len(x) == 0]
             if blocked:

@@ -7,13 +7,21 @@ cells (matrix.py). The config reference in the docs is generated from these mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, model_validator
 
+from .. import hypotheses
 from .base import Strict, axis
 from .kernels import DistroKernel, KernelConfig, Source, Variant
 from .pressure import ModeName, Pressure, upgrade
+from .workloads import WorkloadRun
+
+HypothesisName = Annotated[
+    str,
+    AfterValidator(lambda name: hypotheses.get(name).name),
+    WithJsonSchema({"type": "string", "enum": list(hypotheses.HYPOTHESES)}),
+]
 
 TopologyKind = Literal["auto", "nested", "shadow"]
 ProbeLevel = Literal["l1", "l2"]
@@ -21,7 +29,13 @@ PROBE_LEVELS: list[ProbeLevel] = ["l2", "l1"]
 
 
 class LevelSpec(Strict):
-    count: int = axis(1, ge=1, le=16, description="guests at this level (per parent)")
+    count: int = axis(
+        1,
+        ge=0,
+        le=16,
+        description="guests at this level (per parent); 0: none (a kernel-under-test-only "
+        "experiment, its workloads in `workload.runs`)",
+    )
     memory_mb: int = axis(ge=64, le=1 << 20, description="memory per guest")
     cpus: int = Field(1, ge=1, le=64)
     prealloc: bool = Field(
@@ -88,9 +102,28 @@ class Workload(Strict):
     probe: Probe = Probe()
     command: list[str] | None = Field(
         None,
-        description="argv run in every guest that runs the probe; its stdout, "
-        "stderr and exit status are kept apart in files",
+        description="argv run once in every guest that runs the probe, before the phases; its stdout, "
+        "stderr and exit status are kept apart in files (for metrics, use a `command` entry of `runs`)",
     )
+    runs: list[WorkloadRun] = Field(
+        default_factory=list,
+        description="programs run again and again during the schedule, their output parsed into metrics that "
+        "join the A/B (kinds: the registry's, harness/guest/workloads/)",
+    )
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Workload:
+        names = [r.label for r in self.runs]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"workload.runs: two entries named {', '.join(dup)}: give each a `name`")
+        return self
+
+    def runs_at(self, level: str) -> list[WorkloadRun]:
+        return [r for r in self.runs if r.level == level]
+
+    def selftests(self) -> list[str]:
+        """The KVM selftests any entry runs (built from each variant's tree)."""
+        return sorted({t for r in self.runs for t in r.workload.needs_selftests(r.knobs)})
 
 
 class Phase(Strict):
@@ -108,19 +141,27 @@ class Phase(Strict):
 
 class Sampler(Strict):
     interval_s: float = Field(0.5, ge=0.05, le=60)
-    trace_shrinker: bool = Field(
-        True,
-        description="record cause events: the KVM shrinker's calls and guests' direct reclaim (vmscan "
-        "tracepoints), and read each VM's shadow-page zap counters whenever the shrinker ran",
+    trace: bool | None = Field(
+        None,
+        description="record cause events from the vmscan tracepoints: the hypothesis's shrinkers' calls and "
+        "guests' direct reclaim, and read each VM's zap counters after those calls (null: as the hypothesis "
+        "says; `trace_shrinker` is its older spelling)",
     )
     zap_interval_s: float = Field(
         0.1,
         ge=0,
         le=1,
-        description="after the shrinker's calls each VM's shadow-page zap counters are read, at most this often "
-        "(not polled: nothing is read between its calls); each rise goes to the events table as vm_zap; 0: with "
+        description="after a traced shrinker call each VM's zap counters are read, at most this often "
+        "(not polled: nothing is read between calls); each rise goes to the vm_zaps table; 0: with "
         "the next sample",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trace_shrinker" in data:
+            data = {k: v for k, v in data.items() if k != "trace_shrinker"} | {"trace": data["trace_shrinker"]}
+        return data
 
 
 class Attribution(Strict):
@@ -224,6 +265,11 @@ class Experiment(Strict):
     distro_kernel: DistroKernel | None = Field(
         None,
         description="boot a distribution's kernel and build only KVM's modules from the source (kernel_config unused)",
+    )
+    hypothesis: HypothesisName = Field(
+        "kvm-mmu-shrinker",
+        description="what the run asks of its kernels: the mechanism it observes, what its evidence means, "
+        "its report's words (the registry's, harness/hypotheses/)",
     )
     variants: list[Variant] = Field(min_length=1)
     accel: Literal["auto", "kvm", "tcg"] = Field(

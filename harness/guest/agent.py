@@ -23,7 +23,19 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clock import PTP_KVM, READY_METHOD, VIRTIO_SERIAL, own_clock, serve_port
-from contract import OUT, PATH, ContractError, EventKind, ExitKind, ExitRecord, GuestPlan, ProbeJob, SamplerJob
+from contract import (
+    OUT,
+    PATH,
+    ContractError,
+    EventKind,
+    ExitKind,
+    ExitRecord,
+    GuestPlan,
+    ProbeJob,
+    SamplerJob,
+    Schedule,
+    WorkloadJob,
+)
 from level import copy_kmsg, early_mounts, enable_swap, level_facts, set_clock
 from pressure import PreflightError, PressureRun, preflight
 from records import Event
@@ -123,6 +135,26 @@ def start_probe(plan: GuestPlan, ev: Events) -> subprocess.Popen | None:
         stdout=open(os.path.join(OUT, "probe.stdout"), "w"),
         stderr=open(os.path.join(OUT, "probe.stderr"), "w"),
     )
+
+
+def start_workloads(plan: GuestPlan, ev: Events) -> list[tuple[str, subprocess.Popen]]:
+    """A runner per workload of this level (guest/workload.py), each until stop_workloads()."""
+    procs = []
+    for spec in plan.workloads:
+        job = WorkloadJob(spec=spec, out=OUT, stop=os.path.join(OUT, "stop"))
+        ev(EventKind.WORKLOAD_START, detail=f"{spec.name} ({spec.kind})")
+        with open(os.path.join(OUT, f"workload.{spec.name}.stderr"), "w") as err:
+            argv = [sys.executable, "-E", "-S", os.path.join(HERE, "workload.py"), job.to_json()]
+            procs.append((spec.name, subprocess.Popen(argv, stdout=err, stderr=err)))
+    return procs
+
+
+def stop_workloads(procs: list[tuple[str, subprocess.Popen]], ev: Events) -> None:
+    """Stop every runner (a run cut short is recorded as stopped); a runner that ended on its own failed."""
+    for name, p in procs:
+        ended = p.poll()
+        status = ended if ended is not None else stop_process(p, 15)
+        ev(EventKind.WORKLOAD_END, detail=name, status=status, when="early" if ended is not None else "stopped")
 
 
 def run_command(plan: GuestPlan, ev: Events) -> None:
@@ -236,6 +268,14 @@ def conduct(plan: GuestPlan, kids: list[Child], ev: Events) -> None:
     deadline = time.monotonic() + 120  # a baseline sample before the first phase
     while not read(os.path.join(OUT, "counters.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.2)
+    works = start_workloads(plan, ev)  # the kernel under test's own, during the phases only
+    try:
+        run_phases(plan, schedule, kids, ev)
+    finally:
+        stop_workloads(works, ev)
+
+
+def run_phases(plan: GuestPlan, schedule: Schedule, kids: list[Child], ev: Events) -> None:
     for phase in schedule.phases:
         pr = PressureRun(phase.mode, schedule.pressure.get(phase.mode, {}), f"{plan.run_id}-{phase.name}", OUT, ev)
         try:
@@ -274,7 +314,14 @@ def stop_process(p: subprocess.Popen | None, grace: float) -> int | None:
         return p.wait()
 
 
-def finish(kids: list[Child], probe: subprocess.Popen | None, sampler: subprocess.Popen | None, ev: Events) -> None:
+def finish(
+    kids: list[Child],
+    probe: subprocess.Popen | None,
+    works: list[tuple[str, subprocess.Popen]],
+    sampler: subprocess.Popen | None,
+    ev: Events,
+) -> None:
+    stop_workloads(works, ev)
     if probe:
         ev(EventKind.PROBE_EXIT, status=stop_process(probe, 20))
     for k in kids:
@@ -302,6 +349,7 @@ def main() -> int:
     kind, error, message = ExitKind.OK, None, None
     kids: list[Child] = []
     probe = sampler = None
+    works: list[tuple[str, subprocess.Popen]] = []
     own = None  # the Watch of this guest's own clock (ptp_kvm), when it has one
     try:
         plan = GuestPlan.load(os.path.join(OUT, "plan.json"))
@@ -327,6 +375,7 @@ def main() -> int:
             start_kvm_trace(ev)
         kids = start_children(plan, ev)
         probe = start_probe(plan, ev)
+        works = start_workloads(plan, ev) if plan.schedule is None else []  # below the kernel under test
         run_command(plan, ev)
         if plan.schedule is not None:
             conduct(plan, kids, ev)
@@ -339,7 +388,7 @@ def main() -> int:
         print(error, file=sys.stderr)
     finally:
         try:
-            finish(kids, probe, sampler, ev)
+            finish(kids, probe, works, sampler, ev)
         except Exception:
             print(traceback.format_exc(), file=sys.stderr)
         if own is not None:

@@ -50,6 +50,8 @@ class EventKind(enum.StrEnum):
     PROBES_WARM = "probes_warm"
     PROBES_NOT_WARM = "probes_not_warm"
     COMMAND_EXIT = "command_exit"
+    WORKLOAD_START = "workload_start"
+    WORKLOAD_END = "workload_end"
     PHASE_START = "phase_start"
     PHASE_END = "phase_end"
     PRESSURE_UNAVAILABLE = "pressure_unavailable"
@@ -196,15 +198,22 @@ class PressureJob(Record):
 
 @dataclass
 class SamplerSpec(Record):
+    """What the sampler reads: counters every interval_s; with `trace`, the vmscan tracepoints - calls of the
+    shrink_functions and guests' direct reclaim; the counts of the named shrinkers' debugfs directories. The names
+    come from the experiment's hypothesis (harness/hypotheses/)."""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"trace_shrinker": "trace"}
     interval_s: float
-    trace_shrinker: bool
+    trace: bool
     zap_interval_s: float = 0.1
+    shrinkers: list[str] = field(default_factory=list)
+    shrink_functions: list[str] = field(default_factory=list)
 
 
 @dataclass
 class SamplerJob(Record):
     spec: SamplerSpec
-    out: str  # the directory its counters.jsonl, shrinker.jsonl and zaps.jsonl go to
+    out: str  # the directory its counters.jsonl, trace.jsonl and zaps.jsonl go to
 
 
 @dataclass
@@ -225,6 +234,28 @@ class ProbeJob(Record):
     status: str  # probe.status: passes so far, or why it failed
     stop: str  # the file whose existence ends it
     pause_s: float = 0.0
+
+
+@dataclass
+class WorkloadSpec(Record):
+    """One workload a level runs again and again during the schedule (guest/workload.py): its name, its kind in the
+    registry (workloads/), the argv the host made for it, and its knobs (what its parser reads)."""
+
+    name: str
+    kind: str
+    argv: list[str]
+    params: dict[str, list[str] | dict[str, str] | int | float | bool | str]
+    timeout_s: float = 600.0
+    pause_s: float = 0.0
+
+
+@dataclass
+class WorkloadJob(Record):
+    """What the agent hands one workload runner, in its argv."""
+
+    spec: WorkloadSpec
+    out: str  # the directory its workload.jsonl and each run's output go to
+    stop: str  # the file whose existence ends it
 
 
 @dataclass
@@ -302,6 +333,7 @@ class GuestPlan(Record):
     children: list[ChildSpec] = field(default_factory=list)
     probe: ProbeSpec | None = None
     command: list[str] | None = None
+    workloads: list[WorkloadSpec] = field(default_factory=list)
     on_guest_failure: str = "continue"
     swap_device: str | None = None
     cgroup_controllers: list[str] = field(default_factory=list)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 try:
     from .contract import EventKind, Record  # as harness.guest.records
+    from .workloads.base import Metric
 except ImportError:  # in a guest: its directory is sys.path[0]
     from contract import EventKind, Record  # type: ignore[no-redef]
+    from workloads.base import Metric  # type: ignore[no-redef]
 
 
 class Written(Record):
@@ -108,8 +110,9 @@ class CounterSample(Record):
 
 @dataclass
 class TraceCall(Written):
-    """A cause event the sampler followed in the kernel under test's tracepoints (shrinker.jsonl): a call of the KVM
-    shrinker (shrink_start/end: asked, freed, and who called), or a guest's QEMU in direct reclaim (begin/end)."""
+    """A cause event the sampler followed in the kernel under test's tracepoints (trace.jsonl): a call of a shrink
+    function the hypothesis names (shrink_start/end: asked, freed, and who called), or a guest's QEMU in direct
+    reclaim (begin/end)."""
 
     t: int
     kind: str  # shrink_start | shrink_end | direct_reclaim_begin | direct_reclaim_end
@@ -165,6 +168,24 @@ class ProbePass(Written):
     touches: int | None = None
     majflt: int | None = None
     steal_ms: float | None = None
+
+
+@dataclass
+class WorkloadRun(Written):
+    """One run of a workload (workload.jsonl): when it ran (t0, t1, ns of its level's clock), how it ended, the
+    metrics its output gave; a run that failed says why and ends with its output's last lines (tail). A run the
+    agent stopped at the end of the schedule is `stopped`: neither measured nor failed."""
+
+    workload: str
+    number: int
+    t0: int
+    t1: int
+    status: int | None = None
+    metrics: list[Metric] = field(default_factory=list)
+    error: str | None = None
+    tail: str | None = None
+    stopped: bool | None = None
+    output: str | None = None  # the file its output went to, in the same export
 
 
 @dataclass

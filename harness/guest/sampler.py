@@ -1,22 +1,22 @@
 """Counter sampler for the kernel under test. Standard library only; runs as its own process.
 
 Every interval it appends one JSON line {"t": CLOCK_REALTIME ns, "v": {name: value}} to
-counters.jsonl with: KVM stats (aggregate and per VM), the x86-mmu shrinker count (and
+counters.jsonl with: KVM stats (aggregate and per VM), the count of each shrinker the spec names (and
 whether its debugfs directory exists), /proc/vmstat, /proc/meminfo, PSI memory, and the
 memory.events/memory.stat of the run's cgroups. Each sample carries its own timestamp,
 so a sampler stalled by thrashing leaves a gap, not a lie.
 
 Per guest, its QEMU process's major faults and swapped-out size (qemu.<guest>.majflt, .swap_kb).
 
-With trace_shrinker, a thread follows vmscan tracepoints in a private tracefs instance and logs cause
-events, timestamped, to shrinker.jsonl: every call of the KVM shrinker (mmu_shrink_scan: begin and
-end, with the objects it was asked for and freed, and who called it), and every direct reclaim stall
-of a guest's QEMU (begin and end, with the thread, its guest and the pages reclaimed).
+With `trace`, a thread follows vmscan tracepoints in a private tracefs instance and logs cause
+events, timestamped, to trace.jsonl: every call of the spec's shrink functions (begin and end, with the
+objects it was asked for and freed, and who called it), and every direct reclaim stall of a guest's QEMU
+(begin and end, with the thread, its guest and the pages reclaimed).
 
-With it, each VM's shadow-page zap counters (mmu_shadow_zapped, mmu_recycled) are read after every call of
-the KVM shrinker, at most every zap_interval_s (ZapFollower): each rise since the read before goes to
-zaps.jsonl as a step, with its guest and the interval it fell in - which VM the shrinker's calls zapped,
-when. The shrinker-scan actor (pressure.py) logs the steps around each of its debugfs writes, which bypass
+With it, each VM's shadow-page zap counters (mmu_shadow_zapped, mmu_recycled) are read after every traced
+shrink call, at most every zap_interval_s (ZapFollower): each rise since the read before goes to
+zaps.jsonl as a step, with its guest and the interval it fell in - which VM those calls zapped, when. The
+shrinker-scan actor (pressure.py) logs the steps around each of its debugfs writes, which bypass
 the tracepoints, the same way (zap_steps).
 """
 
@@ -116,8 +116,24 @@ def vm_stats(names: tuple[str, ...] = VM_STATS) -> dict[str, dict[str, int]]:
     return out
 
 
-def sample(vms: dict[str, dict[str, int]]) -> dict[str, float]:
-    """One sample of the counters; vms: vm_stats() read for it."""
+def shrinker_counts(name: str) -> dict[str, float]:
+    """A shrinker's debugfs directories (<name>-<id>, CONFIG_SHRINKER_DEBUG): whether there is one, and the objects
+    they count (summed over memcgs and nodes) as shrinker.<name>_present and shrinker.<name>_count."""
+    key = "shrinker." + name.replace("-", "_")
+    dirs = glob.glob(f"/sys/kernel/debug/shrinker/{glob.escape(name)}-*")
+    v: dict[str, float] = {f"{key}_present": 1 if dirs else 0}
+    for d in dirs:
+        total = 0
+        for line in (read(d + "/count") or "").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[-1].isdigit():
+                total += int(parts[-1])
+        v[f"{key}_count"] = v.get(f"{key}_count", 0) + total
+    return v
+
+
+def sample(vms: dict[str, dict[str, int]], shrinkers: tuple[str, ...] = ()) -> dict[str, float]:
+    """One sample of the counters; vms: vm_stats() read for it; shrinkers: the names whose counts it reads."""
     v: dict[str, float] = {}
     for k in KVM_KEYS:
         if (s := read(f"{KVM}/{k}")) is not None:
@@ -125,15 +141,8 @@ def sample(vms: dict[str, dict[str, int]]) -> dict[str, float]:
     for vm_id, stats in vms.items():
         for k, n in stats.items():
             v[f"kvm_vm.{vm_id}.{k}"] = n
-    dirs = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
-    v["shrinker.x86_mmu_present"] = 1 if dirs else 0
-    for d in dirs:
-        total = 0
-        for line in (read(d + "/count") or "").splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[-1].isdigit():
-                total += int(parts[-1])
-        v["shrinker.x86_mmu_count"] = v.get("shrinker.x86_mmu_count", 0) + total
+    for name in shrinkers:
+        v.update(shrinker_counts(name))
     for k, n in kv_lines(read("/proc/vmstat"), VMSTAT_KEYS).items():
         v[f"vmstat.{k}"] = n
     for k, n in kv_lines(read("/proc/meminfo"), MEMINFO_KEYS).items():
@@ -174,16 +183,18 @@ TRACE_EVENTS = {  # tracepoint -> the kind its records get
 }
 
 
-def trace_record(line: str, guests: dict[int, str], offset_ns: int) -> TraceCall | None:
-    """A cause event from one trace line: every call of the KVM shrinker (whoever made it), and direct reclaim
-    by a guest's QEMU (guests: QEMU process id -> guest name); None for anything else."""
+def trace_record(
+    line: str, guests: dict[int, str], offset_ns: int, functions: tuple[str, ...] = ()
+) -> TraceCall | None:
+    """A cause event from one trace line: every call of the shrink functions named (whoever made it), and direct
+    reclaim by a guest's QEMU (guests: QEMU process id -> guest name); None for anything else."""
     m = TRACE_RE.match(line)
     if not m or m.group(5) not in TRACE_EVENTS:
         return None
     comm, pid, tgid, ts, event, rest = m.groups()
     kind = TRACE_EVENTS[event]
     process = int(tgid) if tgid and tgid.isdigit() else int(pid)
-    if kind.startswith("shrink") and not rest.startswith("mmu_shrink_scan"):
+    if kind.startswith("shrink") and not (functions and rest.startswith(functions)):
         return None
     if kind.startswith("direct_reclaim") and process not in guests:
         return None
@@ -222,9 +233,11 @@ def qemu_counters(guests: dict[int, str]) -> dict[str, float]:
     return v
 
 
-def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, zaps: ZapFollower) -> None:
-    """Log cause events from the vmscan tracepoints (trace clock = CLOCK_MONOTONIC) to shrinker.jsonl; tell zaps
-    whenever the KVM shrinker ran."""
+def follow_trace(
+    out_path: str, guests: dict[int, str], stop: threading.Event, zaps: ZapFollower, functions: tuple[str, ...]
+) -> None:
+    """Log cause events from the vmscan tracepoints (trace clock = CLOCK_MONOTONIC) to trace.jsonl; tell zaps
+    whenever one of the shrink functions ran."""
     inst = "/sys/kernel/tracing/instances/nestpress"
     try:
         os.makedirs(inst, exist_ok=True)
@@ -246,10 +259,10 @@ def follow_trace(out_path: str, guests: dict[int, str], stop: threading.Event, z
     offset = time.time_ns() - time.monotonic_ns()
     with open(inst + "/trace_pipe") as pipe, open(out_path, "a", buffering=1) as out:
         for line in pipe:
-            if (rec := trace_record(line, guests, offset)) is not None:
+            if (rec := trace_record(line, guests, offset, functions)) is not None:
                 out.write(rec.to_json() + "\n")
                 if rec.kind.startswith("shrink"):
-                    zaps.shrinker_ran()
+                    zaps.shrink_ran()
             if stop.is_set():
                 break
 
@@ -275,13 +288,13 @@ def zap_steps(
 
 
 class ZapFollower:
-    """Each VM's zap counters, read after the shrinker ran (shrinker_ran, from the trace follower) - at most every
+    """Each VM's zap counters, read after a traced shrink call (shrink_ran, from the trace follower) - at most every
     interval_s, or with the next sample where interval_s is 0 -, each rise since the read before logged as a step.
     Every sample's read (observe) refreshes the reference, so a step spans at most a sample's interval; it is
-    logged only when the shrinker ran since the last read, so zaps for other reasons (the shrinker-scan actor's
+    logged only when a shrink call ran since the last read, so zaps for other reasons (the shrinker-scan actor's
     debugfs writes, which log their own steps; a guest rewriting its page tables) are not.
 
-    Event-driven, not polled: while the shrinker does not run, nothing but the samples wakes the kernel under
+    Event-driven, not polled: while no shrink call runs, nothing but the samples wakes the kernel under
     test for it. (Polling every 0.1 s did, and in the nested topology under TCG slowed L2's probe loop from
     95 to 320 us a touch.)"""
 
@@ -289,12 +302,12 @@ class ZapFollower:
         self.out = open(out_path, "a", buffering=1)
         self.guests, self.interval_s = guests, interval_s
         self.lock = threading.Lock()
-        self.wanted = threading.Event()  # the shrinker ran since the last read
+        self.wanted = threading.Event()  # a shrink call ran since the last read
         self.t = 0  # when the last read was
         self.last: dict[str, dict[str, int]] = {}
 
     def observe(self, t: int, vms: dict[str, dict[str, int]]) -> None:
-        """A read of vm_stats() at t: the steps since the last one, if the shrinker ran in between."""
+        """A read of vm_stats() at t: the steps since the last one, if a shrink call ran in between."""
         with self.lock:
             if self.wanted.is_set():
                 self.wanted.clear()
@@ -302,11 +315,11 @@ class ZapFollower:
                     self.out.write(step.line())
             self.t, self.last = t, vms
 
-    def shrinker_ran(self) -> None:
+    def shrink_ran(self) -> None:
         self.wanted.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Read once the shrinker ran, but not sooner than interval_s after the last read: in a burst of calls,
+        """Read once a shrink call ran, but not sooner than interval_s after the last read: in a burst of calls,
         every interval_s, and once more after its last."""
         while not stop.is_set():
             if not self.wanted.wait(0.5):
@@ -323,10 +336,10 @@ def main(job: SamplerJob) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     guests: dict[int, str] = {}  # kept current below, read by the trace follower and the zap steps
     zaps = ZapFollower(os.path.join(job.out, "zaps.jsonl"), guests, job.spec.zap_interval_s)
-    if job.spec.trace_shrinker:
-        threading.Thread(
-            target=follow_trace, args=(os.path.join(job.out, "shrinker.jsonl"), guests, stop, zaps), daemon=True
-        ).start()
+    shrinkers, functions = tuple(job.spec.shrinkers), tuple(job.spec.shrink_functions)
+    if job.spec.trace:
+        where = os.path.join(job.out, "trace.jsonl")
+        threading.Thread(target=follow_trace, args=(where, guests, stop, zaps, functions), daemon=True).start()
         if job.spec.zap_interval_s > 0:
             threading.Thread(target=zaps.run, args=(stop,), daemon=True).start()
     interval = job.spec.interval_s
@@ -339,7 +352,7 @@ def main(job: SamplerJob) -> None:
                 guests.pop(gone, None)
             vms = vm_stats()
             zaps.observe(t, vms)
-            out.write(CounterSample(t=t, v={**sample(vms), **qemu_counters(now)}).to_json() + "\n")
+            out.write(CounterSample(t=t, v={**sample(vms, shrinkers), **qemu_counters(now)}).to_json() + "\n")
             stop.wait(max(0.0, interval - (time.time_ns() - t) / 1e9))
 
 

@@ -17,12 +17,14 @@ builds in one tree.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +47,7 @@ from ..util import (
     status,
     write_json,
 )
-from . import distro
+from . import distro, selftests
 from .distro import DistroImage
 from .patches import apply, check_effect, revert, undo_partial
 from .products import INITRD, DistroModules, FullKernel, Product, fragment_paths
@@ -115,6 +117,7 @@ class BuildResult:
     bzimage: Path
     metadata: BuildMetadata
     cached: bool
+    selftests: Path | None = None  # the KVM selftests its variant's tree built, where workloads run them
 
     @property
     def initrd(self) -> Path | None:
@@ -220,7 +223,27 @@ class Builder:
         )
 
     def build_all(self) -> dict[str, BuildResult]:
-        return {v.name: self.build(v) for v in self.exp.variants}
+        out = {}
+        for v in self.exp.variants:
+            out[v.name] = result = self.build(v)
+            if tests := self.exp.workload.selftests():
+                with self.checked_out(v) as tree:
+                    what, version = f"variant {v.name}", result.metadata.about.kernel_version
+                    result.selftests = selftests.build(tree, tests, self.cache, self.jobs, what, version)
+        return out
+
+    @contextlib.contextmanager
+    def checked_out(self, v: Variant) -> Iterator[Path]:
+        """The shared tree holding exactly this variant's patches, locked while in use."""
+        r = self.resolved()[v.name]
+        inputs = self.inputs(r)
+        work = self._work_root(inputs)
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / "tree.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            tree = self._tree(r, inputs)
+            self._checkout(tree, r)
+            yield tree
 
     def build(self, v: Variant) -> BuildResult:
         r = self.resolved()[v.name]

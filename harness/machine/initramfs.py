@@ -170,9 +170,14 @@ class Archive:
         return bytes(out)
 
 
-def contents(python: str, command: list[str] | None, search_path: str) -> list[str]:
-    """Every host path the L2 root holds (before symlinks and directories on the way are added)."""
-    files = [python, *python_closure(python), *command_files(command, search_path)]
+def contents(python: str, command: list[str] | None, search_path: str, more: tuple[list[str], ...] = ()) -> list[str]:
+    """Every host path the L2 root holds (before symlinks and directories on the way are added); more: the argvs of
+    L2's workload runs, whose executables it carries too."""
+    files = [
+        python,
+        *python_closure(python),
+        *(f for argv in (command, *more) for f in command_files(argv, search_path)),
+    ]
     files += [str(p) for p in sorted(GUEST_DIR.rglob("*.py"))]
     elves = [f for f in files if os.path.isfile(f) and not f.endswith((".py", ".pyc"))]
     return sorted(set(files + [dep for f in elves for dep in elf_deps(f)]))
@@ -187,9 +192,11 @@ def _skeleton() -> Archive:
     return arc
 
 
-def build(python: str, command: list[str] | None, search_path: str, cache: Path) -> Path:
+def build(
+    python: str, command: list[str] | None, search_path: str, cache: Path, more: tuple[list[str], ...] = ()
+) -> Path:
     """The L2 initramfs for this interpreter and command, from the cache when its inputs are unchanged."""
-    paths = contents(python, command, search_path)
+    paths = contents(python, command, search_path, more)
     key = hash_text(*(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in paths))[:20]
     dest = cache / "initramfs" / f"{key}.cpio"
     if dest.exists():

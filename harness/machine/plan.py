@@ -3,21 +3,29 @@ will follow, as pure functions of a CellMachines (what the cell is made of) and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Experiment, LevelSpec
-from ..guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, Schedule
+from ..guest.contract import OUT, SCRATCH, ChildSpec, GuestPlan, ProbeSpec, Schedule, WorkloadSpec
+from ..guest.workloads.base import Binaries
 from .host import TopologyDecision
 from .qemu import PARENT_CLOCKSOURCE, GuestSpec, kut_params, qemu_argv, rootfs_server
 
 KUT_SWAP_DEVICE = "/dev/vda"
 
 
+def present_levels(exp: Experiment, topology: str) -> set[str]:
+    """The levels a cell has: the kernel under test, L1 where it starts any, L2 where the topology nests."""
+    t = exp.topology
+    present = {"kut", "l1"} if t.l1.count else {"kut"}
+    return present | ({"l2"} if topology == "nested" and t.l1.count and t.l2.count else set())
+
+
 def probe_levels(exp: Experiment, topology: str) -> set[str]:
-    present = {"l1", "l2"} if topology == "nested" else {"l1"}
-    return {str(level) for level in exp.workload.probe.levels} & present
+    return {str(level) for level in exp.workload.probe.levels} & present_levels(exp, topology)
 
 
 @dataclass
@@ -43,6 +51,8 @@ class CellMachines:
     variant_params: tuple[str, ...] = ()
     boot_initrd: Path | None = None
     tsc_khz: int | None = None  # the kernel under test's TSC rate, where it is known better than it measures it
+    # what the variant's build made for its workloads (its KVM selftests)
+    binaries: Binaries = dataclasses.field(default_factory=Binaries)
 
     @property
     def probe(self) -> ProbeSpec:
@@ -60,8 +70,23 @@ class CellMachines:
             children=children,
             probe=self.probe if runs else None,
             command=self.exp.workload.command if runs else None,
+            workloads=self.workloads(level),
             on_guest_failure=self.exp.boot.on_guest_failure,
         )
+
+    def workloads(self, level: str) -> list[WorkloadSpec]:
+        """The workload entries this level runs (workload.runs), with the argv each makes for this build."""
+        return [
+            WorkloadSpec(
+                name=run.label,
+                kind=run.kind,
+                argv=run.workload.argv(run.knobs, self.binaries),
+                params=dataclasses.asdict(run.knobs) if run.knobs is not None else {},
+                timeout_s=run.timeout_s,
+                pause_s=run.pause_s,
+            )
+            for run in self.exp.workload.runs_at(level)
+        ]
 
     def child(self, parent_out: str, name: str, level: str, spec_level: LevelSpec, grandchildren: list[ChildSpec]):
         """A guest the kernel under test (an L1) or an L1 (an L2) starts: its QEMU and the plan it follows."""

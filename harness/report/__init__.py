@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import hypotheses
 from ..analysis import Analysis, analyze
 from ..errors import HarnessError
 from ..results.manifest import Manifest
@@ -41,14 +42,37 @@ def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None 
     report = Report(**vars(analyze(run_dir, rebuild_tables)))
     plots_dir = report.run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
-    report.plots = [
-        plots.plot_ccdf(report.frames, report.manifest, plots_dir / "latency_ccdf.png"),
-        plots.plot_timeline(report.frames, report.manifest, plots_dir / "timeline.png", repetition),
-        plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png"),
-        plots.plot_counters(report.frames, report.manifest, plots_dir / "counters.png", repetition),
-        plots.plot_spikes(report.frames, report.manifest, report.attribution, plots_dir / "spikes.png", repetition),
-        plots.plot_excess(report.attribution, report.manifest, plots_dir / "excess_by_cause.png"),
+    probe = not report.frames["samples"].empty
+    hypothesis = hypotheses.get(report.experiment.hypothesis)
+    attributed = probe and hypothesis.attribution
+    draw = [
+        (probe, lambda: plots.plot_ccdf(report.frames, report.manifest, plots_dir / "latency_ccdf.png")),
+        (
+            probe,
+            lambda: plots.plot_timeline(
+                report.frames, report.manifest, hypothesis, plots_dir / "timeline.png", repetition
+            ),
+        ),
+        (probe, lambda: plots.plot_percentiles(report.summary, report.manifest, plots_dir / "tail_percentiles.png")),
+        (
+            True,
+            lambda: plots.plot_counters(
+                report.frames, report.manifest, hypothesis, plots_dir / "counters.png", repetition
+            ),
+        ),
+        (
+            not report.frames["workload_metrics"].empty,
+            lambda: plots.plot_workload_metrics(report.metrics, report.manifest, plots_dir / "workload_metrics.png"),
+        ),
+        (
+            attributed,
+            lambda: plots.plot_spikes(
+                report.frames, report.manifest, report.attribution, hypothesis, plots_dir / "spikes.png", repetition
+            ),
+        ),
+        (attributed, lambda: plots.plot_excess(report.attribution, report.manifest, plots_dir / "excess_by_cause.png")),
     ]
+    report.plots = [make() for wanted, make in draw if wanted]
     md = report_markdown(report, report.plots)
     (report.run_dir / "report.md").write_text(md)
     report.html.write_text(render.html(md, report.plots))

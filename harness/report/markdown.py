@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import hypotheses
 from ..analysis import Analysis, health, stats
 from ..analysis.attribution import clock_summary
-from ..config import Sampler
 from . import render
 from .evidence import evidence_summary
 
 
 def report_markdown(r: Analysis, plots: list[Path]) -> str:
     m, cells = r.manifest, r.cells
+    hypothesis = hypotheses.get(r.experiment.hypothesis)
+    probe = not r.frames["samples"].empty
     missing = cells[cells["status"] != "complete"]
     return "\n".join(
         [
@@ -27,39 +29,29 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             f"> {m.accel.banner}",
             "",
             *_first_screen(r),
-            *_attribution_screen(r),
+            *(_attribution_screen(r) if probe and hypothesis.attribution else []),
             f"Topology `{m.topology}`; variants "
-            + ", ".join(f"`{n}` ({b.summary()})" for n, b in m.builds.items())
+            + ", ".join(
+                f"`{v.name}` ({m.builds[v.name].summary()})" for v in r.experiment.variants if v.name in m.builds
+            )
             + f"; order {m.order}.",
             "",
             "## Verdict",
             "",
-            "Latency of single page touches in the guests whose memory the kernel under test shadow-pages; "
-            "one value per repetition, each variant against the baseline "
-            f"(`{m.baseline}`). *worse* = higher latency than the baseline.",
+            f"The question: {hypothesis.question} "
+            "Each metric - the probe's touch latencies in the guests, each workload's own figures - gives one value "
+            f"per repetition; each variant against the baseline (`{m.baseline}`). *worse* = a change the metric's "
+            "own way of being better says is for the worse.",
             "",
             f"**Validity: {stats.VALIDITY[m.tcg]}.**",
             "",
             render.verdict_markdown(r.ab),
             "",
-            "## Evidence: did the shrinker run?",
+            f"## Evidence: what {hypothesis.mechanism} did",
             "",
-            *evidence_summary(r.evidence, m.baseline),
+            *evidence_summary(r.evidence, m.baseline, hypothesis, r.ab),
             "",
-            "## The guests' own view",
-            "",
-            "What each guest's kernel counted during the probe's passes: its major faults (its own swap and "
-            "file reads: none expected) and its vCPUs' steal time (what its hypervisor reports taking from them; "
-            "under TCG, QEMU reports it too).",
-            "",
-            render.guest_view_markdown(r.guest_view),
-            "",
-            "## Attribution: what each spike overlapped",
-            "",
-            _attribution_method(r),
-            "",
-            render.attribution_markdown(r.attribution.table),
-            "",
+            *(_probe_sections(r) if probe else []),
             "## Pressure delivered, per phase",
             "",
             render.delivery_markdown(r.evidence),
@@ -75,10 +67,7 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             "## Plots",
             "",
             *[f"![{p.stem}](plots/{p.name})\n" for p in plots],
-            "## Latency summary (all repetitions pooled, µs; 95% bootstrap CI over 1 s intervals)",
-            "",
-            render.summary_markdown(r.summary),
-            "",
+            *(_summary_section(r) if probe else []),
             "## Reproduce",
             "",
             f"```\n{m.reproduce or 'fab experiment --config ' + m.config_path}\n```",
@@ -90,21 +79,38 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
     )
 
 
-def _own_vm_zapped_method(sampler: Sampler) -> str:
-    """When this run read each VM's zap counters, i.e. what `own_vm_zapped` can see."""
-    if not sampler.trace_shrinker:
-        when = "around each debugfs scan write only (sampler.trace_shrinker is off: no other call is seen)"
-    elif sampler.zap_interval_s > 0:
-        when = (
-            f"within {sampler.zap_interval_s:g} s after the shrinker's calls (at most that often) and around each "
-            "debugfs scan write"
-        )
-    else:
-        when = (
-            f"with the first sample ({sampler.interval_s:g} s) after the shrinker's calls and around each debugfs "
-            "scan write"
-        )
-    return f"`own_vm_zapped`: its VM lost shadow pages while it lasted (its zap counters read {when}). "
+def _probe_sections(r: Analysis) -> list[str]:
+    """What only the probe measures: the guests' own view, and (where the hypothesis has cause events) attribution."""
+    lines = [
+        "## The guests' own view",
+        "",
+        "What each guest's kernel counted during the probe's passes: its major faults (its own swap and "
+        "file reads: none expected) and its vCPUs' steal time (what its hypervisor reports taking from them; "
+        "under TCG, QEMU reports it too).",
+        "",
+        render.guest_view_markdown(r.guest_view),
+        "",
+    ]
+    if not hypotheses.get(r.experiment.hypothesis).attribution:
+        return lines
+    return [
+        *lines,
+        "## Attribution: what each spike overlapped",
+        "",
+        _attribution_method(r),
+        "",
+        render.attribution_markdown(r.attribution.table),
+        "",
+    ]
+
+
+def _summary_section(r: Analysis) -> list[str]:
+    return [
+        "## Latency summary (all repetitions pooled, µs; 95% bootstrap CI over 1 s intervals)",
+        "",
+        render.summary_markdown(r.summary),
+        "",
+    ]
 
 
 def _attribution_method(r: Analysis) -> str:
@@ -113,21 +119,23 @@ def _attribution_method(r: Analysis) -> str:
     return (
         f"A spike is a touch above its guest's p{a.spike_quantile * 100:g} of the undisturbed phases of the same "
         "cell (and at least 1 ms, the probe's raw-record floor); its excess is its latency above that guest's "
-        "undisturbed p99. Each spike is matched to the cause events of the kernel under test it overlaps: a call "
-        "of the x86-mmu shrinker that freed shadow pages (`shrinker-zap`), the guest refaulting after one until its "
-        "probe has touched every page once more (`zap-refault`), a direct-reclaim stall of the guest's "
-        "QEMU (`direct-reclaim`), a rise of that QEMU's major faults within the sampler's interval (`swap-in`); "
-        "`none found` when none overlaps. A spike with several causes has its excess split equally among them. "
-        + _own_vm_zapped_method(r.experiment.sampler)
-        + f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
+        "undisturbed p99. Each spike is matched to the cause events of the kernel under test it overlaps: "
+        + hypotheses.get(r.experiment.hypothesis).cause_words
+        + ", a direct-reclaim stall of the guest's QEMU (`direct-reclaim`), a rise of that QEMU's major faults "
+        "within the sampler's interval (`swap-in`); `none found` when none overlaps. A spike with several causes "
+        "has its excess split equally among them. Beside the causes, `own_vm_zapped` says whether the spike's own "
+        "VM in the kernel under test (an L2's: its L1's) lost shadow pages meanwhile (its zap counters, read with "
+        "every sample and around the mechanism's events). "
+        f"Matching window: up to {render.fmt(windows.max() if len(windows) else a.unmeasured_window_ms, 2)} ms. "
         "Tables: `tables/spikes.*`, `tables/attribution.*`, `tables/attribution_ab.csv`, `tables/clocks.*`.\n\n"
         + render.clocks_line(clock_summary(r.frames["clocks"]), a.unmeasured_window_ms)
     )
 
 
 def _attribution_screen(r: Analysis) -> list[str]:
-    """Per pressure phase: what share of the baseline's extra tail latency coincided with shrinker zapping."""
-    lines = render.attribution_lines(r.attribution.ab, r.manifest.baseline)
+    """Per pressure phase: what share of the baseline's extra tail latency coincided with the mechanism."""
+    headline = hypotheses.get(r.experiment.hypothesis).headline
+    lines = render.attribution_lines(r.attribution.ab, r.manifest.baseline, r.attribution.shares, headline)
     if not lines:
         return []
     return ["**What the baseline's extra tail latency coincided with** (see Attribution):", "", *lines, ""]

@@ -1,4 +1,4 @@
-"""PNG plots of a run, from its tables: latency CCDF per phase, the timeline with pressure and shrinker
+"""PNG plots of a run, from its tables: latency CCDF per phase, the timeline with pressure and the mechanism's
 activity, tail percentiles with CIs, the kernel under test's counters."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import attribution, stats
+from ..analysis.evidence import kut_facts
+from ..hypotheses import Hypothesis
 from ..results.manifest import Manifest
 
 COLORS = {0: "#1f77b4", 1: "#d62728", 2: "#2ca02c", 3: "#9467bd"}
@@ -102,16 +104,15 @@ def _cells(frames, variant: str, repetition: int | None) -> list[tuple[int, str]
     return [x for x in pairs if repetition is None or x[0] == repetition]
 
 
-def _has_shrinker(frames, cell: str) -> bool:
-    cells = frames["cells"]
-    present = cells.loc[cells["cell"] == cell, "x86_mmu_shrinker_present"]
-    return bool(present.fillna(True).iloc[0]) if len(present) else True
+def _absent(frames, cell: str, hypothesis: Hypothesis) -> str | None:
+    """What the cell's kernel lacks for the mechanism to act, if anything (from its facts)."""
+    return hypothesis.absent(kut_facts(frames["cells"]).get(cell))
 
 
-def plot_timeline(frames, manifest, path: Path, repetition: int | None = None) -> Path:
+def plot_timeline(frames, manifest, hypothesis: Hypothesis, path: Path, repetition: int | None = None) -> Path:
     """Per variant (rows) and repetition (columns, or the one asked for): latency per interval, pressure
-    shaded, shrinker activity beside it; a kernel without the shrinker says so instead of a flat line."""
-    s, c, e, ph = frames["samples"], frames["counters"], frames["events"], frames["phases"]
+    shaded, the mechanism's counters beside it; a kernel without the mechanism says so instead of a flat line."""
+    s, c, tr, ph = frames["samples"], frames["counters"], frames["trace"], frames["phases"]
     variants = list(dict.fromkeys(ph["variant"])) or list(dict.fromkeys(s["variant"]))
     grid = {v: _cells(frames, v, repetition) for v in variants}
     cols = max([len(x) for x in grid.values()] + [1])
@@ -133,37 +134,29 @@ def plot_timeline(frames, manifest, path: Path, repetition: int | None = None) -
             ax.set_ylabel("touch latency (µs)")
             ax.set_title(f"{variant} r{rep} ({cell})", fontsize=9)
             ax.set_xlabel("time since first phase (s)")
-            if not _has_shrinker(frames, cell):
-                ax.text(
-                    0.99,
-                    0.97,
-                    "no x86-mmu shrinker in this kernel",
-                    transform=ax.transAxes,
-                    ha="right",
-                    va="top",
-                    fontsize=8,
-                    color="dimgray",
-                )
+            if absent := _absent(frames, cell, hypothesis):
+                ax.text(0.99, 0.97, absent, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="dimgray")
                 ax.legend(fontsize=7, loc="upper left", ncol=2)
                 continue
             ax2 = ax.twinx()
-            zaps = c[(c["cell"] == cell) & (c["name"] == "kvm.mmu_shadow_zapped")].sort_values("t")
-            if len(zaps) > 1:
-                rate = zaps["value"].diff().clip(lower=0) / zaps["t"].diff()
-                ax2.plot(zaps["t"], rate, color="red", lw=1, label="shadow pages zapped /s")
-            cnt = c[(c["cell"] == cell) & (c["name"] == "shrinker.x86_mmu_count")].sort_values("t")
-            if len(cnt):
-                ax2.plot(cnt["t"], cnt["value"], color="purple", lw=1, alpha=0.7, label="x86-mmu count")
-            calls = e[(e["cell"] == cell) & (e["kind"] == "shrink_start")]
-            if len(calls):
-                ax2.plot(calls["t"], np.zeros(len(calls)), "|", color="black", ms=14, label="shrinker call")
-            ax2.set_ylabel("shrinker activity")
+            for line, color in zip(hypothesis.timeline, ("red", "purple", "green")):
+                g = c[(c["cell"] == cell) & (c["name"] == line.counter)].sort_values("t")
+                y = g["value"].diff().clip(lower=0) / g["t"].diff() if line.rate else g["value"]
+                if len(g) > line.rate:
+                    ax2.plot(g["t"], y, color=color, lw=1, alpha=0.8, label=line.label)
+            if hypothesis.timeline_marks:
+                kind, label = hypothesis.timeline_marks
+                marks = tr[(tr["cell"] == cell) & (tr["kind"] == kind)]
+                if len(marks):
+                    ax2.plot(marks["t"], np.zeros(len(marks)), "|", color="black", ms=14, label=label)
+            ax2.set_ylabel(hypothesis.timeline_axis)
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
             ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=3)
     which = f"repetition {repetition}" if repetition is not None else "every repetition"
     fig.suptitle(
-        _title(manifest, f"latency over time with pressure (shaded) and shrinker activity, {which}"), fontsize=10
+        _title(manifest, f"latency over time with pressure (shaded) and {hypothesis.timeline_axis}, {which}"),
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -207,18 +200,20 @@ def plot_percentiles(summary: pd.DataFrame, manifest, path: Path) -> Path:
     return path
 
 
-def plot_counters(frames, manifest, path: Path, repetition: int | None = None) -> Path:
-    """The kernel under test's counters over time: every repetition (line style) of every variant (colour),
-    or the one repetition asked for."""
+def plot_counters(frames, manifest, hypothesis: Hypothesis, path: Path, repetition: int | None = None) -> Path:
+    """The kernel under test's counters over time - the mechanism's (its hypothesis's timeline), then reclaim's -:
+    every repetition (line style) of every variant (colour), or the one repetition asked for."""
     c, ph = frames["counters"], frames["phases"]
-    panels = [
-        ("shrinker.x86_mmu_count", "x86-mmu shadow pages (count)", False),
+    panels = [(line.counter, line.label, line.rate) for line in hypothesis.timeline[:2]]
+    panels += [
         ("meminfo.SecPageTables_kb", "SecPageTables (kB)", False),
         ("vmstat.pgscan_kswapd+vmstat.pgscan_direct", "reclaim scans /s (kswapd+direct)", True),
         ("psi.memory_some_avg10", "PSI memory some avg10 (%)", False),
+        ("meminfo.MemAvailable_kb", "MemAvailable (kB)", False),
     ]
+    panels = panels[:6]
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 6.5), squeeze=False, sharex=True)
     variants = list(dict.fromkeys(ph["variant"]))
     for ax, (names, label, rate) in zip(axes.flat, panels):
         for i, variant in enumerate(variants):
@@ -255,21 +250,29 @@ def plot_counters(frames, manifest, path: Path, repetition: int | None = None) -
     return path
 
 
-CAUSE_COLORS = {
-    attribution.SHRINKER_ZAP: "#d62728",
-    attribution.ZAP_REFAULT: "#e377c2",
+MECHANISM_COLORS = ("#d62728", "#e377c2", "#8c564b", "#bcbd22")  # the hypothesis's causes, in its order
+CORE_COLORS = {
     attribution.SWAP_IN: "#1f77b4",
     attribution.DIRECT_RECLAIM: "#ff7f0e",
     attribution.NONE_FOUND: "#7f7f7f",
     "several": "#9467bd",
 }
+
+
+def cause_colors(attr: attribution.Attribution) -> dict[str, str]:
+    return {**dict(zip(attr.mechanism, MECHANISM_COLORS)), **CORE_COLORS}
+
+
 HATCHES = ("", "//", "..", "xx")
 
 
-def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, repetition: int | None = None) -> Path:
+def plot_spikes(
+    frames, manifest, attr: attribution.Attribution, hypothesis: Hypothesis, path: Path, repetition: int | None = None
+) -> Path:
     """Per variant (rows) and repetition (columns, or the one asked for): every spike over time, colored by
     the cause it overlapped ("several" where more than one), above the cause events as bars."""
     ph, spikes, win = frames["phases"], attr.spikes, attr.windows
+    colors = cause_colors(attr)
     variants = list(dict.fromkeys(ph["variant"]))
     grid = {v: _cells(frames, v, repetition) for v in variants}
     cols = max([len(x) for x in grid.values()] + [1])
@@ -291,7 +294,7 @@ def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, rep
             _shade(top, ph[ph["cell"] == cell])
             s = spikes[spikes["cell"] == cell]
             label = s["causes"].where(~s["causes"].str.contains("+", regex=False), "several")
-            for cause, color in CAUSE_COLORS.items():
+            for cause, color in colors.items():
                 mine = s[label == cause]
                 if len(mine):
                     top.semilogy(
@@ -302,15 +305,15 @@ def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, rep
             if len(s):
                 top.legend(fontsize=6, loc="upper left", ncol=3, markerscale=2)
             w = win[win["cell"] == cell]
-            for y, cause in enumerate(attribution.CAUSES):
+            for y, cause in enumerate(attr.causes):
                 mine = w[w["cause"] == cause]
                 bottom.broken_barh(
                     list(zip(mine["t0"], (mine["t1"] - mine["t0"]).clip(lower=0.05))),
                     (y - 0.4, 0.8),
-                    color=CAUSE_COLORS[cause],
+                    color=colors[cause],
                 )
             steps = attr.vm_zaps[attr.vm_zaps["cell"] == cell]
-            lanes = [*attribution.CAUSES, "VM zap steps"]
+            lanes = [*attr.causes, "VM zap steps"]
             bottom.broken_barh(
                 list(zip(steps["t0"], (steps["t1"] - steps["t0"]).clip(lower=0.05))),
                 (len(lanes) - 1.4, 0.8),
@@ -320,16 +323,9 @@ def plot_spikes(frames, manifest, attr: attribution.Attribution, path: Path, rep
             bottom.set_ylim(-0.6, len(lanes) - 0.4)
             bottom.set_xlim(top.get_xlim())
             bottom.set_xlabel("time since first phase (s)", fontsize=8)
-            if not _has_shrinker(frames, cell):
-                bottom.text(
-                    0.5,
-                    0,
-                    "no x86-mmu shrinker in this kernel",
-                    transform=bottom.get_yaxis_transform(),
-                    fontsize=7,
-                    color="dimgray",
-                    va="center",
-                )
+            if absent := _absent(frames, cell, hypothesis):
+                where = bottom.get_yaxis_transform()
+                bottom.text(0.5, 0, absent, transform=where, fontsize=7, color="dimgray", va="center")
     which = f"repetition {repetition}" if repetition is not None else "every repetition"
     what = (
         "latency spikes by the cause they overlapped (bars: the causes, swap-in per sampler interval; "
@@ -354,7 +350,7 @@ def plot_excess(attr: attribution.Attribution, manifest, path: Path) -> Path:
         for i, v in enumerate(variants):
             x = np.arange(len(labels)) + i * width
             bottom = np.zeros(len(labels))
-            for cause in attribution.SHARES:
+            for cause in attr.shares:
                 g = t[(t["variant"] == v) & (t["cause"] == cause)].set_index("label").reindex(labels)
                 y = g["per_rep"].fillna(0).to_numpy()
                 ax.bar(
@@ -362,7 +358,7 @@ def plot_excess(attr: attribution.Attribution, manifest, path: Path) -> Path:
                     y,
                     width,
                     bottom=bottom,
-                    color=CAUSE_COLORS[cause],
+                    color=cause_colors(attr)[cause],
                     hatch=HATCHES[i % len(HATCHES)],
                     label=cause if i == 0 else None,
                     edgecolor="white",
@@ -384,6 +380,43 @@ def plot_excess(attr: attribution.Attribution, manifest, path: Path) -> Path:
     ax.set_ylabel("tail excess per repetition (ms)")
     what = "tail excess (latency above the undisturbed p99, summed over spikes) by cause"
     fig.suptitle(_title(manifest, what if not t.empty else what + ": no spikes"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_workload_metrics(metrics: pd.DataFrame, manifest, path: Path) -> Path:
+    """Each workload metric (one panel each, at most 9): its value per repetition, by phase and variant - the
+    numbers its verdict rows compare."""
+    wm = (
+        metrics[metrics["better"].notna() & metrics["metric"].str.contains(": ", regex=False)]
+        if len(metrics)
+        else metrics
+    )
+    names = list(dict.fromkeys(wm["metric"]))[:9] if len(wm) else []
+    cols = min(3, max(1, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    variants = list(dict.fromkeys(wm["variant"])) if len(wm) else []
+    for ax, name in zip(axes.flat, names):
+        g = wm[wm["metric"] == name]
+        phases = list(dict.fromkeys(g["phase"]))
+        for i, v in enumerate(variants):
+            for j, phase in enumerate(phases):
+                y = g[(g["variant"] == v) & (g["phase"] == phase)]["value"].to_numpy(float)
+                x = j + (i - (len(variants) - 1) / 2) * 0.2
+                ax.plot(np.full(len(y), x), y, "o", color=COLORS[i % 4], alpha=0.8, label=v if j == 0 else None)
+                if len(y):
+                    ax.hlines(np.median(y), x - 0.08, x + 0.08, color=COLORS[i % 4])
+        ax.set_xticks(range(len(phases)))
+        ax.set_xticklabels(phases, fontsize=8)
+        ax.set_title(name, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(_title(manifest, "workload metrics per repetition (line: median)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -133,31 +133,28 @@ def _pct(v) -> str:
     return f"{fmt(v * 100, 0)} %"
 
 
-def attribution_lines(ab: pd.DataFrame, baseline: str) -> list[str]:
+def attribution_lines(ab: pd.DataFrame, baseline: str, shares: tuple[str, ...], headline: str) -> list[str]:
     """One sentence per pressure phase x level x variant: how much more tail excess the baseline had and, where
-    that difference is clear (its interval above 0), what share of it coincided with shrinker zapping (during
-    a call or refaulting after one) and what remained."""
+    that difference is clear (its interval above 0), what share of it coincided with the hypothesis's mechanism
+    (`headline`: its causes together, the `mechanism` rows) and what remained (shares: every cause's row)."""
     lines: list[str] = []
     if ab.empty:
         return lines
     pressured = ab[ab["mode"] != "none"]
     for (variant, phase, level), g in pressured.groupby(["variant", "phase", "level"], sort=False):
         by = g.set_index("cause")
-        tot, zap = by.loc["total"], by.loc["zapping"]
+        tot, zap = by.loc["total"], by.loc["mechanism"]
         head = (
             f"- **`{phase}`** ({tot['mode']}, {level}, {tot['n_baseline']} v {tot['n_variant']} repetitions): "
             f"`{baseline}`'s spikes added {fmt(tot['baseline_excess_ms'], 0)} ms of tail excess per repetition, "
-            f"{fmt(zap['baseline_excess_ms'], 0)} ms of it while the shrinker zapped or the guest refaulted after it"
+            f"{fmt(zap['baseline_excess_ms'], 0)} ms of it during {headline}"
         )
         diff = f"{fmt(tot['diff_ms'], 0)} ms [{fmt(tot['diff_ci_lo'], 0)}, {fmt(tot['diff_ci_hi'], 0)}]"
         if not tot["diff_ci_lo"] > 0:
             why = "one repetition a side: no interval" if np.isnan(tot["diff_ci_lo"]) else "an interval that holds 0"
             lines.append(f"{head}; against `{variant}`: {diff} more ({why}), so no share of a difference is given.")
             continue
-        parts = ", ".join(
-            f"{c} {_pct(by.loc[c, 'share_of_diff'])}"
-            for c in ("shrinker-zap", "zap-refault", "swap-in", "direct-reclaim", "none found")
-        )
+        parts = ", ".join(f"{c} {_pct(by.loc[c, 'share_of_diff'])}" for c in shares if c in by.index)
         more = (
             "; more than the whole difference: the patched kernel's other causes added some back"
             if zap["share_of_diff"] > 1
@@ -165,8 +162,8 @@ def attribution_lines(ab: pd.DataFrame, baseline: str) -> list[str]:
         )
         lines.append(
             f"{head}; {diff} more than `{variant}`'s: **{_pct(zap['share_of_diff'])} "
-            f"[{_pct(zap['share_ci_lo'])}, {_pct(zap['share_ci_hi'])}] of that difference coincided with shrinker "
-            f"zapping** ({parts}{more})."
+            f"[{_pct(zap['share_ci_lo'])}, {_pct(zap['share_ci_hi'])}] of that difference coincided with "
+            f"{headline}** ({parts}{more})."
         )
     return lines
 

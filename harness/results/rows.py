@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from ..guest.probe import bucket_bounds
-from ..guest.records import CounterSample, Event, PressureRecord, ProbeHist, ProbePass, TraceCall, VmZap
+from ..guest.records import (
+    CounterSample,
+    Event,
+    PressureRecord,
+    ProbeHist,
+    ProbePass,
+    TraceCall,
+    VmZap,
+    WorkloadRun,
+)
 from .guest_files import Problems, records
 
 Row = tuple[str, dict[str, Any]]  # (table, row)
@@ -59,8 +68,11 @@ def _older_zap(line: dict) -> VmZap:
     return VmZap.from_guest({**line, **fields} if isinstance(fields, dict) else line)
 
 
-KUT_FILES = ("events.jsonl", "pressure.jsonl", "shrinker.jsonl", "zaps.jsonl", "counters.jsonl")
-GUEST_FILES = ("events.jsonl", "probe.jsonl")  # below the kernel under test: its events and its probe, no more
+# (shrinker.jsonl: what trace.jsonl was called before, in older runs)
+KUT_FILES: tuple[str, ...] = ("events.jsonl", "pressure.jsonl", "trace.jsonl", "shrinker.jsonl", "zaps.jsonl")
+KUT_FILES += ("counters.jsonl", "workload.jsonl")
+GUEST_FILES = ("events.jsonl", "probe.jsonl", "workload.jsonl")  # below the kernel under test: its own, no more
+NAME_LIMIT = 80  # a workload's or metric's name, as a guest wrote it
 BUCKETS = 1 << 12  # the probe's histogram has far fewer (bucket() of an hour in ns is < 700)
 
 
@@ -77,10 +89,12 @@ class GuestRows:
         converters = {
             "events.jsonl": self.event,
             "pressure.jsonl": self.pressure,
+            "trace.jsonl": self.trace,
             "shrinker.jsonl": self.trace,
             "zaps.jsonl": self.zap,
             "probe.jsonl": self.probe,
             "counters.jsonl": self.counters,
+            "workload.jsonl": self.workload,
         }
         for name in KUT_FILES if self.g["level"] == "kut" else GUEST_FILES:
             for rows in records(directory / name, problems, cell_dir, converters[name]):
@@ -150,3 +164,32 @@ class GuestRows:
             ("counters", {**self.base, "source": name.split(".", 1)[0], "name": name, "t": t, "value": value})
             for name, value in s.v.items()
         ]
+
+    def workload(self, line: dict) -> list[Row]:
+        r = WorkloadRun.from_guest(line)
+        t0, t1 = self.sec(r.t0), self.sec(r.t1)
+        first, last = self.phase_at(t0), self.phase_at(t1)
+        run = {
+            **self.g,
+            "workload": r.workload[:NAME_LIMIT],
+            "run": r.number,
+            "phase": first if first == last else "across",
+        }
+        out: list[Row] = [
+            (
+                "runs",
+                {
+                    **run,
+                    "t0": t0,
+                    "t1": t1,
+                    "status": r.status,
+                    "stopped": bool(r.stopped),
+                    "error": r.error,
+                    "tail": r.tail,
+                },
+            )
+        ]
+        for m in r.metrics:
+            metric = {"metric": m.name[:NAME_LIMIT], "unit": m.unit[:20], "better": m.better, "value": float(m.value)}
+            out.append(("workload_metrics", {**run, "t": t1, **metric}))
+        return out

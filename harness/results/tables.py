@@ -11,10 +11,13 @@
             it), kind, t, and typed columns: subject (the guest it is about), phase, mode, status, seconds,
             kernel_s, error, reason, pid; info holds the rest, for reading (never searched)
   pressure  what the pressure actors did: mode, kind, t, mb, count, seconds, ok, error, target, info
-  trace     the kernel under test's traced cause events: KVM shrinker calls (shrink_start/end: pid, comm, asked,
-            freed) and guests' QEMUs in direct reclaim (guest, nr_reclaimed)
+  trace     the kernel under test's traced cause events: the hypothesis's shrink calls (shrink_start/end: pid,
+            comm, asked, freed) and guests' QEMUs in direct reclaim (guest, nr_reclaimed)
   vm_zaps   steps of each VM's shadow-page zap counters: source (sampler, scan), guest (whose QEMU runs the VM),
             t0, t1, zapped, recycled
+  runs      one row per run of a workload (workload.runs): level, guest, workload, run, t0, t1, phase (the one it
+            lay in from start to end; "across" where it spanned two), status, stopped, error and its output's tail
+  workload_metrics  each metric a run gave: metric, unit, better (lower / higher), value, with the run's columns
   clocks    each guest's clock against its parent's (guest/clock.py) and against the kernel under test's
   cells     one row per cell of the plan: status (complete / failed / missing), attempts, facts (kut_facts: the
             kernel under test's LevelFacts as JSON)
@@ -58,11 +61,14 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
     + ["kind", "t", "pid", "comm", "guest", "cache_items", "total_scan", "delta", "freed"]
     + ["nr_reclaimed"],
     "vm_zaps": _CELL + ["source", "guest", "t0", "t1", "zapped", "recycled"],
+    "runs": _CELL + ["level", "guest", "workload", "run", "t0", "t1", "phase", "status", "stopped", "error", "tail"],
+    "workload_metrics": _CELL
+    + ["level", "guest", "workload", "run", "phase", "t", "metric", "unit", "better", "value"],
     "clocks": _CELL
     + ["level", "guest", "parent", "method", "t", "offset_ms", "uncertainty_ms", "offset_kut_ms", "uncertainty_kut_ms"],
     "cells": _CELL
-    + ["host", "status", "attempt", "retried", "kut_ready_s", "x86_mmu_shrinker_present"]
-    + ["mmu_shrink_scan_in_kallsyms", "kvm_params", "children_on_kvm", "kut_facts", "errors", "problems"],
+    + ["host", "status", "attempt", "retried", "kut_ready_s"]
+    + ["kvm_params", "children_on_kvm", "kut_facts", "errors", "problems"],
 }
 TABLES = tuple(COLUMNS)
 
@@ -223,8 +229,6 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -
         "attempt": record.attempt if record else 0,
         "retried": record.retried if record else False,
         "kut_ready_s": record.kut_ready_s if record else None,
-        "x86_mmu_shrinker_present": kut.has_kvm_shrinker if kut else None,
-        "mmu_shrink_scan_in_kallsyms": kut.mmu_shrink_scan_in_kallsyms if kut else None,
         "kvm_params": json.dumps(kut.kvm_params if kut else {}),
         "children_on_kvm": json.dumps({g: f.runs_on_kvm for g, f in facts.items() if g != "kut"}),
         "kut_facts": kut.to_json() if kut else None,

@@ -23,11 +23,12 @@ from ..errors import GuestError, PressureError
 from ..guest.contract import GUEST_FAILURES, EventKind, ExitKind, ExitRecord
 from ..guest.records import Event
 from ..guest.supervise import Child, stop_all, tail
+from ..guest.workloads.base import Binaries
 from ..kernel.build import BuildResult
 from ..machine import initramfs
 from ..machine.host import Environment
 from ..machine.memory_group import GROUP_SLACK_MB, MemoryGroup
-from ..machine.plan import CellMachines, build_plan, probe_levels
+from ..machine.plan import CellMachines, build_plan, present_levels, probe_levels
 from ..machine.qemu import GuestSpec, dry_run, qemu_argv, rootfs_server
 from ..results.guest_files import (
     GuestFileError,
@@ -120,6 +121,7 @@ class Attempt:
             variant_params=tuple(self.exp.variant(self.cell.variant).kernel_params()),
             boot_initrd=self.build.initrd,
             tsc_khz=self.ctx.env.accel.tsc_khz,
+            binaries=Binaries(kvm_selftests=str(self.build.selftests) if self.build.selftests else None),
         )
 
     def prepare(self) -> GuestSpec:
@@ -268,12 +270,16 @@ class Attempt:
         entry = CellEntry(id=c.id, variant=c.variant, repetition=c.repetition, order=c.order)
         levels = probe_levels(self.exp, self.topology.kind)
         phases = [p.name for p in self.exp.phases]
+        frames = cell_frames(self.cell_dir, entry)
+        present = present_levels(self.exp, self.topology.kind)
+        expected = {run.label: run.level for run in self.exp.workload.runs if run.level in present}
         short = checks.shortfalls(
-            cell_frames(self.cell_dir, entry),
+            frames,
             self.cell_dir,
             self.exp.checks,
             phases,
             levels,
             self.exp.sampler.interval_s,
         )
+        short += checks.workload_shortfalls(frames["runs"], frames["workload_metrics"], expected)
         return short + checks.param_mismatches(self.cell_dir, self.exp.variant(c.variant).module_params_text())

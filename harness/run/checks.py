@@ -9,6 +9,7 @@ failure: a guest that stalled for minutes measured its stall, not the patch.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -116,4 +117,26 @@ def shortfalls(
         if blind:
             out.append(f"the sampler has no counters in phase(s) {', '.join(blind)}")
     out += [f"stall: {s}" for s in stalls(cell_dir)]
+    return out
+
+
+def workload_shortfalls(runs: pd.DataFrame, metrics: pd.DataFrame, expected: Mapping[str, str]) -> list[str]:
+    """Why the cell's workloads (expected: name -> level) measured nothing usable: a run that failed (named, with
+    its output's last lines), or no run with metrics inside a phase."""
+    out = []
+    for r in runs[runs["error"].notna()].drop_duplicates(["workload", "guest"]).itertuples():
+        tail = str(r.tail or "").strip().replace("\n", "\n    ")
+        out.append(
+            f"workload {r.workload} ({r.level} {r.guest}, run {r.run}): {r.error}"
+            + (f"; its output ended:\n    {tail}" if tail else "")
+        )
+    inside = set(metrics.loc[~metrics["phase"].isin(["pre", "post", "across"]), "workload"])
+    failed = set(runs.loc[runs["error"].notna(), "workload"])
+    for name, level in expected.items():
+        if name not in inside and name not in failed:
+            ran = int((runs["workload"] == name).sum())
+            out.append(
+                f"workload {name} ({level}): no run gave metrics inside a phase ({ran} run(s) in all; "
+                "a phase must be longer than one run)"
+            )
     return out

@@ -136,7 +136,8 @@ class Runner:
     def _l2_initrd(self) -> Path:
         probe = self.exp.workload.probe
         command = self.exp.workload.command if "l2" in probe.levels else None
-        archive = initramfs.build(python_for_guests(), command, PATH, self.cache or default_cache())
+        runs = tuple(list(r.knobs.argv) for r in self.exp.workload.runs_at("l2"))  # a `command` run: argv is its knob
+        archive = initramfs.build(python_for_guests(), command, PATH, self.cache or default_cache(), runs)
         log(f"L2 root: initramfs {archive} ({archive.stat().st_size >> 20} MiB)")
         return archive
 

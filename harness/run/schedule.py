@@ -1,8 +1,8 @@
 """The phase schedule, on the host: check sizes before anything starts, schedule phases per cell.
 
 The pressure itself runs inside the kernel under test (harness/guest/pressure.py): its
-modes need that kernel's cgroup v2 hierarchy, debugfs and /proc, and the KVM shrinker
-under test lives there. Here we only make sure a config cannot ask for the impossible
+modes need that kernel's cgroup v2 hierarchy, debugfs and /proc, and what they act on
+lives there. Here we only make sure a config cannot ask for the impossible
 and turn the phases into the schedule the conductor follows.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import hypotheses
 from ..config import Experiment
 from ..errors import PressureError
 from ..guest import modes
@@ -31,7 +32,7 @@ def check(exp: Experiment, topology: str) -> None:
             f"{l1_total + KUT_RESERVE_MB} MiB but the kernel under test has {kut} MiB "
             "(raise topology.kut.memory_mb)"
         )
-    if topology == "nested" and t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) + 128 > t.l1.memory_mb:
+    if topology == "nested" and t.l1.count and t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) + 128 > t.l1.memory_mb:
         raise PressureError(
             f"topology: {t.l2.count} L2 guest(s) of {t.l2.memory_mb} MiB do not fit in an L1 of {t.l1.memory_mb} MiB"
         )
@@ -48,6 +49,18 @@ def check(exp: Experiment, topology: str) -> None:
                     f"workload.probe: {probe:.0f} MiB resident does not fit in {level} "
                     f"({spec.memory_mb} MiB, about {room} MiB free for the probe)"
                 )
+    free = {
+        "kut": kut - l1_total - KUT_RESERVE_MB,
+        "l1": t.l1.memory_mb - 128 - (t.l2.count * (t.l2.memory_mb + GUEST_OVERHEAD_MB) if topology == "nested" else 0),
+        "l2": t.l2.memory_mb - 128,
+    }
+    for run in exp.workload.runs:
+        need = run.workload.resident_mb(run.knobs)
+        if need > free[run.level]:
+            raise PressureError(
+                f"workload.runs {run.label}: {need:.0f} MiB resident does not fit in {run.level} "
+                f"(about {free[run.level]} MiB free there)"
+            )
     sizes = Sizes(kut_mb=kut, swap_mb=t.kut.swap_mb, guests_mb=l1_total, reserve_mb=KUT_RESERVE_MB)
     for name in exp.modes_used():
         if problems := modes.get(name).check_sizes(exp.pressure.knobs(name), sizes):
@@ -88,8 +101,8 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
     need = {**ALWAYS_NEEDED, **ROOTFS_NEEDS[rootfs]}
     for name in exp.modes_used():
         need.update(modes.get(name).needs)
-    if exp.sampler.trace_shrinker:
-        need["CONFIG_FTRACE"] = "sampler.trace_shrinker follows vmscan/mm_shrink_slab_start"
+    if traces(exp):
+        need["CONFIG_FTRACE"] = "sampler.trace follows the vmscan tracepoints"
     missing = [f"{opt} ({why})" for opt, why in need.items() if opt not in have]
     if missing:
         raise PressureError(
@@ -105,15 +118,23 @@ def check_kernel(exp: Experiment, variant: str, kernel_config: Path, rootfs: str
         )
 
 
+def traces(exp: Experiment) -> bool:
+    """Whether the sampler follows the vmscan tracepoints: as the config says, else as its hypothesis does."""
+    return exp.sampler.trace if exp.sampler.trace is not None else hypotheses.get(exp.hypothesis).traces_reclaim
+
+
 def conductor_schedule(exp: Experiment, warm_timeout_s: float, expected_probes: int) -> Schedule:
     """What the kernel under test's agent conducts: phases with their modes, the knobs of each mode, the sampler."""
+    hypothesis = hypotheses.get(exp.hypothesis)
     return Schedule(
         phases=[PhaseSpec(name=p.name, duration_s=p.duration_s, mode=p.mode(exp.pressure.mode)) for p in exp.phases],
         pressure={name: exp.pressure.knob_values(name) for name in exp.modes_used()},
         sampler=SamplerSpec(
             interval_s=exp.sampler.interval_s,
-            trace_shrinker=exp.sampler.trace_shrinker,
+            trace=traces(exp),
             zap_interval_s=exp.sampler.zap_interval_s,
+            shrinkers=list(hypothesis.shrinkers),
+            shrink_functions=list(hypothesis.shrink_functions),
         ),
         warm_timeout_s=warm_timeout_s,
         expected_probes=expected_probes,

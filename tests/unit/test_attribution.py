@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness import hypotheses
 from harness.analysis import attribution as at
 from harness.config import Experiment
 from harness.results.tables import COLUMNS
@@ -101,10 +102,15 @@ class Run:
         return {t: pd.DataFrame(r, columns=COLUMNS[t]) for t, r in self.rows.items()}
 
 
+SHRINKER = hypotheses.get("kvm-mmu-shrinker")
+CAUSES = {**SHRINKER.causes, **at.CORE_CAUSES}
+SHRINKER_ZAP, ZAP_REFAULT = "shrinker-zap", "zap-refault"
+
+
 def spikes_of(run, **kw):
     frames = run.frames()
-    windows = at.cause_windows(frames)
-    return at.find_spikes(frames, EXP, windows, kw.get("slack", {}), frames["vm_zaps"]).set_index("t")
+    windows = at.cause_windows(frames, SHRINKER)
+    return at.find_spikes(frames, EXP, windows, kw.get("slack", {}), frames["vm_zaps"], CAUSES).set_index("t")
 
 
 def test_each_spike_gets_the_causes_it_overlaps_and_none_found_otherwise():
@@ -123,7 +129,7 @@ def test_each_spike_gets_the_causes_it_overlaps_and_none_found_otherwise():
     run.spike(c, 16.000, 0.9)  # below the 1 ms floor: not a spike
     run.spike(c, 11.045, 30)  # zap and (ended 11.045, began 11.015) - only the zap
     s = spikes_of(run)
-    assert s.loc[11.060, "causes"] == at.SHRINKER_ZAP
+    assert s.loc[11.060, "causes"] == SHRINKER_ZAP
     assert s.loc[12.060, "causes"] == at.NONE_FOUND
     assert s.loc[13.010, "causes"] == at.DIRECT_RECLAIM
     assert s.loc[14.010, "causes"] == at.NONE_FOUND
@@ -145,7 +151,7 @@ def test_a_spike_says_whether_its_own_vm_lost_shadow_pages_meanwhile():
     run.spike(c, 12.080, 5)  # only another VM zapped
     s = spikes_of(run)
     assert list(s.loc[[11.150, 11.160, 11.290, 12.080], "own_vm_zapped"]) == [True, True, False, False]
-    assert (s.loc[[11.150, 11.290], "causes"] == at.SHRINKER_ZAP).all()  # the cause is the call, per-VM or not
+    assert (s.loc[[11.150, 11.290], "causes"] == SHRINKER_ZAP).all()  # the cause is the call, per-VM or not
     steps = run.frames()["vm_zaps"]
     assert list(steps["zapped"]) == [40, 9] and steps["t0"].iloc[0] == pytest.approx(11.1)
 
@@ -156,7 +162,7 @@ def test_the_matching_window_is_the_clock_uncertainty():
     run.zap(c, 11.000, 11.010)
     run.spike(c, 11.015, 2)  # began 11.013: 3 ms after the zap ended
     assert spikes_of(run, slack={(c, "l1-0"): 0.002}).loc[11.015, "causes"] == at.NONE_FOUND
-    assert spikes_of(run, slack={(c, "l1-0"): 0.004}).loc[11.015, "causes"] == at.SHRINKER_ZAP
+    assert spikes_of(run, slack={(c, "l1-0"): 0.004}).loc[11.015, "causes"] == SHRINKER_ZAP
 
 
 def test_an_l2_spike_is_matched_to_its_l1s_qemu_and_several_causes_split_the_excess():
@@ -167,9 +173,9 @@ def test_an_l2_spike_is_matched_to_its_l1s_qemu_and_several_causes_split_the_exc
     run.spike(c, 11.050, 21, guest="l2-0", level="l2")
     s = spikes_of(run)
     assert s.loc[11.050, "causes"] == "shrinker-zap+direct-reclaim"
-    reps = at.by_repetition(s.reset_index(), run.frames()["phases"], ["l2"])
+    reps = at.by_repetition(s.reset_index(), run.frames()["phases"], ["l2"], tuple(CAUSES))
     g = reps[(reps["phase"] == "global")].set_index("cause")["excess_ms"]
-    assert g[at.SHRINKER_ZAP] == pytest.approx(g[at.DIRECT_RECLAIM]) == pytest.approx((21 - 0.02) / 2)
+    assert g[SHRINKER_ZAP] == pytest.approx(g[at.DIRECT_RECLAIM]) == pytest.approx((21 - 0.02) / 2)
     assert g[at.NONE_FOUND] == 0 and g[at.SWAP_IN] == 0
 
 
@@ -184,7 +190,7 @@ def test_after_a_zap_the_guest_refaulting_for_one_more_probe_pass_is_zap_refault
     run.spike(c, 11.9, 3)  # in the next pass: refaulting
     run.spike(c, 12.3, 3)  # a pass later: not the zap's
     s = spikes_of(run)
-    assert s.loc[11.9, "causes"] == at.ZAP_REFAULT and s.loc[12.3, "causes"] == at.NONE_FOUND
+    assert s.loc[11.9, "causes"] == ZAP_REFAULT and s.loc[12.3, "causes"] == at.NONE_FOUND
 
 
 def test_debugfs_scans_are_shrinker_zaps_over_the_span_they_took():
@@ -192,7 +198,7 @@ def test_debugfs_scans_are_shrinker_zaps_over_the_span_they_took():
     c = run.cell("baseline", 1)
     run.scan(c, 11.100, seconds=0.08)
     run.spike(c, 11.050, 10)
-    assert spikes_of(run).loc[11.050, "causes"] == at.SHRINKER_ZAP
+    assert spikes_of(run).loc[11.050, "causes"] == SHRINKER_ZAP
 
 
 def _ab_run(zap_ms_baseline, other_ms, reps=4):
@@ -212,14 +218,14 @@ def test_ab_differences_add_up_and_the_zap_share_is_what_it_explains():
     run = _ab_run([40, 50, 60, 50], [5, 6, 5, 6])
     a = at.attribute(run.frames(), EXP, "baseline")
     ab = a.ab[(a.ab["phase"] == "global")].set_index("cause")
-    assert ab.loc[list(at.SHARES), "diff_ms"].sum() == pytest.approx(ab.loc["total", "diff_ms"])
-    assert ab.loc[at.SHRINKER_ZAP, "diff_ms"] == pytest.approx(50 - 0.02)
-    assert ab.loc[at.SHRINKER_ZAP, "share_of_diff"] == pytest.approx(1.0)
+    assert ab.loc[list(a.shares), "diff_ms"].sum() == pytest.approx(ab.loc["total", "diff_ms"])
+    assert ab.loc[SHRINKER_ZAP, "diff_ms"] == pytest.approx(50 - 0.02)
+    assert ab.loc[SHRINKER_ZAP, "share_of_diff"] == pytest.approx(1.0)
     assert ab.loc["total", "diff_ci_lo"] > 0
     steady = a.ab[(a.ab["phase"] == "steady") & (a.ab["cause"] == "total")]
     assert steady["diff_ms"].iloc[0] == 0  # no spike in a repetition is a 0, not a missing value
     t = a.table[(a.table["variant"] == "baseline") & (a.table["phase"] == "global")].set_index("cause")
-    assert t["all_spikes"].iloc[0] == 8 and t.loc[at.SHRINKER_ZAP, "spikes"] == 4
+    assert t["all_spikes"].iloc[0] == 8 and t.loc[SHRINKER_ZAP, "spikes"] == 4
     assert t["share"].sum() == pytest.approx(1.0)
 
 

@@ -236,11 +236,14 @@ def test_compare_names_the_rows_it_cannot_compare(run, tmp_path):
 
 def test_timeline_and_counters_show_every_repetition_or_the_one_asked_and_no_shrinker_is_said(run):
     from harness.errors import HarnessError
-    from harness.report.plots import _cells, _has_shrinker
+    from harness.hypotheses import get
+    from harness.report.plots import _absent, _cells
 
     frames = analyze(run, rebuild_tables=True).frames
     assert _cells(frames, "baseline", None) == [(1, "baseline.r1")] and _cells(frames, "baseline", 2) == []
-    assert _has_shrinker(frames, "baseline.r1") and not _has_shrinker(frames, "patched.r1")
+    shrinker = get("kvm-mmu-shrinker")
+    assert _absent(frames, "baseline.r1", shrinker) is None
+    assert _absent(frames, "patched.r1", shrinker) == "no x86-mmu shrinker in this kernel"
     with pytest.raises(HarnessError, match="no repetition 2 \\(it has 1\\)"):
         generate(run, repetition=2)
 

@@ -13,6 +13,8 @@ import time
 from harness.guest import sampler
 from harness.guest.sampler import qemu_counters, qemu_guests, trace_record
 
+KVM = ("mmu_shrink_scan",)  # the shrink function the kvm-mmu-shrinker hypothesis names
+
 GUESTS = {340: "l1-0"}
 SHRINK = (
     "mmu_shrink_scan+0x0/0x2a0 [kvm] 00000000c0ffee00: nid: 0 objects to shrink 0 gfp_flags GFP_KERNEL "
@@ -22,15 +24,15 @@ SHRINK = (
 
 def test_shrinker_calls_are_kept_with_who_made_them_and_other_shrinkers_are_not():
     line = f"       kswapd0-31      (     31) [001] .....   12.500000: mm_shrink_slab_start: {SHRINK}"
-    rec = trace_record(line, GUESTS, 0)
+    rec = trace_record(line, GUESTS, 0, KVM)
     assert rec is not None and rec.kind == "shrink_start" and rec.comm == "kswapd0" and rec.pid == 31
     assert rec.t == 12_500_000_000 and rec.fields["cache_items"] == 912 and rec.fields["total_scan"] == 12
     end = "mmu_shrink_scan+0x0/0x2a0 [kvm] 00000000c0ffee00: nid: 0 unused scan count 0 new scan count 0 total_scan 0 last shrinker return val 12"  # noqa: E501
-    rec = trace_record(f"sh-77 [000] ..... 13.000001: mm_shrink_slab_end: {end}", GUESTS, 1_000)  # no tgid column
+    rec = trace_record(f"sh-77 [000] ..... 13.000001: mm_shrink_slab_end: {end}", GUESTS, 1_000, KVM)  # no tgid column
     assert rec is not None and rec.kind == "shrink_end" and rec.fields["freed"] == 12
     assert rec.t == 13_000_002_000
     other = SHRINK.replace("mmu_shrink_scan+0x0/0x2a0 [kvm]", "super_cache_scan+0x0/0x1f0")
-    assert trace_record(f"kswapd0-31 (31) [001] ..... 12.6: mm_shrink_slab_start: {other}", GUESTS, 0) is None
+    assert trace_record(f"kswapd0-31 (31) [001] ..... 12.6: mm_shrink_slab_start: {other}", GUESTS, 0, KVM) is None
 
 
 def test_direct_reclaim_is_kept_for_a_guests_qemu_threads_only():
@@ -76,12 +78,12 @@ def test_each_vms_zap_steps_are_logged_with_its_guest_and_interval(tmp_path, mon
     out = tmp_path / "zaps.jsonl"
     zaps = sampler.ZapFollower(str(out), GUESTS, 0.1)
     zaps.observe(1_000, sampler.vm_stats())  # first sight
-    zaps.shrinker_ran()
+    zaps.shrink_ran()
     zaps.observe(2_000, sampler.vm_stats())  # no rise
     fake_vms(tmp_path, monkeypatch, 9, 0)
     zaps.observe(3_000, sampler.vm_stats())  # a rise, no call: a guest's own page-table writes, say
     fake_vms(tmp_path, monkeypatch, 49, 3)
-    zaps.shrinker_ran()
+    zaps.shrink_ran()
     zaps.observe(500_003_000, sampler.vm_stats())
     steps = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(steps) == 1 and steps[0]["guest"] == "l1-0" and steps[0]["kind"] == "vm_zap"
@@ -89,7 +91,7 @@ def test_each_vms_zap_steps_are_logged_with_its_guest_and_interval(tmp_path, mon
     assert steps[0]["t"] == 500_003_000
 
 
-def test_zap_counters_are_read_when_the_shrinker_ran_not_polled(tmp_path, monkeypatch):
+def test_zap_counters_are_read_when_a_shrink_call_ran_not_polled(tmp_path, monkeypatch):
     """Between shrinker calls nothing is read (the samples aside); after one, a read within interval_s; in a burst
     of calls, no more often than interval_s."""
     fake_vms(tmp_path, monkeypatch, 5, 0)
@@ -111,7 +113,7 @@ def test_zap_counters_are_read_when_the_shrinker_ran_not_polled(tmp_path, monkey
     fake_vms(tmp_path, monkeypatch, 45, 3)
     t0 = time.monotonic()
     for _ in range(50):  # a burst of calls over 0.5 s
-        zaps.shrinker_ran()
+        zaps.shrink_ran()
         time.sleep(0.01)
     time.sleep(0.3)
     stop.set()

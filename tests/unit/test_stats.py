@@ -62,29 +62,29 @@ def test_known_shift_is_worse_and_identical_is_no_difference():
         rows += _hist_samples(rng, "patched", rep, 10000, n_intervals=5)
     samples = pd.DataFrame(rows)
     m = stats.repetition_metrics(samples, pd.DataFrame())
-    ab = stats.ab_table(m, "baseline", tcg=False, baseline_shrinker_ran=True)
+    ab = stats.ab_table(m, "baseline", tcg=False)
     p99 = ab[ab["metric"] == "touch p99 (us)"].iloc[0]
     assert p99["verdict"] == "worse"
     assert p99["change_ci_lo"] > 50  # true change ~ +90% (p99 of scale 10000 vs 5000, +1000 offset)
     same = m[m["variant"] == "baseline"].copy()
     same2 = same.copy()
     same2["variant"] = "patched"
-    ab2 = stats.ab_table(pd.concat([same, same2]), "baseline", tcg=False, baseline_shrinker_ran=True)
+    ab2 = stats.ab_table(pd.concat([same, same2]), "baseline", tcg=False)
     assert set(ab2["verdict"]) == {"no significant difference"}
-    assert stats.ab_table(same, "baseline", tcg=False, baseline_shrinker_ran=True).empty  # the baseline alone
+    assert stats.ab_table(same, "baseline", tcg=False).empty  # the baseline alone
 
 
 def test_inconclusive_says_why():
     c = stats.compare(np.array([1.0, 1.1, 0.9]), np.array([2.0, 2.1, 1.9]))
-    v, why = stats.verdict(c, baseline_shrinker_ran=False)
+    v, why = stats.verdict(c, precondition="the baseline never ran the x86-mmu shrinker")
     assert v == "inconclusive" and "never ran" in why and "worse" in why
-    v, why = stats.verdict(stats.compare(np.array([1.0]), np.array([2.0])), baseline_shrinker_ran=True)
+    v, why = stats.verdict(stats.compare(np.array([1.0]), np.array([2.0])))
     assert v == "inconclusive" and "too few repetitions" in why
-    v, _ = stats.verdict(c, baseline_shrinker_ran=True)
+    v, _ = stats.verdict(c)
     assert v == "worse"  # 3 vs 3, Welch p on the logs < 0.05: the platform is no reason (it is a label)
     assert c.mwu_p == 0.1  # what Mann-Whitney alone could never call at 3 vs 3
     c = stats.compare(np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0]))
-    v, why = stats.verdict(c, baseline_shrinker_ran=True)
+    v, why = stats.verdict(c)
     assert v == "inconclusive" and "no log scale" in why
 
 
