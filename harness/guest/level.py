@@ -8,6 +8,7 @@ import ctypes
 import fcntl
 import glob
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -89,8 +90,9 @@ def level_facts(plan: GuestPlan) -> LevelFacts:
         mod, name = p.split("/")[3], os.path.basename(p)
         if os.access(p, os.R_OK):
             params[f"{mod}.{name}"] = read(p)[:200]
-    shrinkers = glob.glob("/sys/kernel/debug/shrinker/x86-mmu-*")
+    shrinkers = sorted(glob.glob("/sys/kernel/debug/shrinker/*"))[:500]
     kallsyms = read("/proc/kallsyms")
+    functions = plan.schedule.sampler.shrink_functions if plan.schedule else []
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
     return LevelFacts(
         name=plan.name,
@@ -102,8 +104,8 @@ def level_facts(plan: GuestPlan) -> LevelFacts:
         kvm_params=params,
         runs_on_kvm="Hypervisor detected: KVM" in kmsg,
         hypervisor_line=next((l for l in kmsg.splitlines() if "Hypervisor detected" in l), None),
-        x86_mmu_shrinker_dirs=[os.path.basename(s) for s in shrinkers],
-        mmu_shrink_scan_in_kallsyms=" mmu_shrink_scan" in kallsyms,
+        shrinker_dirs=[os.path.basename(s) for s in shrinkers],
+        functions_in_kallsyms=[f for f in functions if re.search(rf" {re.escape(f)}(\s|$)", kallsyms, re.M)],
         mem_total_kb=int(mem.get("MemTotal", "0 kB").split()[0]),
         swap_total_kb=int(mem.get("SwapTotal", "0 kB").split()[0]),
         memory_reclaim_root=os.path.exists("/sys/fs/cgroup/memory.reclaim"),

@@ -190,7 +190,10 @@ class WorkloadRun(Written):
 
 @dataclass
 class LevelFacts(Record):
-    """What makes a level's numbers mean what they say (facts.json): KVM, nesting, TDP, who runs it."""
+    """What makes a level's numbers mean what they say (facts.json): KVM, nesting, TDP, who runs it, which shrinkers
+    it registers. (Older runs listed only one shrinker's directories, under another name: ALIASES.)"""
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"x86_mmu_shrinker_dirs": "shrinker_dirs"}
 
     name: str
     level: str
@@ -201,17 +204,11 @@ class LevelFacts(Record):
     kvm_params: dict[str, str] = field(default_factory=dict)
     runs_on_kvm: bool | None = None
     hypervisor_line: str | None = None
-    x86_mmu_shrinker_dirs: list[str] = field(default_factory=list)
-    mmu_shrink_scan_in_kallsyms: bool | None = None
+    shrinker_dirs: list[str] = field(default_factory=list)  # every shrinker's debugfs directory (SHRINKER_DEBUG)
+    functions_in_kallsyms: list[str] = field(default_factory=list)  # which of its sampler's shrink functions it has
     mem_total_kb: int | None = None
     swap_total_kb: int | None = None
     memory_reclaim_root: bool | None = None
     cmdline: str | None = None
     clocksource: str | None = None
     rootfs: str | None = None
-
-    @property
-    def has_kvm_shrinker(self) -> bool:
-        """Its debugfs directory where the kernel has CONFIG_SHRINKER_DEBUG (a distribution's may not), else its
-        scan function in the kernel's symbols (the patch removes it)."""
-        return bool(self.x86_mmu_shrinker_dirs or self.mmu_shrink_scan_in_kallsyms)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..guest import modes
 from ..guest.modes.base import Counters
+from ..guest.modes.shrinker_scan import kvm_shrinker_in
 from ..guest.records import LevelFacts
 from .base import ANY, OWN, WINDOW_COLUMNS, Hypothesis, Line, PhaseView, pairs, refault_windows
 
@@ -69,7 +70,7 @@ class KvmMmuShrinker(Hypothesis):
     timeline_axis = "shrinker activity"
 
     def absent(self, facts: LevelFacts | None) -> str | None:
-        return "no x86-mmu shrinker in this kernel" if facts is not None and not facts.has_kvm_shrinker else None
+        return "no x86-mmu shrinker in this kernel" if facts is not None and not kvm_shrinker_in(facts) else None
 
     def cause_windows(self, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         """Its calls that freed shadow pages (begin to end), every debugfs scan write (no tracepoints there, so no
@@ -88,7 +89,7 @@ class KvmMmuShrinker(Hypothesis):
     def columns(self, view: PhaseView) -> dict[str, Any]:
         trace, own, c, vms = view.trace, view.pressure, view.counters, view.vms
         return {
-            "shrinker_present": view.facts.has_kvm_shrinker if view.facts else None,
+            "shrinker_present": kvm_shrinker_in(view.facts) if view.facts else None,
             # calls seen by the vmscan tracepoints, plus direct calls through the debugfs scan file (which bypasses
             # do_shrink_slab and so its tracepoints)
             "shrinker_calls": int((trace["kind"] == "shrink_start").sum() + (own["kind"] == "shrinker_scan").sum()),

@@ -157,3 +157,16 @@ def test_a_run_that_fails_or_says_nothing_names_why_with_its_last_lines(tmp_path
 def test_a_metric_that_is_better_higher_is_worse_when_it_falls():
     c = stats.compare(np.array([100.0, 101, 99]), np.array([50.0, 51, 49]))
     assert stats.verdict(c, better="higher")[0] == "worse" and stats.verdict(c)[0] == "better"
+
+
+def test_a_selftest_the_source_lacks_is_refused_naming_its_version(tmp_path):
+    from harness.errors import BuildError
+    from harness.kernel import selftests
+
+    kvm = tmp_path / "tree" / selftests.KVM
+    (kvm / "x86_64").mkdir(parents=True)
+    (kvm / "dirty_log_perf_test.c").write_text("")
+    (kvm / "x86_64" / "nx_huge_pages_test.c").write_text("")
+    assert selftests.source_of(tmp_path / "tree", "nx_huge_pages_test").as_posix() == "x86_64/nx_huge_pages_test.c"
+    with pytest.raises(BuildError, match=r"Linux 6\.1\.192\) has no KVM selftest 'eager_split_test'.*dirty_log_perf"):
+        selftests.build(tmp_path / "tree", ["eager_split_test"], tmp_path / "cache", 1, "variant mine", "6.1.192")
