@@ -123,9 +123,8 @@ def shard(text: str) -> tuple[int, int]:
 
 def run(request: Request, report: bool = False) -> int:
     from .analysis import analyze
-    from .analysis.stats import VALIDITY
     from .config import check_output, describe
-    from .report import generate, render
+    from .report import generate
     from .results.manifest import Manifest
     from .run.run_dir import find_run_dir
     from .run.runner import Runner
@@ -150,7 +149,7 @@ def run(request: Request, report: bool = False) -> int:
         raise
     if report:
         written = generate(run_dir)
-        print(f"verdict ({VALIDITY[written.manifest.tcg]}):\n\n{render.verdict_markdown(written.ab)}\n")
+        print((run_dir / "report.txt").read_text())
         print(f"report: {written.html}")
     result = written if report else analyze(run_dir, rebuild_tables=True)
     print(f"run directory: {run_dir}")
@@ -181,7 +180,9 @@ def conclusion(result) -> int:
 def report(request: Request) -> int:
     from .report import generate
 
-    print(f"report: {generate(Path(str(request.run)), repetition=request.repetition).html}")
+    written = generate(Path(str(request.run)), repetition=request.repetition)
+    print((written.run_dir / "report.txt").read_text())
+    print(f"report: {written.html}")
     return 0
 
 

@@ -13,7 +13,7 @@ from .. import hypotheses
 from ..config import Experiment
 from ..results import tables as results
 from ..results.manifest import Manifest, cell_record
-from . import health, stats
+from . import health, outcomes, stats
 from .attribution import Attribution, attribute
 from .evidence import inapplicable, phase_evidence, undelivered
 
@@ -35,6 +35,8 @@ class Analysis:
     unmeasured: list[str]  # variants of the plan without a single latency sample or workload metric
     frames: dict[str, pd.DataFrame]  # the run's tables (results.TABLES)
     metrics: pd.DataFrame  # one value per variant x repetition x phase x level x metric (what `ab` compares)
+    outcomes: pd.DataFrame  # per variant: boots that crashed, warned, stalled, against the baseline (outcomes.py)
+    crash_signatures: pd.DataFrame  # each distinct crash per variant: how many boots, where
 
     @property
     def conclusive(self) -> bool:
@@ -77,6 +79,8 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
     health_rows = health.health_table(frames, records, manifest.baseline)
     attr = attribute(frames, exp, manifest.baseline)
     guest_view = stats.guest_view(frames["passes"])
+    outcome_rows = outcomes.outcome_table(frames["crashes"], cells, variants, manifest.baseline)
+    crash_rows = outcomes.signatures(frames["crashes"])
     for name, df in (("spikes", attr.spikes), ("attribution", attr.table)):
         df.to_parquet(run_dir / "tables" / f"{name}.parquet", index=False)
     for name, df in (
@@ -89,6 +93,8 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
         ("spikes", attr.spikes),
         ("attribution", attr.table),
         ("attribution_ab", attr.ab),
+        ("outcomes", outcome_rows),
+        ("crash_signatures", crash_rows),
     ):
         df.to_csv(run_dir / "tables" / f"{name}.csv", index=False)
     return Analysis(
@@ -107,4 +113,6 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
         unmeasured,
         frames,
         metrics,
+        outcome_rows,
+        crash_rows,
     )

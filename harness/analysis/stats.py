@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -288,6 +289,17 @@ def verdict(c: Comparison, *, precondition: str | None = None, better: str = "lo
     return said, ""
 
 
+def _after_uncomparable(out: pd.DataFrame, phases: list[str]) -> pd.DataFrame:
+    """A phase right after one that is not comparable (pressure on one side only) measures that pressure's
+    aftermath on one side only: it says so instead of giving a verdict of its own."""
+    for before, phase in itertools.pairwise(phases):
+        for variant in out.loc[(out["phase"] == before) & (out["verdict"] == "not comparable"), "variant"].unique():
+            mine = (out["phase"] == phase) & (out["variant"] == variant) & (out["verdict"] != "not comparable")
+            out.loc[mine, "reason"] = f"follows {before}, which is not comparable: its aftermath is on one side only"
+            out.loc[mine, "verdict"] = "not comparable"
+    return out
+
+
 def ab_table(
     metrics: pd.DataFrame,
     baseline: str,
@@ -336,7 +348,7 @@ def ab_table(
             )
     if not rows:  # the baseline alone: nothing to compare
         return pd.DataFrame()
-    out = pd.DataFrame(rows)
+    out = _after_uncomparable(pd.DataFrame(rows), phases or [])
     out["validity"] = VALIDITY[tcg]
     rank = {p: i for i, p in enumerate(phases or [])}
     metric_rank = {m: i for i, m in enumerate(dict.fromkeys(metrics["metric"]))}

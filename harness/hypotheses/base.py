@@ -109,6 +109,12 @@ class Hypothesis:
         """The report's evidence section as Markdown lines; text() escapes what a guest could have written."""
         return []
 
+    primary = ""  # the metric (a part of its name) that answers the question, where the schedule has it
+
+    def brief(self, evidence: pd.DataFrame, phase: str, baseline: str, variant: str) -> str:
+        """The mechanism's evidence in one phase, baseline against the variant, in a few words."""
+        return ""
+
     def beside_published(self, ab: pd.DataFrame) -> list[str]:
         """What this run's verdict rows say beside a published figure of the same mechanism, if there is one."""
         return []

@@ -48,6 +48,12 @@ class EagerPageSplit(Hypothesis):
             "first_pass_s": _median(view.workload_metrics, FIRST_PASS),
         }
 
+    primary = FIRST_PASS
+
+    def brief(self, evidence: pd.DataFrame, phase: str, baseline: str, variant: str) -> str:
+        at = evidence[evidence["phase"] == phase].groupby("variant")["enable_dirty_log_s"].median() * 1e3
+        return f"enabling dirty logging {at.get(baseline, math.nan):.1f} v {at.get(variant, math.nan):.1f} ms"
+
     def precondition(self, evidence: pd.DataFrame, baseline: str) -> str | None:
         base = evidence[evidence["variant"] == baseline]
         if base.empty or not (base["huge_mappings_peak"].fillna(0) > 0).any():

@@ -100,6 +100,13 @@ class KvmMmuShrinker(Hypothesis):
             "l2_vm_recycled": _vm_rise(c, vms, "mmu_recycled") if vms else math.nan,
         }
 
+    primary = "touch p99.9"
+
+    def brief(self, evidence: pd.DataFrame, phase: str, baseline: str, variant: str) -> str:
+        at = evidence[evidence["phase"] == phase]
+        calls = [int(at.loc[at["variant"] == v, "shrinker_calls"].sum()) for v in (baseline, variant)]
+        return f"shrinker calls {calls[0]} v {calls[1]}"
+
     def precondition(self, evidence: pd.DataFrame, baseline: str) -> str | None:
         return None if ran(evidence, baseline) else "the baseline never ran the x86-mmu shrinker"
 

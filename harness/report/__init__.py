@@ -18,6 +18,7 @@ from ..errors import HarnessError
 from ..results.manifest import Manifest
 from . import plots, render
 from .markdown import report_markdown
+from .summary import summary_text
 
 __all__ = ["Report", "compare_runs", "generate"]
 
@@ -73,6 +74,7 @@ def generate(run_dir: Path, rebuild_tables: bool = True, repetition: int | None 
         (attributed, lambda: plots.plot_excess(report.attribution, report.manifest, plots_dir / "excess_by_cause.png")),
     ]
     report.plots = [make() for wanted, make in draw if wanted]
+    (report.run_dir / "report.txt").write_text(summary_text(report, report.html))
     md = report_markdown(report, report.plots)
     (report.run_dir / "report.md").write_text(md)
     report.html.write_text(render.html(md, report.plots))

@@ -10,6 +10,7 @@ from ..analysis import Analysis, health, stats
 from ..analysis.attribution import clock_summary
 from . import render
 from .evidence import evidence_summary
+from .summary import answer_lines
 
 
 def report_markdown(r: Analysis, plots: list[Path]) -> str:
@@ -28,6 +29,11 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             "",
             f"> {m.accel.banner}",
             "",
+            f"**Validity: {stats.VALIDITY[m.tcg]}.** The answer, pressure phases first (each variant against the "
+            f"baseline `{m.baseline}`; `report.txt` has it in plain text):",
+            "",
+            *[f"- {render.text(line)}" for line in answer_lines(r)],
+            "",
             *_first_screen(r),
             *(_attribution_screen(r) if probe and hypothesis.attribution else []),
             f"Topology `{m.topology}`; variants "
@@ -43,8 +49,6 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             f"per repetition; each variant against the baseline (`{m.baseline}`). *worse* = a change the metric's "
             "own way of being better says is for the worse.",
             "",
-            f"**Validity: {stats.VALIDITY[m.tcg]}.**",
-            "",
             render.verdict_markdown(r.ab),
             "",
             f"## Evidence: what {hypothesis.mechanism} did",
@@ -52,6 +56,15 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             *evidence_summary(r.evidence, m.baseline, hypothesis, r.ab),
             "",
             *(_probe_sections(r) if probe else []),
+            "## Crashes, stalls and warnings",
+            "",
+            "Every boot (every attempt at a cell, retried or not) whose kernels - under test, L1 or L2 - logged a "
+            "panic, oops, BUG, WARN, RCU stall, soft lockup or hung task, against the baseline's boots (Fisher's "
+            "exact test); each distinct one by its signature (its kind, first line and top frames, normalised). "
+            "Table: `tables/crashes.*`.",
+            "",
+            render.outcomes_markdown(r.outcomes),
+            "",
             "## Pressure delivered, per phase",
             "",
             render.delivery_markdown(r.evidence),
@@ -142,8 +155,9 @@ def _attribution_screen(r: Analysis) -> list[str]:
 
 
 def _first_screen(r: Analysis) -> list[str]:
-    """What makes this run's comparison weaker than it looks: said before the verdict."""
-    lines = []
+    """Crashes first (a crash of a kernel under test is a result), then what makes this run's comparison weaker
+    than it looks: said before the verdict."""
+    lines = render.crash_lines(r.crash_signatures, r.outcomes)
     for v in r.unmeasured:
         lines.append(
             f"- **No latency samples from {render.code(v)}**: the A/B table cannot compare it (see Health and cells)."

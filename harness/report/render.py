@@ -246,3 +246,39 @@ def html(md: str, plots: list[Path] | None = None) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>nestpress report</title>"
         f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
     )
+
+
+def crash_lines(signatures: pd.DataFrame, outcomes: pd.DataFrame) -> list[str]:
+    """The first screen's line per distinct crash, stall or warning: what, on which variant, in how many of its
+    boots, where and when; whether a retry went on after it."""
+    boots = dict(zip(outcomes["variant"], outcomes["boots"])) if not outcomes.empty else {}
+    out = []
+    for r in signatures.to_dict("records"):
+        where = str(r["levels"]) + (f", during {r['phases']}" if r["phases"] else "")
+        again = "; the cell was retried: the latency comparison went on without it" if r["retried"] else ""
+        at = f" (at {text(r['frames'])})" if r["frames"] else ""
+        out.append(
+            f"- **{str(r['kind']).upper()}** on {code(r['variant'])} in {r['boots']} of "
+            f"{boots.get(r['variant'], '?')} boots ({text(where)}): {text(r['said'])}{at} - signature "
+            f"{code(r['signature'])}{again}"
+        )
+    return out
+
+
+def outcomes_markdown(outcomes: pd.DataFrame) -> str:
+    if outcomes.empty:
+        return "_no boots_"
+    rows = [
+        {
+            "variant": r.variant,
+            "boots": r.boots,
+            "crashed": r.crashed,
+            "warned": r.warned,
+            "stalled": r.stalled,
+            "any kernel report": r.reported,
+            "OOM kills": r.oom_kills,
+            "Fisher p (reports vs baseline)": fmt_p(r.fisher_p),
+        }
+        for r in outcomes.itertuples()
+    ]
+    return table(rows)

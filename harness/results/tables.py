@@ -15,6 +15,9 @@
             comm, asked, freed) and guests' QEMUs in direct reclaim (guest, nr_reclaimed)
   vm_zaps   steps of each VM's shadow-page zap counters: source (sampler, scan), guest (whose QEMU runs the VM),
             t0, t1, zapped, recycled
+  crashes   every panic, oops, BUG, WARN, stall and OOM kill any level's kernel logged, in every attempt (attempt:
+            its directory, retried: a failed attempt kept aside): kind, what it said, its top frames, its signature,
+            when (uptime_s of that level; phase) - results/crashes.py
   runs      one row per run of a workload (workload.runs): level, guest, workload, run, t0, t1, phase (the one it
             lay in from start to end; "across" where it spanned two), status, stopped, error and its output's tail
   workload_metrics  each metric a run gave: metric, unit, better (lower / higher), value, with the run's columns
@@ -30,6 +33,7 @@ contract record: what does not fit is a problem of its cell, said, never a row.
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ from ..errors import ResultsError
 from ..guest.contract import EventKind
 from ..guest.records import Event, LevelFacts
 from ..util import warn
+from . import crashes
 from .clocks import GuestClock, clock_samples
 from .guest_files import DIR_DEPTH, Problems, json_object, present, records, walk
 from .manifest import CellEntry, Manifest, cell_complete, cell_record
@@ -61,6 +66,8 @@ COLUMNS = {  # fixed, so that a run that measured nothing yet still has well-for
     + ["kind", "t", "pid", "comm", "guest", "cache_items", "total_scan", "delta", "freed"]
     + ["nr_reclaimed"],
     "vm_zaps": _CELL + ["source", "guest", "t0", "t1", "zapped", "recycled"],
+    "crashes": _CELL
+    + ["attempt", "retried", "level", "guest", "kind", "said", "frames", "signature", "uptime_s", "line", "phase"],
     "runs": _CELL + ["level", "guest", "workload", "run", "t0", "t1", "phase", "status", "stopped", "error", "tail"],
     "workload_metrics": _CELL
     + ["level", "guest", "workload", "run", "phase", "t", "metric", "unit", "better", "value"],
@@ -237,6 +244,23 @@ def cell_status(run_dir: Path, cell: CellEntry, host: str, problems: Problems) -
     }
 
 
+def attempts(run_dir: Path, cell: CellEntry) -> list[tuple[str, Path]]:
+    """A cell's attempt directories: each failed one kept aside (failed/<cell>.<time>), then its own."""
+    kept = sorted((run_dir / "failed").glob(f"{glob.escape(cell.id)}.*")) if (run_dir / "failed").is_dir() else []
+    out = [(f"failed/{d.name}", d) for d in kept if d.is_dir() and not d.is_symlink()]
+    d = run_dir / "cells" / cell.id
+    return out + ([("final", d)] if d.is_dir() and not d.is_symlink() else [])
+
+
+def cell_crashes(run_dir: Path, cell: CellEntry, problems: Problems) -> list[dict]:
+    base = {"variant": cell.variant, "repetition": cell.repetition, "cell": cell.id}
+    rows = []
+    for name, d in attempts(run_dir, cell):
+        found = crashes.scan_attempt(d, guest_dirs(d, problems), problems)
+        rows += [{**base, "attempt": name, "retried": name != "final", **c} for c in found]
+    return rows
+
+
 def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
     """Build every table from the cell directories and write them; returns the frames."""
     manifest_path = run_dir / "manifest.json"
@@ -250,6 +274,7 @@ def collect(run_dir: Path) -> dict[str, pd.DataFrame]:
         if d.is_dir() and not d.is_symlink():
             for table, r in collect_cell(d, cell, problems).items():
                 rows[table].extend(r)
+        rows["crashes"] += cell_crashes(run_dir, cell, problems)
         status = cell_status(run_dir, cell, manifest.cell_hosts.get(cell.id, "local"), problems)
         rows["cells"].append(status)
         if status["status"] != "complete":

@@ -8,7 +8,6 @@ failure: a guest that stalled for minutes measured its stall, not the patch.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,29 +15,23 @@ import numpy as np
 import pandas as pd
 
 from ..config import Checks
+from ..results import crashes
 from ..results.guest_files import GuestFileError, Problems, read_text
 from ..results.tables import guest_dirs, level_facts
 
-# what a guest kernel prints when it stopped making progress (kernel/rcu/tree_stall.h, kernel/watchdog.c,
-# kernel/hung_task.c); under TCG a vCPU starved by its host thread shows the same way
-STALL = re.compile(
-    r"rcu: INFO: rcu_\w+ (?:self-)?detected stalls?|rcu_\w+ kthread timer wakeup didn't happen|"
-    r"Possible timer handling issue|watchdog: BUG: soft lockup|INFO: task \S+ blocked for more than"
-)
-KMSG_LIMIT = 8 << 20
-
 
 def stalls(cell_dir: Path) -> list[str]:
-    """The stall reports in every level's kernel log of a cell, 'guest-dir: [time] line' (at most 3 per log)."""
+    """The stall reports (results/crashes.py: RCU stalls, soft lockups, hung tasks) in every level's kernel log of
+    a cell, 'guest-dir: [time] line' (at most 3 per log)."""
     out = []
-    for log in sorted(d / "kmsg.log" for _, _, d in guest_dirs(cell_dir, Problems())):
+    for _, _, d in guest_dirs(cell_dir, Problems()):
         try:
-            text = read_text(log, limit=KMSG_LIMIT, tail=KMSG_LIMIT)
+            text = read_text(d / "kmsg.log", limit=crashes.LOG_LIMIT, tail=crashes.LOG_LIMIT)
         except GuestFileError:
             continue
-        hits = [line.strip() for line in text.splitlines() if STALL.search(line)]
-        where = log.parent.relative_to(cell_dir).as_posix()
-        out += [f"{'kut' if where == '.' else where}: {line[:200]}" for line in hits[:3]]
+        hits = [c for c in crashes.scan_log(text) if c.kind in crashes.STALLS]
+        where = d.relative_to(cell_dir).as_posix()
+        out += [f"{'kut' if where == '.' else where}: {c.line[:200]}" for c in hits[:3]]
     return out
 
 

@@ -26,7 +26,10 @@ from ..machine import initramfs
 from ..machine.doctor import doctor
 from ..machine.host import decide_environment
 from ..machine.memory_group import export_model
+from ..results import crashes
+from ..results.guest_files import Problems
 from ..results.manifest import AccelRecord, CellEntry, CellRecord, Manifest, cell_complete, record_path
+from ..results.tables import guest_dirs
 from ..util import console, default_cache, log, python_for_guests, warn
 from .cell import Attempt, Progress, RunContext
 from .run_dir import harness_commit, lock_run_dir
@@ -201,7 +204,10 @@ class Runner:
             started = time.monotonic()
             progress = Progress(k, n, t0, self._estimate(cell))
             try:
-                result = Attempt(self.ctx, cell, build, cell_dir, progress).run()
+                try:
+                    result = Attempt(self.ctx, cell, build, cell_dir, progress).run()
+                finally:
+                    say_crashes(cell.id, attempt, cell_dir)
             except PressureError as e:
                 CellRecord(status="failed", attempt=attempt, errors=[*errors, str(e)], fatal=True).save(record)
                 raise
@@ -217,3 +223,13 @@ class Runner:
             result.save(record)
             return
         log(f"cell {cell.id}: gave up after {attempts} attempt(s); the report will list it as missing", style="red")
+
+
+def say_crashes(cell: str, attempt: int, cell_dir: Path) -> None:
+    """Say on the terminal, as soon as an attempt ends, every crash, stall or warning its kernels logged: a retry
+    goes on measuring, but never hides one (the `crashes` table and the report's first screen keep them)."""
+    problems = Problems()
+    for c in crashes.scan_attempt(cell_dir, guest_dirs(cell_dir, problems), problems):
+        if c["kind"] != "oom-kill":
+            where = f" during {c['phase']}" if c["phase"] else ""
+            warn(f"cell {cell} attempt {attempt}: {c['guest']} logged a {c['kind']}{where}: {c['said'][:160]}")

@@ -45,7 +45,7 @@ def eager(builds, qemu, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     cmd = [sys.executable, "-m", "harness", *"experiment --config eager-split-ab --run-id eager".split()]
     cmd += ["--output", str(out), "--set", "workload.runs=" + json.dumps([DIRTY_LOG, COMMAND])]
-    cmd += ["--set", "phases.steady.duration_s=32"]  # one selftest run, beside the command's, fits in it
+    cmd += ["--set", "phases.steady.duration_s=40"]  # a selftest run, beside the command's, fits in it with room
     r = subprocess.run(
         cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, COLUMNS="400")
     )

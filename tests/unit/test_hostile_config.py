@@ -18,7 +18,8 @@ def refused(overrides: list[str], says: str, config: str = "shrinker-ab") -> Non
     began = time.monotonic()
     with pytest.raises(ConfigError) as e:
         load(config, overrides)
-    assert says in str(e.value) and time.monotonic() - began < 1, str(e.value)
+    # refused, not expanded: a bomb that got through would take minutes and gigabytes, not a loaded machine's second
+    assert says in str(e.value) and time.monotonic() - began < 15, str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,7 @@ def test_every_number_has_the_bound_a_real_experiment_needs(override, says):
     refused([override], says)
 
 
-def test_a_yaml_alias_bomb_and_a_deep_list_are_refused_in_well_under_a_second(tmp_path):
+def test_a_yaml_alias_bomb_and_a_deep_list_are_refused_before_they_expand(tmp_path):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
     )
@@ -55,7 +56,7 @@ def test_a_huge_matrix_is_counted_before_it_is_expanded():
     began = time.monotonic()
     with pytest.raises(ConfigError, match=r"^1200 cells, roughly \d+ h under TCG .*pass --yes"):
         load("shrinker-ab", [f"workload.probe.size_mb={sizes}", "repetitions=3"], limit=100)
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < 15  # counted, never expanded (expanding would take minutes)
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "not a config", "missing"])

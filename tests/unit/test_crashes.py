@@ -1,0 +1,63 @@
+"""Crash reports in kernel logs: each kind found, the same crash given the same signature wherever its addresses,
+CPUs and PIDs land, the top reliable frames kept, and a guest's control characters never passed on."""
+
+from harness.results.crashes import normalise, scan_log
+
+PANIC = """[   93.120001] BUG: TASK stack guard page was hit at 00000000a1b2c3d4 (stack is 0000000011223344..0000556677)
+[   93.120002] stack guard page: 0000 [#1] PREEMPT SMP NOPTI
+[   93.120003] CPU: 1 PID: 1234 Comm: qemu-system-x86 Not tainted 6.1.192 #1
+[   93.120004] RIP: 0010:asm_exc_page_fault+0x4/0x30
+[   93.120005] Call Trace:
+[   93.120006]  <#DF>
+[   93.120007]  ? die+0x31/0x80
+[   93.120008]  handle_stack_overflow+0x42/0x60
+[   93.120009]  exc_double_fault+0x105/0x1a0
+[   93.120010]  asm_exc_double_fault+0x1f/0x30
+[   93.120011]  kvm_mmu_page_fault+0x22/0x90
+[   93.200000] Kernel panic - not syncing: Fatal exception in interrupt
+[   93.200001] Kernel Offset: disabled
+[   93.200002] ---[ end Kernel panic - not syncing: Fatal exception in interrupt ]---
+"""
+WARN = """[   50.100000] ------------[ cut here ]------------
+[   50.100001] nestpress test: mmu_shrink_scan asked for 128
+[   50.100002] WARNING: CPU: {cpu} PID: {pid} at arch/x86/kvm/mmu/mmu.c:{line} mmu_shrink_scan+0x2e/0x1a0
+[   50.100003] Modules linked in:
+[   50.100004] RIP: 0010:mmu_shrink_scan+0x2e/0x1a0
+[   50.100005] Call Trace:
+[   50.100006]  <TASK>
+[   50.100007]  do_shrink_slab+0x13f/0x2c0
+[   50.100008]  shrink_debugfs_scan_write+0x{off}/0x1c0
+[   50.100009]  full_proxy_write+0x55/0x80
+[   50.100010]  vfs_write+0xc8/0x3a0
+"""
+STALLS = """[  102.539474] rcu: INFO: rcu_sched self-detected stall on CPU
+[  140.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu-system-x86:412]
+[  200.000000] INFO: task kworker/0:1:33 blocked for more than 120 seconds.
+[  300.000000] Out of memory: Killed process 612 (python3) total-vm:1000kB
+"""
+
+
+def test_a_bug_and_the_panic_it_caused_are_both_kept_with_their_frames():
+    bug, panic = scan_log(PANIC)
+    assert (bug.kind, panic.kind) == ("bug", "panic") and panic.said == "Fatal exception in interrupt"
+    assert bug.frames == "handle_stack_overflow < exc_double_fault < asm_exc_double_fault"  # `?` frames are guesses
+    assert bug.uptime_s == 93.120001 and bug.said.startswith("TASK stack guard page was hit")
+
+
+def test_the_same_warning_has_the_same_signature_wherever_it_lands():
+    a = scan_log(WARN.format(cpu=0, pid=345, line=6584, off="1a"))
+    b = scan_log(WARN.format(cpu=3, pid=9876, line=6590, off="2c"))
+    assert [c.kind for c in a] == ["warn"] and a[0].signature == b[0].signature
+    assert a[0].frames == "do_shrink_slab < shrink_debugfs_scan_write < full_proxy_write"
+    other = scan_log(WARN.format(cpu=0, pid=345, line=6584, off="1a").replace("mmu_shrink_scan+", "mmu_other+"))
+    assert other[0].signature != a[0].signature
+
+
+def test_stalls_and_oom_kills_are_named():
+    assert [c.kind for c in scan_log(STALLS)] == ["rcu-stall", "soft-lockup", "hung-task", "oom-kill"]
+    assert normalise("CPU#0 stuck for 22s! [qemu:412]") == normalise("CPU#1 stuck for 23s! [qemu:97]")
+
+
+def test_what_a_guest_printed_stays_text():
+    (c,) = scan_log("[ 1.0] Kernel panic - not syncing: \x1b[31mred\x07\n")
+    assert c.said == "?[31mred?" and c.line.isprintable()
