@@ -191,9 +191,7 @@ class WorkloadRun(Written):
 @dataclass
 class LevelFacts(Record):
     """What makes a level's numbers mean what they say (facts.json): KVM, nesting, TDP, who runs it, which shrinkers
-    it registers. (Older runs listed only one shrinker's directories, under another name: ALIASES.)"""
-
-    ALIASES: typing.ClassVar[dict[str, str]] = {"x86_mmu_shrinker_dirs": "shrinker_dirs"}
+    it registers. (Older runs listed only one shrinker's directories, under another name: from_guest reads it.)"""
 
     name: str
     level: str
@@ -212,3 +210,9 @@ class LevelFacts(Record):
     cmdline: str | None = None
     clocksource: str | None = None
     rootfs: str | None = None
+
+    @classmethod
+    def from_guest(cls, data: dict, where: str | None = None):
+        if isinstance(data, dict) and "x86_mmu_shrinker_dirs" in data and "shrinker_dirs" not in data:
+            data = {**data, "shrinker_dirs": data["x86_mmu_shrinker_dirs"]}
+        return super().from_guest(data, where)

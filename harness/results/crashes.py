@@ -118,20 +118,23 @@ def scan_log(text: str) -> list[Crash]:
     return out
 
 
-def _phases(kut_dir: Path, problems: Problems) -> list[tuple[str, int, int]]:
-    """(phase, start, end) on the kernel under test's clock (ns), from its events."""
+def _phases(kut_dir: Path, problems: Problems) -> list[tuple[str, int, int | None]]:
+    """(phase, start, end or None while it ran) on the kernel under test's clock (ns), from its events."""
     events = list(records(kut_dir / "events.jsonl", problems, kut_dir, Event.from_guest))
     starts = {e.phase: e.t for e in events if e.kind is EventKind.PHASE_START and e.phase}
     ends = {e.phase: e.t for e in events if e.kind is EventKind.PHASE_END and e.phase}
-    return sorted((p, t, ends.get(p, t)) for p, t in starts.items())
+    return sorted(((p, t, ends.get(p)) for p, t in starts.items()), key=lambda x: x[1])
 
 
-def _phase_at(phases: list[tuple[str, int, int]], t: int | None) -> str:
+def _phase_at(phases: list[tuple[str, int, int | None]], t: int | None) -> str:
+    """The phase a time fell in; without a time (a console without timestamps), the phase still running when the
+    log ended - a kernel that died mid-phase never logged its end."""
     if t is None:
-        return ""
-    if not phases or t < min(s for _, s, _ in phases):
+        return next((p for p, _, e in reversed(phases) if e is None), "")
+    if not phases or t < phases[0][1]:
         return "boot"
-    return next((p for p, s, e in phases if s <= t <= e), "between" if t <= max(e for *_, e in phases) else "after")
+    inside = next((p for p, s, e in phases if s <= t and (e is None or t <= e)), None)
+    return inside or ("between" if t <= max(e or s for _, s, e in phases) else "after")
 
 
 def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problems: Problems) -> list[dict]:

@@ -55,10 +55,10 @@ def test_a_panic_is_the_cells_outcome_said_at_once_and_never_a_traceback(crashed
 def test_a_warning_is_on_the_first_screen_for_its_variant_only(crashed):
     a = crashed["analysis"]
     c = a.frames["crashes"]
-    warns = c[c["kind"] == "warn"]
-    assert set(warns["variant"]) == {"warns"}, c[["variant", "kind", "said"]]
-    assert "arch/x86/kvm/mmu/mmu.c" in warns["said"].iloc[0] and warns["frames"].iloc[0]
-    assert c[c["variant"] == "baseline"].query("kind != 'oom-kill'").empty
+    ours = c[c["said"].str.contains("arch/x86/kvm/mmu/mmu.c", regex=False)]  # (L1's boot may WARN on its own)
+    assert set(ours["variant"]) == {"warns"} and set(ours["kind"]) == {"warn"}, c[["variant", "kind", "said"]]
+    assert set(ours["level"]) == {"kut"} and ours["frames"].iloc[0] and ours["phase"].iloc[0] == "shrinker-scan"
+    assert not c[c["variant"] == "baseline"]["said"].str.contains("nestpress test|mmu.c", regex=True).any()
     first = (crashed["run_dir"] / "report.md").read_text().split("## Verdict")[0]
     assert "**WARN** on `warns` in 1 of 1 boots" in first and "**PANIC** on `panics` in 1 of 1 boots" in first
     assert a.outcomes.set_index("variant").loc["warns", "warned"] == 1
