@@ -8,29 +8,15 @@ a module here; the core speaks of mechanism and evidence only. Each module defin
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..guest.registry import discover, lookup
 from .base import Hypothesis, PhaseView
 
 __all__ = ["HYPOTHESES", "Hypothesis", "PhaseView", "get"]
 
 
-def _discover() -> dict[str, Hypothesis]:
-    found: dict[str, Hypothesis] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name != "base" and not info.name.startswith("_"):
-            h = importlib.import_module(f"{__name__}.{info.name}").HYPOTHESIS
-            found[h.name] = h
-    return found
-
-
-HYPOTHESES = _discover()
+HYPOTHESES = discover(__name__, __path__, "HYPOTHESIS", "name")
 
 
 def get(name: str) -> Hypothesis:
     """The hypothesis of that name; a ValueError naming the known ones otherwise."""
-    try:
-        return HYPOTHESES[name]
-    except KeyError:
-        raise ValueError(f"unknown hypothesis {name!r} (known: {', '.join(HYPOTHESES)})") from None
+    return lookup(HYPOTHESES, name, "hypothesis")

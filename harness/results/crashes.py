@@ -69,18 +69,21 @@ def normalise(text: str) -> str:
 
 
 def _frames(lines: list[str], start: int) -> list[str]:
-    """The first reliable frames of the trace that follows a report (lines marked `?` are guesses)."""
-    out: list[str] = []
+    """The top frames of the trace that follows a report: the reliable ones, or where the kernel's unwinder marks
+    every frame `?` (a guess: no frame pointers, no ORC), those."""
+    sure: list[str] = []
+    guessed: list[str] = []
     for line in lines[start + 1 : start + 80]:
         body = STAMP.sub("", line[:LINE])
         if m := FRAME.match(body):
-            if not m.group(1) and m.group(2) not in out:
-                out.append(m.group(2))
-        elif out and not body.strip().startswith(("<", "RIP", "Code", "RSP", "R", "---")):
+            mine = guessed if m.group(1) else sure
+            if m.group(2) not in mine:
+                mine.append(m.group(2))
+        elif (sure or guessed) and not body.strip().startswith(("<", "RIP", "Code", "RSP", "R", "---")):
             break
-        if len(out) >= TOP_FRAMES:
+        if len(sure) >= TOP_FRAMES:
             break
-    return out
+    return (sure or guessed)[:TOP_FRAMES]
 
 
 def scan_log(text: str) -> list[Crash]:
@@ -126,11 +129,14 @@ def _phases(kut_dir: Path, problems: Problems) -> list[tuple[str, int, int | Non
     return sorted(((p, t, ends.get(p)) for p, t in starts.items()), key=lambda x: x[1])
 
 
-def _phase_at(phases: list[tuple[str, int, int | None]], t: int | None) -> str:
+def _phase_at(phases: list[tuple[str, int, int | None]], t: int | None, planned: list[str]) -> str:
     """The phase a time fell in; without a time (a console without timestamps), the phase still running when the
-    log ended - a kernel that died mid-phase never logged its end."""
+    log ended - a kernel that died mid-phase never logged its end - or else the next one planned (its pressure
+    actor starts a moment before the phase is logged)."""
     if t is None:
-        return next((p for p, _, e in reversed(phases) if e is None), "")
+        running = next((p for p, _, e in reversed(phases) if e is None), None)
+        started = {p for p, _, _ in phases}
+        return running or next((p for p in planned if p not in started), "")
     if not phases or t < phases[0][1]:
         return "boot"
     inside = next((p for p, s, e in phases if s <= t and (e is None or t <= e)), None)
@@ -141,6 +147,10 @@ def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problem
     """Rows of the `crashes` table for one attempt's directory (the cell's, or one kept in failed/); levels: its
     guests' (name, level, export directory), tables.guest_dirs()."""
     phases = _phases(attempt_dir, problems)
+    plan = json_object(attempt_dir / "plan.json", problems, attempt_dir) or {}
+    schedule = plan.get("schedule")
+    listed = schedule.get("phases", []) if isinstance(schedule, dict) else []
+    planned = [str(p.get("name")) for p in listed if isinstance(p, dict)][:1000] if isinstance(listed, list) else []
     rows = []
     for guest, level, d in levels:
         ready = json_object(d / "ready.json", problems, attempt_dir) or {}
@@ -158,5 +168,5 @@ def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problem
                 when = None
                 if c.uptime_s is not None and isinstance(t, int) and isinstance(up, (int, float)):
                     when = int(t + (c.uptime_s - up) * 1e9)
-                rows.append({"level": level, "guest": guest, **asdict(c), "phase": _phase_at(phases, when)})
+                rows.append({"level": level, "guest": guest, **asdict(c), "phase": _phase_at(phases, when, planned)})
     return rows

@@ -6,29 +6,18 @@ harness.guest.modes. Each module defines MODE, an instance of base.Mode.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+try:
+    from ..registry import discover, lookup
+except ImportError:  # in a guest: a top-level package
+    from registry import discover, lookup  # type: ignore[no-redef]
 from .base import Mode, PhaseEvidence, Sizes
 
 __all__ = ["MODES", "Mode", "PhaseEvidence", "Sizes", "get"]
 
 
-def _discover() -> dict[str, Mode]:
-    found: dict[str, Mode] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name != "base" and not info.name.startswith("_"):
-            mode = importlib.import_module(f"{__name__}.{info.name}").MODE
-            found[mode.name] = mode
-    return found
-
-
-MODES = _discover()
+MODES = discover(__name__, __path__, "MODE", "name")
 
 
 def get(name: str) -> Mode:
-    """The mode of that name; a ValueError naming the known ones otherwise."""
-    try:
-        return MODES[name]
-    except KeyError:
-        raise ValueError(f"unknown pressure mode {name!r} (known: {', '.join(MODES)})") from None
+    """The pressure mode of that name; a ValueError naming the known ones otherwise."""
+    return lookup(MODES, name, "pressure mode")

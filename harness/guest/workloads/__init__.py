@@ -8,29 +8,18 @@ again and again but a histogram kept for the whole boot, guest/probe.py.)
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+try:
+    from ..registry import discover, lookup
+except ImportError:  # in a guest: a top-level package
+    from registry import discover, lookup  # type: ignore[no-redef]
 from .base import Metric, Workload, WorkloadError
 
 __all__ = ["WORKLOADS", "Metric", "Workload", "WorkloadError", "get"]
 
 
-def _discover() -> dict[str, Workload]:
-    found: dict[str, Workload] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name != "base" and not info.name.startswith("_"):
-            workload = importlib.import_module(f"{__name__}.{info.name}").WORKLOAD
-            found[workload.kind] = workload
-    return found
+WORKLOADS = discover(__name__, __path__, "WORKLOAD", "kind")
 
 
-WORKLOADS = _discover()
-
-
-def get(kind: str) -> Workload:
-    """The workload of that kind; a ValueError naming the known ones otherwise."""
-    try:
-        return WORKLOADS[kind]
-    except KeyError:
-        raise ValueError(f"unknown workload kind {kind!r} (known: {', '.join(WORKLOADS)})") from None
+def get(name: str) -> Workload:
+    """The workload kind of that name; a ValueError naming the known ones otherwise."""
+    return lookup(WORKLOADS, name, "workload kind")
