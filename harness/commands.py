@@ -51,6 +51,7 @@ class Request:
     resume: bool = False
     shard: str | None = None
     output: str | None = None
+    parallel: str | None = None
     yes: bool = False
     json: bool = False
     strict: bool = False
@@ -102,6 +103,7 @@ RUN = (
     Option("resume", "resume the newest run of this config", kind=bool),
     Option("shard", "I/N: run only every N-th repetition block, starting at I (fleet runs)"),
     Option("output", "results root (default: the config's output)"),
+    Option("parallel", "cells at once here: auto or N (the config's parallel; a repetition's variants together)"),
     Option("yes", "run a matrix of more than 100 cells (otherwise its size and time are said, and nothing runs)", bool),
 )
 

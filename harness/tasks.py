@@ -51,7 +51,8 @@ def matrix_of(request: Request):
     from .config.matrix import MAX_CELLS
 
     asked = request.task not in ("run", "experiment") or request.yes
-    return load(str(request.config), request.sets, limit=MAX_CELLS if asked else MAX_CELLS_UNASKED)
+    sets = request.sets + ([f"parallel={request.parallel}"] if request.parallel is not None else [])
+    return load(str(request.config), sets, limit=MAX_CELLS if asked else MAX_CELLS_UNASKED)
 
 
 def doctor(request: Request) -> int:

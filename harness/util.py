@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from rich.console import Console
 
 from .errors import HarnessError, MissingTool
 
-console = Console(stderr=True, highlight=False)
+# Off a terminal (a log, `| tee`, fab over SSH) a line stays one line: no wrapping at 80 columns, no colour codes.
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def log(msg: str, style: str | None = None) -> None:
@@ -43,12 +45,63 @@ class _LogStatus:
             log(msg)
 
 
+class _Board:
+    """The one live status line of a terminal, shared by what runs at once (cells side by side): each holder
+    writes its own part of it; rich allows one live display at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.parts: dict[int, str] = {}
+        self.live: Any = None
+
+    def open(self, key: int, msg: str) -> None:
+        with self.lock:
+            self.parts[key] = msg
+            if self.live is None:
+                self.live = console.status(msg)
+                self.live.__enter__()
+            self._show()
+
+    def update(self, key: int, msg: str) -> None:
+        with self.lock:
+            self.parts[key] = msg
+            self._show()
+
+    def close(self, key: int) -> None:
+        with self.lock:
+            self.parts.pop(key, None)
+            if not self.parts and self.live is not None:
+                self.live.__exit__(None, None, None)
+                self.live = None
+            elif self.live is not None:
+                self._show()
+
+    def _show(self) -> None:
+        self.live.update(" || ".join(self.parts.values()))
+
+
+_BOARD = _Board()
+
+
+class _BoardLine:
+    def __init__(self, key: int):
+        self.key = key
+
+    def update(self, msg: str) -> None:
+        _BOARD.update(self.key, msg)
+
+
 @contextlib.contextmanager
 def status(msg: str, every_s: float = 30.0) -> Iterator[Any]:
-    """A live status line on a terminal; elsewhere a progress line every `every_s` seconds."""
+    """A live status line on a terminal (one line, shared by whatever holds one at once); elsewhere a progress
+    line every `every_s` seconds."""
     if console.is_terminal:
-        with console.status(msg) as live:
-            yield live
+        key = threading.get_ident()
+        _BOARD.open(key, msg)
+        try:
+            yield _BoardLine(key)
+        finally:
+            _BOARD.close(key)
     else:
         lines = _LogStatus(every_s)
         lines.update(msg)

@@ -255,7 +255,9 @@ class Matrix(BaseModel):
     cells: list[Cell]
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+        """What the cells measure (how many run at once is not part of it: a run resumes at any `parallel`)."""
+        measured = {k: v for k, v in self.raw.items() if k != "parallel"}
+        return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
 
     def shard(self, i: int, n: int) -> list[Cell]:
         """Host i of n's cells: every n-th block of one cell per variant, so each host runs baseline and

@@ -284,6 +284,11 @@ class Experiment(Strict):
     boot: Boot = Boot()
     checks: Checks = Checks()
     repetitions: int = Field(3, ge=1, le=1000)
+    parallel: Literal["auto"] | Annotated[int, Field(ge=1, le=512)] = Field(
+        "auto",
+        description="cells at once on one host, each kernel under test on CPUs of its own and in its own memory "
+        "group, a repetition's variants started together; auto: as many as the host's CPUs and memory hold",
+    )
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
 
     def variant(self, name: str) -> Variant:

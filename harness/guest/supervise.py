@@ -74,15 +74,23 @@ def tail(path: str, lines: int = 20) -> str:
 
 
 def _spawn(
-    argv: list[str], stdout, stderr, env: dict[str, str] | None = None, cgroup_procs: str | None = None
+    argv: list[str],
+    stdout,
+    stderr,
+    env: dict[str, str] | None = None,
+    cgroup_procs: str | None = None,
+    cpus: frozenset[int] = frozenset(),
 ) -> subprocess.Popen:
-    """cgroup_procs: the process joins that cgroup before it execs, so all it ever allocates is charged there."""
+    """cgroup_procs: the process joins that cgroup before it execs, so all it ever allocates is charged there;
+    cpus: it and every thread it starts run on these CPUs only (cells side by side each on their own)."""
 
     def before_exec() -> None:
         _die_with_parent()
         if cgroup_procs:
             with open(cgroup_procs, "w") as f:
                 f.write(str(os.getpid()))
+        if cpus:
+            os.sched_setaffinity(0, cpus)
 
     return subprocess.Popen(
         argv,
@@ -155,7 +163,7 @@ class Child:
     says it measures its own (ptp_kvm). env: added to QEMU's
     environment (a private QEMU's module directory). view_dir: where a 9p root's view of / was mounted
     (in QEMU's own namespace; here an empty directory), removed at stop. cgroup_procs: the host memory
-    group QEMU and the server join (host.MemoryGroup).
+    group QEMU and the server join (host.MemoryGroup). cpus: the host CPUs they run on (empty: any).
     """
 
     def __init__(
@@ -172,10 +180,11 @@ class Child:
         env: dict[str, str] | None = None,
         view_dir: str | None = None,
         cgroup_procs: str | None = None,
+        cpus: frozenset[int] = frozenset(),
     ):
         self.name, self.argv, self.export, self.console = name, argv, export, console
         self.view_dir = view_dir
-        self.cgroup_procs = cgroup_procs
+        self.cgroup_procs, self.cpus = cgroup_procs, cpus
         self.boot_timeout = boot_timeout
         self.rootfs_server = rootfs_server
         self.monitor, self.system_map, self.env = monitor, system_map, env
@@ -198,12 +207,14 @@ class Child:
         _LIVE.add(self)
         if self.rootfs_server:
             self._serve_root()
-        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.env, self.cgroup_procs)
+        self.proc = _spawn(self.argv, self._stdout, self._stderr, self.env, self.cgroup_procs, self.cpus)
 
     def _serve_root(self, timeout: float = 20.0) -> None:
         log = os.path.join(self.export, "rootfs.log")
         with export_file(log, "wb") as f:
-            self.server = _spawn(self.rootfs_server.argv, f, subprocess.STDOUT, cgroup_procs=self.cgroup_procs)
+            self.server = _spawn(
+                self.rootfs_server.argv, f, subprocess.STDOUT, cgroup_procs=self.cgroup_procs, cpus=self.cpus
+            )
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.rootfs_server.socket):
             if self.server.poll() is not None or time.monotonic() > deadline:

@@ -8,6 +8,7 @@ cannot work is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Cell, Matrix
-from ..errors import AccelError, HostResourceError
+from ..errors import AccelError, HarnessError, HostResourceError
 from ..guest.rootfs import find_virtiofsd
-from ..util import run, which
+from ..util import atomic_file, default_cache, own_cache, run, which
 
 KVM_GET_API_VERSION = 0xAE00
 
@@ -86,18 +87,37 @@ def decide_accel(requested: str = "auto", cpuinfo: str | None = None, dev: str =
 TSC_LINES = (r"Refined TSC clocksource calibration: (\d+)\.(\d{3}) MHz", r"tsc: Detected (\d+)\.(\d{3}) MHz processor")
 
 
-def host_tsc_khz(kernel_log: str | None = None) -> int | None:
+def host_tsc_khz(kernel_log: str | None = None, cpuinfo: str | None = None, kept: Path | None = None) -> int | None:
     """This host's TSC rate as its kernel found it (the last refinement, else its boot estimate); None unknown.
 
     Under TCG a guest's TSC is the host's (QEMU reads it with rdtsc), so the kernel under test is told this rate
     (tsc_early_khz) instead of calibrating it against emulated timers: that calibration failed in some boots (no
     PIT, an HPET estimate 650 ppm off), KVM in the kernel under test then kept the wrong rate, and its L1 could not
-    start (QEMU: "TSC frequency mismatch ... TSC scaling unavailable")."""
+    start (QEMU: "TSC frequency mismatch ... TSC scaling unavailable"). The kernel's log wraps (a host memory
+    group's OOM report is ~100 lines), so the rate is kept per boot the first time it is read (`kept`: a file
+    under the cache named by this boot's id); a hypervisor that gave the rate (flag tsc_known_freq) also shows it
+    as /proc/cpuinfo's `cpu MHz`, when no aperfmperf makes that the current clock instead."""
     if kernel_log is None:
         kernel_log = run(["dmesg"], capture=True, check=False).stdout or ""
+    if kept is None:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        kept = default_cache() / "host" / f"tsc-khz.{re.sub(r'[^0-9a-f-]', '', boot_id)}"
+        with contextlib.suppress(HarnessError):
+            own_cache(default_cache())
     for line in TSC_LINES:
         if found := re.findall(line, kernel_log):
-            return int(found[-1][0]) * 1000 + int(found[-1][1])
+            khz = int(found[-1][0]) * 1000 + int(found[-1][1])
+            with contextlib.suppress(OSError), atomic_file(kept) as tmp:
+                tmp.write_text(f"{khz}\n")
+            return khz
+    with contextlib.suppress(OSError, ValueError):
+        return int(kept.read_text().strip())
+    cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    flags_line = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    mhz = re.search(r"^cpu MHz\s*:\s*(\d+)\.(\d{3})", cpuinfo, re.M)
+    if mhz and "tsc_known_freq" in flags and "aperfmperf" not in flags:
+        return int(mhz.group(1)) * 1000 + int(mhz.group(2))
     return None
 
 

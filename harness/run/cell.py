@@ -22,7 +22,7 @@ from ..config import Cell
 from ..errors import GuestError, PressureError
 from ..guest.contract import GUEST_FAILURES, EventKind, ExitKind, ExitRecord
 from ..guest.records import Event
-from ..guest.supervise import Child, stop_all, tail
+from ..guest.supervise import Child, tail
 from ..guest.workloads.base import Binaries
 from ..kernel.build import BuildResult
 from ..machine import initramfs
@@ -69,17 +69,33 @@ class RunContext:
 
 @dataclass
 class Progress:
-    """Where the run stands, for the status line: cell k of n, since t0, with a cell's estimated length."""
+    """Where the run stands, for the status line: cell k of n, since t0, with a cell's estimated length, `parallel`
+    cells at a time."""
 
     k: int
     n: int
     t0: float
     estimate_s: float
+    parallel: int = 1
+
+    def remaining_s(self, in_cell_s: float) -> float:
+        waves_left = -(-(self.n - self.k + 1) // self.parallel)
+        return max(0.0, self.estimate_s * waves_left - in_cell_s)
 
 
 class Attempt:
-    def __init__(self, ctx: RunContext, cell: Cell, build: BuildResult, cell_dir: Path, progress: Progress):
+    def __init__(
+        self,
+        ctx: RunContext,
+        cell: Cell,
+        build: BuildResult,
+        cell_dir: Path,
+        progress: Progress,
+        cpus: frozenset[int] = frozenset(),
+    ):
         self.ctx, self.cell, self.build, self.cell_dir, self.progress = ctx, cell, build, cell_dir, progress
+        self.cpus = cpus  # the host CPUs its kernel under test runs on (cells side by side), empty: any
+        self.kut: Child | None = None
         self.exp = cell.config
         self.topology = ctx.env.topology(cell)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"nestpress-{ctx.run_dir.name}-"))
@@ -91,7 +107,8 @@ class Attempt:
             kut, started, ready = self.boot(spec)
             return self.judge(kut, spec, started, ready)
         finally:
-            stop_all()
+            if self.kut:  # its own QEMU only: a cell beside it goes on
+                self.kut.stop(grace=2.0)
             if self.group:
                 self.group.remove()
             defuse(self.cell_dir)
@@ -166,7 +183,9 @@ class Attempt:
             env=self.topology.qemu.env,
             view_dir=spec.rootfs_dir if spec.root_view else None,
             cgroup_procs=self.group.procs if self.group else None,
+            cpus=self.cpus,
         )
+        self.kut = kut
         started = time.time()
         try:
             kut.start()
@@ -198,11 +217,9 @@ class Attempt:
                 if time.monotonic() > deadline:
                     raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
                 stage = self.stage(stage)
-                eta = p.estimate_s * (p.n - p.k + 1) - (time.monotonic() - kut.started)
+                eta = p.remaining_s(time.monotonic() - kut.started)
                 elapsed = fmt_s(time.monotonic() - p.t0)
-                line.update(
-                    f"cell {p.k}/{p.n} {cell.id}: {stage} | elapsed {elapsed} | remaining ~{fmt_s(max(0, eta))}"
-                )
+                line.update(f"cell {p.k}/{p.n} {cell.id}: {stage} | elapsed {elapsed} | remaining ~{fmt_s(eta)}")
                 time.sleep(1)
         log(f"cell {p.k}/{p.n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .. import REPO_ROOT
@@ -24,13 +26,14 @@ from ..guest.supervise import stop_all
 from ..kernel.build import Builder, BuildResult
 from ..machine import initramfs
 from ..machine.doctor import doctor
-from ..machine.host import decide_environment
+from ..machine.host import decide_environment, meminfo
 from ..machine.memory_group import export_model
 from ..results import crashes
 from ..results.guest_files import Problems
 from ..results.manifest import AccelRecord, CellEntry, CellRecord, Manifest, cell_complete, record_path
 from ..results.tables import guest_dirs
 from ..util import console, default_cache, log, python_for_guests, warn
+from . import slots
 from .cell import Attempt, Progress, RunContext
 from .run_dir import harness_commit, lock_run_dir
 from .schedule import check as check_sizes
@@ -62,6 +65,8 @@ class Runner:
         self.env = decide_environment(matrix)
         self.cell_times: list[float] = []
         self.ctx: RunContext | None = None
+        self.stopping = threading.Event()  # set when the run stops: a cell beside another is not retried then
+        self.slots = slots.Slots(1, (frozenset(),), "one cell at a time")
 
     # -- manifest -----------------------------------------------------------------------------
     def _manifest(self, builds: dict[str, BuildResult]) -> Manifest:
@@ -118,6 +123,10 @@ class Runner:
         console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
         for cell in self.matrix.cells:
             check_sizes(cell.config, self._topology(cell))
+        self.slots = slots.decide(
+            self.exp.parallel, self.matrix.cells, slots.host_cpus(), meminfo()["MemAvailable"] >> 10
+        )
+        log(self.slots.said)
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.matrix.cells:
             check_kernel(cell.config, cell.variant, builds[cell.variant].dir / "config", env.rootfs.kind)
@@ -154,16 +163,20 @@ class Runner:
             todo = [c for c in self.matrix.cells if not self._complete(c)]
             if len(todo) < len(self.matrix.cells):
                 log(f"resume: {len(self.matrix.cells) - len(todo)} cell(s) already complete, {len(todo)} to run")
-            for k, cell in enumerate(todo, 1):
-                self._run_cell(cell, builds[cell.variant], k, len(todo), t0)
+            k = 1
+            for wave in slots.waves(todo, self.slots.n):
+                self._run_wave(wave, builds, k, len(todo), t0)
+                k += len(wave)
             manifest.status = "complete" if all(self._complete(c) for c in self.matrix.cells) else "incomplete"
         except (KeyboardInterrupt, _Terminated):
+            self.stopping.set()
             manifest.status = "interrupted"
             raise HarnessError(
                 f"interrupted: every QEMU of the run was stopped; partial results in {self.run_dir} "
                 f"(run again with --run-id {self.run_dir.name} to resume)"
             ) from None
         except BaseException:  # whatever stopped it, the manifest ends in a final state
+            self.stopping.set()
             manifest.status = "failed"
             raise
         finally:
@@ -186,7 +199,29 @@ class Runner:
         boots = 10 + 25 * (2 if self._topology(cell) == "nested" else 1) if self.env.accel.accel == "tcg" else 10
         return boots + 20 + sum(p.duration_s for p in cell.config.phases)
 
-    def _run_cell(self, cell: Cell, build: BuildResult, k: int, n: int, t0: float) -> None:
+    def _run_wave(self, wave: list[Cell], builds: dict[str, BuildResult], k: int, n: int, t0: float) -> None:
+        """Cells that start together, each on its slot's CPUs; one alone runs here. The first that stops the run
+        (Ctrl-C, a kernel that cannot run the schedule) stops every QEMU of the wave."""
+        if len(wave) == 1:
+            self._run_cell(wave[0], builds[wave[0].variant], k, n, t0, self.slots.cpus[0])
+            return
+        with ThreadPoolExecutor(len(wave), thread_name_prefix="cell") as pool:
+            futures = [
+                pool.submit(self._run_cell, cell, builds[cell.variant], k + i, n, t0, self.slots.cpus[i])
+                for i, cell in enumerate(wave)
+            ]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()
+            except BaseException:
+                self.stopping.set()
+                stop_all()
+                raise
+
+    def _run_cell(
+        self, cell: Cell, build: BuildResult, k: int, n: int, t0: float, cpus: frozenset[int] = frozenset()
+    ) -> None:
         """A cell's attempts, until one completes or retries run out. A failed attempt's files are kept aside."""
         assert self.ctx is not None
         attempts = cell.config.boot.retries + 1
@@ -194,6 +229,8 @@ class Runner:
         record = record_path(self.run_dir, cell.id)
         record.parent.mkdir(exist_ok=True)
         for attempt in range(1, attempts + 1):
+            if self.stopping.is_set():
+                return
             cell_dir = self.run_dir / "cells" / cell.id
             if cell_dir.exists():  # an incomplete earlier attempt: kept aside for diagnosis, redone whole
                 kept = self.run_dir / "failed" / f"{cell.id}.{time.strftime('%H%M%S')}"
@@ -202,10 +239,10 @@ class Runner:
                 log(f"cell {cell.id}: the failed attempt's files are in {kept}")
             cell_dir.mkdir(parents=True)
             started = time.monotonic()
-            progress = Progress(k, n, t0, self._estimate(cell))
+            progress = Progress(k, n, t0, self._estimate(cell), self.slots.n)
             try:
                 try:
-                    result = Attempt(self.ctx, cell, build, cell_dir, progress).run()
+                    result = Attempt(self.ctx, cell, build, cell_dir, progress, cpus).run()
                 finally:
                     say_crashes(cell.id, attempt, cell_dir)
             except PressureError as e:
@@ -216,6 +253,8 @@ class Runner:
                     e = GuestError(f"what the cell left could not be read: {type(e).__name__}: {str(e)[:500]}")
                 errors.append(str(e))
                 CellRecord(status="failed", attempt=attempt, errors=errors).save(record)
+                if self.stopping.is_set():  # its QEMU was stopped with the run's: not a failure of its own
+                    return
                 warn(f"cell {cell.id} attempt {attempt}/{attempts} failed: {e}")
                 continue
             self.cell_times.append(time.monotonic() - started)

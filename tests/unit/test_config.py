@@ -493,8 +493,15 @@ def test_under_tcg_the_kernel_under_test_is_told_the_hosts_tsc_rate(tmp_path):
     from harness.machine.plan import CellMachines
 
     log = "tsc: Detected 2598.318 MHz processor\n... tsc: Refined TSC clocksource calibration: 2600.001 MHz\n"
-    assert host_tsc_khz(log) == 2600001 and host_tsc_khz("tsc: Detected 2598.318 MHz processor") == 2598318
-    assert host_tsc_khz("no such line") is None
+    kept, cpuinfo = tmp_path / "kept" / "tsc-khz.boot", "flags\t: fpu tsc\ncpu MHz\t\t: 2601.000\n"
+    assert host_tsc_khz("tsc: Detected 2598.318 MHz processor", cpuinfo, kept) == 2598318
+    assert host_tsc_khz(log, cpuinfo, kept) == 2600001
+    # the log wrapped: the rate read earlier in this boot; without one, a rate the hypervisor gave
+    assert host_tsc_khz("no such line", cpuinfo, kept) == 2600001
+    assert host_tsc_khz("no such line", cpuinfo, tmp_path / "none") is None
+    given = "flags\t: fpu tsc tsc_known_freq\ncpu MHz\t\t: 2601.000\n"
+    assert host_tsc_khz("no such line", given, tmp_path / "none") == 2601000
+    assert host_tsc_khz("no such line", given.replace("known_freq", "known_freq aperfmperf"), tmp_path / "x") is None
     exp = load("shrinker-ab", ["topology.kind=shadow"]).experiment
     decision = TopologyDecision("shadow", PRIVATE_72, [])
     args = (exp, Path("/k/bzImage"), "tcg", decision, "9p", tmp_path / "cell", tmp_path, "run", "/usr/bin/python3")
