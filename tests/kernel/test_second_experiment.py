@@ -4,6 +4,7 @@ user's command workload (JSON lines) beside it - one run, three repetitions a si
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,4 +93,6 @@ def test_its_evidence_shows_the_mechanism_and_its_report_speaks_of_it_alone(eage
     report = (eager["run_dir"] / "report.md").read_text()
     assert "shrinker" not in report.lower()
     assert "## Evidence: what eager page splitting did" in report and "Published: ada51a9de737" in report
-    assert "reproduced" in report and (eager["run_dir"] / "plots" / "workload_metrics.png").exists()
+    # set beside the published figure, in its direction (significant or not, at 3 v 3 boots under TCG)
+    assert re.search(r"the published direction( \*\*is reproduced\*\*|, but not significant)", report)
+    assert (eager["run_dir"] / "plots" / "workload_metrics.png").exists()
