@@ -8,6 +8,9 @@
   python bench/bench.py --nested         + the nested A/B (configs/shrinker-ab-nested.yaml, 1 repetition): ready
                                            time per level, exits per L2 entry, A/B wall time
   python bench/bench.py --tracing        + what the sampler's tracing costs the probe (quick cells, on and off)
+  python bench/bench.py --parallel --config shrinker-ab-nested --repetitions 3
+                                         only: the config run serially and with parallel: auto: wall times, per cell
+                                           boot and wall times and the probe's floor side by side, a 64-core host
   python bench/bench.py --analysis DIR   only: the tables, attribution and the whole report of a finished run (a copy
                                            of DIR), and its clock measurements per level
   python bench/bench.py --config shrinker-ab-distro --packages --cold
@@ -262,6 +265,62 @@ def bench_nested() -> None:
         row("nested A/B wall time", f"{t / 60:.1f} min", f"harness exit status {r.returncode}; target <= 25 min")
 
 
+def cell_figures(run_dir: Path) -> list[dict]:
+    """Per cell of a finished run: its wall time, its kernel under test's boot, and the probe's floor (the
+    median pass after warm-up, at the first probed level that has one)."""
+    out = []
+    for cell in sorted((run_dir / "cells").iterdir()):
+        info = json.loads(record_path(run_dir, cell.name).read_text())
+        floor = None
+        for probe in sorted(cell.glob("**/probe.jsonl")):
+            passes = [r for r in jsonl(probe) if r.get("type") == "pass"][1:]
+            if passes:
+                floor = statistics.median((r["t1"] - r["t0"]) / 1e6 for r in passes)
+                break
+        wall = (info["finished"] - info["started"]) if info.get("finished") and info.get("started") else None
+        out.append({"cell": cell.name, "wall": wall, "boot": info.get("kut_ready_s"), "floor": floor})
+    return out
+
+
+def bench_parallel(config: str, repetitions: int) -> None:
+    """The same run serially and side by side (parallel: auto): what sharing the host costs each cell, what it
+    saves the run, and what a 64-core, 256 GiB host would hold."""
+    from harness.run.slots import decide
+
+    matrix = load(config, [f"repetitions={repetitions}"])
+    print(f"serial vs parallel ({config}, {repetitions} repetition(s), {len(matrix.cells)} cells)")
+    walls: dict[str, float] = {}
+    figures: dict[str, list[dict]] = {}
+    for parallel in ("1", "auto"):
+        with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
+            cmd = [sys.executable, "-m", "harness", "run", "--config", config, "--run-id", "par", "--output", out]
+            cmd += ["--set", f"repetitions={repetitions}", "--parallel", parallel]
+            r, walls[parallel] = timed(lambda c=cmd: subprocess.run(c, cwd=REPO_ROOT, capture_output=True, text=True))
+            run_dir = Path(out) / matrix.experiment.name / "par"
+            said = json.loads((run_dir / "manifest.json").read_text())["parallel"]
+            figures[parallel] = cell_figures(run_dir)
+            row(f"parallel {parallel}: wall time", f"{walls[parallel] / 60:.1f} min", f"exit {r.returncode}; {said}")
+    for key, label, unit in (
+        ("wall", "cell wall", "s"),
+        ("boot", "kernel under test boot", "s"),
+        ("floor", "probe floor", "ms"),
+    ):
+        one = [c[key] for c in figures["1"] if c[key] is not None]
+        par = [c[key] for c in figures["auto"] if c[key] is not None]
+        if one and par:
+            ratio = statistics.median(par) / statistics.median(one)
+            row(f"{label}: serial | parallel", f"{spread(one, unit)} | {spread(par, unit)}", f"ratio {ratio:.2f}")
+    row("run: parallel / serial", f"{walls['auto'] / walls['1']:.2f}")
+    big = decide("auto", matrix.cells, list(range(64)), 256 << 10, tcg=False)  # a lab host: KVM
+    cell_s = statistics.median(c["wall"] for c in figures["auto"] if c["wall"]) if figures["auto"] else 0.0
+    waves = -(-len(matrix.cells) // big.n)
+    row(
+        "a 64-core, 256 GiB host (estimate)",
+        f"{waves * cell_s / 60:.1f} min",
+        f"{big.n} cells at a time, {waves} wave(s) at this host's shared per-cell time",
+    )
+
+
 def bench_analysis(run_dir: Path) -> None:
     """What a finished run costs to analyse (target: attribution < 30 s), and how well its clocks agreed."""
     from harness.analysis.attribution import attribute, clock_summary
@@ -313,10 +372,15 @@ def main() -> None:
     ap.add_argument("--config", default="shrinker-ab", help="the experiment whose builds, boots and run are timed")
     ap.add_argument("--packages", action="store_true", help="+ its packages downloaded and installed again (root)")
     ap.add_argument("--tracing", action="store_true", help="+ the sampler's tracing on and off: the probe's cost")
+    ap.add_argument("--parallel", action="store_true", help="only: the config serially and with parallel: auto")
+    ap.add_argument("--repetitions", type=int, default=2, help="repetitions of --parallel's runs")
     ap.add_argument("--analysis", type=Path, metavar="RUN_DIR", help="only: analysis costs of a finished run")
     a = ap.parse_args()
     if a.analysis:
         bench_analysis(a.analysis)
+        return
+    if a.parallel:
+        bench_parallel(a.config, a.repetitions)
         return
     print(f"nestpress bench on {os.uname().nodename}: {os.cpu_count()} CPUs, cache {default_cache()}")
     if a.packages:

@@ -40,7 +40,7 @@ def report_markdown(r: Analysis, plots: list[Path]) -> str:
             + ", ".join(
                 f"`{v.name}` ({m.builds[v.name].summary()})" for v in r.experiment.variants if v.name in m.builds
             )
-            + f"; order {m.order}.",
+            + f"; order {m.order}; {render.text(m.parallel)}.",
             "",
             "## Verdict",
             "",
@@ -146,12 +146,13 @@ def _attribution_method(r: Analysis) -> str:
 
 
 def _attribution_screen(r: Analysis) -> list[str]:
-    """Per pressure phase: what share of the baseline's extra tail latency coincided with the mechanism."""
+    """Per pressure phase: each side's tail excess in total, during the mechanism and per cause, with the
+    differences and their intervals."""
     headline = hypotheses.get(r.experiment.hypothesis).headline
     lines = render.attribution_lines(r.attribution.ab, r.manifest.baseline, r.attribution.shares, headline)
     if not lines:
         return []
-    return ["**What the baseline's extra tail latency coincided with** (see Attribution):", "", *lines, ""]
+    return ["**What the baseline's extra tail latency coincided with** (ms; see Attribution):", "", *lines, ""]
 
 
 def _first_screen(r: Analysis) -> list[str]:

@@ -133,37 +133,35 @@ def _pct(v) -> str:
     return f"{fmt(v * 100, 0)} %"
 
 
+def _ms_ci(row) -> str:
+    """A difference in ms with its bootstrap interval (none with one repetition a side)."""
+    d = f"{fmt(row['diff_ms'], 0)}"
+    return d + (
+        f" [{fmt(row['diff_ci_lo'], 0)}, {fmt(row['diff_ci_hi'], 0)}]" if not np.isnan(row["diff_ci_lo"]) else ""
+    )
+
+
 def attribution_lines(ab: pd.DataFrame, baseline: str, shares: tuple[str, ...], headline: str) -> list[str]:
-    """One sentence per pressure phase x level x variant: how much more tail excess the baseline had and, where
-    that difference is clear (its interval above 0), what share of it coincided with the hypothesis's mechanism
-    (`headline`: its causes together, the `mechanism` rows) and what remained (shares: every cause's row)."""
+    """One sentence per pressure phase x level x variant, in milliseconds that add up: the tail excess per
+    repetition of each side, in total, during the hypothesis's mechanism (`headline`) and per cause (`shares`:
+    every cause's row), each with the baseline-minus-variant difference and its interval. No shares of a
+    difference: a share of a difference whose interval holds 0 can be any number."""
     lines: list[str] = []
     if ab.empty:
         return lines
     pressured = ab[ab["mode"] != "none"]
     for (variant, phase, level), g in pressured.groupby(["variant", "phase", "level"], sort=False):
         by = g.set_index("cause")
-        tot, zap = by.loc["total"], by.loc["mechanism"]
-        head = (
-            f"- **`{phase}`** ({tot['mode']}, {level}, {tot['n_baseline']} v {tot['n_variant']} repetitions): "
-            f"`{baseline}`'s spikes added {fmt(tot['baseline_excess_ms'], 0)} ms of tail excess per repetition, "
-            f"{fmt(zap['baseline_excess_ms'], 0)} ms of it during {headline}"
-        )
-        diff = f"{fmt(tot['diff_ms'], 0)} ms [{fmt(tot['diff_ci_lo'], 0)}, {fmt(tot['diff_ci_hi'], 0)}]"
-        if not tot["diff_ci_lo"] > 0:
-            why = "one repetition a side: no interval" if np.isnan(tot["diff_ci_lo"]) else "an interval that holds 0"
-            lines.append(f"{head}; against `{variant}`: {diff} more ({why}), so no share of a difference is given.")
-            continue
-        parts = ", ".join(f"{c} {_pct(by.loc[c, 'share_of_diff'])}" for c in shares if c in by.index)
-        more = (
-            "; more than the whole difference: the patched kernel's other causes added some back"
-            if zap["share_of_diff"] > 1
-            else ""
-        )
+        tot, mech = by.loc["total"], by.loc["mechanism"]
+
+        def pair(row) -> str:
+            return f"{fmt(row['baseline_excess_ms'], 0)} v {fmt(row['variant_excess_ms'], 0)} ms ({_ms_ci(row)})"
+
+        causes = "; ".join(f"{c} {pair(by.loc[c])}" for c in shares if c in by.index)
         lines.append(
-            f"{head}; {diff} more than `{variant}`'s: **{_pct(zap['share_of_diff'])} "
-            f"[{_pct(zap['share_ci_lo'])}, {_pct(zap['share_ci_hi'])}] of that difference coincided with "
-            f"{headline}** ({parts}{more})."
+            f"- **`{phase}`** ({tot['mode']}, {level}, {tot['n_baseline']} v {tot['n_variant']} repetitions), "
+            f"tail excess per repetition, `{baseline}` v `{variant}` (difference [95 % interval]): total "
+            f"{pair(tot)}; **during {headline} {pair(mech)}**; by cause: {causes}."
         )
     return lines
 
@@ -248,18 +246,22 @@ def html(md: str, plots: list[Path] | None = None) -> str:
     )
 
 
-def crash_lines(signatures: pd.DataFrame, outcomes: pd.DataFrame) -> list[str]:
-    """The first screen's line per distinct crash, stall or warning: what, on which variant, in how many of its
-    boots, where and when; whether a retry went on after it."""
+def crash_lines(signatures: pd.DataFrame, outcomes: pd.DataFrame, plain: bool = False) -> list[str]:
+    """A line per distinct crash, stall or warning: what, on which variant, in how many of its boots, where and
+    when. The first screen's (Markdown, guest text escaped) adds its frames, signature and whether a retry went
+    on after it; plain (report.txt) is the short one."""
     boots = dict(zip(outcomes["variant"], outcomes["boots"])) if not outcomes.empty else {}
     out = []
     for r in signatures.to_dict("records"):
         where = str(r["levels"]) + (f", during {r['phases']}" if r["phases"] else "")
+        kind, n = str(r["kind"]).upper(), f"{r['boots']} of {boots.get(r['variant'], '?')} boots"
+        if plain:
+            out.append(f"{kind} on {r['variant']} in {n} ({where}): {r['said']}")
+            continue
         again = "; the cell was retried: the latency comparison went on without it" if r["retried"] else ""
         at = f" (at {text(r['frames'])})" if r["frames"] else ""
         out.append(
-            f"- **{str(r['kind']).upper()}** on {code(r['variant'])} in {r['boots']} of "
-            f"{boots.get(r['variant'], '?')} boots ({text(where)}): {text(r['said'])}{at} - signature "
+            f"- **{kind}** on {code(r['variant'])} in {n} ({text(where)}): {text(r['said'])}{at} - signature "
             f"{code(r['signature'])}{again}"
         )
     return out

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import hypotheses
 from ..analysis import Analysis, stats
+from . import render
 
 WIDTH = 72
 
@@ -28,15 +29,6 @@ def _primary(ab: pd.DataFrame, phase: str, variant: str, primary: str) -> pd.Ser
         return None
     hit = rows[rows["metric"].str.contains(primary, regex=False)] if primary else rows
     return (hit if not hit.empty else rows).iloc[0]
-
-
-def crash_lines(r: Analysis) -> list[str]:
-    """Each distinct crash, stall or warning: what, where, in how many boots."""
-    return [
-        f"{str(s['kind']).upper()} on {s['variant']}, {s['boots']} boot(s) ({s['levels']}; {s['phases'] or '?'}): "
-        f"{s['said']}"
-        for s in r.crash_signatures.to_dict("records")
-    ]
 
 
 def answer_lines(r: Analysis) -> list[str]:
@@ -78,7 +70,7 @@ def summary_text(r: Analysis, html: Path) -> str:
             if v.name in m.builds
         ),
     ]
-    crashes = crash_lines(r)
+    crashes = render.crash_lines(r.crash_signatures, r.outcomes, plain=True)
     lines = [*head, "", "crashes, stalls, warnings:" if crashes else "crashes, stalls, warnings: none", *crashes]
     lines += ["", "answer, pressure phases first (each variant v the baseline):", *answer_lines(r)]
     lines += ["", f"details: {html.name} and tables/, beside this file"]

@@ -92,6 +92,7 @@ class Manifest(Record):
     axes: dict[str, list[Any]] = {}
     cells: list[CellEntry]
     order: str = "repetitions outer, variants inner (A B A B ...)"
+    parallel: str = "one cell at a time"  # how many cells ran at once here, and why (run/slots.py)
     harness_commit: str | None = None
     accel: AccelRecord
     topology: str

@@ -110,6 +110,7 @@ class Runner:
             builds={name: b.entry(params[name]) for name, b in builds.items()},
             host=doctor(self.cache).as_dict(),
             reproduce=self.reproduce,
+            parallel=self.slots.said,
         )
 
     # -- run ----------------------------------------------------------------------------------
@@ -123,9 +124,8 @@ class Runner:
         console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
         for cell in self.matrix.cells:
             check_sizes(cell.config, self._topology(cell))
-        self.slots = slots.decide(
-            self.exp.parallel, self.matrix.cells, slots.host_cpus(), meminfo()["MemAvailable"] >> 10
-        )
+        available_mb, tcg = meminfo()["MemAvailable"] >> 10, env.accel.accel == "tcg"
+        self.slots = slots.decide(self.exp.parallel, self.matrix.cells, slots.host_cpus(), available_mb, tcg)
         log(self.slots.said)
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.matrix.cells:

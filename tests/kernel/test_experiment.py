@@ -207,7 +207,6 @@ def test_every_phase_delivered_its_pressure_and_every_cell_measured_what_it_was_
 
 WEAK = [
     "repetitions=1",
-    "topology.kut.cpus=1",  # one CPU each: the pair runs side by side (parallel: auto)
     "workload.probe.size_mb=256",
     "pressure.memcg-limit.hog_mb=16",  # fits under its limit_mb (64): the control never reaches its limit
     "phases=[{name: steady, duration_s: 4}, {name: weak-control, duration_s: 6, pressure: memcg-limit}, "

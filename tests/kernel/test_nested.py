@@ -28,6 +28,14 @@ SIZED_FOR_ITS_EVIDENCE = [
     "topology.l1.memory_mb=2560",
     "topology.l2.memory_mb=2048",
     "workload.probe.size_mb=1536",
+    # the pressure phases as the e2e's; the gaps between them only as long as the probe needs (2 intervals)
+    "phases.steady.duration_s=5",
+    "phases.memcg-limit.duration_s=10",
+    "phases.gap-1.duration_s=3",
+    "phases.global.duration_s=25",
+    "phases.recovery-1.duration_s=5",
+    "phases.shrinker-scan.duration_s=9",
+    "phases.recovery-2.duration_s=4",
 ]
 
 

@@ -22,7 +22,6 @@ SHORT = [
     VARIANTS,
     "repetitions=1",
     "boot.retries=0",
-    "topology.kut.cpus=1",  # one CPU each: two cells side by side (parallel: auto)
     "phases=[{name: steady, duration_s: 5}, {name: shrinker-scan, duration_s: 8, pressure: shrinker-scan}, "
     "{name: recovery, duration_s: 4}]",
 ]

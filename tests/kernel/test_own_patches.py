@@ -119,7 +119,6 @@ def test_variants_with_their_own_sources_validate_each_on_its_own(src612, cache_
 
 PARAMS = [
     "topology.kind=shadow",
-    "topology.kut.cpus=1",  # one CPU each: two cells side by side (parallel: auto)
     "repetitions=1",
     "workload.probe.size_mb=256",
     "phases=[{name: steady, duration_s: 4}, {name: rest, duration_s: 4}]",

@@ -47,6 +47,8 @@ def eager(builds, qemu, tmp_path_factory):
     cmd = [sys.executable, "-m", "harness", *"experiment --config eager-split-ab --run-id eager".split()]
     cmd += ["--output", str(out), "--set", "workload.runs=" + json.dumps([DIRTY_LOG, COMMAND])]
     cmd += ["--set", "phases.steady.duration_s=40"]  # a selftest run, beside the command's, fits in it with room
+    # its cells mostly wait out their phase: two side by side take as long as one (CPUs shared, unpinned)
+    cmd += ["--parallel", "2"]
     r = subprocess.run(
         cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, COLUMNS="400")
     )

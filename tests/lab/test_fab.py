@@ -362,6 +362,8 @@ FLEET = [
     "--set",
     "repetitions=2",
     "--set",
+    "topology.kut.cpus=1",  # the two hosts are this machine: a CPU each
+    "--set",
     "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
     "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
 ]
