@@ -38,7 +38,11 @@ WORDS = re.compile(
     r"BUG|WARNING: CPU|Kernel panic|Oops|protection fault|rcu_|Possible timer|blocked for more|oom-killer|Out of memory"
 )
 LINE = 1024  # a kernel log line is shorter (printk's limit): what a pattern is given of one
-STALLS = ("soft-lockup", "rcu-stall", "hung-task")  # a guest that stopped making progress
+STALLS = ("soft-lockup", "rcu-stall", "hung-task", "freeze")  # a guest that stopped making progress
+# the host's note, written into an attempt's directory once its QEMU is off, that the kernel under test ran past
+# its budget without a word in its logs (a silent freeze); removed there after every other attempt, so a file of
+# that name a guest left is never read as one
+FREEZE_NOTE = "host-freeze.json"
 CRASHES = ("panic", "oops", "bug")  # a kernel that died or was corrupted
 STAMP = re.compile(r"^\s*\[\s*(\d+\.\d+)\]\s?")
 FRAME = re.compile(r"^\s*(\?\s+)?([A-Za-z_][\w.]*)\+0x[0-9a-f]+/0x[0-9a-f]+")
@@ -169,4 +173,16 @@ def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problem
                 if c.uptime_s is not None and isinstance(t, int) and isinstance(up, (int, float)):
                     when = int(t + (c.uptime_s - up) * 1e9)
                 rows.append({"level": level, "guest": guest, **asdict(c), "phase": _phase_at(phases, when, planned)})
-    return rows
+    return rows + _freeze(attempt_dir, problems, phases, planned)
+
+
+def _freeze(attempt_dir: Path, problems: Problems, phases: list, planned: list[str]) -> list[dict]:
+    """The row of a kernel under test that went silent: in the phase it was in when its budget ran out."""
+    note = json_object(attempt_dir / FREEZE_NOTE, problems, attempt_dir)
+    if not note or not isinstance(note.get("budget_s"), (int, float)):
+        return []
+    stage = "".join(ch if ch.isprintable() else "?" for ch in str(note.get("stage", ""))[:120])
+    said = f"no progress until its {note['budget_s']:.0f} s budget ran out (last stage: {stage})"
+    key = f"freeze\0{normalise(stage)}"
+    crash = Crash("freeze", said, "", hashlib.sha256(key.encode()).hexdigest()[:10], None, said)
+    return [{"level": "kut", "guest": "kut", **asdict(crash), "phase": _phase_at(phases, None, planned)}]

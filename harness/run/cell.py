@@ -30,6 +30,7 @@ from ..machine.host import Environment
 from ..machine.memory_group import GROUP_SLACK_MB, MemoryGroup
 from ..machine.plan import CellMachines, build_plan, present_levels, probe_levels
 from ..machine.qemu import GuestSpec, dry_run, qemu_argv, rootfs_server
+from ..results import crashes
 from ..results.guest_files import (
     GuestFileError,
     Problems,
@@ -42,7 +43,7 @@ from ..results.guest_files import (
 )
 from ..results.manifest import CellEntry, CellRecord
 from ..results.tables import cell_frames
-from ..util import fmt_s, log, python_for_guests, status, warn
+from ..util import fmt_s, log, python_for_guests, status, warn, write_json
 from . import checks
 from .schedule import conductor_schedule
 
@@ -96,6 +97,7 @@ class Attempt:
         self.ctx, self.cell, self.build, self.cell_dir, self.progress = ctx, cell, build, cell_dir, progress
         self.cpus = cpus  # the host CPUs its kernel under test runs on (cells side by side), empty: any
         self.kut: Child | None = None
+        self.froze: tuple[str, float] | None = None  # (its last stage, its budget) when it ran past the budget
         self.exp = cell.config
         self.topology = ctx.env.topology(cell)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"nestpress-{ctx.run_dir.name}-"))
@@ -109,6 +111,7 @@ class Attempt:
         finally:
             if self.kut:  # its own QEMU only: a cell beside it goes on
                 self.kut.stop(grace=2.0)
+            self.note_freeze()
             if self.group:
                 self.group.remove()
             defuse(self.cell_dir)
@@ -215,6 +218,7 @@ class Attempt:
         with status(f"cell {p.k}/{p.n} {cell.id}: {stage}") as line:
             while kut.running():
                 if time.monotonic() > deadline:
+                    self.froze = (stage, budget)
                     raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
                 stage = self.stage(stage)
                 eta = p.remaining_s(time.monotonic() - kut.started)
@@ -222,6 +226,17 @@ class Attempt:
                 line.update(f"cell {p.k}/{p.n} {cell.id}: {stage} | elapsed {elapsed} | remaining ~{fmt_s(eta)}")
                 time.sleep(1)
         log(f"cell {p.k}/{p.n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
+
+    def note_freeze(self) -> None:
+        """With its QEMU off (nothing in the guest writes any more): the host's note of a silent freeze, or no
+        note at all - a file of that name the guest left is removed (results/crashes.py reads the note)."""
+        path = self.cell_dir / crashes.FREEZE_NOTE
+        with contextlib.suppress(OSError):
+            path.unlink()
+        if self.froze:
+            stage, budget = self.froze
+            with contextlib.suppress(OSError):
+                write_json(path, {"stage": stage, "budget_s": budget})
 
     # -- judge ---------------------------------------------------------------------------------------
     def exit_record(self) -> ExitRecord | None:

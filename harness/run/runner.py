@@ -271,4 +271,5 @@ def say_crashes(cell: str, attempt: int, cell_dir: Path) -> None:
     for c in crashes.scan_attempt(cell_dir, guest_dirs(cell_dir, problems), problems):
         if c["kind"] != "oom-kill":
             where = f" during {c['phase']}" if c["phase"] else ""
-            warn(f"cell {cell} attempt {attempt}: {c['guest']} logged a {c['kind']}{where}: {c['said'][:160]}")
+            did = "went silent (a freeze)" if c["kind"] == "freeze" else f"logged a {c['kind']}"
+            warn(f"cell {cell} attempt {attempt}: {c['guest']} {did}{where}: {c['said'][:160]}")

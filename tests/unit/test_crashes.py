@@ -1,6 +1,8 @@
 """Crash reports in kernel logs: each kind found, the same crash given the same signature wherever its addresses,
 CPUs and PIDs land, the top reliable frames kept, and a guest's control characters never passed on."""
 
+import json
+
 from harness.results.crashes import normalise, scan_log
 
 PANIC = """[   93.120001] BUG: TASK stack guard page was hit at 00000000a1b2c3d4 (stack is 0000000011223344..0000556677)
@@ -61,3 +63,28 @@ def test_stalls_and_oom_kills_are_named():
 def test_what_a_guest_printed_stays_text():
     (c,) = scan_log("[ 1.0] Kernel panic - not syncing: \x1b[31mred\x07\n")
     assert c.said == "?[31mred?" and c.line.isprintable()
+
+
+def test_a_kernel_under_test_that_went_silent_is_a_freeze_in_the_phase_it_was_in(tmp_path):
+    """Nothing in any log, and its budget ran out: the host's note (written once its QEMU is off) is a row of
+    its own; the same file left by a guest in an attempt that did not freeze is removed, never read."""
+    from types import SimpleNamespace
+
+    from harness.results.crashes import FREEZE_NOTE, scan_attempt
+    from harness.results.guest_files import Problems
+    from harness.run.cell import Attempt
+
+    d = tmp_path / "cell"
+    d.mkdir()
+    started = {"t": 5, "kind": "phase_start", "phase": "memcg-limit", "mode": "memcg-limit", "duration_s": 12}
+    (d / "events.jsonl").write_text(json.dumps(started) + "\n")
+    froze = SimpleNamespace(cell_dir=d, froze=("phase memcg-limit (memcg-limit, 12s)", 775.0))
+    Attempt.note_freeze(froze)  # type: ignore[arg-type]
+    (row,) = scan_attempt(d, [], Problems())
+    assert row["kind"] == "freeze" and row["level"] == "kut" and row["phase"] == "memcg-limit"
+    assert (
+        row["said"] == "no progress until its 775 s budget ran out (last stage: phase memcg-limit (memcg-limit, 12s))"
+    )
+    (d / FREEZE_NOTE).write_text(json.dumps({"stage": "planted", "budget_s": 1}))  # a guest's, in a good attempt
+    Attempt.note_freeze(SimpleNamespace(cell_dir=d, froze=None))  # type: ignore[arg-type]
+    assert scan_attempt(d, [], Problems()) == [] and not (d / FREEZE_NOTE).exists()
