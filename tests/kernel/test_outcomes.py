@@ -1,7 +1,8 @@
 """Crashes are outcomes: a variant whose patch WARNs in the code a pressure phase reaches, and one that panics there,
 beside the baseline - one run, the default experiment's config with a short schedule. The warning is on the first
 screen and in the `crashes` table for its variant only; the panic is the cell's outcome, said at once on the
-terminal and in the report, without a traceback."""
+terminal and in the report, without a traceback. The same run has a control too weak to deliver its pressure
+(its hog fits under its limit): the phase says so and its rows are inconclusive."""
 
 import subprocess
 import sys
@@ -22,8 +23,10 @@ SHORT = [
     VARIANTS,
     "repetitions=1",
     "boot.retries=0",
-    "phases=[{name: steady, duration_s: 5}, {name: shrinker-scan, duration_s: 8, pressure: shrinker-scan}, "
-    "{name: recovery, duration_s: 4}]",
+    "workload.probe.size_mb=256",
+    "pressure.memcg-limit.hog_mb=16",  # fits under its limit_mb (64): the control never reaches its limit
+    "phases=[{name: steady, duration_s: 5}, {name: weak-control, duration_s: 6, pressure: memcg-limit}, "
+    "{name: shrinker-scan, duration_s: 8, pressure: shrinker-scan}, {name: recovery, duration_s: 4}]",
 ]
 
 
@@ -62,3 +65,18 @@ def test_a_warning_is_on_the_first_screen_for_its_variant_only(crashed):
     first = (crashed["run_dir"] / "report.md").read_text().split("## Verdict")[0]
     assert "**WARN** on `warns` in 1 of 1 boots" in first and "**PANIC** on `panics` in 1 of 1 boots" in first
     assert a.outcomes.set_index("variant").loc["warns", "warned"] == 1
+
+
+def test_pressure_not_delivered_is_said_and_its_rows_are_inconclusive(crashed):
+    report = crashed["analysis"]
+    weak = report.evidence[report.evidence["phase"] == "weak-control"]
+    assert len(weak) and weak["delivery"].eq("not delivered").all()
+    assert weak["delivery_reason"].str.contains("max\\+high \\+0").all()
+    others = report.evidence[~report.evidence["phase"].isin(["weak-control", "shrinker-scan"])]
+    assert others["delivery"].eq("delivered").all(), others[["cell", "phase", "delivery_reason"]]
+    rows = report.ab[(report.ab["phase"] == "weak-control") & (report.ab["variant"] == "warns")]
+    assert len(rows) and rows["verdict"].eq("inconclusive").all()
+    assert rows["reason"].str.contains("pressure not delivered on baseline").all()
+    assert not report.ab[report.ab["phase"] == "steady"]["reason"].str.contains("not delivered").any()
+    first_screen = (crashed["run_dir"] / "report.md").read_text().split("## Verdict")[0]
+    assert "Phase `weak-control`: pressure not delivered on baseline" in first_screen

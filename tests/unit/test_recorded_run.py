@@ -178,6 +178,14 @@ def test_a_check_the_phase_fails_marks_it_not_delivered_and_its_rows_inconclusiv
     assert not report.ab[report.ab["phase"] != "memcg-limit"]["reason"].str.contains("not delivered").any()
     first_screen = render.html(report_markdown(report, [])).split("Verdict</h2>")[0]
     assert "Phase <code>memcg-limit</code>: pressure not delivered on patched" in first_screen
+    # a complete run that is inconclusive somewhere exits 3 with one line that says where (README: exit status)
+    from harness import tasks
+    from harness.util import console
+
+    with console.capture() as said:
+        assert tasks.conclusion(report) == tasks.EXIT_INCONCLUSIVE == 3
+    line = said.get()
+    assert "INCONCLUSIVE where it says (exit status 3)" in line and "pressure not delivered on baseline" in line
 
 
 def _shortfalls(run, cell_id):
