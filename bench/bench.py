@@ -8,8 +8,8 @@
   python bench/bench.py --nested         + the nested A/B (configs/shrinker-ab-nested.yaml, 1 repetition): ready
                                            time per level, exits per L2 entry, A/B wall time
   python bench/bench.py --tracing        + what the sampler's tracing costs the probe (quick cells, on and off)
-  python bench/bench.py --parallel --config shrinker-ab-nested --repetitions 3
-                                         only: the config run serially and with parallel: auto: wall times, per cell
+  python bench/bench.py --parallel [N] --config shrinker-ab-nested --repetitions 3
+                                         only: the config run serially and with parallel N (auto): wall times, per cell
                                            boot and wall times and the probe's floor side by side, a 64-core host
   python bench/bench.py --analysis DIR   only: the tables, attribution and the whole report of a finished run (a copy
                                            of DIR), and its clock measurements per level
@@ -282,16 +282,16 @@ def cell_figures(run_dir: Path) -> list[dict]:
     return out
 
 
-def bench_parallel(config: str, repetitions: int) -> None:
-    """The same run serially and side by side (parallel: auto): what sharing the host costs each cell, what it
-    saves the run, and what a 64-core, 256 GiB host would hold."""
+def bench_parallel(config: str, repetitions: int, side_by_side: str = "auto") -> None:
+    """The same run serially and side by side (`side_by_side`: auto or N): what sharing the host costs each
+    cell, what it saves the run, and what a 64-core, 256 GiB host would hold."""
     from harness.run.slots import decide
 
     matrix = load(config, [f"repetitions={repetitions}"])
     print(f"serial vs parallel ({config}, {repetitions} repetition(s), {len(matrix.cells)} cells)")
     walls: dict[str, float] = {}
     figures: dict[str, list[dict]] = {}
-    for parallel in ("1", "auto"):
+    for parallel in ("1", side_by_side):
         with tempfile.TemporaryDirectory(prefix="nestpress-bench-") as out:
             cmd = [sys.executable, "-m", "harness", "run", "--config", config, "--run-id", "par", "--output", out]
             cmd += ["--set", f"repetitions={repetitions}", "--parallel", parallel]
@@ -306,13 +306,14 @@ def bench_parallel(config: str, repetitions: int) -> None:
         ("floor", "probe floor", "ms"),
     ):
         one = [c[key] for c in figures["1"] if c[key] is not None]
-        par = [c[key] for c in figures["auto"] if c[key] is not None]
+        par = [c[key] for c in figures[side_by_side] if c[key] is not None]
         if one and par:
             ratio = statistics.median(par) / statistics.median(one)
             row(f"{label}: serial | parallel", f"{spread(one, unit)} | {spread(par, unit)}", f"ratio {ratio:.2f}")
-    row("run: parallel / serial", f"{walls['auto'] / walls['1']:.2f}")
+    row("run: parallel / serial", f"{walls[side_by_side] / walls['1']:.2f}")
     big = decide("auto", matrix.cells, list(range(64)), 256 << 10, tcg=False)  # a lab host: KVM
-    cell_s = statistics.median(c["wall"] for c in figures["auto"] if c["wall"]) if figures["auto"] else 0.0
+    shared = [c["wall"] for c in figures[side_by_side] if c["wall"]]
+    cell_s = statistics.median(shared) if shared else 0.0
     waves = -(-len(matrix.cells) // big.n)
     row(
         "a 64-core, 256 GiB host (estimate)",
@@ -372,7 +373,9 @@ def main() -> None:
     ap.add_argument("--config", default="shrinker-ab", help="the experiment whose builds, boots and run are timed")
     ap.add_argument("--packages", action="store_true", help="+ its packages downloaded and installed again (root)")
     ap.add_argument("--tracing", action="store_true", help="+ the sampler's tracing on and off: the probe's cost")
-    ap.add_argument("--parallel", action="store_true", help="only: the config serially and with parallel: auto")
+    ap.add_argument(
+        "--parallel", nargs="?", const="auto", metavar="N", help="only: the config serially and with parallel N (auto)"
+    )
     ap.add_argument("--repetitions", type=int, default=2, help="repetitions of --parallel's runs")
     ap.add_argument("--analysis", type=Path, metavar="RUN_DIR", help="only: analysis costs of a finished run")
     a = ap.parse_args()
@@ -380,7 +383,7 @@ def main() -> None:
         bench_analysis(a.analysis)
         return
     if a.parallel:
-        bench_parallel(a.config, a.repetitions)
+        bench_parallel(a.config, a.repetitions, a.parallel)
         return
     print(f"nestpress bench on {os.uname().nodename}: {os.cpu_count()} CPUs, cache {default_cache()}")
     if a.packages:
