@@ -21,14 +21,13 @@ pytestmark = pytest.mark.kernel
 
 # The config's sizes, smaller: what the evidence needs and no more (measured: L2 2 GiB with a 1.5 GiB probe gave cells
 # of 3 min 40 s, with ~900 shadow pages of L2's VM zapped under global and ~1800 under shrinker-scan, where the test
-# asks for 100; the full size's cells took 8-9 min, most of it L2's boot and its probe's first pass). A 1 GiB probe,
-# each level 512 MiB above the one it runs, the kernel under test 1.5 GiB above L1, as there.
+# asks for 100; the full size's cells took 8-9 min, most of it L2's boot and its probe's first pass)
 SIZED_FOR_ITS_EVIDENCE = [
     "repetitions=1",
-    "topology.kut.memory_mb=3584",
-    "topology.l1.memory_mb=2048",
-    "topology.l2.memory_mb=1536",
-    "workload.probe.size_mb=1024",
+    "topology.kut.memory_mb=4096",
+    "topology.l1.memory_mb=2560",
+    "topology.l2.memory_mb=2048",
+    "workload.probe.size_mb=1536",
     # the config's phases: shorter ones left L2's probe one interval where the check asks for two (seen: under
     # shrinker-scan and in a 4 s recovery after it, when the scan zaps L2's shadow pages)
 ]
