@@ -16,6 +16,7 @@ from ..guest.contract import EventKind
 from ..guest.modes.base import Counters, PhaseEvidence, Series
 from ..guest.records import LevelFacts, PressureRecord
 from ..hypotheses import PhaseView
+from ..results.crashes import ACTOR_LEAD_S
 
 RISES = {
     "kvm.mmu_recycled": "mmu_recycled",
@@ -29,7 +30,6 @@ RISES = {
     "cgroup.pressure.events.high": "memcg_high_events",
 }
 DELIVERED, NOT_DELIVERED, NOT_APPLICABLE = "delivered", "not delivered", "not applicable"
-ACTOR_LEAD_S = 2.0  # an actor is ready, and may already act, a moment before the agent logs phase_start
 
 
 def series(counters: pd.DataFrame) -> dict[str, Series]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..guest.contract import EventKind
 from ..guest.records import Event
-from .guest_files import GuestFileError, Problems, json_object, read_text, records
+from .guest_files import GuestFileError, Problems, json_object, present, read_text, records
 
 LOG_LIMIT = 8 << 20  # of each log, its end
 # (kind, pattern): the first that matches a line names it; the group, where there is one, is what it says
@@ -54,6 +54,7 @@ NOISE = (
     (re.compile(r"\b\d{2,}\b"), "#"),
 )
 TOP_FRAMES = 3
+ACTOR_LEAD_S = 2.0  # a pressure actor is ready, and may already act, a moment before the agent logs phase_start
 
 
 @dataclass
@@ -126,9 +127,15 @@ def scan_log(text: str) -> list[Crash]:
 
 
 def _phases(kut_dir: Path, problems: Problems) -> list[tuple[str, int, int | None]]:
-    """(phase, start, end or None while it ran) on the kernel under test's clock (ns), from its events."""
+    """(phase, start, end or None while it ran) on the kernel under test's clock (ns), from its events. A pressure
+    phase starts when its actor may act, a moment before the agent logs it: what its pressure caused is its."""
     events = list(records(kut_dir / "events.jsonl", problems, kut_dir, Event.from_guest))
-    starts = {e.phase: e.t for e in events if e.kind is EventKind.PHASE_START and e.phase}
+    lead = int(ACTOR_LEAD_S * 1e9)
+    starts = {
+        e.phase: e.t - (lead if e.mode not in (None, "none") else 0)
+        for e in events
+        if e.kind is EventKind.PHASE_START and e.phase
+    }
     ends = {e.phase: e.t for e in events if e.kind is EventKind.PHASE_END and e.phase}
     return sorted(((p, t, ends.get(p)) for p, t in starts.items()), key=lambda x: x[1])
 
@@ -178,6 +185,8 @@ def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problem
 
 def _freeze(attempt_dir: Path, problems: Problems, phases: list, planned: list[str]) -> list[dict]:
     """The row of a kernel under test that went silent: in the phase it was in when its budget ran out."""
+    if not present(attempt_dir / FREEZE_NOTE):
+        return []
     note = json_object(attempt_dir / FREEZE_NOTE, problems, attempt_dir)
     if not note or not isinstance(note.get("budget_s"), (int, float)):
         return []
