@@ -88,3 +88,30 @@ def test_a_kernel_under_test_that_went_silent_is_a_freeze_in_the_phase_it_was_in
     (d / FREEZE_NOTE).write_text(json.dumps({"stage": "planted", "budget_s": 1}))  # a guest's, in a good attempt
     Attempt.note_freeze(SimpleNamespace(cell_dir=d, froze=None))  # type: ignore[arg-type]
     assert scan_attempt(d, [], Problems()) == [] and not (d / FREEZE_NOTE).exists()
+
+
+def test_what_a_pressure_phases_actor_caused_before_the_phase_was_logged_is_that_phases(tmp_path):
+    """The actor acts a moment before the agent logs the phase's start: a WARN at its first scan write (seen 0.3 s
+    before) belongs to that phase, not 'between'; an undisturbed phase gets no such lead."""
+    from harness.results.crashes import scan_attempt
+    from harness.results.guest_files import Problems
+
+    d = tmp_path / "cell"
+    d.mkdir()
+    phases = [
+        ("steady", "none", 10, 20),
+        ("weak-control", "memcg-limit", 20, 26),
+        ("shrinker-scan", "shrinker-scan", 28, 36),
+    ]
+    events = []
+    for name, mode, t0, t1 in phases:
+        events.append({"t": t0 * 10**9, "kind": "phase_start", "phase": name, "mode": mode, "duration_s": t1 - t0})
+        events.append({"t": t1 * 10**9, "kind": "phase_end", "phase": name, "mode": mode})
+    (d / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (d / "ready.json").write_text(json.dumps({"t": 0, "uptime_s": 0.0}))
+    warn = WARN.format(cpu=0, pid=1, line=6584, off="1c")
+    (d / "kmsg.log").write_text(
+        warn.replace("[   50.1", "[   27.7") + "[    9.500000] WARNING: CPU: 0 PID: 1 at x.c:1 f\n"
+    )
+    rows = scan_attempt(d, [("kut", "kut", d)], Problems())
+    assert [(r["said"][:13], r["phase"]) for r in rows] == [("arch/x86/kvm/", "shrinker-scan"), ("x.c:1 f", "boot")]
