@@ -110,8 +110,9 @@ def _processes_of(run_marker: str, name: str = "qemu-system") -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, sig):
+    """Two cells side by side (a pair), both up when the signal comes: neither QEMU, server nor temp dir is left."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --set repetitions=1".split()]
+    cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab --set repetitions=1 --parallel 2".split()]
     p = subprocess.Popen(
         [*cmd, "--output", str(out), "--run-id", f"kill-{sig.name}"],
         cwd=REPO_ROOT,
@@ -120,11 +121,12 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         text=True,
     )
     run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
+    ready = [run_dir / "cells" / f"{v}.r1" / "ready.json" for v in ("baseline", "patched")]
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (run_dir / "cells" / "baseline.r1" / "ready.json").exists():
+    while time.monotonic() < deadline and not all(r.exists() for r in ready):
         time.sleep(1)
-    assert (run_dir / "cells" / "baseline.r1" / "ready.json").exists(), "the kernel under test never came up"
-    assert _processes_of(str(run_dir))
+    assert all(r.exists() for r in ready), "the kernels under test never came up side by side"
+    assert len(_processes_of(str(run_dir))) == 2
     servers = decide_rootfs("auto", decide_accel("auto").accel).kind == "virtiofs"  # kut's root from a virtiofsd
     assert bool(_processes_of(f"/tmp/nestpress-kill-{sig.name}-", "virtiofsd")) == servers
     p.send_signal(sig)
