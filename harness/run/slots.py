@@ -36,7 +36,7 @@ def decide(setting: str | int, cells: list[Cell], host_cpus: list[int], availabl
     by_cpu, by_mem = len(host_cpus) // need_cpus, max(0, available_mb - HOST_RESERVE_MB) // need_mb
     why = (
         f"{len(host_cpus)} host CPUs / {need_cpus} per kernel under test"
-        + (f" ({vcpus} vCPU + QEMU's main loop under TCG)" if tcg else "")
+        + (f" ({vcpus} vCPU{'s' if vcpus > 1 else ''} + QEMU's main loop under TCG)" if tcg else "")
         + f" = {by_cpu}; {available_mb} MiB available less {HOST_RESERVE_MB} for the host / {need_mb} per cell"
         f" = {by_mem}"
     )
