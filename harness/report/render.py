@@ -133,12 +133,11 @@ def _pct(v) -> str:
     return f"{fmt(v * 100, 0)} %"
 
 
-def _ms_ci(row) -> str:
-    """A difference in ms with its bootstrap interval (none with one repetition a side)."""
-    d = f"{fmt(row['diff_ms'], 0)}"
-    return d + (
-        f" [{fmt(row['diff_ci_lo'], 0)}, {fmt(row['diff_ci_hi'], 0)}]" if not np.isnan(row["diff_ci_lo"]) else ""
-    )
+def _sides(row) -> str:
+    """One attribution row's tail excess per repetition, baseline v variant, and their difference with its
+    bootstrap interval (none with one repetition a side)."""
+    ci = "" if np.isnan(row["diff_ci_lo"]) else f" [{fmt(row['diff_ci_lo'], 0)}, {fmt(row['diff_ci_hi'], 0)}]"
+    return f"{fmt(row['baseline_excess_ms'], 0)} v {fmt(row['variant_excess_ms'], 0)} ms ({fmt(row['diff_ms'], 0)}{ci})"
 
 
 def attribution_lines(ab: pd.DataFrame, baseline: str, shares: tuple[str, ...], headline: str) -> list[str]:
@@ -153,15 +152,11 @@ def attribution_lines(ab: pd.DataFrame, baseline: str, shares: tuple[str, ...], 
     for (variant, phase, level), g in pressured.groupby(["variant", "phase", "level"], sort=False):
         by = g.set_index("cause")
         tot, mech = by.loc["total"], by.loc["mechanism"]
-
-        def pair(row) -> str:
-            return f"{fmt(row['baseline_excess_ms'], 0)} v {fmt(row['variant_excess_ms'], 0)} ms ({_ms_ci(row)})"
-
-        causes = "; ".join(f"{c} {pair(by.loc[c])}" for c in shares if c in by.index)
+        causes = "; ".join(f"{c} {_sides(by.loc[c])}" for c in shares if c in by.index)
         lines.append(
             f"- **`{phase}`** ({tot['mode']}, {level}, {tot['n_baseline']} v {tot['n_variant']} repetitions), "
             f"tail excess per repetition, `{baseline}` v `{variant}` (difference [95 % interval]): total "
-            f"{pair(tot)}; **during {headline} {pair(mech)}**; by cause: {causes}."
+            f"{_sides(tot)}; **during {headline} {_sides(mech)}**; by cause: {causes}."
         )
     return lines
 
