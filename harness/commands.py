@@ -59,6 +59,10 @@ class Request:
     experiment: str | None = None
     run: str | None = None
     repetition: int | None = None
+    good: str | None = None
+    bad: str | None = None
+    criterion: str | None = None
+    on_crash: str | None = None
     run_a: str | None = None
     run_b: str | None = None
     out: str | None = None
@@ -137,6 +141,26 @@ COMMANDS = {
             "experiment",
             "build + run + report",
             (Option("config", CONFIG.help, default="shrinker-ab"), SETS, *RUN),
+            detached=True,
+        ),
+        Command(
+            "bisect",
+            "find the first commit between --good and --bad that changed the criterion (a git source); the same "
+            "command resumes it",
+            (
+                CONFIG,
+                Option("good", "a commit (ref) where the criterion is as it was", required=True),
+                Option("bad", "a later commit (ref) where it changed", required=True),
+                SETS,
+                Option(
+                    "criterion",
+                    "what a commit is judged by (default: the config's bisect.criterion): hypothesis, "
+                    "metric:PHASE:LEVEL:METRIC (metric:global:l1:touch p99.9) or evidence:PHASE:COUNTER[>N]",
+                ),
+                Option("on_crash", "a commit whose kernel under test crashes: skip or bad (default: bisect.on_crash)"),
+                Option("run_id", "the bisection's directory name (default: bisect-<good>-<bad>)"),
+                Option("output", "results root (default: the config's output)"),
+            ),
             detached=True,
         ),
         Command(

@@ -196,6 +196,22 @@ def compare(request: Request) -> int:
     return 0
 
 
+def bisect(request: Request) -> int:
+    """The first commit that changed the criterion: its full id and subject are the last line printed."""
+    from .bisect.driver import bisect as walk
+    from .bisect.driver import make_plan
+
+    result = walk(make_plan(request), default_cache())
+    print(result.report.read_text())
+    print(f"bisection: {result.report.parent}")
+    if result.answer.stopped:
+        console.print(f"[bold yellow]nothing to bisect (exit status {EXIT_INCONCLUSIVE})[/bold yellow]", markup=True)
+        return EXIT_INCONCLUSIVE
+    first = result.answer.first
+    print(f"{first[0].sha} {first[0].subject}" if len(first) == 1 else "first bad commit not found: skipped commits")
+    return 0 if len(first) == 1 else 1
+
+
 def fetch(request: Request) -> int:
     raise HarnessError("fetch brings results from lab hosts: give them with fab -H host or --hosts h1,h2")
 

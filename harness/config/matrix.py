@@ -281,7 +281,11 @@ def load(path: str | Path, overrides: list[str] | None = None, limit: int = MAX_
     """The validated matrix. Its `raw` is the config as written (what its hash, and so a resume, compare);
     the models have the variants' relative paths anchored at the config file. A matrix of more than `limit`
     cells is refused, counted before it is expanded."""
-    p, raw = load_raw(path, overrides)
+    return expand(*load_raw(path, overrides), limit=limit)
+
+
+def expand(p: Path, raw: dict, limit: int = MAX_CELLS) -> Matrix:
+    """The matrix of a config file's raw contents (load(), or a command that rewrote them: bisect's steps)."""
     if (n := cell_count(raw)) > min(limit, MAX_CELLS):
         raise _too_many(p, raw, n, min(limit, MAX_CELLS))
     anchored = copy.deepcopy(raw)

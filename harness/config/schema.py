@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, WithJsonSchema, field_validator, mod
 
 from .. import hypotheses
 from .base import Strict, axis
+from .bisect import Criterion
 from .kernels import DistroKernel, KernelConfig, Source, Variant
 from .pressure import ModeName, Pressure, upgrade
 from .workloads import WorkloadRun
@@ -137,6 +138,23 @@ class Phase(Strict):
         if self.pressure is True:
             return cell_mode
         return str(self.pressure) if self.pressure else "none"
+
+
+class Bisect(Strict):
+    """How `bisect` measures each commit it tries: the config's own schedule or a shorter one, and how many boots."""
+
+    criterion: Criterion = Field(Criterion(), description="what a commit is judged by (or --criterion)")
+    phases: list[Phase] | None = Field(None, min_length=1, description="a reduced schedule (default: the config's)")
+    repetitions: int | None = Field(
+        None, ge=1, le=50, description="boots of each commit at first (default: 3 by a metric, as the A/B, else 1)"
+    )
+    max_repetitions: int = Field(6, ge=1, le=50, description="boots of a commit before a metric undecided is skipped")
+    on_crash: Literal["skip", "bad"] = Field(
+        "skip", description="a commit whose kernel under test crashes (panic, oops, BUG, freeze): skip or bad"
+    )
+
+    def first_repetitions(self) -> int:
+        return self.repetitions or (3 if self.criterion.kind == "metric" else 1)
 
 
 class Sampler(Strict):
@@ -290,6 +308,7 @@ class Experiment(Strict):
         "group, a repetition's variants started together; auto: as many as the host's CPUs and memory hold",
     )
     output: str = Field("results", description="results root; a run lands in <output>/<name>/<run-id>")
+    bisect: Bisect = Field(Bisect(), description="what `bisect` measures each commit by (ignored by other commands)")
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)

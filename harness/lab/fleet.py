@@ -58,6 +58,8 @@ def execute(request: Request, lab: Lab) -> int:
         + "[/bold]"
     )
     try:
+        if request.task == "bisect":
+            return bisect_on_host(remotes, request)
         if command.detached:
             return run_fleet(remotes, request)
         if request.task == "fetch":
@@ -168,6 +170,37 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
         result = analyze(local_run, rebuild_tables=True)
     print(f"run directory: {local_run}")
     return 1 if failed else conclusion(result)
+
+
+def bisect_on_host(remotes: list[Remote], request: Request) -> int:
+    """A bisection's steps depend on each other: it runs on one host, detached (the same command reattaches or
+    resumes it), and its directory comes back here. source.url names the clone on that host."""
+    if len(remotes) > 1:
+        raise HarnessError("bisect runs on one host (each step depends on the last): give one with -H or --hosts")
+    from ..bisect.driver import default_run_id
+
+    exp = matrix_of(request).experiment  # the config validated here before the host is touched
+    run_id = check_run_id(request.run_id) if request.run_id else default_run_id(str(request.good), str(request.bad))
+
+    def one(r: Remote, i: int) -> int:
+        remote_config = r.ship(resolve_config_path(str(request.config)))
+        job = f"{exp.name}-{run_id}-bisect"
+        r.refuse_concurrent(exp.name, job)
+        r.ensure_env()
+        if r.job_state(job) == "running":
+            log(f"{r.name}: job {job} is still running - reattaching")
+            r.job = job
+        else:
+            asked = dataclasses.replace(request, config=remote_config, run_id=run_id, output=r.results)
+            r.start_job(job, asked.argv())
+        rc = r.follow(job)
+        r.fetch(f"{r.results}/{exp.name}/{run_id}", Path(request.output or exp.output).resolve(), r.name)
+        return rc
+
+    outcome = run_on_hosts(remotes, one)[remotes[0].name]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return int(outcome)  # type: ignore[call-overload]
 
 
 def fetch_fleet(remotes: list[Remote], experiment: str, run_id: str) -> int:

@@ -353,6 +353,31 @@ def test_build_over_ssh_uses_the_cache_and_ships_relative_patches(keys, hosts, r
     assert f"mine: 6.1.192 (cached)\n  {builds['patched'].bzimage}" in r.stdout
 
 
+def test_bisect_runs_detached_on_one_host_and_its_folder_comes_back(keys, hosts, rdir, tmp_path):
+    repo = tmp_path / "tree"  # the host's clone (this machine): two commits, and no kernel in them
+    repo.mkdir()
+    for tag in ("good", "bad"):
+        (repo / "README").write_text(tag)
+        subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+        subprocess.run(["git", "-C", str(repo), "add", "README"], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", tag],
+                       check=True)  # fmt: skip
+        subprocess.run(["git", "-C", str(repo), "tag", tag], check=True)
+    out = tmp_path / "results"
+    args = ["bisect", "--config", "shrinker-bisect", "--good", "good", "--bad", "bad", "--set", f"source.url={repo}"]
+    args += ["--output", str(out), *remote_dir(rdir)]
+    r = fab(keys, *args, hosts=hosts)
+    assert r.returncode == 2 and "bisect runs on one host" in r.stdout + r.stderr
+    r = fab(keys, *args, hosts=[hosts[0]])
+    said = r.stdout + r.stderr
+    assert r.returncode == 2 and "started detached job shrinker-bisect-bisect-good-bad-bisect" in said, said[-3000:]
+    assert "the good end" in said and "could not be measured: does not build" in said and "not a kernel tree" in said
+    folder = out / "shrinker-bisect/bisect-good-bad/evidence-drop-caches-shrinker_calls"
+    asked = json.loads((folder / "bisect.json").read_text())
+    assert asked["bad"] == subprocess.run(["git", "-C", str(repo), "rev-parse", "bad"], capture_output=True,
+                                          text=True).stdout.strip()  # fmt: skip
+
+
 # The fleet cells also exercise the two pressure modes the default schedule does not use.
 FLEET = [
     "--config",

@@ -31,10 +31,11 @@ FLOORS = {
     "analysis": 4,
     "run": 5,
     "report": 5,
-    "tasks": 6,
-    "lab": 7,
-    "cli": 7,
-    "__main__": 8,
+    "bisect": 6,
+    "tasks": 7,
+    "lab": 8,
+    "cli": 8,
+    "__main__": 9,
 }
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
