@@ -59,12 +59,16 @@ def analyze(run_dir: Path, rebuild_tables: bool = False) -> Analysis:
         if not evidence.empty
         else f"no phase completed: no evidence of {hypothesis.mechanism}"
     )
-    not_delivered = undelivered(evidence)
+    # the A/B's unit is a complete boot: a failed cell (said in the cells and crashes tables) neither gives values
+    # nor blocks a verdict by a phase it never finished
+    complete = set(cells.loc[cells["status"] == "complete", "cell"])
+    done = {k: d[d["cell"].isin(complete)] if "cell" in d else d for k, d in frames.items()}
+    not_delivered = undelivered(evidence[evidence["cell"].isin(complete)] if not evidence.empty else evidence)
     variants = [v.name for v in exp.variants if any(c.variant == v.name for c in manifest.cells)]  # a shard's own
     measured = set(frames["samples"]["variant"]) | set(frames["workload_metrics"]["variant"])
     unmeasured = [v for v in variants if v not in measured]
     summary = stats.summarize(frames["samples"])
-    metrics = stats.repetition_metrics(frames["samples"], frames["passes"], frames.get("workload_metrics"))
+    metrics = stats.repetition_metrics(done["samples"], done["passes"], done.get("workload_metrics"))
     ab = stats.ab_table(
         metrics,
         manifest.baseline,

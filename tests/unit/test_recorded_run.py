@@ -427,3 +427,12 @@ def test_whatever_a_guest_leaves_in_any_of_its_files_the_tables_and_report_are_m
         html = (run / "report.html").read_text()
         assert "<script>" not in html, html[html.find("<script>") - 300 : html.find("<script>") + 50]
         assert any("l1-0/l2-0/plan.json: torn or unreadable" in p for p in problems)
+
+
+def test_a_failed_cell_gives_the_ab_no_values_and_its_unfinished_phases_block_no_verdict(run):
+    record = run / "records" / "patched.r1.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"status": "failed"}))
+    a = analyze(run, rebuild_tables=True)
+    assert a.cells.set_index("variant").loc["patched", "status"] == "failed"
+    assert set(a.metrics["variant"]) == {"baseline"} and not a.undelivered  # its samples stay in the tables only
+    assert set(a.frames["samples"]["variant"]) == {"baseline", "patched"}
