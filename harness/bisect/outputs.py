@@ -126,7 +126,7 @@ def report(plan: Plan, steps: list[Step], answer: Answer | None, ends: str) -> s
     ]
     head = ["step", "commit", "mark", "value", "why", "build s", "run s"]
     lines += tabulate(rows, head, tablefmt="simple").split("\n")
-    boots = sum(s.measured.new_boots for s in steps)
+    boots = sum(s.measured.reading.boots + s.measured.reading.failed for s in steps)
     build, run = sum(s.measured.build_s for s in steps), sum(s.measured.run_s for s in steps)
     phases = sum(p.duration_s for p in (plan.exp.bisect.phases or plan.exp.phases))
     lines += ["", f"time: builds {build / 60:.1f} min, boots {run / 60:.1f} min for {boots} boot(s)"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from ..config import Experiment, Matrix
 from ..config.bisect import Criterion
 from ..config.matrix import expand
 from ..errors import BuildError, KconfigError, PatchError, PressureError, SourceError
-from ..kernel.build import Builder
-from ..results.manifest import cell_complete
+from ..kernel.build import Builder, BuildMetadata
+from ..results.manifest import Manifest, cell_complete
 from ..run.runner import Runner
 from ..util import log
 from .history import Commit, History
@@ -74,8 +73,8 @@ class Measured:
     run_dir: Path
     repetitions: int
     reading: Reading
-    build_s: float = 0.0
-    run_s: float = 0.0
+    build_s: float = 0.0  # what its kernel's build took, when it was built
+    run_s: float = 0.0  # what its boots took, every run of them
     new_boots: int = 0  # boots run this time (the others were measured before)
 
 
@@ -91,17 +90,20 @@ def measure(plan: Plan, commit: Commit, repetitions: int, cache: Path) -> Measur
     out = Measured(commit, run_dir, repetitions, Reading(), new_boots=len(todo))
     if todo:
         log(f"bisect: {commit.said()}: {len(todo)} boot(s) to measure ({repetitions} in all)", style="bold")
-        t0, stage = time.monotonic(), "does not build"
+        stage = "does not build"
         try:
             Builder(m.experiment, cache).build_all()
-            out.build_s, stage = time.monotonic() - t0, "cannot run the schedule"
+            stage = "cannot run the schedule"
             Runner(m, run_dir, cache, plan.reproduce).run()
         except UNMEASURABLE as e:
             out.reading.problem = f"{stage}: {e}"
             return out
-        out.run_s = time.monotonic() - t0 - out.build_s
     if not (run_dir / "manifest.json").exists():
         out.reading.problem = "nothing was measured"
         return out
     out.reading = read(analyze(run_dir, rebuild_tables=True), plan.criterion)
+    manifest = Manifest.load(run_dir / "manifest.json")
+    out.run_s = manifest.duration_s
+    built = [Path(b.dir) / "metadata.json" for b in manifest.builds.values()]
+    out.build_s = sum(BuildMetadata.load(p).duration_s or 0.0 for p in built if p.exists())
     return out
