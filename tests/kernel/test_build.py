@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 from harness import REPO_ROOT
 from harness.config import load
@@ -110,6 +111,7 @@ def test_ctrl_c_during_build_keeps_nothing_in_the_cache(builds, cache_dir, tmp_p
         stderr=subprocess.STDOUT,
         text=True,
         env=dict(os.environ, NESTPRESS_CACHE=str(cache_dir)),
+        preexec_fn=interruptible,
     )
     deadline = time.monotonic() + 300
     work = None

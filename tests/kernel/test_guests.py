@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 from harness import REPO_ROOT
 from harness.config import load
@@ -119,6 +120,7 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=interruptible,
     )
     run_dir = out / "shrinker-ab" / f"kill-{sig.name}"
     ready = [run_dir / "cells" / f"{v}.r1" / "ready.json" for v in ("baseline", "patched")]
