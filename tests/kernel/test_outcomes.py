@@ -24,6 +24,7 @@ SHORT = [
     "repetitions=1",
     "boot.retries=0",
     "workload.probe.size_mb=256",
+    "topology.l1.prealloc=false",  # L1's RAM on demand: 11 s less a boot (measured); no global reclaim here
     "pressure.memcg-limit.hog_mb=16",  # fits under its limit_mb (64): the control never reaches its limit
     "phases=[{name: steady, duration_s: 5}, {name: weak-control, duration_s: 6, pressure: memcg-limit}, "
     "{name: shrinker-scan, duration_s: 8, pressure: shrinker-scan}, {name: recovery, duration_s: 4}]",

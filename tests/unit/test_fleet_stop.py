@@ -48,9 +48,14 @@ def run_and_interrupt(hosts: list[Remote], after_s: float) -> None:
         r.cancelled.wait(30)  # following the job's log, until the Ctrl-C
         return 0
 
-    threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_on_hosts(hosts, body)
+    # Ctrl-C as at a terminal, even where pytest was started in the background (which ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_on_hosts(hosts, body)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_stops_every_reachable_hosts_job_when_the_first_host_does_not_answer():
