@@ -389,10 +389,6 @@ FLEET = [
     "--set",
     "topology.kut.cpus=1",  # the two hosts are this machine: a CPU each
     "--set",
-    "workload.probe.size_mb=256",  # a first pass of seconds, not ~25 s: the evidence is the shrinker's calls
-    "--set",
-    "topology.l1.prealloc=false",  # L1's RAM on demand: 11 s less a boot (measured)
-    "--set",
     "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
     "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
 ]
