@@ -113,6 +113,18 @@ def _merge_manifests(run_dir: Path, hosts_by_cell: dict[str, str]) -> None:
     m.save(run_dir / "manifest.json")
 
 
+def _start_or_reattach(r: Remote, experiment: str, job: str, argv: list[str]) -> None:
+    """The host's job of this run: refused beside another run of the experiment, reattached while it still runs
+    (after a lost connection or a Ctrl-C here), else started detached."""
+    r.refuse_concurrent(experiment, job)
+    r.ensure_env()
+    if r.job_state(job) == "running":
+        log(f"{r.name}: job {job} is still running - reattaching")
+        r.job = job
+    else:
+        r.start_job(job, argv)
+
+
 def run_fleet(remotes: list[Remote], request: Request) -> int:
     config = str(request.config)
     matrix = matrix_of(request)  # validated here, counted and confirmed, before any host is touched
@@ -124,25 +136,17 @@ def run_fleet(remotes: list[Remote], request: Request) -> int:
 
     def one(r: Remote, i: int) -> int:
         remote_config = r.ship(resolve_config_path(config))
+        shard = dataclasses.replace(
+            request,
+            task="run",
+            config=remote_config,
+            run_id=run_id,
+            resume=False,
+            output=r.results,
+            shard=f"{i}/{n}" if n > 1 else None,
+        )
         job = f"{exp.name}-{run_id}-{i}of{n}"
-        r.refuse_concurrent(exp.name, job)
-        r.ensure_env()
-        if r.job_state(job) == "running":
-            log(f"{r.name}: job {job} is still running - reattaching")
-            r.job = job
-        else:
-            r.start_job(
-                job,
-                dataclasses.replace(
-                    request,
-                    task="run",
-                    config=remote_config,
-                    run_id=run_id,
-                    resume=False,
-                    output=r.results,
-                    shard=f"{i}/{n}" if n > 1 else None,
-                ).argv(),
-            )
+        _start_or_reattach(r, exp.name, job, shard.argv())
         rc = r.follow(job, prefix=f"[{r.c.host}:{r.c.port}] " if n > 1 else "")
         r.fetch(f"{r.results}/{exp.name}/{run_id}", local_run.parent.parent, host_tag=f"{r.c.host}-{r.c.port}")
         return rc
@@ -184,15 +188,9 @@ def bisect_on_host(remotes: list[Remote], request: Request) -> int:
 
     def one(r: Remote, i: int) -> int:
         remote_config = r.ship(resolve_config_path(str(request.config)))
+        asked = dataclasses.replace(request, config=remote_config, run_id=run_id, output=r.results)
         job = f"{exp.name}-{run_id}-bisect"
-        r.refuse_concurrent(exp.name, job)
-        r.ensure_env()
-        if r.job_state(job) == "running":
-            log(f"{r.name}: job {job} is still running - reattaching")
-            r.job = job
-        else:
-            asked = dataclasses.replace(request, config=remote_config, run_id=run_id, output=r.results)
-            r.start_job(job, asked.argv())
+        _start_or_reattach(r, exp.name, job, asked.argv())
         rc = r.follow(job)
         r.fetch(f"{r.results}/{exp.name}/{run_id}", Path(request.output or exp.output).resolve(), r.name)
         return rc

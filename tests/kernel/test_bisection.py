@@ -7,8 +7,8 @@ hypothesis (the shrinker frees shadow pages) finds it from the same boots.
 By a latency metric (L1's touch p99 under global reclaim) the same commit is found by the `long` test below, which the
 suite leaves out (`-m "not long"` in addopts): at this schedule's size (a 12 s global phase, a 256 MiB probe) L1's
 p99 did not separate the ends at 3 boots a side (-56.7 % [-83.7, +14.5], p 0.066, measured), and at the size that
-does (the default experiment's probe and global phase) the bisection boots 3 times per commit, ~25 min of this
-machine, past CI's budget. Run it with `.venv/bin/pytest -m long tests/kernel/test_bisection.py`; the metric's
+does (the default experiment's probe and global phase) each commit boots twice or more (measured: the ends 2 v 2,
+-74.1 % [-84.0, -57.9], p 0.015; 2 steps, 10 boots of 83 s, 17 min of this machine), past CI's budget. Run it with `.venv/bin/pytest -m long tests/kernel/test_bisection.py`; the metric's
 decisions are unit-tested in tests/unit/test_bisect.py; docs/bisect.md has its figures."""
 
 from __future__ import annotations
@@ -130,5 +130,5 @@ def test_a_latency_metric_finds_the_same_commit(history, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == f"{removal} {SUBJECT}"
     steps = pd.read_csv(tmp_path / "shrinker-bisect" / "bisect-good-bad" / "metric-global-l1-touch-p99" / "steps.csv")
-    assert len(steps[steps["step"] > 0]) <= 3 and (steps["boots"] >= 3).all()
+    assert len(steps[steps["step"] > 0]) <= 3 and (steps["boots"] >= 2).all()  # a metric compares 2 boots or more
     assert steps.loc[steps["commit"] == removal, "mark"].tolist() == ["bad"]
