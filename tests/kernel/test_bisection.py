@@ -8,8 +8,9 @@ By a latency metric (L1's touch p99 under global reclaim) the same commit is fou
 suite leaves out (`-m "not long"` in addopts): at this schedule's size (a 12 s global phase, a 256 MiB probe) L1's
 p99 did not separate the ends at 3 boots a side (-56.7 % [-83.7, +14.5], p 0.066, measured), and at the size that
 does (the default experiment's probe and global phase) each commit boots twice or more (measured: the ends 2 v 2,
--74.1 % [-84.0, -57.9], p 0.015; 2 steps, 10 boots of 83 s, 17 min of this machine), past CI's budget. Run it with `.venv/bin/pytest -m long tests/kernel/test_bisection.py`; the metric's
-decisions are unit-tested in tests/unit/test_bisect.py; docs/bisect.md has its figures."""
+-74.1 % [-84.0, -57.9], p 0.015; 2 steps, 10 boots of 83 s, 17 min of this machine), past CI's budget. Run it
+with `.venv/bin/pytest -m long tests/kernel/test_bisection.py`; the metric's decisions are unit-tested in
+tests/unit/test_bisect.py; docs/bisect.md has its figures."""
 
 from __future__ import annotations
 
