@@ -231,6 +231,7 @@ def test_report_verdict_rows_and_valid_pngs(e2e):
         img = mpimg.imread(p)
         assert img.shape[0] > 300 and img.shape[1] > 600 and np.std(img[..., :3]) > 0.02, p.name
     assert "report.html" in e2e["stdout"] and (run / "report.txt").read_text() in e2e["stdout"]  # the answer last
+    assert max(map(len, (run / "report.txt").read_text().splitlines())) <= 72  # for a mail client, as it is
 
 
 def test_each_kernel_under_test_ran_in_a_host_memory_group_removed_after_it(e2e):

@@ -54,6 +54,8 @@ def test_a_panic_is_the_cells_outcome_said_at_once_and_never_a_traceback(crashed
     assert panic["level"].iloc[0] == "kut" and panic["phase"].iloc[0] == "shrinker-scan"
     outcomes = a.outcomes.set_index("variant")
     assert outcomes.loc["panics", "crashed"] == outcomes.loc["panics", "boots"] == 1
+    text = (crashed["run_dir"] / "report.txt").read_text()  # a failed run has its mail too, in 72 columns
+    assert "PANIC" in text and max(map(len, text.splitlines())) <= 72
 
 
 def test_a_warning_is_on_the_first_screen_for_its_variant_only(crashed):
