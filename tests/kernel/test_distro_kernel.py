@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import harness, require
+from conftest import L1_ON_DEMAND, harness, require, sets
 
 from harness.analysis import analyze
 from harness.config import load
@@ -72,7 +72,7 @@ SHORT = [
     "phases=[{name: steady, duration_s: 6}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
     "{name: recovery, duration_s: 4}]",
     "workload.probe.size_mb=256",  # a first pass of seconds, not ~25 s: the evidence is the shrinker's calls
-    "topology.l1.prealloc=false",  # L1's RAM on demand: 11 s less a boot (measured)
+    L1_ON_DEMAND,
 ]
 
 
@@ -81,7 +81,7 @@ def test_the_distro_kernel_boots_our_modules_and_the_patch_takes_effect(distro_b
     image, _ = distro_builds
     config = "configs/shrinker-ab-distro.yaml"
     args = ["--config", config, "--run-id", "distro", "--output", str(tmp_path)]
-    r = harness("experiment", *args, *[a for s in SHORT for a in ("--set", s)], timeout=1200)
+    r = harness("experiment", *args, *sets(SHORT), timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     run = tmp_path / "shrinker-ab-distro" / "distro"
     report = analyze(run)

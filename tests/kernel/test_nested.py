@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_every_phase_delivered, phase_row, require
+from conftest import assert_every_phase_delivered, phase_row, require, sets
 
 from harness import REPO_ROOT
 from harness.analysis import analyze
@@ -42,7 +42,7 @@ def nested(builds, qemu, tmp_path_factory):
     require(qemu_for_nested is not None, why)
     out = tmp_path_factory.mktemp("results")
     cmd = [sys.executable, "-m", "harness", *"experiment --config shrinker-ab-nested --run-id nested".split()]
-    cmd += ["--output", str(out), *[a for s in SIZED_FOR_ITS_EVIDENCE for a in ("--set", s)]]
+    cmd += ["--output", str(out), *sets(SIZED_FOR_ITS_EVIDENCE)]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2700)
     print(r.stdout[-4000:], r.stderr[-6000:])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import git, harness
+from conftest import L1_ON_DEMAND, git, harness, sets
 
 from harness import REPO_ROOT
 from harness.analysis import analyze
@@ -46,12 +46,12 @@ def test_the_series_as_a_file_an_mbox_or_a_git_range_is_the_series_build_from_th
         (tmp_path / f"{i}.patch").write_text(text)
         git(repo, "apply", str(tmp_path / f"{i}.patch"))
         git(repo, "commit", "-qam", subject)
-    sets = [f"source={{kind: tarball, path: {src61}}}", f"variants.topic.git.repo={repo}"]
-    sets += ["variants.topic.git.range=base..HEAD"]
-    r = harness("validate", "--config", str(EXAMPLES / "git-range.yaml"), *[a for s in sets for a in ("--set", s)])
+    overrides = [f"source={{kind: tarball, path: {src61}}}", f"variants.topic.git.repo={repo}"]
+    overrides += ["variants.topic.git.range=base..HEAD"]
+    r = harness("validate", "--config", str(EXAMPLES / "git-range.yaml"), *sets(overrides))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("    patch ") == 2 and "Drop the global count of shadow pages" in r.stdout
-    exp = load(EXAMPLES / "git-range.yaml", sets).experiment
+    exp = load(EXAMPLES / "git-range.yaml", overrides).experiment
     b = Builder(exp, cache_dir).build(exp.variant("topic"))
     assert b.cached and b.key == patched.key
     assert [o.split(" (")[0] for o in b.metadata.about.patches] == [
@@ -121,7 +121,7 @@ PARAMS = [
     "topology.kind=shadow",
     "repetitions=1",
     "workload.probe.size_mb=256",
-    "topology.l1.prealloc=false",  # L1's RAM on demand: 11 s less a boot (measured)
+    L1_ON_DEMAND,
     "phases=[{name: steady, duration_s: 4}, {name: rest, duration_s: 4}]",
     "boot.retries=0",
     "variants.no-mmio-caching.cmdline=[kvm.mmio_caching=0]",
@@ -133,7 +133,7 @@ def test_variants_that_differ_in_parameters_share_one_kernel_and_boot_with_their
         "variants=[{name: baseline}, {name: legacy-tdp-mmu, module_params: {kvm: {tdp_mmu: false}}}, "
         "{name: no-mmio-caching}, {name: typo, module_params: {kvm: {tdp_mmuu: 0}}}]"
     )
-    sets = [typo, *PARAMS]
+    overrides = [typo, *PARAMS]
     r = harness(
         "experiment",
         "--config",
@@ -142,7 +142,7 @@ def test_variants_that_differ_in_parameters_share_one_kernel_and_boot_with_their
         "params",
         "--output",
         str(tmp_path),
-        *[a for s in sets for a in ("--set", s)],
+        *sets(overrides),
         timeout=1800,
     )
     out = r.stdout + r.stderr

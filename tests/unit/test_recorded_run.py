@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
+from conftest import mail_lines
 
 from harness import REPO_ROOT
 from harness.analysis import analyze
@@ -100,8 +101,7 @@ def test_report_is_one_html_file_with_its_plots(generated):
     assert "Status: complete" in md and "in the VM that runs L2 (l1-0) shadow pages zapped" in md
     for png in report.plots:
         assert mpimg.imread(png).shape[0] > 300
-    text = (run / "report.txt").read_text().splitlines()  # for a mail: the answer in at most 72 columns
-    assert text and max(map(len, text)) <= 72 and text[0].startswith("nestpress")
+    assert mail_lines(run)[0].startswith("nestpress")
 
 
 def test_fleet_merge_is_the_union_of_the_hosts_manifests(run):
