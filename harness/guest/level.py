@@ -91,8 +91,8 @@ def level_facts(plan: GuestPlan) -> LevelFacts:
         if os.access(p, os.R_OK):
             params[f"{mod}.{name}"] = read(p)[:200]
     shrinkers = sorted(glob.glob("/sys/kernel/debug/shrinker/*"))[:500]
-    kallsyms = read("/proc/kallsyms")
     functions = plan.schedule.sampler.shrink_functions if plan.schedule else []
+    kallsyms = read("/proc/kallsyms") if functions else ""  # formatted per read: slow in a guest, read where asked
     mem = dict(line.split(":", 1) for line in read("/proc/meminfo").splitlines() if ":" in line)
     return LevelFacts(
         name=plan.name,

@@ -389,6 +389,8 @@ FLEET = [
     "--set",
     "topology.kut.cpus=1",  # the two hosts are this machine: a CPU each
     "--set",
+    "workload.probe.size_mb=256",  # its first pass in seconds, not ~25 s: the cells are about the fleet
+    "--set",
     "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
     "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
 ]
