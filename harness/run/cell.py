@@ -195,6 +195,11 @@ class Attempt:
             ready = kut.wait_ready(self.exp.boot.timeout_s.get("kut", 120))
         except RuntimeError as e:
             raise GuestError(str(e)) from None
+        # its facts come before its ready: a module parameter it lacks fails the cell before any guest boots
+        if wrong := checks.param_mismatches(self.cell_dir, self.exp.variant(self.cell.variant).module_params_text()):
+            raise GuestError(
+                f"cell {self.cell.id}: the kernel under test booted without its variant's " + "; ".join(wrong)
+            )
         self.follow(kut, self.budget_s())
         kut.stop()
         return kut, started, ready
@@ -313,5 +318,4 @@ class Attempt:
             levels,
             self.exp.sampler.interval_s,
         )
-        short += checks.workload_shortfalls(frames["runs"], frames["workload_metrics"], expected)
-        return short + checks.param_mismatches(self.cell_dir, self.exp.variant(c.variant).module_params_text())
+        return short + checks.workload_shortfalls(frames["runs"], frames["workload_metrics"], expected)

@@ -40,7 +40,8 @@ BOOLEAN = {"y": "Y", "1": "Y", "true": "Y", "on": "Y", "n": "N", "0": "N", "fals
 
 def param_mismatches(cell_dir: Path, module_params: dict[str, dict[str, str]]) -> list[str]:
     """The variant's module parameters the kernel under test does not show in sysfs as asked (a typo, a
-    parameter this kernel lacks, or one the harness's own overrode). Only KVM modules are recorded."""
+    parameter this kernel lacks, or one the harness's own overrode), read as soon as it is ready (cell.py).
+    Only KVM modules are recorded."""
     kut = level_facts(cell_dir, Problems(), complete=False).get("kut")
     if kut is None:
         return (

@@ -1,6 +1,7 @@
 """Real QEMU, real kernels from the build pipeline: boot to the agent, panic detection, cleanup."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,8 @@ def test_interrupted_run_leaves_no_qemu_and_no_temp_dir(builds, qemu, tmp_path, 
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
         assert not tmp_dirs
         assert "INCOMPLETE" in (run_dir / "report.md").read_text()  # the report says what it is
+    for d in tmp_dirs:  # what a SIGKILL leaves (nothing runs to remove it): the test's own litter, not the host's
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
