@@ -72,8 +72,8 @@ def history(builds, cache_dir, tmp_path_factory):
 
 
 # drop_slab() calls every shrinker at once: the evidence without the global hog's fill (16 s a boot), with L1's
-# RAM on demand (nothing to fill around it) and a probe whose first pass is short: boots of 44-49 s (measured with
-# a 256 MiB probe) where global's took 64-77 s
+# RAM on demand (nothing to fill around it) and a probe whose first pass is short: boots of 40-43 s where global's
+# took 64-77 s
 QUICK = sets(
     [
         L1_ON_DEMAND,
