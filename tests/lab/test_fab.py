@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sets
 from fabric import Connection
 
 from harness import REPO_ROOT
@@ -382,17 +383,16 @@ def test_bisect_runs_detached_on_one_host_and_its_folder_comes_back(keys, hosts,
 FLEET = [
     "--config",
     "shrinker-ab",
-    "--set",
-    "variants=[{name: baseline}]",
-    "--set",
-    "repetitions=2",
-    "--set",
-    "topology.kut.cpus=1",  # the two hosts are this machine: a CPU each
-    "--set",
-    "workload.probe.size_mb=256",  # its first pass in seconds, not ~25 s: the cells are about the fleet
-    "--set",
-    "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
-    "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
+    *sets(
+        [
+            "variants=[{name: baseline}]",
+            "repetitions=2",
+            "topology.kut.cpus=1",  # the two hosts are this machine: a CPU each
+            "workload.probe.size_mb=256",  # its first pass in seconds, not ~25 s: the cells are about the fleet
+            "phases=[{name: steady, duration_s: 4}, {name: drop-caches, duration_s: 8, pressure: drop-caches}, "
+            "{name: root-reclaim, duration_s: 8, pressure: root-reclaim}, {name: rest, duration_s: 3}]",
+        ]
+    ),
 ]
 
 
