@@ -217,6 +217,13 @@ class Checks(Strict):
         le=86400,
         description="longest silence of a probe during the phases before its guest counts as stalled",
     )
+    max_phase_overrun_s: float = Field(
+        90.0,
+        gt=0,
+        le=86400,
+        description="how long past a phase's length the kernel under test may take to record its end before it "
+        "counts as frozen and its cell is given up (a phase's pressure stops within 40 s)",
+    )
 
 
 class Boot(Strict):

@@ -39,9 +39,9 @@ WORDS = re.compile(
 )
 LINE = 1024  # a kernel log line is shorter (printk's limit): what a pattern is given of one
 STALLS = ("soft-lockup", "rcu-stall", "hung-task", "freeze")  # a guest that stopped making progress
-# the host's note, written into an attempt's directory once its QEMU is off, that the kernel under test ran past
-# its budget without a word in its logs (a silent freeze); removed there after every other attempt, so a file of
-# that name a guest left is never read as one
+# the host's note, written into an attempt's directory once its QEMU is off, that the kernel under test stopped
+# making progress (past its budget, or in a phase past that phase's end: a freeze); removed there after every other
+# attempt, so a file of that name a guest left is never read as one
 FREEZE_NOTE = "host-freeze.json"
 CRASHES = ("panic", "oops", "bug")  # a kernel that died or was corrupted
 STAMP = re.compile(r"^\s*\[\s*(\d+\.\d+)\]\s?")
@@ -184,14 +184,16 @@ def scan_attempt(attempt_dir: Path, levels: list[tuple[str, str, Path]], problem
 
 
 def _freeze(attempt_dir: Path, problems: Problems, phases: list, planned: list[str]) -> list[dict]:
-    """The row of a kernel under test that went silent: in the phase it was in when its budget ran out."""
+    """The row of a kernel under test that went silent: in the phase it was in when the host gave it up."""
     if not present(attempt_dir / FREEZE_NOTE):
         return []
     note = json_object(attempt_dir / FREEZE_NOTE, problems, attempt_dir)
-    if not note or not isinstance(note.get("budget_s"), (int, float)):
+    if not note or not isinstance(note.get("said"), str):
         return []
-    stage = "".join(ch if ch.isprintable() else "?" for ch in str(note.get("stage", ""))[:120])
-    said = f"no progress until its {note['budget_s']:.0f} s budget ran out (last stage: {stage})"
+    stage, missed = (
+        "".join(ch if ch.isprintable() else "?" for ch in str(note.get(k, ""))[:120]) for k in ("stage", "said")
+    )
+    said = f"{missed} (last stage: {stage})"
     key = f"freeze\0{normalise(stage)}"
     crash = Crash("freeze", said, "", hashlib.sha256(key.encode()).hexdigest()[:10], None, said)
     return [{"level": "kut", "guest": "kut", **asdict(crash), "phase": _phase_at(phases, None, planned)}]

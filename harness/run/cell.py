@@ -57,6 +57,34 @@ STAGES = {
 
 
 @dataclass
+class Watch:
+    """The kernel under test's progress as the host reads it in its events (guest data): the stage for the status
+    line and, while a phase runs, when that phase's end is due: a kernel under test still in it then went silent."""
+
+    overrun_s: float  # checks.max_phase_overrun_s
+    stage: str = "booting guests"
+    phase: str = ""  # the line of the phase start being timed, so that each start is timed once
+    due: float | None = None  # time.monotonic() by which that phase's end must be on record
+
+    def read(self, events: Path, now: float) -> None:
+        last: tuple[Event, str] | None = None  # the last phase start or end in these lines
+        with contextlib.suppress(GuestFileError, OSError):
+            for line in read_text(events, tail=4096).splitlines()[-5:]:
+                with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
+                    e = Event.from_guest(json_record(line))
+                    if e.kind is EventKind.PHASE_START:
+                        self.stage = f"phase {e.phase} ({e.mode}, {e.duration_s or 0:g}s)"
+                    elif e.kind in STAGES:
+                        self.stage = STAGES[e.kind].format(guest=e.guest)
+                    if e.kind in (EventKind.PHASE_START, EventKind.PHASE_END):
+                        last = e, line
+        if last and last[0].kind is EventKind.PHASE_END:
+            self.due = None
+        elif last and last[1] != self.phase:
+            self.phase, self.due = last[1], now + (last[0].duration_s or 0) + self.overrun_s
+
+
+@dataclass
 class RunContext:
     """What every attempt of a run shares: where it goes, what this host decided, the cache and L2's root."""
 
@@ -97,7 +125,7 @@ class Attempt:
         self.ctx, self.cell, self.build, self.cell_dir, self.progress = ctx, cell, build, cell_dir, progress
         self.cpus = cpus  # the host CPUs its kernel under test runs on (cells side by side), empty: any
         self.kut: Child | None = None
-        self.froze: tuple[str, float] | None = None  # (its last stage, its budget) when it ran past the budget
+        self.froze: tuple[str, str] | None = None  # (its last stage, what it missed) when it went silent
         self.exp = cell.config
         self.topology = ctx.env.topology(cell)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"nestpress-{ctx.run_dir.name}-"))
@@ -204,31 +232,29 @@ class Attempt:
         kut.stop()
         return kut, started, ready
 
-    def stage(self, stage: str) -> str:
-        """The stage the kernel under test's last events say it is in (the events file read as guest data)."""
-        with contextlib.suppress(GuestFileError, OSError):
-            for line in read_text(self.cell_dir / "events.jsonl", tail=4096).splitlines()[-5:]:
-                with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
-                    e = Event.from_guest(json_record(line))
-                    if e.kind is EventKind.PHASE_START:
-                        stage = f"phase {e.phase} ({e.mode}, {e.duration_s or 0:g}s)"
-                    elif e.kind in STAGES:
-                        stage = STAGES[e.kind].format(guest=e.guest)
-        return stage
-
     def follow(self, kut: Child, budget: float) -> None:
-        """Wait for the kernel under test to power off, showing which stage it is in."""
+        """Wait for the kernel under test to power off, showing which stage it is in; one that runs past its budget,
+        or stays in a phase past that phase's end, went silent (a freeze): given up then, not at the budget's end."""
         p, cell = self.progress, self.cell
-        stage, deadline = "booting guests", time.monotonic() + budget
-        with status(f"cell {p.k}/{p.n} {cell.id}: {stage}") as line:
+        watch, deadline = Watch(self.exp.checks.max_phase_overrun_s), time.monotonic() + budget
+        with status(f"cell {p.k}/{p.n} {cell.id}: {watch.stage}") as line:
             while kut.running():
-                if time.monotonic() > deadline:
-                    self.froze = (stage, budget)
-                    raise GuestError(f"cell {cell.id} ran past its {budget:.0f}s budget; console:\n{tail(kut.console)}")
-                stage = self.stage(stage)
-                eta = p.remaining_s(time.monotonic() - kut.started)
-                elapsed = fmt_s(time.monotonic() - p.t0)
-                line.update(f"cell {p.k}/{p.n} {cell.id}: {stage} | elapsed {elapsed} | remaining ~{fmt_s(eta)}")
+                now = time.monotonic()
+                watch.read(self.cell_dir / "events.jsonl", now)
+                if now > deadline or (watch.due is not None and now > watch.due):
+                    said = (
+                        f"no progress until its {budget:.0f} s budget ran out"
+                        if now > deadline
+                        else f"its phase not ended {watch.overrun_s:g} s after its length"
+                    )
+                    self.froze = (watch.stage, said)
+                    raise GuestError(
+                        f"cell {cell.id}: the kernel under test went silent ({said}; last stage: {watch.stage}); "
+                        f"console:\n{tail(kut.console)}"
+                    )
+                eta = p.remaining_s(now - kut.started)
+                elapsed = fmt_s(now - p.t0)
+                line.update(f"cell {p.k}/{p.n} {cell.id}: {watch.stage} | elapsed {elapsed} | remaining ~{fmt_s(eta)}")
                 time.sleep(1)
         log(f"cell {p.k}/{p.n} {cell.id}: done in {fmt_s(time.monotonic() - kut.started)}")
 
@@ -239,9 +265,9 @@ class Attempt:
         with contextlib.suppress(OSError):
             path.unlink()
         if self.froze:
-            stage, budget = self.froze
+            stage, said = self.froze
             with contextlib.suppress(OSError):
-                write_json(path, {"stage": stage, "budget_s": budget})
+                write_json(path, {"stage": stage, "said": said})
 
     # -- judge ---------------------------------------------------------------------------------------
     def exit_record(self) -> ExitRecord | None:

@@ -1,9 +1,11 @@
-"""Crashes are outcomes: a variant whose patch WARNs in the code a pressure phase reaches, and one that panics there,
-beside the baseline - one run, the default experiment's config with a short schedule. The warning is on the first
-screen and in the `crashes` table for its variant only; the panic is the cell's outcome, said at once on the
-terminal and in the report, without a traceback. The same run has a control too weak to deliver its pressure
-(its hog fits under its limit): the phase says so and its rows are inconclusive."""
+"""Crashes are outcomes: a variant whose patch WARNs in the code a pressure phase reaches, one that panics there and
+one that deadlocks there, beside the baseline - one run, the default experiment's config with a short schedule. The
+warning is on the first screen and in the `crashes` table for its variant only; the panic is the cell's outcome,
+said at once on the terminal and in the report, without a traceback; the deadlock is given up when its phase should
+have ended, not at the cell's budget, and is a freeze in that phase. The same run has a control too weak to deliver
+its pressure (its hog fits under its limit): the phase says so and its rows are inconclusive."""
 
+import json
 import subprocess
 import sys
 
@@ -18,12 +20,15 @@ pytestmark = pytest.mark.kernel
 PATCHES = REPO_ROOT / "tests" / "data" / "patches"
 VARIANTS = (
     f"variants=[{{name: baseline}}, {{name: warns, patches: ['{PATCHES / 'warn-in-shrink-scan.patch'}']}}, "
-    f"{{name: panics, patches: ['{PATCHES / 'panic-in-shrink-scan.patch'}']}}]"
+    f"{{name: panics, patches: ['{PATCHES / 'panic-in-shrink-scan.patch'}']}}, "
+    f"{{name: deadlocks, patches: ['{PATCHES / 'deadlock-in-shrink-scan.patch'}']}}]"
 )
+OVERRUN_S = 30  # how long past a phase's length the host waits for its end (checks.max_phase_overrun_s)
 SHORT = [
     VARIANTS,
     "repetitions=1",
     "boot.retries=0",
+    f"checks.max_phase_overrun_s={OVERRUN_S}",
     "workload.probe.size_mb=256",
     L1_ON_DEMAND,
     "pressure.memcg-limit.hog_mb=16",  # fits under its limit_mb (64): the control never reaches its limit
@@ -48,7 +53,7 @@ def test_a_panic_is_the_cells_outcome_said_at_once_and_never_a_traceback(crashed
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout  # a cell failed: the run says so, cleanly
     assert "cell panics.r1 attempt 1: kut logged a panic" in r.stderr
     cells = a.cells.set_index("variant")["status"]
-    assert cells["panics"] == "failed" and cells["baseline"] == cells["warns"] == "complete"
+    assert cells["panics"] == cells["deadlocks"] == "failed" and cells["baseline"] == cells["warns"] == "complete"
     c = a.frames["crashes"]
     panic = c[(c["variant"] == "panics") & (c["kind"] == "panic")]
     assert len(panic) == 1 and "nestpress test: mmu_shrink_scan asked for" in panic["said"].iloc[0]
@@ -83,3 +88,21 @@ def test_pressure_not_delivered_is_said_and_its_rows_are_inconclusive(crashed):
     assert not report.ab[report.ab["phase"] == "steady"]["reason"].str.contains("not delivered").any()
     first_screen = (crashed["run_dir"] / "report.md").read_text().split("## Verdict")[0]
     assert "Phase `weak-control`: pressure not delivered on baseline" in first_screen
+
+
+def test_a_deadlock_is_given_up_when_its_phase_should_have_ended_and_is_a_freeze_in_it(crashed):
+    """mmu_lock taken twice in the shrinker's scan: the kernel under test records nothing after shrinker-scan starts.
+    The host gives its cell up the overrun after the phase's length (its budget is minutes longer) and says so."""
+    r, a, run_dir = crashed["r"], crashed["analysis"], crashed["run_dir"]
+    stage = "phase shrinker-scan (shrinker-scan, 8s)"
+    assert f"went silent (its phase not ended {OVERRUN_S} s after its length; last stage: {stage})" in r.stderr
+    c = a.frames["crashes"]
+    froze = c[(c["variant"] == "deadlocks") & (c["kind"] == "freeze")]
+    assert len(froze) == 1 and froze["phase"].iloc[0] == "shrinker-scan" and froze["level"].iloc[0] == "kut"
+    assert a.outcomes.set_index("variant").loc["deadlocks", "stalled"] == 1
+    cell_dir = run_dir / "cells" / "deadlocks.r1"
+    events = [json.loads(line) for line in (cell_dir / "events.jsonl").read_text().splitlines()]
+    started = next(e["t"] for e in events if e["kind"] == "phase_start" and e["phase"] == "shrinker-scan") / 1e9
+    assert not any(e["kind"] == "phase_end" and e["phase"] == "shrinker-scan" for e in events)
+    given_up = (cell_dir / "host-freeze.json").stat().st_mtime  # written once its QEMU is off
+    assert 8 + OVERRUN_S - 2 <= given_up - started < 8 + OVERRUN_S + 20  # the guest's clock within 2 s of the host's

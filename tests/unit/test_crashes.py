@@ -78,14 +78,15 @@ def test_a_kernel_under_test_that_went_silent_is_a_freeze_in_the_phase_it_was_in
     d.mkdir()
     started = {"t": 5, "kind": "phase_start", "phase": "memcg-limit", "mode": "memcg-limit", "duration_s": 12}
     (d / "events.jsonl").write_text(json.dumps(started) + "\n")
-    froze = SimpleNamespace(cell_dir=d, froze=("phase memcg-limit (memcg-limit, 12s)", 775.0))
+    said = "no progress until its 775 s budget ran out"
+    froze = SimpleNamespace(cell_dir=d, froze=("phase memcg-limit (memcg-limit, 12s)", said))
     Attempt.note_freeze(froze)  # type: ignore[arg-type]
     (row,) = scan_attempt(d, [], Problems())
     assert row["kind"] == "freeze" and row["level"] == "kut" and row["phase"] == "memcg-limit"
     assert (
         row["said"] == "no progress until its 775 s budget ran out (last stage: phase memcg-limit (memcg-limit, 12s))"
     )
-    (d / FREEZE_NOTE).write_text(json.dumps({"stage": "planted", "budget_s": 1}))  # a guest's, in a good attempt
+    (d / FREEZE_NOTE).write_text(json.dumps({"stage": "planted", "said": "planted"}))  # a guest's, in a good attempt
     Attempt.note_freeze(SimpleNamespace(cell_dir=d, froze=None))  # type: ignore[arg-type]
     assert scan_attempt(d, [], Problems()) == [] and not (d / FREEZE_NOTE).exists()
 
@@ -115,3 +116,36 @@ def test_what_a_pressure_phases_actor_caused_before_the_phase_was_logged_is_that
     )
     rows = scan_attempt(d, [("kut", "kut", d)], Problems())
     assert [(r["said"][:13], r["phase"]) for r in rows] == [("arch/x86/kvm/", "shrinker-scan"), ("x.c:1 f", "boot")]
+
+
+def test_the_host_times_each_phase_from_when_it_reads_its_start(tmp_path):
+    """A phase's end is due its length plus the overrun after the host first reads its start; read again, the same
+    start does not move it; its end clears it; the next start is timed anew, and the end before it does not clear
+    it; a torn line is nothing."""
+    from harness.run.cell import Watch
+
+    events = tmp_path / "events.jsonl"
+
+    def say(**e) -> None:
+        with open(events, "a") as f:
+            f.write(json.dumps({"t": len(events.read_text()) if events.exists() else 0, **e}) + "\n")
+
+    w = Watch(overrun_s=30)
+    say(kind="probes_warm", count=1)
+    w.read(events, now=100)
+    assert w.stage == "probes warm" and w.due is None
+    say(kind="phase_start", phase="steady", mode="none", duration_s=3)
+    w.read(events, now=101)
+    assert w.stage == "phase steady (none, 3s)" and w.due == 134
+    w.read(events, now=120)
+    assert w.due == 134
+    say(kind="phase_end", phase="steady", mode="none")
+    w.read(events, now=121)
+    assert w.due is None
+    say(kind="phase_start", phase="global", mode="global", duration_s=26)
+    with open(events, "a") as f:
+        f.write('{"t": 9, "kind": "phase_end", "pha')  # being written
+    w.read(events, now=125)
+    assert w.stage == "phase global (global, 26s)" and w.due == 181
+    w.read(events, now=126)  # the end of the phase before it, still in the lines read, is not this one's
+    assert w.due == 181
