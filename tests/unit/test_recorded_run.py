@@ -336,8 +336,7 @@ def test_guest_text_is_never_markup_and_never_brings_a_host_file_into_the_report
     with open(cell / "shrinker.jsonl", "a") as f:
         call = {"t": start["t"] + 4, "kind": "shrink_start", "comm": HOSTILE, "guest": HOSTILE, "raw": HOSTILE}
         f.write(json.dumps(call) + "\n")
-    r = report_cli(run)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    generate(run)  # in this process: the command line's own report is the broken run's and the spoiled files'
     html = (run / "report.html").read_text()
     md = (run / "report.md").read_text()
     assert "pressure not delivered on baseline" in md and "\\<script\\>alert(1)" in md  # said, as text
