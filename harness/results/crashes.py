@@ -67,6 +67,11 @@ class Crash:
     line: str  # the line as the log has it (bounded, printable)
 
 
+def printable(text: str) -> str:
+    """Text a kernel or the host's note gave, as one line of text: each character that is not printable a '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 def normalise(text: str) -> str:
     for pattern, repl in NOISE:
         text = pattern.sub(repl, text)
@@ -108,7 +113,7 @@ def scan_log(text: str) -> list[Crash]:
             continue
         for kind, pattern in KINDS:
             if m := pattern.search(body):
-                said = "".join(ch if ch.isprintable() else "?" for ch in m.group(1).strip()[:200])
+                said = printable(m.group(1).strip()[:200])
                 frames = _frames(lines, i)
                 key = f"{kind}\0{normalise(said)}\0{'<'.join(frames)}"
                 stamp = STAMP.match(line)
@@ -119,7 +124,7 @@ def scan_log(text: str) -> list[Crash]:
                         " < ".join(frames),
                         hashlib.sha256(key.encode()).hexdigest()[:10],
                         float(stamp.group(1)) if stamp else None,
-                        "".join(ch if ch.isprintable() else "?" for ch in line.strip()[:240]),
+                        printable(line.strip()[:240]),
                     )
                 )
                 break
@@ -190,10 +195,8 @@ def _freeze(attempt_dir: Path, problems: Problems, phases: list, planned: list[s
     note = json_object(attempt_dir / FREEZE_NOTE, problems, attempt_dir)
     if not note or not isinstance(note.get("said"), str):
         return []
-    stage, missed = (
-        "".join(ch if ch.isprintable() else "?" for ch in str(note.get(k, ""))[:120]) for k in ("stage", "said")
-    )
-    said = f"{missed} (last stage: {stage})"
+    stage = printable(str(note.get("stage", ""))[:120])
+    said = f"{printable(note['said'][:120])} (last stage: {stage})"
     key = f"freeze\0{normalise(stage)}"
     crash = Crash("freeze", said, "", hashlib.sha256(key.encode()).hexdigest()[:10], None, said)
     return [{"level": "kut", "guest": "kut", **asdict(crash), "phase": _phase_at(phases, None, planned)}]
