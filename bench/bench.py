@@ -311,7 +311,7 @@ def bench_parallel(config: str, repetitions: int, side_by_side: str = "auto") ->
             ratio = statistics.median(par) / statistics.median(one)
             row(f"{label}: serial | parallel", f"{spread(one, unit)} | {spread(par, unit)}", f"ratio {ratio:.2f}")
     row("run: parallel / serial", f"{walls[side_by_side] / walls['1']:.2f}")
-    big = decide("auto", matrix.cells, list(range(64)), 256 << 10, tcg=False)  # a lab host: KVM
+    big = decide("auto", matrix.cells, list(range(64)), 256 << 10)  # a lab host
     shared = [c["wall"] for c in figures[side_by_side] if c["wall"]]
     cell_s = statistics.median(shared) if shared else 0.0
     waves = -(-len(matrix.cells) // big.n)

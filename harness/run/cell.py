@@ -59,12 +59,22 @@ STAGES = {
 @dataclass
 class Watch:
     """The kernel under test's progress as the host reads it in its events (guest data): the stage for the status
-    line and, while a phase runs, when that phase's end is due: a kernel under test still in it then went silent."""
+    line and, while a phase runs, when that phase's end is due: a kernel under test still in it then went silent.
+    Once the schedule's last phase has ended it has SHUTDOWN_S to power off (its guests stop, it writes exit.json:
+    1-9 s measured); one still running then froze winding down (seen in CI: only the cell's budget caught it)."""
 
     overrun_s: float  # checks.max_phase_overrun_s
+    last_phase: str = ""  # the schedule's last phase: its end starts the wind-down
     stage: str = "booting guests"
-    phase: str = ""  # the line of the phase start being timed, so that each start is timed once
-    due: float | None = None  # time.monotonic() by which that phase's end must be on record
+    phase: str = ""  # the line of the phase start or last end being timed, so that each is timed once
+    due: float | None = None  # time.monotonic() by which that phase's end (or the power-off) must be on record
+
+    @property
+    def missed(self) -> str:
+        """What a kernel under test past `due` did not do, for the freeze note."""
+        if self.stage.startswith("winding down"):
+            return f"not powered off {SHUTDOWN_S} s after its last phase ended"
+        return f"its phase not ended {self.overrun_s:g} s after its length"
 
     def read(self, events: Path, now: float) -> None:
         last: tuple[Event, str] | None = None  # the last phase start or end in these lines
@@ -74,14 +84,20 @@ class Watch:
                     e = Event.from_guest(json_record(line))
                     if e.kind is EventKind.PHASE_START:
                         self.stage = f"phase {e.phase} ({e.mode}, {e.duration_s or 0:g}s)"
+                    elif e.kind is EventKind.PHASE_END and e.phase == self.last_phase:
+                        self.stage = f"winding down after phase {e.phase}"
                     elif e.kind in STAGES:
                         self.stage = STAGES[e.kind].format(guest=e.guest)
                     if e.kind in (EventKind.PHASE_START, EventKind.PHASE_END):
                         last = e, line
-        if last and last[0].kind is EventKind.PHASE_END:
-            self.due = None
-        elif last and last[1] != self.phase:
+        if not last or last[1] == self.phase:
+            return
+        if last[0].kind is EventKind.PHASE_START:
             self.phase, self.due = last[1], now + (last[0].duration_s or 0) + self.overrun_s
+        elif last[0].phase == self.last_phase and self.last_phase:
+            self.phase, self.due = last[1], now + SHUTDOWN_S
+        else:
+            self.due = None
 
 
 @dataclass
@@ -236,17 +252,14 @@ class Attempt:
         """Wait for the kernel under test to power off, showing which stage it is in; one that runs past its budget,
         or stays in a phase past that phase's end, went silent (a freeze): given up then, not at the budget's end."""
         p, cell = self.progress, self.cell
-        watch, deadline = Watch(self.exp.checks.max_phase_overrun_s), time.monotonic() + budget
+        last = self.exp.phases[-1].name if self.exp.phases else ""
+        watch, deadline = Watch(self.exp.checks.max_phase_overrun_s, last), time.monotonic() + budget
         with status(f"cell {p.k}/{p.n} {cell.id}: {watch.stage}") as line:
             while kut.running():
                 now = time.monotonic()
                 watch.read(self.cell_dir / "events.jsonl", now)
                 if now > deadline or (watch.due is not None and now > watch.due):
-                    said = (
-                        f"no progress until its {budget:.0f} s budget ran out"
-                        if now > deadline
-                        else f"its phase not ended {watch.overrun_s:g} s after its length"
-                    )
+                    said = f"no progress until its {budget:.0f} s budget ran out" if now > deadline else watch.missed
                     self.froze = (watch.stage, said)
                     raise GuestError(
                         f"cell {cell.id}: the kernel under test went silent ({said}; last stage: {watch.stage}); "

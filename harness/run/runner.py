@@ -124,8 +124,8 @@ class Runner:
         console.print(f"guest root filesystem: {env.rootfs.kind} (read-only; {'; '.join(env.rootfs.reasons)})")
         for cell in self.matrix.cells:
             check_sizes(cell.config, self._topology(cell))
-        available_mb, tcg = meminfo()["MemAvailable"] >> 10, env.accel.accel == "tcg"
-        self.slots = slots.decide(self.exp.parallel, self.matrix.cells, slots.host_cpus(), available_mb, tcg)
+        available_mb = meminfo()["MemAvailable"] >> 10
+        self.slots = slots.decide(self.exp.parallel, self.matrix.cells, slots.host_cpus(), available_mb)
         log(self.slots.said)
         builds = Builder(self.exp, self.cache).build_all()
         for cell in self.matrix.cells:

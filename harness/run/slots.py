@@ -23,22 +23,20 @@ class Slots:
     said: str  # how n was found, for the terminal and the manifest
 
 
-def decide(setting: str | int, cells: list[Cell], host_cpus: list[int], available_mb: int, tcg: bool) -> Slots:
-    """`auto`: as many cells as the host's CPUs and memory hold: each kernel under test its vCPUs' worth of host
-    CPUs (under TCG one more, for QEMU's main loop: measured on 2 cores, two nested cells of one vCPU each side
-    by side took 605 s each against 346 s one at a time, and one starved its L2's probe), its guest RAM and
-    QEMU's slack; at most as many as there are cells. N: that many; more than the memory holds is refused, more
-    than the CPUs hold runs unpinned and says so (cells that mostly wait out their phases gain; busy ones slow
-    each other down). One cell at a time is not pinned, as before."""
-    vcpus = max((c.config.topology.kut.cpus for c in cells), default=1)
-    need_cpus = vcpus + (1 if tcg else 0)
+def decide(setting: str | int, cells: list[Cell], host_cpus: list[int], available_mb: int) -> Slots:
+    """`auto`: as many cells as the host's CPUs and memory hold: each kernel under test a host CPU per vCPU, its
+    guest RAM and QEMU's slack; at most as many as there are cells. Under TCG too a vCPU is one host thread and the
+    rest of QEMU little (measured on 2 cores, two nested cells of one vCPU each, the nested test's sizes: each
+    QEMU's vCPU thread 264 s, its next thread 24 s of a 292 s cell; side by side the pair took 302 s against 508 s
+    one after the other, each cell 1.07-1.29x its time alone, the shrinker's evidence the same). N: that many;
+    more than the memory holds is refused, more than the CPUs hold runs unpinned and says so (cells that mostly
+    wait out their phases gain; busy ones slow each other down). One cell at a time is not pinned, as before."""
+    need_cpus = max((c.config.topology.kut.cpus for c in cells), default=1)
     need_mb = max((c.config.topology.kut.memory_mb for c in cells), default=0) + GROUP_SLACK_MB
     by_cpu, by_mem = len(host_cpus) // need_cpus, max(0, available_mb - HOST_RESERVE_MB) // need_mb
     why = (
-        f"{len(host_cpus)} host CPUs / {need_cpus} per kernel under test"
-        + (f" ({vcpus} vCPU{'s' if vcpus > 1 else ''} + QEMU's main loop under TCG)" if tcg else "")
-        + f" = {by_cpu}; {available_mb} MiB available less {HOST_RESERVE_MB} for the host / {need_mb} per cell"
-        f" = {by_mem}"
+        f"{len(host_cpus)} host CPUs / {need_cpus} per kernel under test = {by_cpu}; "
+        f"{available_mb} MiB available less {HOST_RESERVE_MB} for the host / {need_mb} per cell = {by_mem}"
     )
     if setting == "auto":
         n = max(1, min(by_cpu, by_mem, len(cells)))

@@ -121,8 +121,8 @@ def test_what_a_pressure_phases_actor_caused_before_the_phase_was_logged_is_that
 def test_the_host_times_each_phase_from_when_it_reads_its_start(tmp_path):
     """A phase's end is due its length plus the overrun after the host first reads its start; read again, the same
     start does not move it; its end clears it; the next start is timed anew, and the end before it does not clear
-    it; a torn line is nothing."""
-    from harness.run.cell import Watch
+    it; a torn line is nothing. The last phase's end starts the wind-down: power-off is due SHUTDOWN_S later."""
+    from harness.run.cell import SHUTDOWN_S, Watch
 
     events = tmp_path / "events.jsonl"
 
@@ -130,7 +130,7 @@ def test_the_host_times_each_phase_from_when_it_reads_its_start(tmp_path):
         with open(events, "a") as f:
             f.write(json.dumps({"t": len(events.read_text()) if events.exists() else 0, **e}) + "\n")
 
-    w = Watch(overrun_s=30)
+    w = Watch(overrun_s=30, last_phase="global")
     say(kind="probes_warm", count=1)
     w.read(events, now=100)
     assert w.stage == "probes warm" and w.due is None
@@ -149,3 +149,11 @@ def test_the_host_times_each_phase_from_when_it_reads_its_start(tmp_path):
     assert w.stage == "phase global (global, 26s)" and w.due == 181
     w.read(events, now=126)  # the end of the phase before it, still in the lines read, is not this one's
     assert w.due == 181
+    assert w.missed == "its phase not ended 30 s after its length"
+    with open(events, "a") as f:
+        f.write('se": "steady"}\n')  # the line above, written whole at last
+    say(kind="phase_end", phase="global", mode="global")
+    w.read(events, now=150)
+    assert w.stage == "winding down after phase global" and w.due == 150 + SHUTDOWN_S
+    w.read(events, now=160)  # read again, the same end does not move it
+    assert w.due == 150 + SHUTDOWN_S and w.missed == f"not powered off {SHUTDOWN_S} s after its last phase ended"
