@@ -54,6 +54,10 @@ def git(repo: Path, *args: str) -> str:
 # L1's RAM on demand instead of resident from QEMU's start: 11 s less a boot here (measured). For runs whose evidence
 # is the shrinker's calls and no global phase follows (a global hog would take what L1 did not, measured: +10 s)
 L1_ON_DEMAND = "topology.l1.prealloc=false"
+# A kernel under test of one vCPU, for runs whose evidence is counters, not a latency: `auto` runs its cells two at a
+# time on 2 host CPUs, each pinned to one (the nested test's pair: 262 s against 508 s one at a time), and the
+# emulator's freezes of a two-CPU kernel under test (docs/qemu-and-tcg.md; twice in the outcomes run) stay away
+KUT_ONE_CPU = "topology.kut.cpus=1"
 
 
 def sets(values: list[str]) -> list[str]:

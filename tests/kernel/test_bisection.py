@@ -19,7 +19,7 @@ import subprocess
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
-from conftest import L1_ON_DEMAND, git, harness, sets
+from conftest import KUT_ONE_CPU, L1_ON_DEMAND, git, harness, sets
 
 from harness import REPO_ROOT
 from harness.config import load
@@ -78,7 +78,7 @@ def history(builds, cache_dir, tmp_path_factory):
 QUICK = sets(
     [
         L1_ON_DEMAND,
-        "topology.kut.cpus=1",
+        KUT_ONE_CPU,
         "workload.probe.size_mb=64",
         "bisect.phases=[{name: steady, duration_s: 3}, {name: drop-caches, duration_s: 6, pressure: drop-caches}]",
     ]

@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import L1_ON_DEMAND, harness, require, sets
+from conftest import KUT_ONE_CPU, L1_ON_DEMAND, harness, require, sets
 
 from harness.analysis import analyze
 from harness.config import load
@@ -73,6 +73,7 @@ SHORT = [
     "{name: recovery, duration_s: 4}]",
     "workload.probe.size_mb=256",  # a first pass of seconds, not ~25 s: the evidence is the shrinker's calls
     L1_ON_DEMAND,
+    KUT_ONE_CPU,
 ]
 
 

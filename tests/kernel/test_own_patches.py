@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import L1_ON_DEMAND, git, harness, sets
+from conftest import KUT_ONE_CPU, L1_ON_DEMAND, git, harness, sets
 
 from harness import REPO_ROOT
 from harness.analysis import analyze
@@ -122,6 +122,7 @@ PARAMS = [
     "repetitions=1",
     "workload.probe.size_mb=256",
     L1_ON_DEMAND,
+    KUT_ONE_CPU,
     "phases=[{name: steady, duration_s: 4}, {name: rest, duration_s: 4}]",
     "boot.retries=0",
     "variants.no-mmio-caching.cmdline=[kvm.mmio_caching=0]",
