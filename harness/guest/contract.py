@@ -86,9 +86,20 @@ def _scalar(tp, value, where: str):
     return float(value) if tp is float else value
 
 
+@functools.cache
+def _shape(tp) -> tuple:
+    """(origin, args) of a field's type, resolved once per type."""
+    return typing.get_origin(tp), typing.get_args(tp)
+
+
+def _plain_ints(value: list) -> bool:
+    """Every item an int (no bool) within +-MAX_INT: a histogram's buckets, checked at once (the common case)."""
+    return all(type(v) is int and -MAX_INT < v < MAX_INT for v in value)
+
+
 def _convert(tp, value, where: str):
     """value as type tp, recursively (dataclasses, enums, lists, dicts, unions); ContractError otherwise."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    origin, args = _shape(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -102,6 +113,8 @@ def _convert(tp, value, where: str):
     if origin is list:
         if not isinstance(value, list):
             raise ContractError(f"{where}: expected a list, got {type(value).__name__}")
+        if args[0] in (int, float) and _plain_ints(value):  # else item by item, naming the one that is wrong
+            return [float(v) for v in value] if args[0] is float else list(value)
         return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

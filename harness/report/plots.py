@@ -137,7 +137,8 @@ def plot_timeline(frames, manifest, hypothesis: Hypothesis, path: Path, repetiti
             ax.set_xlabel("time since first phase (s)")
             if absent := _absent(frames, cell, hypothesis):
                 ax.text(0.99, 0.97, absent, transform=ax.transAxes, ha="right", va="top", fontsize=8, color="dimgray")
-                ax.legend(fontsize=7, loc="upper left", ncol=2)
+                if ax.get_legend_handles_labels()[0]:  # a cell without latency samples has no lines to name
+                    ax.legend(fontsize=7, loc="upper left", ncol=2)
                 continue
             ax2 = ax.twinx()
             for line, color in zip(hypothesis.timeline, ("red", "purple", "green")):

@@ -1,6 +1,7 @@
 """The host-guest contract: what the host writes, a guest reads back the same, typed and checked."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -89,3 +90,18 @@ def test_harness_process_locks_itself_in_memory():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[1]) > 0
+
+
+@pytest.mark.parametrize(
+    "outlier, says",
+    [([5, True], "outliers[0][1]: expected int, got bool"), ([5, 2**70], "outliers[0][1]: 1180591620717411303424 is")],
+)
+def test_a_list_of_numbers_is_checked_item_by_item_and_the_wrong_one_named(outlier, says):
+    """Outliers [t, latency] read at once where every item is a plain int in range; a bool or a number past any
+    measurement is refused, named by its place."""
+    from harness.guest.records import ProbeHist
+
+    ok = ProbeHist.from_guest({"t0": 1, "t1": 2, "counts": {"3": 4}, "outliers": [[5, 6], [7, 8]]})
+    assert ok.outliers == [[5, 6], [7, 8]]
+    with pytest.raises(ContractError, match=re.escape(says)):
+        ProbeHist.from_guest({"t0": 1, "t1": 2, "counts": {}, "outliers": [[5, 6], outlier][::-1]})
